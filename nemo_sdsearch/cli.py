@@ -1,0 +1,153 @@
+"""The `sdsearch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or min(4, os.cpu_count() or 1))
+
+
+def build_retriever(kind: str, corpus: list[dict], encoder: str | None = None):
+    if kind == "bm25":
+        from retrieval import BM25Retriever
+        return BM25Retriever(corpus)
+    if kind == "dense":
+        from retrieval import DenseRetriever, TextEncoder
+        return DenseRetriever(corpus, TextEncoder(encoder))
+    raise SystemExit(f"--retriever must be bm25 or dense, not {kind!r}")
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+
+    from nemo_sdsearch.core.qa import load_flashrag
+    from nemo_sdsearch.eval.harness import evaluate
+    from nemo_sdsearch.models.hf import load_model_and_tokenizer
+    from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
+    from nemo_sdsearch.rollout.torch_generator import TorchGenerator
+    from nemo_sdsearch.world.assets import default_datasets, default_model_dir
+    from retrieval import load_corpus
+
+    console = Console()
+    _threads(args.threads)
+    if args.data:
+        if not args.corpus and not args.no_retrieval:
+            raise SystemExit("--data needs --corpus CORPUS.jsonl (Search-R1 format) or --no-retrieval")
+        datasets = {Path(p).stem: load_flashrag(p) for p in args.data}
+        corpus = load_corpus(args.corpus) if args.corpus else []
+    else:
+        questions, corpus = default_datasets(args.split)
+        datasets = {f"tiny-world-{args.split}": questions}
+    if args.limit:
+        datasets = {k: v[:args.limit] for k, v in datasets.items()}
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    cfg = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                        max_context=args.max_context, topk=args.topk, temperature=0.0,
+                        retrieval=not args.no_retrieval)
+    resolved = {"model": str(model_dir), "datasets": {k: len(v) for k, v in datasets.items()},
+                "retriever": None if args.no_retrieval else args.retriever, "rollout": cfg.__dict__}
+    console.print("[bold]sdsearch eval[/bold] resolved config:", json.dumps(resolved, indent=1))
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=args.device)
+    retriever = None if args.no_retrieval else build_retriever(args.retriever, corpus, args.encoder)
+    engine = RolloutEngine(TorchGenerator(model, tokenizer), retriever, cfg)
+    t0 = time.time()
+    report = evaluate(engine, datasets, batch_size=args.batch_size, progress=not args.quiet)
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    report.save(out)
+    console.print(report.to_markdown())
+    console.print(f"{time.time() - t0:.1f}s; wrote {out}/results.json and {out}/results.md")
+    return 0
+
+
+def cmd_warmstart(args) -> int:
+    from nemo_sdsearch.world.warmstart import WarmstartConfig, run_warmstart
+
+    _threads(args.threads)
+    cfg = WarmstartConfig(out=args.out, model=args.model, max_steps=args.steps, max_minutes=args.minutes,
+                          seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    print("sdsearch warmstart resolved config:", json.dumps(cfg.__dict__, indent=1))
+    record = run_warmstart(cfg)
+    print(f"trained {record['steps']} steps; final loss {record['history'][-1]['loss'] if record['history'] else 'n/a'}; "
+          f"wrote {cfg.out}")
+    return 0
+
+
+def cmd_world(args) -> int:
+    from nemo_sdsearch.world.generator import build_bundle
+
+    b = build_bundle()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(name, rows):
+        with open(out / name, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    dump("train_corpus.jsonl", b.train_world.passages)
+    dump("test_corpus.jsonl", b.test_world.passages)
+    for split in ("train", "dev", "test"):
+        dump(f"{split}.jsonl", [q.to_flashrag() for q in getattr(b, split)])
+    print(f"wrote the bundled world to {out}: {len(b.train_world.passages)} + {len(b.test_world.passages)} passages, "
+          f"{len(b.train)} train / {len(b.dev)} dev / {len(b.test)} test questions")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sdsearch", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="greedy search rollouts; EM/F1 per dataset and question kind")
+    e.add_argument("--data", nargs="+", help="FlashRAG jsonl files (default: the bundled test world)")
+    e.add_argument("--corpus", help="Search-R1 corpus jsonl for --data")
+    e.add_argument("--split", default="test", choices=["train", "dev", "test"], help="bundled split")
+    e.add_argument("--model", help="model directory (default: the embedded tiny model)")
+    e.add_argument("--retriever", default="bm25", choices=["bm25", "dense"])
+    e.add_argument("--encoder", help="encoder directory for --retriever dense (default: bundled MiniLM)")
+    e.add_argument("--no-retrieval", action="store_true", help="searches return nothing (ablation)")
+    e.add_argument("--topk", type=int, default=3)
+    e.add_argument("--max-turns", type=int, default=4)
+    e.add_argument("--max-new-tokens", type=int, default=96)
+    e.add_argument("--max-context", type=int, default=1024)
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--limit", type=int, help="first N questions of each dataset")
+    e.add_argument("--device")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--out", help="output directory (default runs/eval-TIMESTAMP)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    w = sub.add_parser("warmstart", help="train the tiny model from scratch on search demonstrations")
+    w.add_argument("--out", default="runs/warmstart")
+    w.add_argument("--model", default="tiny")
+    w.add_argument("--steps", type=int, default=1000)
+    w.add_argument("--minutes", type=float, default=90.0)
+    w.add_argument("--batch-size", type=int, default=16)
+    w.add_argument("--lr", type=float, default=2e-3)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--threads", type=int)
+    w.set_defaults(fn=cmd_warmstart)
+
+    x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files")
+    x.add_argument("--out", default="runs/world")
+    x.set_defaults(fn=cmd_world)
+
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"sdsearch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

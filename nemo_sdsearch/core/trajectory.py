@@ -1,0 +1,104 @@
+"""A token-exact trajectory: prompt, then policy turns interleaved with environment text.
+
+The token ids stored here are exactly the ids the generator sampled (never decoded and re-tokenized);
+environment text (passages, invalid-action feedback) is tokenized once when inserted and stored as is.
+Every token carries a `SpanType`; policy tokens also carry whether they are search-query positions
+and the log-probability the generator sampled them with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from nemo_sdsearch.core.reward import exact_match, extract_answer, f1_score
+from nemo_sdsearch.core.spans import OUTSIDE, POLICY_SPANS, SpanType, parse_policy_tokens
+
+
+@dataclass
+class Trajectory:
+    question_id: str
+    question: str
+    golden_answers: list[str]
+    token_ids: list[int] = field(default_factory=list)
+    span_types: list[SpanType] = field(default_factory=list)
+    is_query: list[bool] = field(default_factory=list)
+    from_policy: list[bool] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)
+    prompt_length: int = 0
+    queries: list[str] = field(default_factory=list)
+    policy_texts: list[str] = field(default_factory=list)
+    answer: str | None = None
+    finish_reason: str = "running"
+    num_turns: int = 0
+    _parse_state: str = OUTSIDE
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, question_id: str, question: str, golden_answers: Sequence[str],
+              prompt_ids: Sequence[int]) -> "Trajectory":
+        t = cls(question_id, question, list(golden_answers))
+        t.add_environment(prompt_ids, SpanType.PROMPT)
+        t.prompt_length = len(prompt_ids)
+        return t
+
+    def add_environment(self, ids: Sequence[int], kind: SpanType = SpanType.INFORMATION) -> None:
+        if kind in POLICY_SPANS:
+            raise ValueError(f"environment tokens cannot have policy span type {kind.name}")
+        n = len(ids)
+        self.token_ids.extend(ids)
+        self.span_types.extend([kind] * n)
+        self.is_query.extend([False] * n)
+        self.from_policy.extend([False] * n)
+        self.sampled_logprobs.extend([math.nan] * n)
+
+    def add_policy(self, ids: Sequence[int], logprobs: Sequence[float],
+                   decode: Callable[[Sequence[int]], str]) -> str:
+        """Append one sampled turn; returns its text. Span types come from the tag parser."""
+        if len(ids) != len(logprobs):
+            raise ValueError("one log-prob per sampled token is required")
+        labels = parse_policy_tokens(decode, ids, self._parse_state)
+        # Tags never continue across environment text: a new turn starts outside unless a tag was
+        # left open inside the policy's own text (then the parser carries it on).
+        self._parse_state = labels.end_state
+        self.token_ids.extend(ids)
+        self.span_types.extend(labels.span)
+        self.is_query.extend(labels.is_query)
+        self.from_policy.extend([True] * len(ids))
+        self.sampled_logprobs.extend(logprobs)
+        self.policy_texts.append(labels.text)
+        self.num_turns += 1
+        return labels.text
+
+    # -- masks ----------------------------------------------------------------------------------
+    def policy_mask(self) -> list[bool]:
+        """Positions the policy loss trains on: sampled think/search/answer tokens."""
+        return [p and s in POLICY_SPANS for p, s in zip(self.from_policy, self.span_types)]
+
+    def query_mask(self) -> list[bool]:
+        """Search-query positions: sampled tokens of `<search>` content plus the closing tag."""
+        return [p and q for p, q in zip(self.from_policy, self.is_query)]
+
+    def information_mask(self) -> list[bool]:
+        return [s == SpanType.INFORMATION for s in self.span_types]
+
+    def response_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_length:]
+
+    @property
+    def num_searches(self) -> int:
+        return len(self.queries)
+
+    # -- outcome --------------------------------------------------------------------------------
+    def finalize(self) -> None:
+        answers = [a for a in (extract_answer(t) for t in self.policy_texts) if a is not None]
+        self.answer = answers[-1] if answers else None
+
+    @property
+    def exact_match(self) -> float:
+        return exact_match(self.answer, self.golden_answers)
+
+    @property
+    def f1(self) -> float:
+        return f1_score(self.answer, self.golden_answers)

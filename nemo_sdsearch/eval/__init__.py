@@ -1,0 +1,1 @@
+"""Benchmark evaluation: greedy rollouts, EM/F1 per dataset and per question kind."""

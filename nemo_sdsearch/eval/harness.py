@@ -1,0 +1,87 @@
+"""Evaluation harness: greedy search rollouts over FlashRAG-format datasets, EM and F1 per dataset and
+per question kind, a markdown table and a JSON record."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from nemo_sdsearch.core.qa import QA
+from nemo_sdsearch.rollout.engine import RolloutEngine
+
+
+@dataclass
+class Score:
+    n: int = 0
+    em: float = 0.0
+    f1: float = 0.0
+    searches: float = 0.0
+
+    def add(self, em: float, f1: float, searches: int) -> None:
+        self.n += 1
+        self.em += em
+        self.f1 += f1
+        self.searches += searches
+
+    def mean(self) -> dict:
+        d = max(self.n, 1)
+        return {"n": self.n, "em": self.em / d, "f1": self.f1 / d, "searches": self.searches / d}
+
+
+@dataclass
+class EvalReport:
+    by_dataset: dict[str, dict[str, dict]] = field(default_factory=dict)  # dataset -> kind -> score
+    predictions: dict[str, list[dict]] = field(default_factory=dict)
+
+    def overall(self, dataset: str) -> dict:
+        return self.by_dataset[dataset]["all"]
+
+    def to_markdown(self) -> str:
+        lines = ["| dataset | kind | n | EM | F1 | searches/question |", "|---|---|---:|---:|---:|---:|"]
+        for name, kinds in self.by_dataset.items():
+            for kind, s in kinds.items():
+                label = f"**{kind}**" if kind == "all" else kind
+                lines.append(f"| {name} | {label} | {s['n']} | {s['em']:.3f} | {s['f1']:.3f} | {s['searches']:.2f} |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"scores": self.by_dataset, "predictions": self.predictions}
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(self.to_json(), indent=1))
+        (out / "results.md").write_text(self.to_markdown() + "\n")
+
+
+def evaluate(engine: RolloutEngine, datasets: dict[str, Sequence[QA]], batch_size: int = 32,
+             progress: bool = True, seed: int = 0) -> EvalReport:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    report = EvalReport()
+    total = sum(len(v) for v in datasets.values())
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=not progress, transient=False) as bar:
+        task = bar.add_task("eval", total=total)
+        for name, questions in datasets.items():
+            bar.update(task, description=f"eval {name}")
+            scores: dict[str, Score] = defaultdict(Score)
+            preds = []
+            for i in range(0, len(questions), batch_size):
+                batch = list(questions[i:i + batch_size])
+                trajs = engine.run(batch, n_samples=1, seed=seed + i,
+                                   progress=lambda n: bar.advance(task, n))
+                for q, t in zip(batch, trajs):
+                    em, f1 = t.exact_match, t.f1
+                    scores["all"].add(em, f1, t.num_searches)
+                    if q.kind is not None:
+                        scores[q.kind].add(em, f1, t.num_searches)
+                    preds.append({"id": q.id, "kind": q.kind, "prediction": t.answer, "golden_answers": q.golden_answers,
+                                  "em": em, "f1": f1, "queries": t.queries, "finish_reason": t.finish_reason})
+            kinds = ["all"] + sorted(k for k in scores if k != "all")
+            report.by_dataset[name] = {k: scores[k].mean() for k in kinds}
+            report.predictions[name] = preds
+    return report

@@ -1,0 +1,1 @@
+"""Actor and generation model backends (hf, megatron)."""

@@ -1,0 +1,1 @@
+"""Multi-turn search rollouts over a `Generator` (torch backend here; TensorRT-LLM later)."""

@@ -1,0 +1,188 @@
+"""The batched multi-turn search rollout engine (Search-R1 protocol).
+
+Per turn every live row generates until `</search>`, `</answer>` or EOS. A completed search is run
+(one batched retriever call for all rows), its passages are appended as an information block and the
+row continues from its KV cache. A turn without a valid action (no tag, an empty query, the token
+limit) gets Search-R1's invalid-action feedback and costs a turn. After `max_turns` turns the final
+turn stops only at `</answer>`: no further retrieval. The context guard keeps every row within
+`max_context`: information is truncated to fit (the prompt and question are never touched) and a row
+with no room left for a turn ends with finish reason "context".
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK, format_passages, information_block, student_prompt
+from nemo_sdsearch.core.qa import QA
+from nemo_sdsearch.core.spans import ANSWER_CLOSE, SEARCH_CLOSE, SpanType
+from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.rollout.generator import Generator, SamplingParams
+
+_SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 4  # searches allowed; the turn after the last one must answer
+    max_new_tokens: int = 128  # per turn
+    max_context: int = 1024
+    topk: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    retrieval: bool = True  # False: every search returns no passages (the "no search" ablation)
+
+    def __post_init__(self):
+        if self.max_turns < 0 or self.topk < 1 or self.max_context <= self.max_new_tokens:
+            raise ValueError(f"invalid rollout config {self}: need max_turns >= 0, topk >= 1, "
+                             "max_context > max_new_tokens")
+
+
+@dataclass
+class RolloutStats:
+    generation_s: float = 0.0
+    retrieval_s: float = 0.0
+    generated_tokens: int = 0
+    environment_tokens: int = 0
+    turns: int = 0
+    searches: int = 0
+    invalid_actions: int = 0
+
+    def add(self, other: "RolloutStats") -> None:
+        for k, v in other.__dict__.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def parse_action(text: str) -> tuple[str, str | None]:
+    """('answer', content) | ('search', query) | ('invalid', None) for one policy turn."""
+    searches, answers = _SEARCH.findall(text), _ANSWER.findall(text)
+    last_search = text.rfind(SEARCH_CLOSE)
+    last_answer = text.rfind(ANSWER_CLOSE)
+    if answers and last_answer > last_search:
+        return "answer", answers[-1].strip()
+    if searches:
+        query = searches[-1].strip()
+        return ("search", query) if query else ("invalid", None)
+    return "invalid", None
+
+
+class RolloutEngine:
+    def __init__(self, generator: Generator, retriever, config: RolloutConfig | None = None,
+                 prompt_fn: Callable[[str], str] = student_prompt):
+        self.generator = generator
+        self.tokenizer = generator.tokenizer
+        self.retriever = retriever
+        self.cfg = config or RolloutConfig()
+        self.prompt_fn = prompt_fn
+        self.stats = RolloutStats()
+        self._info_open = self.encode("\n\n<information>")
+        self._info_close = self.encode("</information>\n\n")
+        self._feedback = self.encode(INVALID_ACTION_FEEDBACK)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _information_ids(self, contents: list[str], room: int) -> list[int] | None:
+        """Token ids of the information block, truncated to `room` tokens; None if nothing fits."""
+        ids = self.encode(information_block(contents))
+        if len(ids) <= room:
+            return ids
+        body_room = room - len(self._info_open) - len(self._info_close)
+        if body_room < 1:
+            return None
+        body = self.encode(format_passages(contents))[:body_room]
+        return self._info_open + body + self._info_close
+
+    def run(self, questions: Sequence[QA], n_samples: int = 1, seed: int = 0,
+            prompts: Sequence[str] | None = None, progress: Callable[[int], None] | None = None) -> list[Trajectory]:
+        """Roll out `n_samples` trajectories per question (grouped: question i owns rows i*n .. i*n+n-1)."""
+        cfg = self.cfg
+        trajs: list[Trajectory] = []
+        for qi, q in enumerate(questions):
+            prompt_ids = self.encode(prompts[qi] if prompts is not None else self.prompt_fn(q.question))
+            if len(prompt_ids) + cfg.max_new_tokens > cfg.max_context:
+                raise ValueError(f"question {q.id!r}: its prompt has {len(prompt_ids)} tokens, which leaves no "
+                                 f"room for a {cfg.max_new_tokens}-token turn within max_context="
+                                 f"{cfg.max_context}; raise rollout.max_context or shorten the prompt")
+            trajs += [Trajectory.start(q.id, q.question, q.golden_answers, prompt_ids) for _ in range(n_samples)]
+        if not trajs:
+            return []
+        stats = RolloutStats()
+        session = self.generator.open([t.token_ids for t in trajs], seed=seed)
+        try:
+            for turn in range(cfg.max_turns + 1):
+                final = turn == cfg.max_turns
+                params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                        (ANSWER_CLOSE,) if final else (SEARCH_CLOSE, ANSWER_CLOSE))
+                t0 = time.perf_counter()
+                completions = session.generate(params)
+                stats.generation_s += time.perf_counter() - t0
+                stats.turns += 1
+                done, searches, invalid = [], {}, []
+                for row, c in completions.items():
+                    t = trajs[row]
+                    text = t.add_policy(c.token_ids, c.logprobs, self.decode)
+                    stats.generated_tokens += len(c.token_ids)
+                    action, content = parse_action(text)
+                    if action == "answer":
+                        t.finish_reason = "answer"
+                        done.append(row)
+                    elif final:
+                        t.finish_reason = "no_answer"
+                        done.append(row)
+                    elif action == "search":
+                        t.queries.append(content)
+                        searches[row] = content
+                    else:
+                        invalid.append(row)
+                stats.invalid_actions += len(invalid)
+                passages: dict[int, list[str]] = {}
+                if searches:
+                    rows = list(searches)
+                    t0 = time.perf_counter()
+                    if cfg.retrieval and self.retriever is not None:
+                        results = self.retriever.search([searches[r] for r in rows], cfg.topk)
+                    else:
+                        results = [[] for _ in rows]
+                    stats.retrieval_s += time.perf_counter() - t0
+                    stats.searches += len(rows)
+                    passages = {r: [d.contents for d in docs] for r, docs in zip(rows, results)}
+                extend: dict[int, list[int]] = {}
+                for row in [*passages, *invalid]:
+                    t = trajs[row]
+                    room = cfg.max_context - len(t.token_ids) - cfg.max_new_tokens
+                    if row in passages:
+                        ids = self._information_ids(passages[row], room)
+                    else:
+                        ids = self._feedback if len(self._feedback) <= room else None
+                    if ids is None:
+                        t.finish_reason = "context"
+                        done.append(row)
+                        continue
+                    t.add_environment(ids, SpanType.INFORMATION)
+                    stats.environment_tokens += len(ids)
+                    extend[row] = ids
+                session.release(done)
+                if progress is not None and done:
+                    progress(len(done))
+                if not session.rows:
+                    break
+                session.extend(extend)
+            leftover = session.rows
+            if progress is not None and leftover:
+                progress(len(leftover))
+        finally:
+            session.close()
+        for t in trajs:
+            if t.finish_reason == "running":
+                t.finish_reason = "no_answer"
+            t.finalize()
+        self.stats.add(stats)
+        return trajs

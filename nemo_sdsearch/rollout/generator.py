@@ -1,0 +1,112 @@
+"""The `Generator` seam: batched sampling with stop strings, sampled log-probs, and sessions that keep
+their state (KV cache) across turns so that appending retrieved passages prefills only the new tokens.
+
+A session holds a set of live rows. `generate` samples one turn for every live row; `extend` appends
+environment tokens to some rows; `release` drops rows that are done. Log-probs are those of the sampled
+token under the temperature-scaled distribution, `log_softmax(logits / T)` (T = 1 for greedy), before
+any top-p truncation: the same quantity the actor recomputes for the GRPO ratio.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop string), "eos", or "length"
+    stop: str | None = None
+
+
+class GenerationSession(ABC):
+    @property
+    @abstractmethod
+    def rows(self) -> list[int]:
+        """Live row ids (the indices of the prompts given to `Generator.open`)."""
+
+    @abstractmethod
+    def generate(self, params: SamplingParams) -> dict[int, Completion]:
+        """Sample one turn for every live row."""
+
+    @abstractmethod
+    def extend(self, tokens: Mapping[int, Sequence[int]]) -> None:
+        """Append environment tokens to rows (prefill only these tokens)."""
+
+    @abstractmethod
+    def release(self, rows: Sequence[int]) -> None:
+        """Drop rows that are done."""
+
+    @abstractmethod
+    def length(self, row: int) -> int:
+        """Number of context tokens of a live row."""
+
+    def close(self) -> None:
+        self.release(list(self.rows))
+
+
+class Generator(ABC):
+    tokenizer: object
+
+    @abstractmethod
+    def open(self, prompts: Sequence[Sequence[int]], seed: int | None = None) -> GenerationSession:
+        ...
+
+    def refit(self, state_dict) -> None:  # generation backends that hold their own weights override
+        raise NotImplementedError
+
+
+class StopChecker:
+    """Detects stop strings on the token stream, including strings split over several tokens."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.eos = set(eos_token_ids)
+        self.window = max((len(s) for s in self.stops), default=0) + 4
+        self.last_chars = {s[-1] for s in self.stops}
+        self.ascii = all(s.isascii() for s in self.stops)
+        self._pieces: dict[int, str] = {}
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def check(self, ids: Sequence[int]) -> tuple[str | None, str | None]:
+        """(finish_reason, stop string) after the last token of `ids`, or (None, None)."""
+        last = ids[-1]
+        if last in self.eos:
+            return "eos", None
+        if not self.stops:
+            return None, None
+        if self.ascii:
+            piece = self._pieces.get(last)
+            if piece is None:
+                piece = self._pieces[last] = self._decode([last])
+            if not any(c in piece for c in self.last_chars):
+                return None, None
+        text = self._decode(ids[-self.window:])
+        prev_len = len(self._decode(ids[-self.window:-1])) if len(ids) > 1 else 0
+        for s in self.stops:
+            pos = text.rfind(s)
+            if pos >= 0 and pos + len(s) > prev_len:
+                return "stop", s
+        return None, None

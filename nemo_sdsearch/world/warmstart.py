@@ -1,0 +1,153 @@
+"""`sdsearch warmstart`: train the tiny model from scratch on synthetic search demonstrations.
+
+Everything is derived from seeds: the world, the tokenizer (trained on the training world's text), the
+demonstrations (student and teacher formats, see `world/demos.py`) and the model initialisation. The
+loss is next-token cross-entropy on policy tokens only (prompt, hindsight and information are context).
+The result (weights, tokenizer, a JSON record of how it was made) is what ships as the embedded default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nemo_sdsearch.core.prompts import INSTRUCTION, student_prompt
+from nemo_sdsearch.world.demos import QUERY_STYLES, DemoBuilder, phrase_query, response_turns
+
+
+@dataclass
+class WarmstartConfig:
+    out: str = "warmstart_out"
+    model: str = "tiny"
+    vocab_size: int = 2048
+    seed: int = 0
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    max_steps: int = 3000
+    max_minutes: float = 45.0
+    teacher_fraction: float = 0.3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 25
+    save_every: int = 250
+    threads: int = 2
+
+
+def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
+    texts = [p["contents"] for p in bundle.train_world.passages]
+    texts += [student_prompt(q.question) for q in bundle.train[:2000]]
+    for q in bundle.train[:3000]:
+        style = rng.randrange(len(QUERY_STYLES))
+        texts += [t for t, _ in response_turns(q, [phrase_query(h, style) for h in q.hops])]
+    texts += [INSTRUCTION] * 200
+    return texts
+
+
+def batches_for_epoch(demos, batch_size: int, rng: random.Random):
+    """Length-bucketed batches: sort chunks of 50 batches by length, then shuffle the batches."""
+    order = list(range(len(demos)))
+    rng.shuffle(order)
+    out = []
+    chunk = batch_size * 50
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: len(demos[j].token_ids))
+        out += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def collate(trajs, pad_id: int):
+    import torch
+
+    n = max(len(t.token_ids) for t in trajs)
+    ids = torch.full((len(trajs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(trajs), n), -100, dtype=torch.long)
+    attn = torch.zeros((len(trajs), n), dtype=torch.long)
+    for i, t in enumerate(trajs):
+        L = len(t.token_ids)
+        ids[i, :L] = torch.tensor(t.token_ids)
+        attn[i, :L] = 1
+        mask = torch.tensor(t.policy_mask())
+        labels[i, :L] = torch.where(mask, ids[i, :L], torch.full_like(ids[i, :L], -100))
+    return ids, attn, labels
+
+
+def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.model_config import qwen2_config
+    from nemo_sdsearch.world.tokenizer import train_tokenizer
+    from retrieval import BM25Retriever
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = build_bundle()
+    tok = train_tokenizer(tokenizer_corpus(bundle, rng), cfg.vocab_size)
+    retriever = BM25Retriever(bundle.train_world.passages)
+    builder = DemoBuilder(tok, retriever, sorted(bundle.train_world.names), teacher_fraction=cfg.teacher_fraction)
+    model = Qwen2ForCausalLM(qwen2_config(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    from tqdm import tqdm
+
+    start, step, epoch, history = time.time(), 0, 0, []
+    bar = tqdm(total=cfg.max_steps, desc="warmstart", disable=not progress)
+    ema = None
+    while step < cfg.max_steps:
+        demos = [d for d in (builder.build(q, rng) for q in bundle.train) if d is not None]
+        for batch_idx in batches_for_epoch(demos, cfg.batch_size, rng):
+            ids, attn, labels = collate([demos[j] for j in batch_idx], tok.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}", epoch=epoch)
+            if step % cfg.log_every == 0:
+                history.append({"step": step, "loss": ema, "minutes": (time.time() - start) / 60})
+            if step % cfg.save_every == 0:
+                _save(model, tok, cfg, out, step, history, bundle)
+            if step >= cfg.max_steps or (time.time() - start) / 60 > cfg.max_minutes:
+                break
+        epoch += 1
+        if (time.time() - start) / 60 > cfg.max_minutes:
+            break
+    bar.close()
+    return _save(model, tok, cfg, out, step, history, bundle)
+
+
+def _save(model, tok, cfg: WarmstartConfig, out: Path, step: int, history: list, bundle) -> dict:
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    record = {"config": asdict(cfg), "steps": step, "history": history,
+              "world": {"train_seed": bundle.train_world.seed, "test_seed": bundle.test_world.seed}}
+    (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
+    # Replace the previous save only once the new one is complete.
+    import shutil
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return record

@@ -1,0 +1,65 @@
+"""The `Retriever` seam and the corpus format."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    contents: str
+    score: float = 0.0
+
+    @property
+    def title(self) -> str:
+        return self.contents.partition("\n")[0].strip().strip('"')
+
+    def to_wire(self, with_score: bool) -> dict:
+        doc = {"document": {"id": self.id, "contents": self.contents}}
+        return {**doc, "score": self.score} if with_score else doc["document"]
+
+
+class Retriever(ABC):
+    """`search(queries, topk) -> one ranked list of Documents per query`."""
+
+    @abstractmethod
+    def search(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
+        ...
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def parse_corpus_line(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{where}: not valid JSON ({e.msg}); each line must be "
+                          '{"id": ..., "contents": "\\"Title\\"\\ntext"}') from None
+    if not isinstance(row, dict) or "contents" not in row or not isinstance(row["contents"], str):
+        raise CorpusError(f'{where}: a corpus line needs a string field "contents" ("Title"\\ntext)')
+    if "id" not in row:
+        raise CorpusError(f'{where}: a corpus line needs an "id" field')
+    return {"id": str(row["id"]), "contents": row["contents"]}
+
+
+def load_corpus(path: str | Path) -> list[dict]:
+    """Read a Search-R1 corpus jsonl; a malformed line raises a `CorpusError` naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                rows.append(parse_corpus_line(line, f"{path}:{i}"))
+    if not rows:
+        raise CorpusError(f"{path}: the corpus is empty")
+    return rows
+
+
+def corpus_texts(corpus: Iterable[dict]) -> list[str]:
+    return [row["contents"] for row in corpus]

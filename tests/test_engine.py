@@ -1,0 +1,171 @@
+"""The multi-turn rollout engine: token exactness, the Search-R1 protocol rules, the context guard."""
+
+import pytest
+
+from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK
+from nemo_sdsearch.core.qa import QA
+from nemo_sdsearch.core.spans import SpanType
+from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine, parse_action
+from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator, SamplingParams
+from nemo_sdsearch.rollout.torch_generator import TorchGenerator
+from retrieval import BM25Retriever
+
+
+class Spy(Generator):
+    """Wraps a real generator and records every completion it returns."""
+
+    def __init__(self, inner):
+        self.inner, self.tokenizer, self.log = inner, inner.tokenizer, []
+
+    def open(self, prompts, seed=None):
+        session = self.inner.open(prompts, seed)
+        original = session.generate
+
+        def generate(params):
+            out = original(params)
+            self.log.append({r: list(c.token_ids) for r, c in out.items()})
+            return out
+
+        session.generate = generate
+        return session
+
+
+class Scripted(Generator):
+    """Replays fixed turn texts per row (a test double of the seam, for protocol rules only)."""
+
+    def __init__(self, tokenizer, turns_by_row):
+        self.tokenizer, self.turns, self.params_seen, self.extends = tokenizer, turns_by_row, [], []
+
+    def open(self, prompts, seed=None):
+        gen = self
+
+        class S(GenerationSession):
+            def __init__(self):
+                self.live = list(range(len(prompts)))
+                self.lens = [len(p) for p in prompts]
+                self.turn = 0
+
+            @property
+            def rows(self):
+                return list(self.live)
+
+            def length(self, row):
+                return self.lens[row]
+
+            def generate(self, params):
+                gen.params_seen.append(params)
+                out = {}
+                for r in self.live:
+                    text = gen.turns[r][min(self.turn, len(gen.turns[r]) - 1)]
+                    ids = gen.tokenizer.encode(text)[:params.max_new_tokens]
+                    out[r] = Completion(ids, [-1.0] * len(ids), "stop")
+                    self.lens[r] += len(ids)
+                self.turn += 1
+                return out
+
+            def extend(self, tokens):
+                gen.extends.append({r: gen.tokenizer.decode(t) for r, t in tokens.items()})
+                for r, t in tokens.items():
+                    self.lens[r] += len(t)
+
+            def release(self, rows):
+                self.live = [r for r in self.live if r not in set(rows)]
+
+        return S()
+
+
+@pytest.fixture
+def qas(bundle):
+    return [QA.from_flashrag(q.to_flashrag()) for q in bundle.test[:6]]
+
+
+def test_trained_ids_equal_sampled_ids(micro_model, tokenizer, bundle, qas):
+    spy = Spy(TorchGenerator(micro_model, tokenizer))
+    engine = RolloutEngine(spy, BM25Retriever(bundle.test_world.passages),
+                           RolloutConfig(max_turns=2, max_new_tokens=24, max_context=700))
+    trajs = engine.run(qas, n_samples=2, seed=0)
+    assert len(trajs) == 12
+    for row, t in enumerate(trajs):
+        sampled = [tok for turn in spy.log for tok in turn.get(row, [])]
+        policy_ids = [tok for tok, p in zip(t.token_ids, t.from_policy) if p]
+        assert policy_ids == sampled
+        assert len(t.token_ids) == len(t.span_types) == len(t.sampled_logprobs) == len(t.is_query)
+        assert len(t.token_ids) <= 700
+
+
+def test_seeded_rollouts_are_reproducible(micro_model, tokenizer, bundle, qas):
+    engine = RolloutEngine(TorchGenerator(micro_model, tokenizer), BM25Retriever(bundle.test_world.passages),
+                           RolloutConfig(max_turns=2, max_new_tokens=16, max_context=600))
+    a = engine.run(qas[:3], n_samples=2, seed=11)
+    b = engine.run(qas[:3], n_samples=2, seed=11)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert [t.sampled_logprobs for t in a] == [t.sampled_logprobs for t in b]
+
+
+def test_protocol_search_invalid_answer(char_tokenizer, bundle):
+    q = bundle.test[0]
+    entity = q.hops[0].entity
+    turns = {
+        0: [f"<think>go</think><search> {entity} </search>", "<answer> Oskar </answer>"],
+        1: ["I am not sure", "<search>   </search>", "<answer>x</answer>"],
+    }
+    gen = Scripted(char_tokenizer, turns)
+    engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages), RolloutConfig(max_turns=4, max_new_tokens=64, max_context=4000))
+    t0, t1 = engine.run([QA("a", "Q?", ["Oskar"]), QA("b", "Q2?", ["x"])])
+    assert t0.queries == [entity] and t0.answer == "Oskar" and t0.exact_match == 1.0 and t0.finish_reason == "answer"
+    info = char_tokenizer.decode([i for i, s in zip(t0.token_ids, t0.span_types) if s == SpanType.INFORMATION])
+    assert info.startswith("\n\n<information>Doc 1(Title: ") and f'"{entity}"' in info
+    # Row 1: no tag, then an empty query: both invalid, each answered with the feedback, each a turn.
+    assert t1.queries == [] and t1.answer == "x" and t1.num_turns == 3
+    fb = char_tokenizer.decode([i for i, s in zip(t1.token_ids, t1.span_types) if s == SpanType.INFORMATION])
+    assert fb == INVALID_ACTION_FEEDBACK * 2
+
+
+def test_final_turn_must_answer_and_never_retrieves(char_tokenizer, bundle):
+    gen = Scripted(char_tokenizer, {0: ["<search> a </search>"]})
+    engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages), RolloutConfig(max_turns=2, max_new_tokens=64, max_context=4000))
+    (t,) = engine.run([QA("a", "Q?", ["z"])])
+    assert t.num_searches == 2 and t.num_turns == 3 and t.finish_reason == "no_answer"
+    assert [p.stop for p in gen.params_seen] == [("</search>", "</answer>")] * 2 + [("</answer>",)]
+    assert len(gen.extends) == 2  # retrieval after turns 1 and 2 only
+
+
+def test_retrieval_disabled_returns_empty_information(char_tokenizer, bundle):
+    gen = Scripted(char_tokenizer, {0: ["<search> a </search>", "<answer>b</answer>"]})
+    engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages),
+                           RolloutConfig(max_turns=2, max_new_tokens=64, max_context=4000, retrieval=False))
+    engine.run([QA("a", "Q?", ["z"])])
+    assert gen.extends[0] == {0: "\n\n<information></information>\n\n"}
+
+
+def test_context_guard_truncates_information_and_keeps_question(char_tokenizer, bundle):
+    q = bundle.test[0]
+    turns = {0: [f"<search> {q.hops[0].entity} </search>"] * 5}
+    gen = Scripted(char_tokenizer, turns)
+    prompt_len = len(char_tokenizer.encode(engine_prompt := RolloutEngine(gen, None).prompt_fn("Q?")))
+    limit = prompt_len + 400
+    engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages),
+                           RolloutConfig(max_turns=4, max_new_tokens=100, max_context=limit))
+    (t,) = engine.run([QA("a", "Q?", ["z"])])
+    assert char_tokenizer.decode(t.token_ids[:prompt_len]) == engine_prompt
+    assert len(t.token_ids) <= limit - 100 + len(turns[0][0])
+    assert t.finish_reason == "context"
+    info = char_tokenizer.decode([i for i, s in zip(t.token_ids, t.span_types) if s == SpanType.INFORMATION])
+    assert info.endswith("</information>\n\n")  # truncated inside, closed properly
+
+
+def test_prompt_too_long_names_the_question(char_tokenizer):
+    engine = RolloutEngine(Scripted(char_tokenizer, {}), None, RolloutConfig(max_new_tokens=64, max_context=100))
+    with pytest.raises(ValueError, match="question 'long-one'"):
+        engine.run([QA("long-one", "x" * 500, ["y"])])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>x</think><search> q </search>", ("search", "q")),
+    ("<answer> a </answer>", ("answer", "a")),
+    ("<search></search>", ("invalid", None)),
+    ("nothing", ("invalid", None)),
+    ("<search>a</search> then <answer>b</answer>", ("answer", "b")),
+])
+def test_parse_action(text, expected):
+    assert parse_action(text) == expected

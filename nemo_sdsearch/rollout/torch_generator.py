@@ -35,6 +35,57 @@ class TorchGenerator(Generator):
         self.model.load_state_dict(state_dict)
 
 
+def _growing_cache():
+    """A DynamicCache whose layers keep spare capacity, so appending a token copies only that token
+    (the stock layer concatenates, copying the whole cache at every decode step)."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._kbuf = self._vbuf = None
+                self._len = 0
+            n = key_states.shape[-2]
+            need = self._len + n
+            if self._kbuf is None or need > self._kbuf.shape[-2]:
+                cap = max(need, 2 * (0 if self._kbuf is None else self._kbuf.shape[-2]), 64)
+                shape = (*key_states.shape[:-2], cap, key_states.shape[-1])
+                kbuf = key_states.new_empty(shape)
+                vbuf = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
+                if self._len:
+                    kbuf[..., :self._len, :] = self._kbuf[..., :self._len, :]
+                    vbuf[..., :self._len, :] = self._vbuf[..., :self._len, :]
+                self._kbuf, self._vbuf = kbuf, vbuf
+            self._kbuf[..., self._len:need, :] = key_states
+            self._vbuf[..., self._len:need, :] = value_states
+            self._len = need
+            self.keys, self.values = self._kbuf[..., :need, :], self._vbuf[..., :need, :]
+            return self.keys, self.values
+
+        def select(self, rows=None, cols=None) -> None:
+            """Keep batch `rows` and time `cols` (index tensors) of the cached keys and values."""
+            if not self.is_initialized or self._len == 0:
+                return
+            k, v = self.keys, self.values
+            if rows is not None:
+                k, v = k[rows], v[rows]
+            if cols is not None:
+                k, v = k[..., cols, :], v[..., cols, :]
+            self._kbuf, self._vbuf = k.contiguous(), v.contiguous()
+            self._len = self._kbuf.shape[-2]
+            self.keys, self.values = self._kbuf, self._vbuf
+
+        def batch_select_indices(self, indices) -> None:
+            self.select(rows=indices)
+
+    class GrowingCache(DynamicCache):
+        def __init__(self):
+            Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+    return GrowingCache()
+
+
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
     """Sampled ids and their log-probs under log_softmax(logits / T)."""
     logits = logits.float()
@@ -55,8 +106,6 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
 
 class TorchSession(GenerationSession):
     def __init__(self, owner: TorchGenerator, prompts: Sequence[Sequence[int]], seed: int | None):
-        from transformers import DynamicCache
-
         self.g = owner
         self.model = owner.model
         self.decoder = self.model.get_decoder()
@@ -67,7 +116,7 @@ class TorchSession(GenerationSession):
         self._rows = list(range(len(prompts)))
         self._lengths = [0] * len(prompts)
         B = len(prompts)
-        self.cache = DynamicCache()
+        self.cache = _growing_cache()
         self.mask = torch.zeros((B, 0), dtype=torch.long, device=self.device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=self.device)
         self.last_logits = torch.zeros((B, self.lm_head.out_features), device=self.device)
@@ -160,9 +209,7 @@ class TorchSession(GenerationSession):
         cols = used.nonzero().squeeze(-1)
         self.mask = self.mask[:, cols]
         for layer in self.cache.layers:
-            if layer.get_seq_length() > 0:
-                layer.keys = layer.keys[:, :, cols]
-                layer.values = layer.values[:, :, cols]
+            layer.select(cols=cols)
 
     def release(self, rows: Sequence[int]) -> None:
         drop = set(rows)
@@ -180,8 +227,7 @@ class TorchSession(GenerationSession):
             self.last_logits = self.last_logits[index]
             self._drop_shared_holes()
         else:
-            from transformers import DynamicCache
-            self.cache = DynamicCache()
+            self.cache = _growing_cache()
             self.mask = self.mask[:0]
             self.next_pos = self.next_pos[:0]
             self.last_logits = self.last_logits[:0]

@@ -37,6 +37,7 @@ class WarmstartConfig:
     log_every: int = 25
     save_every: int = 250
     threads: int = 2
+    max_questions: int | None = None  # use only the first N training questions (tests)
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -93,6 +94,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle()
+    questions = bundle.train[:cfg.max_questions] if cfg.max_questions else bundle.train
     tok = train_tokenizer(tokenizer_corpus(bundle, rng), cfg.vocab_size)
     retriever = BM25Retriever(bundle.train_world.passages)
     builder = DemoBuilder(tok, retriever, sorted(bundle.train_world.names), teacher_fraction=cfg.teacher_fraction)
@@ -111,7 +113,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.max_steps, desc="warmstart", disable=not progress)
     ema = None
     while step < cfg.max_steps:
-        demos = [d for d in (builder.build(q, rng) for q in bundle.train) if d is not None]
+        demos = [d for d in (builder.build(q, rng) for q in questions) if d is not None]
         for batch_idx in batches_for_epoch(demos, cfg.batch_size, rng):
             ids, attn, labels = collate([demos[j] for j in batch_idx], tok.pad_token_id)
             for g in opt.param_groups:

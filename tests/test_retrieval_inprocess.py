@@ -1,0 +1,73 @@
+"""In-process retrievers (real bm25s and real FAISS over the bundled MiniLM)."""
+
+import json
+
+import pytest
+
+from nemo_sdsearch.core.prompts import format_passages, information_block
+from retrieval import BM25Retriever, Document, load_corpus
+from retrieval.base import CorpusError
+
+
+def recall_at(retriever, questions, k):
+    hops = [h for q in questions for h in q.hops]
+    results = retriever.search([h.query for h in hops], k)
+    return sum(any(h.evidence in d.contents for d in docs) for h, docs in zip(hops, results)) / len(hops)
+
+
+def test_bm25_finds_the_entity_passage(bundle):
+    r = BM25Retriever(bundle.test_world.passages)
+    assert recall_at(r, bundle.test, 3) >= 0.99
+    res = r.search(["qqqq zzzz"], 3)
+    assert res == [[]]
+    assert r.search([], 3) == []
+
+
+@pytest.mark.slow
+def test_dense_minilm_faiss(bundle):
+    from retrieval import DenseRetriever, TextEncoder
+
+    corpus = bundle.test_world.passages[:200]
+    titles = {p["contents"].partition("\n")[0].strip('"') for p in corpus}
+    questions = [q for q in bundle.test if all(h.entity in titles for h in q.hops)]
+    assert questions
+    r = DenseRetriever(corpus, TextEncoder())
+    assert recall_at(r, questions, 3) >= 0.9
+    docs = r.search(["anything"], 5)[0]
+    assert len(docs) == 5 and all(-1.001 <= d.score <= 1.001 for d in docs)
+    assert [d.score for d in docs] == sorted([d.score for d in docs], reverse=True)
+
+
+def test_encoder_is_mean_pooled_and_normalised():
+    import numpy as np
+
+    from retrieval import TextEncoder
+
+    enc = TextEncoder()
+    e = enc.encode_queries(["a city in the north", "a painter born in 1843", "a city in the north"])
+    assert e.shape == (3, enc.dim) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert np.allclose(e[0], e[2], atol=1e-6) and not np.allclose(e[0], e[1], atol=1e-2)
+
+
+def test_search_r1_passage_format():
+    docs = [Document("1", '"Oskar"\nOskar is a city.'), Document("2", '"Bo Li"\nBo Li was born.\nSecond line')]
+    assert format_passages([d.contents for d in docs]) == (
+        'Doc 1(Title: "Oskar") Oskar is a city.\nDoc 2(Title: "Bo Li") Bo Li was born.\nSecond line')
+    assert information_block([]) == "\n\n<information></information>\n\n"
+    assert docs[1].title == "Bo Li"
+    assert docs[0].to_wire(True) == {"document": {"id": "1", "contents": '"Oskar"\nOskar is a city.'}, "score": 0.0}
+
+
+def test_corpus_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"id": 1, "contents": '"T"\nx'}) + "\n{bad json\n")
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: not valid JSON"):
+        load_corpus(p)
+    p.write_text(json.dumps({"id": 1, "text": "x"}) + "\n")
+    with pytest.raises(CorpusError, match='"contents"'):
+        load_corpus(p)
+    p.write_text("\n")
+    with pytest.raises(CorpusError, match="empty"):
+        load_corpus(p)
+    p.write_text(json.dumps({"id": 7, "contents": '"T"\nx'}) + "\n")
+    assert load_corpus(p) == [{"id": "7", "contents": '"T"\nx'}]

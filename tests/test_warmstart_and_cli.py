@@ -1,0 +1,107 @@
+"""Warm start (a few steps of the real trainer on the micro config) and the `sdsearch` CLI end to end."""
+
+import json
+
+import pytest
+import torch
+
+from nemo_sdsearch.cli import main
+
+
+@pytest.fixture(scope="module")
+def warm_dir(tmp_path_factory):
+    from nemo_sdsearch.world.warmstart import WarmstartConfig, run_warmstart
+
+    out = tmp_path_factory.mktemp("ws") / "model"
+    cfg = WarmstartConfig(out=str(out), model="micro", vocab_size=768, max_steps=3, batch_size=4,
+                          max_questions=48, warmup_steps=1, threads=1)
+    record = run_warmstart(cfg, progress=False)
+    return out, record, cfg
+
+
+def test_warmstart_saves_a_loadable_model(warm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, record, _ = warm_dir
+    assert record["steps"] == 3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok.encode("<search>", add_special_tokens=False)) == 1
+    assert model.config.vocab_size == len(tok)
+    saved = json.loads((out / "warmstart.json").read_text())
+    assert saved["config"]["model"] == "micro"
+
+
+def test_warmstart_is_reproducible(warm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from nemo_sdsearch.world.warmstart import WarmstartConfig, run_warmstart
+
+    out, _, cfg = warm_dir
+    again = WarmstartConfig(**{**cfg.__dict__, "out": str(tmp_path / "again")})
+    run_warmstart(again, progress=False)
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demonstrations_cover_both_formats(bundle, tokenizer):
+    import random
+
+    from nemo_sdsearch.world.demos import DemoBuilder
+    from retrieval import BM25Retriever
+
+    builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
+                          teacher_fraction=0.5)
+    rng = random.Random(0)
+    demos = [builder.build(q, rng) for q in bundle.train[:60]]
+    demos = [d for d in demos if d]
+    texts = [tokenizer.decode(d.token_ids[:d.prompt_length]) for d in demos]
+    teacher = [d for d, t in zip(demos, texts) if "Hindsight from" in t]
+    assert 10 < len(teacher) < 50
+    for d in demos:
+        assert d.exact_match == 1.0
+        q = next(q for q in bundle.train if q.id == d.question_id)
+        assert d.num_searches == len(q.hops)
+    # Teacher demonstrations reuse the exact queries of a correct attempt listed in the hindsight block.
+    for d, t in zip(demos, texts):
+        if "(correct" in t:
+            line = next(l for l in t.splitlines() if "(correct" in l)
+            assert line.count('search "') >= 1
+            assert any(f'search "{d.queries[0]}"' in l for l in t.splitlines() if "(correct" in l)
+
+
+def test_cli_eval_on_files_writes_table_and_json(warm_dir, bundle, tmp_path, capsys):
+    out_model = warm_dir[0]
+    data = tmp_path / "mini_test.jsonl"
+    data.write_text("".join(json.dumps(q.to_flashrag()) + "\n" for q in bundle.test[:5]))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in bundle.test_world.passages))
+    rc = main(["eval", "--data", str(data), "--corpus", str(corpus), "--model", str(out_model),
+               "--out", str(tmp_path / "ev"), "--max-new-tokens", "16", "--quiet", "--threads", "1"])
+    assert rc == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    scores = res["scores"]["mini_test"]
+    assert scores["all"]["n"] == 5
+    assert sum(scores[k]["n"] for k in scores if k != "all") == 5
+    assert 0.0 <= scores["all"]["em"] <= 1.0
+    assert len(res["predictions"]["mini_test"]) == 5
+    assert "| mini_test | **all** | 5 |" in (tmp_path / "ev" / "results.md").read_text()
+
+
+def test_cli_eval_bad_input(tmp_path, capsys, warm_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "question": "q"}\n')
+    rc = main(["eval", "--data", str(bad), "--no-retrieval", "--model", str(warm_dir[0]), "--quiet"])
+    assert rc == 2
+    assert "bad.jsonl:1: missing field(s) ['golden_answers']" in capsys.readouterr().err
+    rc = main(["eval", "--model", str(tmp_path / "nope"), "--quiet", "--limit", "1"])
+    assert rc == 2 and "not a model directory" in capsys.readouterr().err
+
+
+def test_cli_world_export(tmp_path):
+    assert main(["world", "--out", str(tmp_path)]) == 0
+    from nemo_sdsearch.core.qa import load_flashrag
+    from retrieval import load_corpus
+
+    assert len(load_corpus(tmp_path / "test_corpus.jsonl")) >= 1000
+    assert len(load_flashrag(tmp_path / "test.jsonl")) == 300

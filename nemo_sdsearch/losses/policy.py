@@ -1,0 +1,70 @@
+"""Policy-gradient losses over token log-probabilities.
+
+GRPO: group-normalised advantages, the PPO clipped surrogate, and the low-variance k3 estimator of
+KL(pi || pi_ref) (Schulman's k3: exp(r) - r - 1 with r = log pi_ref - log pi, unbiased and >= 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def group_advantages(rewards: Sequence[float] | torch.Tensor, group_size: int, eps: float = 1e-6,
+                     normalize_std: bool = True) -> torch.Tensor:
+    """A_i = (R_i - mean_g R) / (std_g R + eps) within consecutive groups of `group_size`.
+
+    A group whose rewards are all equal gets zero advantage (never NaN). std is the unbiased sample
+    standard deviation, as in GRPO implementations (verl, TRL)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+    g = r.view(-1, group_size)
+    centred = g - g.mean(1, keepdim=True)
+    if normalize_std and group_size > 1:
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    return centred.view(-1).float()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class SurrogateStats:
+    clip_fraction: float
+    ratio_mean: float
+
+
+def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   clip_eps: float = 0.2, reduction: str = "token") -> tuple[torch.Tensor, SurrogateStats]:
+    """PPO/GRPO clipped surrogate on [batch, time] log-probs; `advantages` is [batch] or [batch, time].
+
+    reduction="token": mean over all masked tokens of the batch (DAPO/verl token-mean);
+    reduction="sequence": mean over tokens within each sequence, then over sequences (GRPO paper)."""
+    if reduction not in ("token", "sequence"):
+        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    m = mask.to(per_token.dtype)
+    if reduction == "token":
+        loss = masked_mean(per_token, m)
+    else:
+        per_seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+        loss = per_seq[m.sum(1) > 0].mean() if bool((m.sum(1) > 0).any()) else per_seq.sum() * 0
+    with torch.no_grad():
+        was_clipped = (clipped < unclipped).to(m.dtype)
+        stats = SurrogateStats(float(masked_mean(was_clipped, m)), float(masked_mean(ratio.detach(), m)))
+    return loss, stats
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean of the k3 estimator of KL(pi || pi_ref)."""
+    r = ref_logp - logp
+    return masked_mean(torch.exp(r) - r - 1, mask)

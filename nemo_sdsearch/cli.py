@@ -102,9 +102,28 @@ def cmd_world(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from rich.console import Console
+
+    from nemo_sdsearch.algorithms.grpo import train
+    from nemo_sdsearch.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides, args.config_dir)
+    console = Console()
+    console.print("[bold]sdsearch train[/bold] resolved config:\n" + to_yaml(cfg))
+    train(cfg, console)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sdsearch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="GRPO / SD-Search training (Hydra-style key=value overrides)")
+    t.add_argument("overrides", nargs="*", help="e.g. algorithm=grpo trainer.steps=10 sd.beta=0.3")
+    t.add_argument("--config", default="tiny_cpu", help="config name in the config directory")
+    t.add_argument("--config-dir", help="directory of YAML configs (default: the repository's conf/)")
+    t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="greedy search rollouts; EM/F1 per dataset and question kind")
     e.add_argument("--data", nargs="+", help="FlashRAG jsonl files (default: the bundled test world)")
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         print(f"sdsearch {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -52,3 +52,15 @@ class CharTokenizer:
 @pytest.fixture
 def char_tokenizer():
     return CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    """A micro model saved by the real warm-start trainer (3 steps), with its project tokenizer."""
+    from nemo_sdsearch.world.warmstart import WarmstartConfig, run_warmstart
+
+    out = tmp_path_factory.mktemp("ws") / "model"
+    cfg = WarmstartConfig(out=str(out), model="micro", vocab_size=768, max_steps=3, batch_size=4,
+                          max_questions=48, warmup_steps=1, threads=1)
+    record = run_warmstart(cfg, progress=False)
+    return out, record, cfg

@@ -8,15 +8,9 @@ import torch
 from nemo_sdsearch.cli import main
 
 
-@pytest.fixture(scope="module")
-def warm_dir(tmp_path_factory):
-    from nemo_sdsearch.world.warmstart import WarmstartConfig, run_warmstart
-
-    out = tmp_path_factory.mktemp("ws") / "model"
-    cfg = WarmstartConfig(out=str(out), model="micro", vocab_size=768, max_steps=3, batch_size=4,
-                          max_questions=48, warmup_steps=1, threads=1)
-    record = run_warmstart(cfg, progress=False)
-    return out, record, cfg
+@pytest.fixture
+def warm_dir(micro_model_dir):
+    return micro_model_dir
 
 
 def test_warmstart_saves_a_loadable_model(warm_dir):

@@ -39,6 +39,20 @@ class SurrogateStats:
     ratio_mean: float
 
 
+def clipped_surrogate_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                                clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(r A, clip(r, 1-eps, 1+eps) A) and the flag of tokens where the clip is active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
+
+
+def k3_per_token(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
 def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                    clip_eps: float = 0.2, reduction: str = "token") -> tuple[torch.Tensor, SurrogateStats]:
     """PPO/GRPO clipped surrogate on [batch, time] log-probs; `advantages` is [batch] or [batch, time].
@@ -48,10 +62,7 @@ def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     if reduction not in ("token", "sequence"):
         raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    per_token, was_clipped = clipped_surrogate_per_token(logp, old_logp, adv, clip_eps)
     m = mask.to(per_token.dtype)
     if reduction == "token":
         loss = masked_mean(per_token, m)
@@ -59,12 +70,11 @@ def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
         per_seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
         loss = per_seq[m.sum(1) > 0].mean() if bool((m.sum(1) > 0).any()) else per_seq.sum() * 0
     with torch.no_grad():
-        was_clipped = (clipped < unclipped).to(m.dtype)
-        stats = SurrogateStats(float(masked_mean(was_clipped, m)), float(masked_mean(ratio.detach(), m)))
+        ratio = torch.exp(logp - old_logp)
+        stats = SurrogateStats(float(masked_mean(was_clipped.to(m.dtype), m)), float(masked_mean(ratio, m)))
     return loss, stats
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean of the k3 estimator of KL(pi || pi_ref)."""
-    r = ref_logp - logp
-    return masked_mean(torch.exp(r) - r - 1, mask)
+    return masked_mean(k3_per_token(logp, ref_logp), mask)

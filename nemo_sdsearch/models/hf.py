@@ -19,3 +19,90 @@ def load_model_and_tokenizer(path: str | Path, device: str | None = None, dtype=
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     return model, tokenizer
+
+
+class HFScorer:
+    """Logits and log-probs at selected positions of a transformers causal LM (no optimizer).
+
+    The LM head runs only on requested rows: the decoder gives hidden states, we gather the rows, then
+    apply the output embedding. bf16 autocast on GPU, fp32 on CPU.
+    """
+
+    def __init__(self, model, device=None):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.device = device or next(model.parameters()).device
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.autocast = torch.device(self.device).type == "cuda"
+
+    # -- forward pieces --------------------------------------------------------------------------
+    def _hidden(self, batch):
+        torch = self.torch
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def logits_at(self, batch, rows, cols):
+        hidden = self._hidden(batch)
+        h = hidden[rows, cols - 1]
+        with self.torch.autocast("cuda", dtype=self.torch.bfloat16, enabled=self.autocast):
+            return self.lm_head(h).float()
+
+    def teacher_logits_at(self, batch, rows, cols):
+        with self.torch.no_grad():
+            return self.logits_at(batch, rows, cols)
+
+    def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
+        torch = self.torch
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            logits = self.logits_at(batch, rows, cols)
+            return token_logprobs(logits, batch.input_ids[rows, cols], temperature)
+
+
+
+class HFActor(HFScorer):
+    """`Actor` over a transformers causal LM: AdamW, gradient clipping, micro-batches with gradient
+    accumulation (`train_step`), the teacher pass with the same weights under no_grad."""
+
+    def __init__(self, model, lr: float = 1e-6, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 grad_clip: float = 1.0, device=None):
+        super().__init__(model, device)
+        self.grad_clip = grad_clip
+        self.optimizer = self.torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                                weight_decay=weight_decay, betas=tuple(betas))
+
+    def train_step(self, micro_batch_losses, n_micro: int) -> dict:
+        torch = self.torch
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(n_micro):
+            loss = micro_batch_losses(i)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"loss": float(loss), "grad_norm": float("nan"), "skipped": True}
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if params else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": total, "grad_norm": float(norm), "skipped": True}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return {"loss": total, "grad_norm": float(norm), "skipped": False}
+
+    def export_weights(self):
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+
+def token_logprobs(logits, targets, temperature: float = 1.0):
+    """log_softmax(logits / T)[target] per row, in fp32 (or fp64 for fp64 logits)."""
+    import torch
+
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    return x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, -1)

@@ -1,0 +1,280 @@
+"""GRPO and SD-Search training recipe (`sdsearch train`), top to bottom.
+
+One step:
+  1. sample B questions; G rollouts each with the student prompt (generation)
+  2. reward = EM of the final answer; group-normalised advantages
+  3. old and reference log-probs at policy positions (no grad)
+  4. [sd_search] a hindsight block per group; teacher sequences; teacher logits at query positions
+  5. update: GRPO clipped surrogate + kl_coef * k3 KL [+ sd.coef * JSD at query positions]
+Periodic greedy dev evaluation, checkpoints (model, optimizer, RNG, data position), TensorBoard and
+metrics.jsonl every step, and at the end a summary table, a PNG of the curves and test-world EM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from nemo_sdsearch.algorithms import sd_search
+from nemo_sdsearch.algorithms.report import plot_curves, summary_rows
+from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, load_latest_checkpoint, rng_state,
+                                            save_checkpoint, set_rng_state, truncate_jsonl)
+from nemo_sdsearch.config import TrainConfig, to_dict
+from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, group_advantages, k3_per_token
+from nemo_sdsearch.models.base import SequenceBatch
+from nemo_sdsearch.models.hf import HFActor, HFScorer, token_logprobs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------------
+def build_components(cfg: TrainConfig):
+    from nemo_sdsearch.cli import build_retriever
+    from nemo_sdsearch.core.qa import QA
+    from nemo_sdsearch.models.hf import load_model_and_tokenizer
+    from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
+    from nemo_sdsearch.rollout.torch_generator import TorchGenerator
+    from nemo_sdsearch.world.assets import default_model_dir
+    from nemo_sdsearch.world.generator import build_bundle
+
+    torch.set_num_threads(cfg.model.threads)
+    torch.manual_seed(cfg.trainer.seed)
+    model, tok = load_model_and_tokenizer(cfg.model.path or default_model_dir(), device=cfg.model.device)
+    ref = None
+    if cfg.grpo.kl_coef > 0:
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+    actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+                    grad_clip=cfg.optim.grad_clip)
+    bundle = build_bundle()
+    qa = lambda qs: [QA.from_flashrag(q.to_flashrag()) for q in qs]
+    data = {"train": qa(bundle.train[:cfg.data.train_questions] if cfg.data.train_questions else bundle.train),
+            "dev": qa(bundle.dev[:cfg.data.dev_questions]),
+            "test": qa(bundle.test[:cfg.data.test_questions] if cfg.data.test_questions else bundle.test)}
+    train_retriever = build_retriever(cfg.rollout.retriever, bundle.train_world.passages)
+    test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages)
+    r = cfg.rollout
+    generator = TorchGenerator(model, tok)  # shares the actor's weights: no refit needed on one device
+    sample_cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
+                               topk=r.topk, temperature=r.temperature, top_p=r.top_p)
+    greedy_cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
+                               topk=r.topk, temperature=0.0)
+    engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg),
+               "dev": RolloutEngine(generator, train_retriever, greedy_cfg),
+               "test": RolloutEngine(generator, test_retriever, greedy_cfg)}
+    return actor, (HFScorer(ref) if ref is not None else None), tok, data, engines
+
+
+def greedy_em(engine, questions, batch_size: int) -> dict:
+    from nemo_sdsearch.eval.harness import evaluate
+
+    report = evaluate(engine, {"x": questions}, batch_size=batch_size, progress=False)
+    return report.by_dataset["x"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensors for one micro-batch of trajectories
+# ---------------------------------------------------------------------------------------------------
+def micro_batch_tensors(trajs: list[Trajectory], pad_id: int, device):
+    batch = SequenceBatch.from_lists([t.token_ids for t in trajs], pad_id, device)
+    policy = torch.zeros(batch.shape, dtype=torch.bool)
+    query = torch.zeros(batch.shape, dtype=torch.bool)
+    for i, t in enumerate(trajs):
+        policy[i, :len(t.token_ids)] = torch.tensor(t.policy_mask())
+        query[i, :len(t.token_ids)] = torch.tensor(t.query_mask())
+    policy[:, 0] = False
+    rows, cols = policy.nonzero(as_tuple=True)
+    # Query positions are a subset of policy positions: index them inside the policy rows.
+    is_query_row = query[rows, cols]
+    return batch, rows.to(device), cols.to(device), is_query_row.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+    from torch.utils.tensorboard import SummaryWriter
+
+    console = console or Console()
+    out = Path(cfg.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    actor, ref, tok, data, engines = build_components(cfg)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)
+    G, B, T = cfg.rollout.group_size, cfg.trainer.questions_per_step, cfg.rollout.temperature
+    sampler = QuestionSampler(len(data["train"]), cfg.trainer.seed)
+    history, evals, start_test, start_step = [], [], None, 0
+
+    state = load_latest_checkpoint(out) if cfg.trainer.resume else None
+    if state is not None:
+        actor.model.load_state_dict(state["model"])
+        actor.optimizer.load_state_dict(state["optimizer"])
+        sampler.load(state["sampler"])
+        set_rng_state(state["rng"])
+        history, evals, start_test, start_step = state["history"], state["evals"], state["start_test"], state["step"]
+        truncate_jsonl(out / "metrics.jsonl", start_step)
+        console.print(f"resumed from step {start_step}")
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    if cfg.trainer.final_test_eval and start_test is None:
+        console.print("evaluating the start weights on the test world ...")
+        start_test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
+        console.print(f"start test EM {start_test['all']['em']:.3f}")
+
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"), console=console, disable=not progress)
+    with bar:
+        task = bar.add_task(cfg.algorithm, total=cfg.trainer.steps, completed=start_step, info="")
+        for step in range(start_step, cfg.trainer.steps):
+            t_step = time.perf_counter()
+            # 1. rollouts ------------------------------------------------------------------------
+            questions = [data["train"][i] for i in sampler.take(B)]
+            t0 = time.perf_counter()
+            trajs = engines["train"].run(questions, n_samples=G, seed=cfg.trainer.seed * 1_000_003 + step)
+            gen_s = time.perf_counter() - t0
+            # 2. rewards and advantages ------------------------------------------------------------
+            rewards = torch.tensor([t.exact_match for t in trajs])
+            adv = group_advantages(rewards, G, eps=cfg.grpo.adv_eps)
+            # 4. (SD-Search) hindsight blocks and teacher sequences --------------------------------
+            teacher = None
+            if cfg.algorithm == "sd_search":
+                blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(encode(s)))
+                teacher = sd_search.teacher_sequences(trajs, blocks, G, encode)
+            # 3 + 5. old/reference log-probs, then the update, mini-batch by mini-batch -------------
+            m = {"teacher_s": 0.0, "jsd_sum": 0.0, "agree": 0.0, "n_query": 0, "kl_sum": 0.0,
+                 "clip": 0.0, "entropy_sum": 0.0, "n_policy": 0}
+            order = list(range(len(trajs)))
+            per_mini = len(order) // cfg.grpo.mini_batches
+            t_update = time.perf_counter()
+            stats = []
+            for mb in range(cfg.grpo.mini_batches):
+                idx = order[mb * per_mini:(mb + 1) * per_mini]
+                micro = [idx[i:i + cfg.grpo.micro_batch_size] for i in range(0, len(idx), cfg.grpo.micro_batch_size)]
+                tensors = [micro_batch_tensors([trajs[i] for i in mi], tok.pad_token_id, actor.device) for mi in micro]
+                with torch.no_grad():
+                    # With one optimizer step per rollout batch the weights that sampled are the weights
+                    # being trained: the old log-probs are the current ones, detached (ratio == 1).
+                    old = [None] * len(tensors) if cfg.grpo.mini_batches == 1 else \
+                        [actor.logprobs_at(b, r, c, T, with_grad=False) for b, r, c, _ in tensors]
+                    refs = [ref.logprobs_at(b, r, c, T, with_grad=False) if ref is not None else None
+                            for b, r, c, _ in tensors]
+                n_tokens = sum(int(r.numel()) for _, r, _, _ in tensors)
+                n_query = sum(int(q.sum()) for *_, q in tensors)
+                seq_lens = [torch.bincount(r, minlength=len(mi)).clamp(min=1) for (_, r, _, _), mi in zip(tensors, micro)]
+
+                def micro_loss(k: int) -> torch.Tensor:
+                    batch, rows, cols, is_q = tensors[k]
+                    mi = micro[k]
+                    logits = actor.logits_at(batch, rows, cols)
+                    logp = token_logprobs(logits, batch.input_ids[rows, cols], T)
+                    a = adv[mi].to(logp.device)[rows]
+                    surr, clipped = clipped_surrogate_per_token(
+                        logp, logp.detach() if old[k] is None else old[k], a, cfg.grpo.clip_eps)
+                    if cfg.grpo.reduction == "token":
+                        w = torch.full_like(surr, 1.0 / n_tokens)
+                    else:
+                        w = 1.0 / (seq_lens[k][rows].to(surr.dtype) * len(idx))
+                    loss = (surr * w).sum()
+                    if refs[k] is not None:
+                        kl_tok = k3_per_token(logp, refs[k])
+                        loss = loss + cfg.grpo.kl_coef * (kl_tok * w).sum()
+                        m["kl_sum"] += float(kl_tok.detach().sum())
+                    with torch.no_grad():
+                        lsm = torch.log_softmax(logits.detach(), -1)
+                        m["entropy_sum"] += float(-(lsm.exp() * lsm).sum(-1).sum())
+                        m["clip"] += float(clipped.sum())
+                        m["n_policy"] += int(rows.numel())
+                    if teacher is not None and bool(is_q.any()):
+                        t0 = time.perf_counter()
+                        tb = SequenceBatch.from_lists([teacher[i].token_ids for i in mi], tok.pad_token_id, actor.device)
+                        shift = torch.tensor([teacher[i].shift for i in mi], device=actor.device)
+                        q_rows, q_cols = rows[is_q], cols[is_q]
+                        t_logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
+                        m["teacher_s"] += time.perf_counter() - t0
+                        jsd = sd_search.jsd_at_queries(logits, is_q, t_logits, cfg.sd)
+                        s_logits = logits[is_q]
+                        loss = loss + cfg.sd.coef * jsd.sum() / n_query
+                        m["jsd_sum"] += float(jsd.detach().sum())
+                        m["agree"] += float((s_logits.detach().argmax(-1) == t_logits.argmax(-1)).sum())
+                        m["n_query"] += int(is_q.sum())
+                    return loss
+
+                stats.append(actor.train_step(micro_loss, len(micro)))
+            update_s = time.perf_counter() - t_update - m["teacher_s"]
+            step_s = time.perf_counter() - t_step
+            skipped = any(s["skipped"] for s in stats)
+            row = {
+                "step": step + 1,
+                "reward": float(rewards.mean()),
+                "em": float(rewards.mean()),
+                "searches_per_rollout": sum(t.num_searches for t in trajs) / len(trajs),
+                "jsd": m["jsd_sum"] / max(m["n_query"], 1) if teacher is not None else float("nan"),
+                "agreement": m["agree"] / max(m["n_query"], 1) if teacher is not None else float("nan"),
+                "query_tokens": m["n_query"],
+                "kl": m["kl_sum"] / max(m["n_policy"], 1),
+                "clip_fraction": m["clip"] / max(m["n_policy"], 1),
+                "entropy": m["entropy_sum"] / max(m["n_policy"], 1),
+                "loss": sum(s["loss"] for s in stats),
+                "grad_norm": stats[-1]["grad_norm"],
+                "skipped": skipped,
+                "tokens_per_s": sum(sum(t.from_policy) for t in trajs) / max(gen_s, 1e-9),
+                "time_generation_s": gen_s, "time_teacher_s": m["teacher_s"], "time_update_s": update_s,
+                "time_step_s": step_s,
+            }
+            if skipped:
+                console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, update skipped[/yellow]")
+            history.append(row)
+            append_jsonl(out / "metrics.jsonl", row)
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                    writer.add_scalar(f"train/{k}", v, step + 1)
+            # periodic evaluation and checkpoint ------------------------------------------------
+            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
+                dev = greedy_em(engines["dev"], data["dev"], cfg.trainer.eval_batch_size)
+                evals.append({"step": step + 1, "em": dev["all"]["em"], "f1": dev["all"]["f1"]})
+                writer.add_scalar("eval/dev_em", dev["all"]["em"], step + 1)
+            if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
+                save_checkpoint(out, step + 1, {
+                    "model": actor.model.state_dict(), "optimizer": actor.optimizer.state_dict(),
+                    "sampler": sampler.state(), "rng": rng_state(), "step": step + 1, "history": history,
+                    "evals": evals, "start_test": start_test, "config": to_dict(cfg)})
+            info = f"reward {row['reward']:.2f} searches {row['searches_per_rollout']:.2f}"
+            if teacher is not None:
+                info += f" jsd {row['jsd']:.3f}"
+            if evals:
+                info += f" dev EM {evals[-1]['em']:.2f}"
+            bar.update(task, advance=1, info=info)
+    writer.flush()
+
+    # final evaluation, summary table, plot --------------------------------------------------------
+    end_test = None
+    if cfg.trainer.final_test_eval:
+        end_test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
+        evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"] if evals else float("nan"),
+                      "test_em": end_test["all"]["em"]})
+        writer.add_scalar("eval/test_em", end_test["all"]["em"], cfg.trainer.steps)
+    writer.close()
+    actor.model.save_pretrained(out / "final", safe_serialization=True)
+    tok.save_pretrained(out / "final")
+    plot_curves(history, evals, out / "curves.png", f"{cfg.algorithm} on the tiny world")
+    table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps")
+    table.add_column("metric")
+    table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    for r in summary_rows(start_test, end_test, history):
+        table.add_row(*r)
+    console.print(table)
+    summary = {"start_test": start_test, "end_test": end_test, "history": history, "evals": evals}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    console.print(f"wrote {out}/final (HF model), curves.png, metrics.jsonl, summary.json, tensorboard/")
+    return summary

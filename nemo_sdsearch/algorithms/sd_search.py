@@ -1,0 +1,63 @@
+"""SD-Search: the teacher side of the step (hindsight block, teacher sequences, the JSD term).
+
+The loop lives in `grpo.py` (SD-Search is GRPO plus one loss term); this file holds what SD-Search adds:
+
+1. a hindsight block per question from its group of rollouts (queries in order, outcome);
+2. teacher sequences: P_T(q) = instruction || question || hindsight block, followed by exactly the
+   same response tokens as the student trajectory, so every response position has a teacher twin
+   shifted by len(P_T) - len(P_S);
+3. teacher logits at the query positions only (same weights, no grad), and the token-level
+   generalized JSD(teacher || student) there, normalised by the number of query tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from nemo_sdsearch.core.hindsight import AttemptSummary, HindsightConfig, hindsight_block
+from nemo_sdsearch.core.prompts import teacher_prompt
+from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.losses.divergences import generalized_jsd
+
+
+def group_hindsight_blocks(trajs: Sequence[Trajectory], group_size: int, sd_cfg,
+                           count_tokens: Callable[[str], int]) -> list[str]:
+    """One hindsight block per group (consecutive `group_size` trajectories share a question)."""
+    cfg = HindsightConfig(include_answers=sd_cfg.include_answers, include_gold=sd_cfg.include_gold,
+                          max_tokens=sd_cfg.max_hindsight_tokens)
+    blocks = []
+    for g in range(0, len(trajs), group_size):
+        group = trajs[g:g + group_size]
+        attempts = [AttemptSummary(tuple(t.queries), t.exact_match == 1.0, t.answer) for t in group]
+        blocks.append(hindsight_block(attempts, cfg, gold_answer=group[0].golden_answers[0],
+                                      count_tokens=count_tokens))
+    return blocks
+
+
+@dataclass
+class TeacherSequence:
+    token_ids: list[int]
+    shift: int  # teacher position = student position + shift
+
+
+def teacher_sequences(trajs: Sequence[Trajectory], blocks: Sequence[str], group_size: int,
+                      encode: Callable[[str], list[int]]) -> list[TeacherSequence]:
+    out = []
+    for i, t in enumerate(trajs):
+        prompt = encode(teacher_prompt(t.question, blocks[i // group_size]))
+        out.append(TeacherSequence(prompt + t.response_ids(), len(prompt) - t.prompt_length))
+    return out
+
+
+def jsd_at_queries(policy_logits: torch.Tensor, is_query_row: torch.Tensor, teacher_logits: torch.Tensor,
+                   sd_cfg) -> torch.Tensor:
+    """Per query token generalized JSD(teacher || student).
+
+    `policy_logits` are the student's logits at all policy positions of a micro-batch; only the rows
+    flagged by `is_query_row` enter the divergence. `teacher_logits` are the teacher's logits at the
+    same query positions (computed under no_grad)."""
+    return generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(), sd_cfg.beta,
+                           sd_cfg.temperature, sd_cfg.chunk_rows)

@@ -1,0 +1,94 @@
+"""Training state that must survive a crash: question order position, checkpoints, metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class QuestionSampler:
+    """Epoch-wise shuffled order of question indices; its state is (epoch, position)."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+
+    def _order(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            order = self._order()
+            take = order[self.position:self.position + k - len(out)]
+            out += take
+            self.position += len(take)
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(out_dir: Path, step: int, payload: dict) -> Path:
+    """Write checkpoints/step_NNNNNN/state.pt atomically, then point `latest` at it."""
+    ckpt_root = out_dir / "checkpoints"
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp_step_{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save(payload, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    latest_tmp = ckpt_root / "latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, ckpt_root / "latest")
+    return final
+
+
+def load_latest_checkpoint(out_dir: Path) -> dict | None:
+    pointer = out_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = out_dir / "checkpoints" / pointer.read_text().strip() / "state.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """On resume, drop metric rows past the checkpoint so the file matches the state."""
+    if not path.exists():
+        return
+    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= max_step]
+    path.write_text("".join(r + "\n" for r in rows))

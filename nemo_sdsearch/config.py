@@ -1,0 +1,160 @@
+"""Typed training configuration. The YAML files in `conf/` document every key; this schema checks them:
+an unknown key or a value of the wrong type fails at start with a message naming the key, and
+`validate` checks ranges and choices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # None: the embedded tiny model
+    device: Optional[str] = None
+    threads: int = 2
+
+
+@dataclass
+class DataConfig:
+    train_questions: Optional[int] = None
+    dev_questions: int = 60
+    test_questions: Optional[int] = None
+
+
+@dataclass
+class RolloutSection:
+    group_size: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 4
+    max_new_tokens: int = 96
+    max_context: int = 1024
+    topk: int = 3
+    retriever: str = "bm25"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class GRPOSection:
+    clip_eps: float = 0.2
+    kl_coef: float = 0.001
+    reduction: str = "token"
+    micro_batch_size: int = 8
+    mini_batches: int = 1
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class SDSection:
+    coef: float = 1.0
+    beta: float = 0.5
+    temperature: float = 1.0
+    chunk_rows: int = 256
+    include_answers: bool = False
+    include_gold: bool = False
+    max_hindsight_tokens: int = 256
+
+
+@dataclass
+class TrainerSection:
+    steps: int = 40
+    questions_per_step: int = 8
+    eval_every: int = 10
+    save_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs/train"
+    resume: bool = False
+    final_test_eval: bool = True
+    eval_batch_size: int = 50
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "sd_search"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    sd: SDSection = field(default_factory=SDSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key}: {msg}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    _require(cfg.algorithm in ("grpo", "sd_search"), "algorithm", f"must be grpo or sd_search, got {cfg.algorithm!r}")
+    r = cfg.rollout
+    _require(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 rollouts per question")
+    _require(r.temperature > 0, "rollout.temperature", "training rollouts must sample (temperature > 0)")
+    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _require(r.retriever in ("bm25", "dense"), "rollout.retriever", "must be bm25 or dense")
+    _require(r.max_context > r.max_new_tokens, "rollout.max_context", "must exceed rollout.max_new_tokens")
+    _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    _require(0 <= cfg.sd.beta <= 1, "sd.beta", f"JSD mixture weight must be in [0, 1], got {cfg.sd.beta}")
+    _require(cfg.sd.coef >= 0, "sd.coef", "must be >= 0")
+    _require(cfg.grpo.reduction in ("token", "sequence"), "grpo.reduction", "must be token or sequence")
+    _require(0 < cfg.grpo.clip_eps < 1, "grpo.clip_eps", "must be in (0, 1)")
+    _require(cfg.grpo.micro_batch_size >= 1, "grpo.micro_batch_size", "must be >= 1")
+    _require(cfg.grpo.mini_batches >= 1, "grpo.mini_batches", "must be >= 1")
+    _require(cfg.trainer.steps >= 1, "trainer.steps", "must be >= 1")
+    _require(cfg.trainer.questions_per_step % cfg.grpo.mini_batches == 0, "trainer.questions_per_step",
+             "must be a multiple of grpo.mini_batches")
+    return cfg
+
+
+def config_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, directory: str | None = None) -> TrainConfig:
+    """Compose `conf/<name>.yaml` with Hydra override syntax (`key=value`), check it against the schema."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = str(Path(directory or config_dir()).resolve())
+    if not Path(directory, f"{name}.yaml").exists():
+        raise ConfigError(f"no config {name!r} in {directory}")
+    try:
+        with initialize_config_dir(config_dir=directory, version_base=None):
+            raw = compose(config_name=name, overrides=list(overrides or []))
+        schema = OmegaConf.structured(TrainConfig)
+        merged = OmegaConf.merge(schema, raw)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_first_line(e)) from None
+    cfg: TrainConfig = OmegaConf.to_object(merged)
+    return validate(cfg)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"config key {key}: {line}" if key else line
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,0 +1,135 @@
+"""GRPO / SD-Search training: exact resume, the teacher pass, the query-only JSD, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nemo_sdsearch.config import ConfigError, load_config
+
+
+def tiny_overrides(model_dir, out_dir, steps, **extra):
+    base = {
+        "model.path": str(model_dir), "model.threads": 1, "trainer.steps": steps, "trainer.questions_per_step": 2,
+        "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_turns": 1, "rollout.max_context": 512,
+        "trainer.eval_every": 0, "trainer.save_every": 1, "trainer.final_test_eval": False,
+        "trainer.out_dir": str(out_dir), "grpo.micro_batch_size": 2, "optim.lr": 1e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run(overrides):
+    from nemo_sdsearch.algorithms.grpo import train
+
+    return train(load_config("tiny_cpu", overrides), progress=False)
+
+
+def final_params(out_dir):
+    from safetensors.torch import load_file
+
+    return load_file(out_dir / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_exact_resume(micro_model_dir, tmp_path):
+    """N steps, stop, resume N steps == 2N straight steps (parameters and metrics)."""
+    model_dir = micro_model_dir[0]
+    straight = run(tiny_overrides(model_dir, tmp_path / "a", 4))
+    run(tiny_overrides(model_dir, tmp_path / "b", 2))
+    resumed = run(tiny_overrides(model_dir, tmp_path / "b", 4, **{"trainer.resume": True}))
+    pa, pb = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    # The parameters moved (the test would pass vacuously otherwise).
+    from safetensors.torch import load_file
+    p0 = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(p0[k], pa[k]) for k in pa)
+    strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s"} for r in h]
+    assert strip(straight["history"]) == strip(resumed["history"])
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "curves.png").stat().st_size > 10_000
+
+
+def test_grpo_and_sd_search_metrics(micro_model_dir, tmp_path):
+    summary = run(tiny_overrides(micro_model_dir[0], tmp_path / "sd", 1))
+    row = summary["history"][0]
+    for key in ("reward", "em", "searches_per_rollout", "jsd", "agreement", "kl", "clip_fraction", "entropy",
+                "tokens_per_s", "time_generation_s", "time_teacher_s", "time_update_s"):
+        assert key in row and not (isinstance(row[key], float) and math.isinf(row[key]))
+    summary = run(tiny_overrides(micro_model_dir[0], tmp_path / "grpo", 1, algorithm="grpo"))
+    assert math.isnan(summary["history"][0]["jsd"]) and summary["history"][0]["time_teacher_s"] == 0.0
+
+
+def test_teacher_pass_has_no_gradient(micro_model):
+    from nemo_sdsearch.models.base import SequenceBatch
+    from nemo_sdsearch.models.hf import HFActor
+
+    actor = HFActor(micro_model, lr=1e-3)
+    batch = SequenceBatch.from_lists([[5, 6, 7, 8], [9, 10, 11]], pad_id=1)
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([1, 3, 2])
+    micro_model.zero_grad(set_to_none=True)
+    t = actor.teacher_logits_at(batch, rows, cols)
+    assert not t.requires_grad and t.grad_fn is None
+    s = actor.logits_at(batch, rows, cols)
+    assert s.requires_grad
+    assert torch.allclose(t, s.detach(), atol=1e-5)  # same weights, same context: same logits
+    # A loss through the teacher side alone cannot reach the weights.
+    with pytest.raises(RuntimeError):
+        (t * 2).sum().backward()
+    assert all(p.grad is None for p in micro_model.parameters())
+
+
+def test_only_query_positions_enter_the_jsd():
+    from nemo_sdsearch.algorithms.sd_search import jsd_at_queries
+    from nemo_sdsearch.config import SDSection
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 50, generator=g, dtype=torch.float64) * 3
+    is_q = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool)
+    teacher = torch.randn(4, 50, generator=g, dtype=torch.float64) * 3
+    base = jsd_at_queries(logits, is_q, teacher, SDSection()).sum()
+    other = logits.clone()
+    other[~is_q] += torch.randn(6, 50, generator=g, dtype=torch.float64) * 10
+    assert jsd_at_queries(other, is_q, teacher, SDSection()).sum().item() == base.item()
+    x = logits.clone().requires_grad_()
+    jsd_at_queries(x, is_q, teacher, SDSection()).sum().backward()
+    assert (x.grad[~is_q] == 0).all() and (x.grad[is_q].abs().sum(-1) > 0).all()
+    moved = logits.clone()
+    moved[1] += 5 * torch.randn(50, generator=g, dtype=torch.float64)
+    assert jsd_at_queries(moved, is_q, teacher, SDSection()).sum().item() != base.item()
+
+
+def test_non_finite_loss_skips_the_step(micro_model):
+    from nemo_sdsearch.models.hf import HFActor
+
+    actor = HFActor(micro_model, lr=1e-2)
+    before = {k: v.clone() for k, v in micro_model.state_dict().items()}
+    p = next(micro_model.parameters())
+    stats = actor.train_step(lambda i: p.sum() * float("nan"), 1)
+    assert stats["skipped"]
+    assert all(torch.equal(before[k], v) for k, v in micro_model.state_dict().items())
+    stats = actor.train_step(lambda i: (p ** 2).sum() * 1e-3, 2)
+    assert not stats["skipped"]
+    assert any(not torch.equal(before[k], v) for k, v in micro_model.state_dict().items())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sd.bta=0.3", "sd.bta"),
+    ("+trainer.foo=1", "trainer.foo"),
+    ("trainer.steps=abc", "trainer.steps"),
+    ("sd.beta=1.5", "sd.beta"),
+    ("algorithm=ppo", "algorithm"),
+    ("rollout.group_size=1", "rollout.group_size"),
+])
+def test_invalid_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config("tiny_cpu", [override])
+
+
+def test_cli_train_bad_key_exits_2(capsys):
+    from nemo_sdsearch.cli import main
+
+    assert main(["train", "sd.bta=1"]) == 2
+    assert "sd.bta" in capsys.readouterr().err

@@ -60,7 +60,8 @@ class SDSection:
     coef: float = 1.0
     beta: float = 0.5
     temperature: float = 1.0
-    chunk_rows: int = 256
+    chunk_rows: int = 64
+    compile: bool = False
     include_answers: bool = False
     include_gold: bool = False
     max_hindsight_tokens: int = 256

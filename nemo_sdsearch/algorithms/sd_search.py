@@ -48,7 +48,10 @@ def teacher_sequences(trajs: Sequence[Trajectory], blocks: Sequence[str], group_
     out = []
     for i, t in enumerate(trajs):
         prompt = encode(teacher_prompt(t.question, blocks[i // group_size]))
-        out.append(TeacherSequence(prompt + t.response_ids(), len(prompt) - t.prompt_length))
+        # Causal attention: nothing after the last query token changes the teacher's query logits.
+        query = t.query_mask()
+        last = max((j for j, q in enumerate(query) if q), default=t.prompt_length)
+        out.append(TeacherSequence(prompt + t.token_ids[t.prompt_length:last + 1], len(prompt) - t.prompt_length))
     return out
 
 
@@ -59,5 +62,7 @@ def jsd_at_queries(policy_logits: torch.Tensor, is_query_row: torch.Tensor, teac
     `policy_logits` are the student's logits at all policy positions of a micro-batch; only the rows
     flagged by `is_query_row` enter the divergence. `teacher_logits` are the teacher's logits at the
     same query positions (computed under no_grad)."""
+    # The gathered rows are a private copy: the chunked JSD may store its gradient in place.
     return generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(), sd_cfg.beta,
-                           sd_cfg.temperature, sd_cfg.chunk_rows)
+                           sd_cfg.temperature, sd_cfg.chunk_rows, inplace_grad=True,
+                           compile=sd_cfg.compile)

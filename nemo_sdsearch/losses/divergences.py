@@ -75,56 +75,75 @@ def clipped_forward_kl_dense(student_logits: torch.Tensor, teacher_logits: torch
 # ---------------------------------------------------------------------------------------------------
 # Chunked forms
 # ---------------------------------------------------------------------------------------------------
+def _softmax_parts(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, probs) with a single exp: probs = e / sum(e), log-probs = x - max - log(sum(e))."""
+    x = _f32(logits) / temperature if temperature != 1.0 else _f32(logits)
+    x = x - x.amax(-1, keepdim=True)
+    e = torch.exp(x)
+    z = e.sum(-1, keepdim=True)
+    return x - torch.log(z), e / z
+
+
 def _jsd_chunk(s_logits, t_logits, beta, temperature, need_grad):
-    s = F.log_softmax(_f32(s_logits) / temperature, -1)
-    t = F.log_softmax(_f32(t_logits) / temperature, -1)
-    q = s.exp()
+    s, q = _softmax_parts(s_logits, temperature)
+    t, p = _softmax_parts(t_logits, temperature)
     if beta == 0.0:
-        p = t.exp()
         loss = (p * (t - s)).sum(-1)
-        grad = (q - p) / temperature if need_grad else None
-        return loss, grad
+        return loss, ((q - p) / temperature if need_grad else None)
     if beta == 1.0:
-        loss = (q * (s - t)).sum(-1)
-        if not need_grad:
-            return loss, None
         g = s - t
+        loss = (q * g).sum(-1)
     else:
-        # log m = logsumexp(log b + t, log(1-b) + s), computed without a stacked copy.
-        lb, l1b = math.log(beta), math.log1p(-beta)
-        a, c = t + lb, s + l1b
-        hi = torch.maximum(a, c)
-        m = hi + torch.log(torch.exp(a - hi) + torch.exp(c - hi))
-        p = t.exp()
-        loss = beta * (p * (t - m)).sum(-1) + (1 - beta) * (q * (s - m)).sum(-1)
-        if not need_grad:
-            return loss, None
-        g = (1 - beta) * (s - m)
-    grad = q * (g - (q * g).sum(-1, keepdim=True)) / temperature
-    return loss, grad
+        # The mixture in probability space: one log per element. Clamping at the smallest normal number
+        # only touches entries where both p and q underflowed; their terms are p*(.) = q*(.) = 0.
+        log_m = torch.log(torch.clamp(beta * p + (1 - beta) * q, min=torch.finfo(p.dtype).tiny))
+        g = s - log_m
+        loss = beta * (p * (t - log_m)).sum(-1) + (1 - beta) * (q * g).sum(-1)
+        g = (1 - beta) * g
+    if not need_grad:
+        return loss, None
+    grad = q * (g - (q * g).sum(-1, keepdim=True))
+    return loss, (grad / temperature if temperature != 1.0 else grad)
 
 
 def _clipped_chunk(s_logits, t_logits, tau, temperature, need_grad):
-    s = F.log_softmax(_f32(s_logits) / temperature, -1)
-    t = F.log_softmax(_f32(t_logits) / temperature, -1)
-    p = t.exp()
+    s, q = _softmax_parts(s_logits, temperature)
+    t, p = _softmax_parts(t_logits, temperature)
     terms = p * (t - s)
     unclipped = terms < tau
     loss = torch.where(unclipped, terms, torch.full_like(terms, tau)).sum(-1)
     if not need_grad:
         return loss, None
     pu = p * unclipped
-    grad = (s.exp() * pu.sum(-1, keepdim=True) - pu) / temperature
-    return loss, grad
+    return loss, (q * pu.sum(-1, keepdim=True) - pu) / temperature
+
+
+_COMPILED: dict = {}
+
+
+def _chunk_kernel(fn, compile: bool):
+    """The eager chunk function, or its torch.compile'd version (one fused loop per chunk: inductor's
+    C++ backend on CPU, Triton on GPU). Compiling costs tens of seconds once per process and shape."""
+    if not compile:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
 
 
 class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, chunk_fn, param, temperature, chunk_rows):
+    def forward(ctx, student_logits, teacher_logits, chunk_fn, param, temperature, chunk_rows, inplace_grad):
         need_grad = student_logits.requires_grad
         n = student_logits.shape[0]
         losses = torch.empty(n, dtype=_f32(student_logits[:0]).dtype, device=student_logits.device)
-        grad = torch.empty_like(student_logits) if need_grad else None
+        # inplace_grad: the gradient overwrites the student logits chunk by chunk once each chunk's loss
+        # is computed (as Liger-Kernel does), so no second rows x vocab buffer is allocated. The version
+        # counter is bumped, so autograd raises if anything else saved these logits for its backward.
+        if need_grad:
+            grad = student_logits.detach() if inplace_grad else torch.empty_like(student_logits)
+        else:
+            grad = None
         for i in range(0, n, chunk_rows):
             loss, g = chunk_fn(student_logits[i:i + chunk_rows], teacher_logits[i:i + chunk_rows],
                                param, temperature, need_grad)
@@ -137,20 +156,26 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None, None
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None, None, None
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
-                    temperature: float = 1.0, chunk_rows: int = 256) -> torch.Tensor:
-    """Per-row generalized JSD (chunked; same values and gradients as `generalized_jsd_dense`)."""
+                    temperature: float = 1.0, chunk_rows: int = 64, inplace_grad: bool = False,
+                    compile: bool = False) -> torch.Tensor:
+    """Per-row generalized JSD (chunked; same values and gradients as `generalized_jsd_dense`).
+
+    inplace_grad=True overwrites `student_logits` with its gradient during forward: use it only on a
+    tensor nothing else reads afterwards (e.g. the rows gathered for this loss)."""
     _check(student_logits, teacher_logits, beta)
-    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), _jsd_chunk, float(beta),
-                                    float(temperature), int(chunk_rows))
+    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), _chunk_kernel(_jsd_chunk, compile),
+                                    float(beta), float(temperature), int(chunk_rows), bool(inplace_grad))
 
 
 def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 10.0,
-                       temperature: float = 1.0, chunk_rows: int = 256) -> torch.Tensor:
+                       temperature: float = 1.0, chunk_rows: int = 64, inplace_grad: bool = False,
+                       compile: bool = False) -> torch.Tensor:
     """Per-row pointwise-clipped forward KL (chunked; same as `clipped_forward_kl_dense`)."""
     _check(student_logits, teacher_logits)
-    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), _clipped_chunk, float(tau),
-                                    float(temperature), int(chunk_rows))
+    return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(),
+                                    _chunk_kernel(_clipped_chunk, compile), float(tau), float(temperature),
+                                    int(chunk_rows), bool(inplace_grad))

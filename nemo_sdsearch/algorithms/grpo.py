@@ -95,6 +95,76 @@ def micro_batch_tensors(trajs: list[Trajectory], pad_id: int, device):
     return batch, rows.to(device), cols.to(device), is_query_row.to(device)
 
 
+def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teacher, cfg: TrainConfig, pad_id: int):
+    """One policy update on a rollout batch (steps 3 and 5 of the recipe).
+
+    First, for every mini-batch, the tensors and the old and reference log-probs at policy positions
+    (no grad, all from the weights that sampled). Then per mini-batch one optimizer step over
+    micro-batches of: GRPO clipped surrogate + kl_coef * k3 KL (+ sd.coef * JSD at query positions when
+    `teacher` holds teacher sequences). Returns (metric sums, one train_step stats dict per mini-batch)."""
+    T, G = cfg.rollout.temperature, cfg.grpo
+    m = {"teacher_s": 0.0, "jsd_sum": 0.0, "agree": 0.0, "n_query": 0, "kl_sum": 0.0,
+         "clip": 0.0, "entropy_sum": 0.0, "n_policy": 0}
+    per_mini = len(trajs) // G.mini_batches
+    plan = []
+    for mb in range(G.mini_batches):
+        idx = list(range(mb * per_mini, (mb + 1) * per_mini))
+        micro = [idx[i:i + G.micro_batch_size] for i in range(0, len(idx), G.micro_batch_size)]
+        tensors = [micro_batch_tensors([trajs[i] for i in mi], pad_id, actor.device) for mi in micro]
+        with torch.no_grad():
+            # With a single optimizer step the weights that sampled are the weights being trained:
+            # old log-probs are then the current ones, detached (ratio == 1), and need no extra pass.
+            old = [None] * len(tensors) if G.mini_batches == 1 else \
+                [actor.logprobs_at(b, r, c, T, with_grad=False) for b, r, c, _ in tensors]
+            refs = [ref.logprobs_at(b, r, c, T, with_grad=False) if ref is not None else None
+                    for b, r, c, _ in tensors]
+        plan.append((idx, micro, tensors, old, refs))
+
+    stats = []
+    for idx, micro, tensors, old, refs in plan:
+        n_tokens = sum(int(r.numel()) for _, r, _, _ in tensors)
+        n_query = sum(int(q.sum()) for *_, q in tensors)
+        seq_lens = [torch.bincount(r, minlength=len(mi)).clamp(min=1) for (_, r, _, _), mi in zip(tensors, micro)]
+
+        def micro_loss(k: int) -> torch.Tensor:
+            batch, rows, cols, is_q = tensors[k]
+            mi = micro[k]
+            logits = actor.logits_at(batch, rows, cols)
+            logp = token_logprobs(logits, batch.input_ids[rows, cols], T)
+            a = adv[mi].to(logp.device)[rows]
+            surr, clipped = clipped_surrogate_per_token(logp, logp.detach() if old[k] is None else old[k], a, G.clip_eps)
+            if G.reduction == "token":
+                w = torch.full_like(surr, 1.0 / n_tokens)
+            else:
+                w = 1.0 / (seq_lens[k][rows].to(surr.dtype) * len(idx))
+            loss = (surr * w).sum()
+            if refs[k] is not None:
+                kl_tok = k3_per_token(logp, refs[k])
+                loss = loss + G.kl_coef * (kl_tok * w).sum()
+                m["kl_sum"] += float(kl_tok.detach().sum())
+            with torch.no_grad():
+                lsm = torch.log_softmax(logits.detach(), -1)
+                m["entropy_sum"] += float(-(lsm.exp() * lsm).sum(-1).sum())
+                m["clip"] += float(clipped.sum())
+                m["n_policy"] += int(rows.numel())
+            if teacher is not None and bool(is_q.any()):
+                t0 = time.perf_counter()
+                tb = SequenceBatch.from_lists([teacher[i].token_ids for i in mi], pad_id, actor.device)
+                shift = torch.tensor([teacher[i].shift for i in mi], device=actor.device)
+                q_rows, q_cols = rows[is_q], cols[is_q]
+                t_logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
+                m["teacher_s"] += time.perf_counter() - t0
+                jsd = sd_search.jsd_at_queries(logits, is_q, t_logits, cfg.sd)
+                loss = loss + cfg.sd.coef * jsd.sum() / n_query
+                m["jsd_sum"] += float(jsd.detach().sum())
+                m["agree"] += float((logits[is_q].detach().argmax(-1) == t_logits.argmax(-1)).sum())
+                m["n_query"] += int(is_q.sum())
+            return loss
+
+        stats.append(actor.train_step(micro_loss, len(micro)))
+    return m, stats
+
+
 # ---------------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------------
@@ -150,66 +220,9 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             if cfg.algorithm == "sd_search":
                 blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(encode(s)))
                 teacher = sd_search.teacher_sequences(trajs, blocks, G, encode)
-            # 3 + 5. old/reference log-probs, then the update, mini-batch by mini-batch -------------
-            m = {"teacher_s": 0.0, "jsd_sum": 0.0, "agree": 0.0, "n_query": 0, "kl_sum": 0.0,
-                 "clip": 0.0, "entropy_sum": 0.0, "n_policy": 0}
-            order = list(range(len(trajs)))
-            per_mini = len(order) // cfg.grpo.mini_batches
+            # 3 + 5. old/reference log-probs, then the update --------------------------------------
             t_update = time.perf_counter()
-            stats = []
-            for mb in range(cfg.grpo.mini_batches):
-                idx = order[mb * per_mini:(mb + 1) * per_mini]
-                micro = [idx[i:i + cfg.grpo.micro_batch_size] for i in range(0, len(idx), cfg.grpo.micro_batch_size)]
-                tensors = [micro_batch_tensors([trajs[i] for i in mi], tok.pad_token_id, actor.device) for mi in micro]
-                with torch.no_grad():
-                    # With one optimizer step per rollout batch the weights that sampled are the weights
-                    # being trained: the old log-probs are the current ones, detached (ratio == 1).
-                    old = [None] * len(tensors) if cfg.grpo.mini_batches == 1 else \
-                        [actor.logprobs_at(b, r, c, T, with_grad=False) for b, r, c, _ in tensors]
-                    refs = [ref.logprobs_at(b, r, c, T, with_grad=False) if ref is not None else None
-                            for b, r, c, _ in tensors]
-                n_tokens = sum(int(r.numel()) for _, r, _, _ in tensors)
-                n_query = sum(int(q.sum()) for *_, q in tensors)
-                seq_lens = [torch.bincount(r, minlength=len(mi)).clamp(min=1) for (_, r, _, _), mi in zip(tensors, micro)]
-
-                def micro_loss(k: int) -> torch.Tensor:
-                    batch, rows, cols, is_q = tensors[k]
-                    mi = micro[k]
-                    logits = actor.logits_at(batch, rows, cols)
-                    logp = token_logprobs(logits, batch.input_ids[rows, cols], T)
-                    a = adv[mi].to(logp.device)[rows]
-                    surr, clipped = clipped_surrogate_per_token(
-                        logp, logp.detach() if old[k] is None else old[k], a, cfg.grpo.clip_eps)
-                    if cfg.grpo.reduction == "token":
-                        w = torch.full_like(surr, 1.0 / n_tokens)
-                    else:
-                        w = 1.0 / (seq_lens[k][rows].to(surr.dtype) * len(idx))
-                    loss = (surr * w).sum()
-                    if refs[k] is not None:
-                        kl_tok = k3_per_token(logp, refs[k])
-                        loss = loss + cfg.grpo.kl_coef * (kl_tok * w).sum()
-                        m["kl_sum"] += float(kl_tok.detach().sum())
-                    with torch.no_grad():
-                        lsm = torch.log_softmax(logits.detach(), -1)
-                        m["entropy_sum"] += float(-(lsm.exp() * lsm).sum(-1).sum())
-                        m["clip"] += float(clipped.sum())
-                        m["n_policy"] += int(rows.numel())
-                    if teacher is not None and bool(is_q.any()):
-                        t0 = time.perf_counter()
-                        tb = SequenceBatch.from_lists([teacher[i].token_ids for i in mi], tok.pad_token_id, actor.device)
-                        shift = torch.tensor([teacher[i].shift for i in mi], device=actor.device)
-                        q_rows, q_cols = rows[is_q], cols[is_q]
-                        t_logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
-                        m["teacher_s"] += time.perf_counter() - t0
-                        jsd = sd_search.jsd_at_queries(logits, is_q, t_logits, cfg.sd)
-                        s_logits = logits[is_q]
-                        loss = loss + cfg.sd.coef * jsd.sum() / n_query
-                        m["jsd_sum"] += float(jsd.detach().sum())
-                        m["agree"] += float((s_logits.detach().argmax(-1) == t_logits.argmax(-1)).sum())
-                        m["n_query"] += int(is_q.sum())
-                    return loss
-
-                stats.append(actor.train_step(micro_loss, len(micro)))
+            m, stats = update_policy(actor, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
             update_s = time.perf_counter() - t_update - m["teacher_s"]
             step_s = time.perf_counter() - t_step
             skipped = any(s["skipped"] for s in stats)

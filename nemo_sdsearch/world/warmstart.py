@@ -1,9 +1,14 @@
 """`sdsearch warmstart`: train the tiny model from scratch on synthetic search demonstrations.
 
-Everything is derived from seeds: the world, the tokenizer (trained on the training world's text), the
+Everything is derived from seeds: the worlds, the tokenizer (trained on the training world's text), the
 demonstrations (student and teacher formats, see `world/demos.py`) and the model initialisation. The
 loss is next-token cross-entropy on policy tokens only (prompt, hindsight and information are context).
 The result (weights, tokenizer, a JSON record of how it was made) is what ships as the embedded default.
+
+Every epoch draws its demonstrations from a *fresh* world (seed `world_seed_base + epoch`, never using a
+test-world name). With one fixed world a small model lowers its loss fastest by memorising that world's
+~1,000 entities and then writes remembered names instead of copying them from the question and the
+passages; with a new world every epoch only reading the context pays.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ class WarmstartConfig:
     log_every: int = 25
     save_every: int = 250
     threads: int = 2
-    max_questions: int | None = None  # use only the first N training questions (tests)
+    max_questions: int | None = None  # use only the first N questions of each world (tests)
+    questions_per_world: int = 2000
+    fresh_worlds: bool = True  # False: every epoch uses the training world itself
+    world_seed_base: int = 10_000
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -83,7 +91,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.generator import build_bundle, build_world, make_questions
     from nemo_sdsearch.world.model_config import qwen2_config
     from nemo_sdsearch.world.tokenizer import train_tokenizer
     from retrieval import BM25Retriever
@@ -94,10 +102,20 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle()
-    questions = bundle.train[:cfg.max_questions] if cfg.max_questions else bundle.train
     tok = train_tokenizer(tokenizer_corpus(bundle, rng), cfg.vocab_size)
-    retriever = BM25Retriever(bundle.train_world.passages)
-    builder = DemoBuilder(tok, retriever, sorted(bundle.train_world.names), teacher_fraction=cfg.teacher_fraction)
+    n_questions = cfg.max_questions or cfg.questions_per_world
+
+    def epoch_data(epoch: int):
+        """(questions, demo builder) of one epoch's world."""
+        if cfg.fresh_worlds:
+            world = build_world(cfg.world_seed_base + epoch, exclude_names=bundle.test_world.names)
+            questions = make_questions(world, n_questions, cfg.world_seed_base + epoch, f"ws{epoch}")
+        else:
+            world, questions = bundle.train_world, bundle.train[:n_questions]
+        builder = DemoBuilder(tok, BM25Retriever(world.passages), sorted(world.names),
+                              teacher_fraction=cfg.teacher_fraction)
+        return questions, builder
+
     model = Qwen2ForCausalLM(qwen2_config(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
@@ -113,6 +131,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.max_steps, desc="warmstart", disable=not progress)
     ema = None
     while step < cfg.max_steps:
+        questions, builder = epoch_data(epoch)
         demos = [d for d in (builder.build(q, rng) for q in questions) if d is not None]
         for batch_idx in batches_for_epoch(demos, cfg.batch_size, rng):
             ids, attn, labels = collate([demos[j] for j in batch_idx], tok.pad_token_id)
@@ -128,7 +147,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", epoch=epoch)
             if step % cfg.log_every == 0:
-                history.append({"step": step, "loss": ema, "minutes": (time.time() - start) / 60})
+                history.append({"step": step, "loss": ema, "minutes": (time.time() - start) / 60, "epoch": epoch})
             if step % cfg.save_every == 0:
                 _save(model, tok, cfg, out, step, history, bundle)
             if step >= cfg.max_steps or (time.time() - start) / 60 > cfg.max_minutes:
@@ -145,6 +164,7 @@ def _save(model, tok, cfg: WarmstartConfig, out: Path, step: int, history: list,
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     record = {"config": asdict(cfg), "steps": step, "history": history,
+              "epochs_started": history[-1]["epoch"] + 1 if history else 0,
               "world": {"train_seed": bundle.train_world.seed, "test_seed": bundle.test_world.seed}}
     (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
     # Replace the previous save only once the new one is complete.

@@ -32,6 +32,7 @@ class TextEncoder:
             raise FileNotFoundError(f"encoder {path} not found: give a local directory holding a Hugging Face "
                                     "encoder (nothing is downloaded at run time)")
         self.torch = torch
+        self.path = path
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModel.from_pretrained(str(path)).to(self.device).eval()

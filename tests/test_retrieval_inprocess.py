@@ -24,18 +24,32 @@ def test_bm25_finds_the_entity_passage(bundle):
 
 
 @pytest.mark.slow
-def test_dense_minilm_faiss(bundle):
+def test_dense_minilm_faiss(bundle, tmp_path):
+    import numpy as np
+
     from retrieval import DenseRetriever, TextEncoder
 
     corpus = bundle.test_world.passages[:200]
     titles = {p["contents"].partition("\n")[0].strip('"') for p in corpus}
     questions = [q for q in bundle.test if all(h.entity in titles for h in q.hops)]
     assert questions
-    r = DenseRetriever(corpus, TextEncoder())
+    encoder = TextEncoder()
+    r = DenseRetriever(corpus, encoder, cache_dir=tmp_path)
+    cached = list(tmp_path.glob("*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (200, encoder.dim)
+    # A second start over the same corpus reads the cache; a changed corpus gets its own entry.
+    again = DenseRetriever(corpus, encoder, cache_dir=tmp_path)
+    assert np.array_equal(faiss_vectors(again), faiss_vectors(r))
+    DenseRetriever(corpus[:50], encoder, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
     assert recall_at(r, questions, 3) >= 0.9
     docs = r.search(["anything"], 5)[0]
     assert len(docs) == 5 and all(-1.001 <= d.score <= 1.001 for d in docs)
     assert [d.score for d in docs] == sorted([d.score for d in docs], reverse=True)
+
+
+def faiss_vectors(r):
+    return r.index.reconstruct_n(0, r.index.ntotal)
 
 
 def test_encoder_is_mean_pooled_and_normalised():
@@ -71,3 +85,17 @@ def test_corpus_errors_name_file_and_line(tmp_path):
         load_corpus(p)
     p.write_text(json.dumps({"id": 7, "contents": '"T"\nx'}) + "\n")
     assert load_corpus(p) == [{"id": "7", "contents": '"T"\nx'}]
+
+
+def test_encoder_matches_sentence_transformers():
+    """Our mean-pool + L2 encoder reproduces the sentence-transformers pipeline of the bundled MiniLM."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval import TextEncoder
+    from retrieval.encoder import default_encoder_path
+
+    texts = ['"Oskar"\nOskar is a city in Kiasiia.', "who founded Velora Works", "a b c " * 30]
+    ours = TextEncoder().encode_passages(texts)
+    ref = SentenceTransformer(str(default_encoder_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.allclose(ours, ref, atol=1e-5)

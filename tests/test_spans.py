@@ -127,3 +127,20 @@ def test_information_tokens_are_never_policy_tokens(segments):
         if qm:
             assert pm  # a query position is always a policy position
         assert pm == fp
+
+
+def test_trajectory_round_trip(char_tokenizer):
+    import json
+
+    tok = char_tokenizer
+    t = Trajectory.start("q1", "Q?", ["x", "y"], tok.encode("P"))
+    t.add_policy(tok.encode("<search>a</search>"), [-0.25] * 18, tok.decode)
+    t.queries.append("a")
+    t.add_environment(tok.encode("<information>d</information>"))
+    t.add_policy(tok.encode("<answer>x</answer>"), [-0.5] * 18, tok.decode)
+    t.finalize()
+    back = Trajectory.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert back.token_ids == t.token_ids and back.span_types == t.span_types
+    assert back.query_mask() == t.query_mask() and back.policy_mask() == t.policy_mask()
+    assert back.answer == "x" and back.exact_match == 1.0 and back.queries == ["a"]
+    assert all((a == b) or (math.isnan(a) and math.isnan(b)) for a, b in zip(back.sampled_logprobs, t.sampled_logprobs))

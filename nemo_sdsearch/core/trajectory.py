@@ -90,6 +90,32 @@ class Trajectory:
     def num_searches(self) -> int:
         return len(self.queries)
 
+    # -- storage -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-serialisable record (NaN log-probs of environment tokens become null)."""
+        return {
+            "question_id": self.question_id, "question": self.question, "golden_answers": self.golden_answers,
+            "token_ids": self.token_ids, "span_types": [int(s) for s in self.span_types],
+            "is_query": self.is_query, "from_policy": self.from_policy,
+            "sampled_logprobs": [None if math.isnan(x) else x for x in self.sampled_logprobs],
+            "prompt_length": self.prompt_length, "queries": self.queries, "policy_texts": self.policy_texts,
+            "answer": self.answer, "finish_reason": self.finish_reason, "num_turns": self.num_turns,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trajectory":
+        t = cls(d["question_id"], d["question"], list(d["golden_answers"]))
+        t.token_ids = list(d["token_ids"])
+        t.span_types = [SpanType(x) for x in d["span_types"]]
+        t.is_query, t.from_policy = list(d["is_query"]), list(d["from_policy"])
+        t.sampled_logprobs = [math.nan if x is None else x for x in d["sampled_logprobs"]]
+        t.prompt_length, t.queries, t.policy_texts = d["prompt_length"], list(d["queries"]), list(d["policy_texts"])
+        t.answer, t.finish_reason, t.num_turns = d["answer"], d["finish_reason"], d["num_turns"]
+        n = len(t.token_ids)
+        if not (len(t.span_types) == len(t.is_query) == len(t.from_policy) == len(t.sampled_logprobs) == n):
+            raise ValueError(f"trajectory record for {t.question_id!r} has per-token fields of unequal length")
+        return t
+
     # -- outcome --------------------------------------------------------------------------------
     def finalize(self) -> None:
         answers = [a for a in (extract_answer(t) for t in self.policy_texts) if a is not None]

@@ -105,13 +105,13 @@ def cmd_world(args) -> int:
 def cmd_train(args) -> int:
     from rich.console import Console
 
-    from nemo_sdsearch.algorithms.grpo import train
+    from nemo_sdsearch.algorithms import grpo, search_e1
     from nemo_sdsearch.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides, args.config_dir)
     console = Console()
     console.print("[bold]sdsearch train[/bold] resolved config:\n" + to_yaml(cfg))
-    train(cfg, console)
+    (search_e1.run if cfg.algorithm == "search_e1" else grpo.train)(cfg, console)
     return 0
 
 

@@ -68,6 +68,23 @@ class SDSection:
 
 
 @dataclass
+class SearchE1Section:
+    grpo_steps: int = 15
+    pool_questions: int = 48
+    pool_samples: int = 5
+    opsd_steps: int = 20
+    opsd_pairs_per_step: int = 8
+    opsd_micro_batch_size: int = 4
+    opsd_lr: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    tau_clip: float = 10.0
+    opsd_eval_every: int = 5
+    reference_information: bool = False
+    max_reference_tokens: int = 384
+
+
+@dataclass
 class TrainerSection:
     steps: int = 40
     questions_per_step: int = 8
@@ -89,6 +106,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     sd: SDSection = field(default_factory=SDSection)
+    search_e1: SearchE1Section = field(default_factory=SearchE1Section)
+    cycles: int = 2
     trainer: TrainerSection = field(default_factory=TrainerSection)
 
 
@@ -102,7 +121,13 @@ def _require(ok: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    _require(cfg.algorithm in ("grpo", "sd_search"), "algorithm", f"must be grpo or sd_search, got {cfg.algorithm!r}")
+    _require(cfg.algorithm in ("grpo", "sd_search", "search_e1"), "algorithm",
+             f"must be grpo, sd_search or search_e1, got {cfg.algorithm!r}")
+    _require(cfg.cycles >= 1, "cycles", "must be >= 1")
+    e1 = cfg.search_e1
+    _require(e1.pool_samples >= 2, "search_e1.pool_samples", "pair mining needs at least 2 rollouts per question")
+    _require(e1.tau_clip > 0, "search_e1.tau_clip", "must be > 0")
+    _require(e1.lora_r >= 1, "search_e1.lora_r", "must be >= 1")
     r = cfg.rollout
     _require(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 rollouts per question")
     _require(r.temperature > 0, "rollout.temperature", "training rollouts must sample (temperature > 0)")

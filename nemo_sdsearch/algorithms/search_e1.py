@@ -1,0 +1,297 @@
+"""Search-E1: GRPO rounds alternated with on-policy self-distillation (OPSD) rounds, top to bottom.
+
+One cycle:
+  1. GRPO round: `search_e1.grpo_steps` steps of the GRPO recipe (grpo.py) from the current weights.
+  2. Rollout pool: K rollouts per pool question from the converged policy, reward and number of
+     searches recorded, appended to pool.jsonl question by question (a crash loses at most a batch).
+  3. Pair mining (core/pairs.py): reference = correct with fewest searches, student = most different.
+  4. OPSD round: a LoRA adapter on the policy. Student = adapter on, prompt P_S(q); teacher = adapter
+     off (the frozen policy), prompt P_T(q, tau_ref) = instruction || q || reference trajectory. Both
+     score the same student trajectory; loss = mean over its policy positions (information excluded) of
+     sum_v min(p_t log(p_t / p_s), tau). Greedy dev EM every few steps; the best adapter is merged.
+Every stage boundary is recorded in search_e1_state.json, so `trainer.resume=true` continues where a
+run stopped (a GRPO round resumes from its own checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nemo_sdsearch.config import TrainConfig, to_dict
+from nemo_sdsearch.core.pairs import RolloutRecord, mine_pairs
+from nemo_sdsearch.core.prompts import teacher_prompt
+from nemo_sdsearch.core.qa import QA
+from nemo_sdsearch.core.spans import SpanType
+from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.losses.divergences import clipped_forward_kl
+from nemo_sdsearch.models.base import SequenceBatch
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage state
+# ---------------------------------------------------------------------------------------------------
+def _state_path(out: Path) -> Path:
+    return out / "search_e1_state.json"
+
+
+def load_state(out: Path) -> dict:
+    path = _state_path(out)
+    return json.loads(path.read_text()) if path.exists() else {"done": [], "model": None, "rounds": []}
+
+
+def save_state(out: Path, state: dict) -> None:
+    tmp = _state_path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(_state_path(out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Rollout pool
+# ---------------------------------------------------------------------------------------------------
+def build_pool(engine, questions: list[QA], k: int, seed: int, path: Path, batch_questions: int = 8) -> list[list[Trajectory]]:
+    """K rollouts per question, appended to `path` (jsonl, one question per line); resumes a partial file."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["question_id"]] = [Trajectory.from_dict(t) for t in row["rollouts"]]
+    todo = [q for q in questions if q.id not in done]
+    with open(path, "a") as f:
+        for i in range(0, len(todo), batch_questions):
+            batch = todo[i:i + batch_questions]
+            trajs = engine.run(batch, n_samples=k, seed=seed + i)
+            for j, q in enumerate(batch):
+                group = trajs[j * k:(j + 1) * k]
+                done[q.id] = group
+                f.write(json.dumps({"question_id": q.id, "rollouts": [t.to_dict() for t in group]}) + "\n")
+            f.flush()
+    return [done[q.id] for q in questions]
+
+
+def pool_records(group: list[Trajectory]) -> list[RolloutRecord]:
+    return [RolloutRecord("".join(t.policy_texts), t.exact_match == 1.0, t.num_searches, len(t.response_ids()))
+            for t in group]
+
+
+def reference_text(t: Trajectory, decode, with_information: bool, max_tokens: int) -> str:
+    """The reference trajectory as the teacher reads it: its policy turns (and passages if asked)."""
+    ids = [tok for tok, s in zip(t.token_ids[t.prompt_length:], t.span_types[t.prompt_length:])
+           if with_information or s != SpanType.INFORMATION]
+    return "A correct solution to this question:\n" + decode(ids[:max_tokens]).strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. OPSD round
+# ---------------------------------------------------------------------------------------------------
+def add_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    e1 = cfg.search_e1
+    lora = LoraConfig(r=e1.lora_r, lora_alpha=e1.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def opsd_loss_terms(peft_model, pad_id, student_seqs, teacher_seqs, shifts, policy_masks, tau):
+    """Per-position clipped forward KL at the policy positions of the student trajectories."""
+    from nemo_sdsearch.models.hf import HFScorer
+
+    sb = SequenceBatch.from_lists(student_seqs, pad_id)
+    mask = torch.zeros(sb.shape, dtype=torch.bool)
+    for i, m in enumerate(policy_masks):
+        mask[i, :len(m)] = torch.tensor(m)
+    mask[:, 0] = False
+    rows, cols = mask.nonzero(as_tuple=True)
+    scorer = HFScorer(peft_model)
+    student_logits = scorer.logits_at(sb, rows, cols)  # adapter on
+    tb = SequenceBatch.from_lists(teacher_seqs, pad_id)
+    with peft_model.disable_adapter(), torch.no_grad():  # the frozen policy is the teacher
+        teacher_logits = scorer.logits_at(tb, rows, cols + torch.tensor(shifts)[rows])
+    return clipped_forward_kl(student_logits, teacher_logits, tau)
+
+
+def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
+    from nemo_sdsearch.algorithms.grpo import greedy_em
+    from nemo_sdsearch.cli import build_retriever
+    from nemo_sdsearch.models.hf import load_model_and_tokenizer
+    from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
+    from nemo_sdsearch.rollout.torch_generator import TorchGenerator
+    from nemo_sdsearch.world.generator import build_bundle
+
+    e1, r = cfg.search_e1, cfg.rollout
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model_and_tokenizer(model_dir, device=cfg.model.device)
+    peft_model = add_lora(model, cfg)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
+    dev_engine = RolloutEngine(TorchGenerator(peft_model, tok),
+                               build_retriever(r.retriever, build_bundle().train_world.passages),
+                               RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens,
+                                             max_context=r.max_context, topk=r.topk, temperature=0.0))
+    # Teacher and student sequences of every mined pair.
+    items = []
+    for p in pairs:
+        group = pool[p.question]
+        ref, stu = group[p.reference], group[p.student]
+        block = reference_text(ref, decode, e1.reference_information, e1.max_reference_tokens)
+        prompt = encode(teacher_prompt(stu.question, block))
+        items.append((stu.token_ids, prompt + stu.response_ids(), len(prompt) - stu.prompt_length, stu.policy_mask()))
+    rng = random.Random(cfg.trainer.seed)
+    lora_state = lambda: {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    best = {"em": greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size)["all"]["em"], "step": 0,
+            "state": lora_state()}
+    console.print(f"OPSD: {len(items)} pairs; dev EM before {best['em']:.3f}")
+    history = [{"step": 0, "dev_em": best["em"]}]
+    for step in range(1, e1.opsd_steps + 1):
+        batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
+        n_pos = sum(sum(it[3][1:]) for it in batch)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        peft_model.train()
+        for i in range(0, len(batch), e1.opsd_micro_batch_size):
+            mb = batch[i:i + e1.opsd_micro_batch_size]
+            terms = opsd_loss_terms(peft_model, tok.pad_token_id, [x[0] for x in mb], [x[1] for x in mb],
+                                    [x[2] for x in mb], [x[3] for x in mb], e1.tau_clip)
+            loss = terms.sum() / max(n_pos, 1)
+            if not torch.isfinite(loss):
+                console.print(f"[yellow]OPSD step {step}: non-finite loss, skipped[/yellow]")
+                opt.zero_grad(set_to_none=True)
+                total = float("nan")
+                break
+            loss.backward()
+            total += float(loss.detach())
+        peft_model.eval()
+        if total == total:  # not NaN
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            opt.step()
+        row = {"step": step, "loss": total}
+        if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:
+            row["dev_em"] = greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size)["all"]["em"]
+            if row["dev_em"] > best["em"]:
+                best = {"em": row["dev_em"], "step": step, "state": lora_state()}
+        history.append(row)
+        with open(out / "opsd_metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    # Keep the best adapter (step 0 = no change if none beat the start), merge, save.
+    peft_model.load_state_dict(best["state"], strict=False)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+    tok.save_pretrained(out / "merged")
+    _plot_opsd(history, out / "opsd_curves.png")
+    return {"best_step": best["step"], "best_dev_em": best["em"], "history": history}
+
+
+def _plot_opsd(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h], marker=".")
+    a.set_title("OPSD loss (clipped forward KL)")
+    ev = [h for h in history if "dev_em" in h]
+    b.plot([h["step"] for h in ev], [h["dev_em"] for h in ev], marker="o")
+    b.set_title("dev EM (greedy)")
+    for ax in (a, b):
+        ax.set_xlabel("OPSD step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------
+def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from nemo_sdsearch.algorithms import grpo
+    from nemo_sdsearch.world.assets import default_model_dir
+
+    console = console or Console()
+    out = Path(cfg.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    state = load_state(out) if cfg.trainer.resume else {"done": [], "model": None, "rounds": []}
+    model_dir = Path(state["model"] or cfg.model.path or default_model_dir())
+    e1 = cfg.search_e1
+    for cycle in range(cfg.cycles):
+        cdir = out / f"cycle_{cycle}"
+        # 1. GRPO round ---------------------------------------------------------------------------
+        if f"{cycle}/grpo" not in state["done"]:
+            rcfg = replace(cfg, algorithm="grpo",
+                           model=replace(cfg.model, path=str(model_dir)),
+                           trainer=replace(cfg.trainer, steps=e1.grpo_steps, out_dir=str(cdir / "grpo"),
+                                           final_test_eval=False, resume=True,
+                                           seed=cfg.trainer.seed * 101 + cycle))
+            console.rule(f"cycle {cycle}: GRPO round ({e1.grpo_steps} steps)")
+            summary = grpo.train(rcfg, console, progress)
+            model_dir = cdir / "grpo" / "final"
+            state["done"].append(f"{cycle}/grpo")
+            state["model"] = str(model_dir)
+            state["rounds"].append({"cycle": cycle, "stage": "grpo",
+                                    "dev_em": summary["evals"][-1]["em"] if summary["evals"] else None})
+            save_state(out, state)
+        # 2 + 3. Rollout pool and pair mining -------------------------------------------------------
+        actor, _, tok, data, engines = grpo.build_components(
+            replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
+        pool_qs = random.Random(cfg.trainer.seed * 31 + cycle).sample(data["train"], min(e1.pool_questions, len(data["train"])))
+        (cdir / "pool").mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        if f"{cycle}/opsd" not in state["done"]:
+            console.rule(f"cycle {cycle}: rollout pool ({len(pool_qs)} questions x {e1.pool_samples})")
+            pool = build_pool(engines["train"], pool_qs, e1.pool_samples, cfg.trainer.seed * 7 + cycle,
+                              cdir / "pool" / "pool.jsonl")
+            pairs, report = mine_pairs([pool_records(g) for g in pool])
+            report_d = report.as_dict()
+            report_d["pool_accuracy"] = sum(t.exact_match for g in pool for t in g) / max(1, sum(len(g) for g in pool))
+            report_d["pool_seconds"] = time.perf_counter() - t0
+            (cdir / "pool" / "mining.json").write_text(json.dumps(report_d, indent=1))
+            console.print("pair mining: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in report_d.items()))
+            del actor, engines
+            # 4. OPSD round --------------------------------------------------------------------------
+            console.rule(f"cycle {cycle}: OPSD round ({e1.opsd_steps} steps)")
+            if pairs:
+                result = opsd_round(cfg, model_dir, pool, pairs, data["dev"], cdir / "opsd", console)
+                model_dir = cdir / "opsd" / "merged"
+            else:
+                console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")
+                result = {"best_step": None, "best_dev_em": None, "history": []}
+            state["done"].append(f"{cycle}/opsd")
+            state["model"] = str(model_dir)
+            state["rounds"].append({"cycle": cycle, "stage": "opsd", "dev_em": result["best_dev_em"],
+                                    "best_step": result["best_step"], "mining": report_d})
+            save_state(out, state)
+    # Final test evaluation of the last model.
+    from nemo_sdsearch.algorithms.grpo import build_components, greedy_em
+
+    _, _, _, data, engines = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
+                                                      grpo=replace(cfg.grpo, kl_coef=0.0)))
+    test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
+    state["final_test"] = test
+    state["final_model"] = str(model_dir)
+    save_state(out, state)
+    table = Table(title=f"Search-E1: {cfg.cycles} cycles")
+    for col in ("cycle", "stage", "dev EM"):
+        table.add_column(col)
+    for rd in state["rounds"]:
+        table.add_row(str(rd["cycle"]), rd["stage"], "n/a" if rd["dev_em"] is None else f"{rd['dev_em']:.3f}")
+    console.print(table)
+    console.print(f"final test EM {test['all']['em']:.3f}; model {model_dir}")
+    return state

@@ -99,6 +99,7 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
     limits = limits or Limits()
@@ -135,6 +136,11 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
         return JSONResponse(status_code=400, content={
             "error": f"{first['where']}: {first['problem']}", "errors": errors,
             "expected": '{"queries": ["..."], "topk": 3, "return_scores": false}'})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(status_code=exc.status_code, content={"error": f"body: {exc.detail}" if exc.status_code == 400
+                                                                  else str(exc.detail)})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -1,0 +1,232 @@
+"""The retrieval service, tested against the real server process on a loopback port (no mocks)."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from retrieval.build import build_index
+from retrieval.client import RetrievalClient, RetrievalError
+from retrieval.index import IndexRetriever
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, index_dir, port=None):
+        self.index_dir, self.port = index_dir, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout=60):
+        self.proc = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", "--index", str(self.index_dir),
+                                      "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start: " + self.proc.stdout.read1().decode(errors="replace"))
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, bundle):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in bundle.test_world.passages))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bm25_server(corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("idx") / "bm25"
+    build_index(corpus_file, out, kind="bm25", progress=False)
+    server = Server(out).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dense_index(corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("idx") / "dense"
+    build_index(corpus_file, out, kind="dense", shard_size=300, progress=False)
+    return out
+
+
+def test_search_r1_wire_format_both_ways(bm25_server, bundle):
+    """A client written only from the Search-R1 wire format works unchanged."""
+    q = bundle.test[0].hops[0]
+    with_scores = httpx.post(bm25_server.url + "/retrieve",
+                             json={"queries": [q.query, "zzz qqq"], "topk": 3, "return_scores": True}).json()
+    rows = with_scores["result"]
+    assert len(rows) == 2 and len(rows[0]) == 3 and rows[1] == []
+    first = rows[0][0]
+    assert set(first) == {"document", "score"} and set(first["document"]) == {"id", "contents"}
+    assert q.evidence in " ".join(d["document"]["contents"] for d in rows[0])
+    assert [d["score"] for d in rows[0]] == sorted((d["score"] for d in rows[0]), reverse=True)
+    plain = httpx.post(bm25_server.url + "/retrieve", json={"queries": [q.query], "topk": 3, "return_scores": False}).json()
+    assert [set(d) for d in plain["result"][0]] == [{"id", "contents"}] * 3
+    assert [d["id"] for d in plain["result"][0]] == [d["document"]["id"] for d in rows[0]]
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"queries": [], "topk": 3}, "queries"),
+    ({"queries": ["a"], "topk": 0}, "topk"),
+    ({"queries": ["a"], "topk": 1000}, "topk"),
+    ({"queries": [1, 2]}, "queries.0"),
+    ({"queries": "not a list"}, "queries"),
+    ({"queries": ["a" * 5000]}, "queries"),
+    ({"queries": ["a"] * 600}, "queries"),
+    ({"topk": 3}, "queries"),
+    ({"queries": ["a"], "top_k": 3}, "top_k"),
+    ({"queries": ["a"], "return_scores": "yes"}, "return_scores"),
+])
+def test_invalid_requests_get_a_clear_400(bm25_server, body, where):
+    r = httpx.post(bm25_server.url + "/retrieve", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"].startswith(where)
+
+
+def test_not_json_and_wrong_method(bm25_server):
+    r = httpx.post(bm25_server.url + "/retrieve", content=b"\xff\x00garbage", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("body")
+    assert httpx.get(bm25_server.url + "/retrieve").status_code == 405
+    assert httpx.get(bm25_server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_fuzz_malformed_requests_only_4xx(bm25_server):
+    """5,000 generated malformed bodies: every answer is a 4xx, and the server stays healthy."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
+                     st.text(max_size=20))
+    junk = st.recursive(leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                        max_leaves=8)
+    bad_body = st.one_of(
+        junk.filter(lambda x: not isinstance(x, dict) or not isinstance(x.get("queries"), list)),
+        st.fixed_dictionaries({"queries": st.lists(st.one_of(st.integers(), st.none(), st.lists(st.text())), min_size=1, max_size=3)}),
+        st.fixed_dictionaries({"queries": st.just(["ok"]), "topk": st.one_of(st.integers(max_value=0), st.integers(min_value=101), st.text())}),
+        st.fixed_dictionaries({"queries": st.just(["ok"]), "unexpected": junk}),
+    )
+    raw = st.binary(max_size=40).map(lambda b: b"\x00" + b)
+    codes = []
+    client = httpx.Client(base_url=bm25_server.url)
+
+    @settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.one_of(bad_body.map(lambda b: json.dumps(b).encode()), raw))
+    def fuzz(content):
+        r = client.post("/retrieve", content=content, headers={"content-type": "application/json"})
+        codes.append(r.status_code)
+        assert 400 <= r.status_code < 500, (content, r.status_code, r.text)
+
+    fuzz()
+    assert len(codes) >= 5000
+    assert client.get("/health").json()["status"] == "ok"
+    client.close()
+
+
+@pytest.mark.slow
+def test_load_20000_requests_concurrency_64(bm25_server, bundle):
+    queries = [h.query for q in bundle.test for h in q.hops]
+
+    async def load():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=bm25_server.url, limits=limits, timeout=60) as client:
+            sem = asyncio.Semaphore(64)
+            errors = 0
+
+            async def one(i):
+                nonlocal errors
+                async with sem:
+                    r = await client.post("/retrieve", json={"queries": [queries[i % len(queries)]], "topk": 3})
+                    if r.status_code != 200 or len(r.json()["result"]) != 1:
+                        errors += 1
+
+            await asyncio.gather(*(one(i) for i in range(20_000)))
+            return errors
+
+    before = httpx.get(bm25_server.url + "/health").json()
+    assert asyncio.run(load()) == 0
+    after = httpx.get(bm25_server.url + "/health").json()
+    assert after["queries"] - before["queries"] == 20_000
+    # Dynamic batching coalesced concurrent requests.
+    assert after["batches"] - before["batches"] < 20_000
+
+
+def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):
+    out = tmp_path / "bm25"
+    build_index(corpus_file, out, kind="bm25", progress=False)
+    server = Server(out).start()
+    client = RetrievalClient(server.url, timeout_s=5, max_wait_s=60, backoff_s=0.1)
+    q = bundle.test[0].hops[0]
+    assert q.evidence in client.search([q.query], 3)[0][0].contents
+    server.stop()
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("docs", client.search([q.query], 3)))
+    t.start()
+    time.sleep(1.0)  # the client is retrying against a dead port now
+    Server(out, server.port).start()
+    t.join(60)
+    assert q.evidence in results["docs"][0][0].contents and client.retries > 0
+    with pytest.raises(RetrievalError, match="rejected"):
+        client.search([q.query], 0)
+    client.close()
+    dead = RetrievalClient(f"http://127.0.0.1:{free_port()}", max_wait_s=0.5, backoff_s=0.1)
+    with pytest.raises(RetrievalError, match="unreachable"):
+        dead.search(["x"], 3)
+
+
+def test_dense_index_build_resume_and_search(dense_index, corpus_file, bundle):
+    meta = json.loads((dense_index / "meta.json").read_text())
+    assert meta["complete"] and meta["num_passages"] == 1030 and meta["dim"] == 384
+    shards = sorted((dense_index / "emb").glob("shard_*.npy"))
+    assert len(shards) == 4
+    # Interrupt a build: the last shard is gone and meta is not complete. Resuming encodes only it.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    shards[-1].unlink()
+    meta["complete"] = False
+    (dense_index / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="did not finish"):
+        IndexRetriever(dense_index)
+    build_index(corpus_file, dense_index, kind="dense", shard_size=300, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((dense_index / "emb").glob("shard_*.npy"))[:-1]} == mtimes
+    r = IndexRetriever(dense_index)
+    hops = [h for q in bundle.test[:40] for h in q.hops]
+    res = r.search([h.query for h in hops], 3)
+    assert sum(any(h.evidence in d.contents for d in docs) for h, docs in zip(hops, res)) / len(hops) >= 0.95
+
+
+def test_bad_index_dir_and_corpus(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an index directory"):
+        IndexRetriever(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "contents": "\\"T\\"\\nx"}\n{"id": 2}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        build_index(bad, tmp_path / "out", kind="bm25", progress=False)
+    from retrieval.__main__ import main
+
+    assert main(["serve", "--index", str(tmp_path / "nope")]) == 2

@@ -16,10 +16,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st",
-          "th", "sh", "gl", "tr"]
-VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou", "ia"]
-CODAS = ["", "", "", "n", "r", "l", "s", "k", "m"]
+# Names are built from a fixed inventory of 140 syllables (consonant + vowel, optionally + n), two per
+# word. The project tokenizer learns each syllable as one token, so a name costs 2-5 tokens: short
+# enough for the tiny model to copy exactly from the question into its query and from a passage
+# into its answer, which is the skill the warm start has to teach.
+SYLLABLES = [c + v + n for c in "bdfgklmnprstvz" for v in "aeiou" for n in ("", "n")]
 ORG_KINDS = ["Works", "Labs", "Company", "Guild", "Institute", "Foundry", "Press", "Bank", "Mills", "Society"]
 COUNTRY_ENDINGS = ["ia", "land", "stan", "ora", "ica"]
 OCCUPATIONS = ["painter", "engineer", "composer", "chemist", "sailor", "architect", "poet", "judge",
@@ -77,10 +78,8 @@ class _Names:
     def __init__(self, rng: random.Random, exclude: set[str]):
         self.rng, self.used = rng, set(exclude)
 
-    def word(self, lo: int = 2, hi: int = 3) -> str:
-        n = self.rng.randint(lo, hi)
-        w = "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) + self.rng.choice(CODAS) for _ in range(n))
-        return w.capitalize()
+    def word(self, syllables: int = 2) -> str:
+        return "".join(self.rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
 
     def unique(self, make) -> str:
         for _ in range(10_000):
@@ -99,23 +98,23 @@ def build_world(seed: int, n_persons: int = 500, n_orgs: int = 250, n_cities: in
     names = _Names(rng, exclude_names or set())
     w = World(seed)
     for _ in range(n_countries):
-        k = names.unique(lambda: names.word(2, 2) + rng.choice(COUNTRY_ENDINGS))
+        k = names.unique(lambda: names.word() + rng.choice(COUNTRY_ENDINGS))
         w.countries[k] = {"capital": None}
     country_list = list(w.countries)
     for i in range(n_cities):
-        c = names.unique(lambda: names.word(2, 3))
+        c = names.unique(lambda: names.word())
         k = country_list[i % n_countries] if i < n_countries else rng.choice(country_list)
         w.cities[c] = {"country": k, "year": rng.randint(800, 1699)}
         if w.countries[k]["capital"] is None:
             w.countries[k]["capital"] = c
     city_list = list(w.cities)
     for _ in range(n_persons):
-        p = names.unique(lambda: f"{names.word(2, 2)} {names.word(2, 3)}")
+        p = names.unique(lambda: f"{names.word()} {names.word()}")
         w.persons[p] = {"birthplace": rng.choice(city_list), "year": rng.randint(1700, 1989),
                         "occupation": rng.choice(OCCUPATIONS), "founded": None}
     founders = rng.sample(list(w.persons), n_orgs)
     for founder in founders:
-        o = names.unique(lambda: f"{names.word(2, 3)} {rng.choice(ORG_KINDS)}")
+        o = names.unique(lambda: f"{names.word()} {rng.choice(ORG_KINDS)}")
         w.orgs[o] = {"founder": founder, "year": rng.randint(1750, 2019), "headquarters": rng.choice(city_list)}
         w.persons[founder]["founded"] = o
     w.passages = _passages(w, rng)

@@ -26,7 +26,7 @@ import torch
 
 from nemo_sdsearch.config import TrainConfig, to_dict
 from nemo_sdsearch.core.pairs import RolloutRecord, mine_pairs
-from nemo_sdsearch.core.prompts import teacher_prompt
+from nemo_sdsearch.core.prompts import reference_block, teacher_prompt
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.spans import SpanType
 from nemo_sdsearch.core.trajectory import Trajectory
@@ -87,7 +87,7 @@ def reference_text(t: Trajectory, decode, with_information: bool, max_tokens: in
     """The reference trajectory as the teacher reads it: its policy turns (and passages if asked)."""
     ids = [tok for tok, s in zip(t.token_ids[t.prompt_length:], t.span_types[t.prompt_length:])
            if with_information or s != SpanType.INFORMATION]
-    return "A correct solution to this question:\n" + decode(ids[:max_tokens]).strip()
+    return reference_block(decode(ids[:max_tokens]))
 
 
 # ---------------------------------------------------------------------------------------------------

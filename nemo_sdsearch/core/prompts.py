@@ -26,6 +26,14 @@ def teacher_prompt(question: str, hindsight: str, instruction: str = INSTRUCTION
     return f"{instruction}\nQuestion: {question.strip()}\n{hindsight.strip()}\n"
 
 
+REFERENCE_HEADER = "A correct solution to this question:"
+
+
+def reference_block(solution_text: str) -> str:
+    """Search-E1's teacher context: a better sibling trajectory, shown after the question."""
+    return f"{REFERENCE_HEADER}\n{solution_text.strip()}"
+
+
 def document_title_text(contents: str) -> tuple[str, str]:
     """Split Search-R1 corpus contents `"Title"\\ntext` into (title, text); the title keeps its quotes."""
     title, _, text = contents.partition("\n")

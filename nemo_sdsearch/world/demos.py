@@ -6,6 +6,8 @@ search, the information block the *real* retriever returns for that query. Two f
 
 - student format: prompt P_S(q); queries phrased in one of several equivalent ways, so the policy
   keeps real uncertainty over query wording;
+- reference format (Search-E1's teacher): prompt P_T(q, tau_ref) with a correct solution's policy
+  text; the response reuses the reference's exact queries;
 - teacher format: prompt P_T(q) with a hindsight block over a synthetic group of attempts, some
   correct, some wrong (wrong entity, wrong relation, missing hop). The response reuses the exact queries
   of a correct attempt when there is one. This teaches the same weights to read a hindsight block the
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nemo_sdsearch.core.hindsight import AttemptSummary, HindsightConfig, hindsight_block
-from nemo_sdsearch.core.prompts import information_block, student_prompt, teacher_prompt
+from nemo_sdsearch.core.prompts import information_block, reference_block, student_prompt, teacher_prompt
 from nemo_sdsearch.core.spans import SpanType
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.world.generator import _SINGLE, Hop, Question
@@ -72,6 +74,7 @@ class DemoBuilder:
     entities: Sequence[str]
     topk: int = 3
     teacher_fraction: float = 0.3
+    reference_fraction: float = 0.0
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -80,7 +83,13 @@ class DemoBuilder:
         style = rng.randrange(len(QUERY_STYLES))
         queries = [phrase_query(h, style) for h in q.hops]
         prompt = student_prompt(q.question)
-        if rng.random() < self.teacher_fraction:
+        draw = rng.random()
+        if draw < self.reference_fraction:
+            ref_queries = [phrase_query(h, rng.randrange(len(QUERY_STYLES))) for h in q.hops]
+            solution = "".join(text for text, _ in response_turns(q, ref_queries))
+            prompt = teacher_prompt(q.question, reference_block(solution))
+            queries = ref_queries
+        elif draw < self.reference_fraction + self.teacher_fraction:
             attempts = []
             n_correct = rng.choice([0, 1, 1, 2, 3])
             for k in range(5):

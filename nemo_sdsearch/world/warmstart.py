@@ -36,7 +36,8 @@ class WarmstartConfig:
     warmup_steps: int = 100
     max_steps: int = 3000
     max_minutes: float = 45.0
-    teacher_fraction: float = 0.3
+    teacher_fraction: float = 0.25
+    reference_fraction: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every: int = 25
@@ -113,7 +114,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
         else:
             world, questions = bundle.train_world, bundle.train[:n_questions]
         builder = DemoBuilder(tok, BM25Retriever(world.passages), sorted(world.names),
-                              teacher_fraction=cfg.teacher_fraction)
+                              teacher_fraction=cfg.teacher_fraction, reference_fraction=cfg.reference_fraction)
         return questions, builder
 
     model = Qwen2ForCausalLM(qwen2_config(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id))

@@ -73,7 +73,8 @@ def cmd_warmstart(args) -> int:
 
     _threads(args.threads)
     cfg = WarmstartConfig(out=args.out, model=args.model, max_steps=args.steps, max_minutes=args.minutes,
-                          seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+                          seed=args.seed, batch_size=args.batch_size, lr=args.lr, init=args.init,
+                          world_seed_base=args.world_seed_base, warmup_steps=args.warmup_steps)
     print("sdsearch warmstart resolved config:", json.dumps(cfg.__dict__, indent=1))
     record = run_warmstart(cfg)
     print(f"trained {record['steps']} steps; final loss {record['history'][-1]['loss'] if record['history'] else 'n/a'}; "
@@ -148,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("warmstart", help="train the tiny model from scratch on search demonstrations")
     w.add_argument("--out", default="runs/warmstart")
     w.add_argument("--model", default="tiny")
-    w.add_argument("--steps", type=int, default=1000)
+    w.add_argument("--steps", type=int, default=900)
     w.add_argument("--minutes", type=float, default=90.0)
     w.add_argument("--batch-size", type=int, default=16)
     w.add_argument("--lr", type=float, default=2e-3)
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--init", help="continue training this model directory (keeps its tokenizer)")
+    w.add_argument("--world-seed-base", type=int, default=10_000, help="seed of the first demonstration world")
+    w.add_argument("--warmup-steps", type=int, default=100)
     w.add_argument("--threads", type=int)
     w.set_defaults(fn=cmd_warmstart)
 

@@ -47,6 +47,7 @@ class WarmstartConfig:
     questions_per_world: int = 2000
     fresh_worlds: bool = True  # False: every epoch uses the training world itself
     world_seed_base: int = 10_000
+    init: str | None = None  # continue from this model directory (its tokenizer is kept)
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -103,7 +104,12 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle()
-    tok = train_tokenizer(tokenizer_corpus(bundle, rng), cfg.vocab_size)
+    if cfg.init:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.init)
+    else:
+        tok = train_tokenizer(tokenizer_corpus(bundle, rng), cfg.vocab_size)
     n_questions = cfg.max_questions or cfg.questions_per_world
 
     def epoch_data(epoch: int):
@@ -117,7 +123,10 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
                               teacher_fraction=cfg.teacher_fraction, reference_fraction=cfg.reference_fraction)
         return questions, builder
 
-    model = Qwen2ForCausalLM(qwen2_config(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id))
+    if cfg.init:
+        model = Qwen2ForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        model = Qwen2ForCausalLM(qwen2_config(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:

@@ -48,6 +48,7 @@ class WarmstartConfig:
     fresh_worlds: bool = True  # False: every epoch uses the training world itself
     world_seed_base: int = 10_000
     init: str | None = None  # continue from this model directory (its tokenizer is kept)
+    info_lm_weight: float = 0.5  # weight of the language-modelling loss on information tokens
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -74,19 +75,36 @@ def batches_for_epoch(demos, batch_size: int, rng: random.Random):
 
 
 def collate(trajs, pad_id: int):
+    """(input ids, attention mask, policy-token mask, information-token mask), right-padded."""
     import torch
 
     n = max(len(t.token_ids) for t in trajs)
     ids = torch.full((len(trajs), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(trajs), n), -100, dtype=torch.long)
     attn = torch.zeros((len(trajs), n), dtype=torch.long)
+    policy = torch.zeros((len(trajs), n), dtype=torch.bool)
+    info = torch.zeros((len(trajs), n), dtype=torch.bool)
     for i, t in enumerate(trajs):
         L = len(t.token_ids)
         ids[i, :L] = torch.tensor(t.token_ids)
         attn[i, :L] = 1
-        mask = torch.tensor(t.policy_mask())
-        labels[i, :L] = torch.where(mask, ids[i, :L], torch.full_like(ids[i, :L], -100))
-    return ids, attn, labels
+        policy[i, :L] = torch.tensor(t.policy_mask())
+        info[i, :L] = torch.tensor(t.information_mask())
+    return ids, attn, policy, info
+
+
+def demo_loss(model, ids, attn, policy, info, info_weight: float):
+    """(total loss, policy-token loss): next-token cross-entropy on policy tokens + weighted on passages."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    ce = ce.view(ids.shape[0], -1)
+    p, i = policy[:, 1:], info[:, 1:]
+    policy_loss = (ce * p).sum() / p.sum().clamp(min=1)
+    if info_weight <= 0:
+        return policy_loss, policy_loss
+    info_loss = (ce * i).sum() / i.sum().clamp(min=1)
+    return policy_loss + info_weight * info_loss, policy_loss
 
 
 def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
@@ -144,16 +162,16 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
         questions, builder = epoch_data(epoch)
         demos = [d for d in (builder.build(q, rng) for q in questions) if d is not None]
         for batch_idx in batches_for_epoch(demos, cfg.batch_size, rng):
-            ids, attn, labels = collate([demos[j] for j in batch_idx], tok.pad_token_id)
+            ids, attn, policy, info = collate([demos[j] for j in batch_idx], tok.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss, policy_loss = demo_loss(model, ids, attn, policy, info, cfg.info_lm_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            ema = policy_loss.item() if ema is None else 0.95 * ema + 0.05 * policy_loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", epoch=epoch)
             if step % cfg.log_every == 0:

@@ -6,7 +6,7 @@ from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.spans import SpanType
 from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine, parse_action
-from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator, SamplingParams
+from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator
 from nemo_sdsearch.rollout.torch_generator import TorchGenerator
 from retrieval import BM25Retriever
 

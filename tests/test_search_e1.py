@@ -49,9 +49,8 @@ def test_merged_model_gives_adapter_on_logits(lora_model):
     assert torch.allclose(logits_of(merged, ids), on, atol=1e-5)
 
 
-def test_opsd_loss_only_at_policy_positions(lora_model, char_tokenizer):
+def test_opsd_loss_only_at_policy_positions(lora_model):
     _, peft_model = lora_model
-    tok = char_tokenizer
     t = Trajectory.start("q", "Q", ["a"], [5, 6, 7])
     t.add_policy([8, 9, 10], [0.0] * 3, lambda ids: "<search>x</search>"[:len(ids)])
     t.add_environment([11, 12, 13, 14], SpanType.INFORMATION)

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     actor, ref, tok, data, engines = build_components(cfg)
     encode = lambda s: tok.encode(s, add_special_tokens=False)
-    G, B, T = cfg.rollout.group_size, cfg.trainer.questions_per_step, cfg.rollout.temperature
+    G, B = cfg.rollout.group_size, cfg.trainer.questions_per_step
     sampler = QuestionSampler(len(data["train"]), cfg.trainer.seed)
     history, evals, start_test, start_step = [], [], None, 0
 

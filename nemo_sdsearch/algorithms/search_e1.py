@@ -15,7 +15,6 @@ run stopped (a GRPO round resumes from its own checkpoints).
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time

@@ -23,7 +23,6 @@ Gradients with respect to the student logits s (q = softmax(s / T)), for g_v = d
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK, format_passages, information_block, student_prompt

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
+# bench/retrieval.py must not shadow the `retrieval` package: drop this folder from the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 
 def reset_peak() -> None:
@@ -93,7 +94,7 @@ def run_method(method, rows, vocab, repeats, threads):
 
 
 def main():
-    from _common import target_line
+    from nemo_sdsearch.eval.targets import target_line
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)

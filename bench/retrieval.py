@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import target_line  # noqa: E402
+# bench/retrieval.py must not shadow the `retrieval` package: drop this folder from the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+from nemo_sdsearch.eval.targets import target_line  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,10 +57,13 @@ async def load(url: str, queries: list[str], concurrency: int, n: int) -> dict:
             nonlocal errors
             async with sem:
                 t0 = time.perf_counter()
-                r = await client.post("/retrieve", json={"queries": [queries[i % len(queries)]], "topk": 3,
-                                                         "return_scores": True})
+                try:
+                    r = await client.post("/retrieve", json={"queries": [queries[i % len(queries)]], "topk": 3,
+                                                             "return_scores": True})
+                    errors += r.status_code != 200
+                except httpx.HTTPError:
+                    errors += 1
                 lat.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
 
         await asyncio.gather(*(one(i) for i in range(min(concurrency * 4, n))))  # warm-up
         lat.clear()
@@ -106,7 +110,7 @@ def main():
         print(f"{c:11d} | {o['qps']:9.1f} {o['p50_ms']:7.1f} {o['p99_ms']:7.1f} | {b['qps']:9.1f} {b['p50_ms']:7.1f} "
               f"{b['p99_ms']:7.1f} | {o['qps'] / b['qps']:9.2f}")
     errors = sum(r["errors"] for r in results.values())
-    print(f"errors: {errors}")
+    print("errors per run: " + ", ".join(f"{n} c={c}: {r['errors']}" for (n, c), r in results.items()))
     print(target_line("retrieval_qps_ratio_c32", results[("ours", 32)]["qps"] / results[("search_r1_style", 32)]["qps"], ">=", 3))
 
 

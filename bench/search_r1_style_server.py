@@ -6,12 +6,17 @@ requests) and searches the same FAISS index with the same encoder as ours.
 """
 
 import argparse
+import os
+import sys
 
-import uvicorn
-from fastapi import FastAPI
-from pydantic import BaseModel
+# bench/retrieval.py must not shadow the `retrieval` package: drop this folder from the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
-from retrieval.index import IndexRetriever
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from retrieval.index import IndexRetriever  # noqa: E402
 
 
 class QueryRequest(BaseModel):

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import target_line  # noqa: E402
+# bench/retrieval.py must not shadow the `retrieval` package: drop this folder from the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+from nemo_sdsearch.eval.targets import target_line  # noqa: E402
 
 
 def main():

@@ -273,8 +273,8 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     end_test = None
     if cfg.trainer.final_test_eval:
         end_test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
-        evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"] if evals else float("nan"),
-                      "test_em": end_test["all"]["em"]})
+        evals = [{"step": 0, "em": float("nan"), "test_em": start_test["all"]["em"]}] + evals
+        evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"], "test_em": end_test["all"]["em"]})
         writer.add_scalar("eval/test_em", end_test["all"]["em"], cfg.trainer.steps)
     writer.close()
     actor.model.save_pretrained(out / "final", safe_serialization=True)

@@ -109,7 +109,6 @@ def main():
         o, b = results[("ours", c)], results[("search_r1_style", c)]
         print(f"{c:11d} | {o['qps']:9.1f} {o['p50_ms']:7.1f} {o['p99_ms']:7.1f} | {b['qps']:9.1f} {b['p50_ms']:7.1f} "
               f"{b['p99_ms']:7.1f} | {o['qps'] / b['qps']:9.2f}")
-    errors = sum(r["errors"] for r in results.values())
     print("errors per run: " + ", ".join(f"{n} c={c}: {r['errors']}" for (n, c), r in results.items()))
     print(target_line("retrieval_qps_ratio_c32", results[("ours", 32)]["qps"] / results[("search_r1_style", 32)]["qps"], ">=", 3))
 

@@ -83,7 +83,7 @@ class HFActor(HFScorer):
             loss = micro_batch_losses(i)
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
-                return {"loss": float(loss), "grad_norm": float("nan"), "skipped": True}
+                return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
             loss.backward()
             total += float(loss.detach())
         params = [p for p in self.model.parameters() if p.grad is not None]

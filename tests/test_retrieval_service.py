@@ -187,12 +187,15 @@ def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):
     t = threading.Thread(target=lambda: results.setdefault("docs", client.search([q.query], 3)))
     t.start()
     time.sleep(1.0)  # the client is retrying against a dead port now
-    Server(out, server.port).start()
-    t.join(60)
-    assert q.evidence in results["docs"][0][0].contents and client.retries > 0
-    with pytest.raises(RetrievalError, match="rejected"):
-        client.search([q.query], 0)
-    client.close()
+    restarted = Server(out, server.port).start()
+    try:
+        t.join(60)
+        assert q.evidence in results["docs"][0][0].contents and client.retries > 0
+        with pytest.raises(RetrievalError, match="rejected"):
+            client.search([q.query], 0)
+    finally:
+        client.close()
+        restarted.stop()
     dead = RetrievalClient(f"http://127.0.0.1:{free_port()}", max_wait_s=0.5, backoff_s=0.1)
     with pytest.raises(RetrievalError, match="unreachable"):
         dead.search(["x"], 3)

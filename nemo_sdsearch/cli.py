@@ -16,16 +16,6 @@ def _threads(n: int | None) -> None:
     torch.set_num_threads(n or min(4, os.cpu_count() or 1))
 
 
-def build_retriever(kind: str, corpus: list[dict], encoder: str | None = None):
-    if kind == "bm25":
-        from retrieval import BM25Retriever
-        return BM25Retriever(corpus)
-    if kind == "dense":
-        from retrieval import DenseRetriever, TextEncoder
-        return DenseRetriever(corpus, TextEncoder(encoder))
-    raise SystemExit(f"--retriever must be bm25 or dense, not {kind!r}")
-
-
 def cmd_eval(args) -> int:
     from rich.console import Console
 
@@ -35,7 +25,7 @@ def cmd_eval(args) -> int:
     from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
     from nemo_sdsearch.world.assets import default_datasets, default_model_dir
-    from retrieval import load_corpus
+    from retrieval import build_retriever, load_corpus
 
     console = Console()
     _threads(args.threads)

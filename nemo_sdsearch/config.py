@@ -37,6 +37,15 @@ class RolloutSection:
     retriever: str = "bm25"
 
 
+def rollout_config(r: RolloutSection, temperature: float | None = None):
+    """The engine's RolloutConfig from the `rollout` section (temperature 0 = greedy evaluation)."""
+    from nemo_sdsearch.rollout.engine import RolloutConfig
+
+    return RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
+                         topk=r.topk, temperature=r.temperature if temperature is None else temperature,
+                         top_p=r.top_p if temperature is None else 1.0)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-5

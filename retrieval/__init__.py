@@ -7,7 +7,19 @@ Wire and corpus formats follow Search-R1: a corpus line is `{"id", "contents"}` 
 from retrieval.base import Document, Retriever, load_corpus
 from retrieval.bm25 import BM25Retriever
 
-__all__ = ["Document", "Retriever", "load_corpus", "BM25Retriever", "DenseRetriever", "TextEncoder"]
+__all__ = ["Document", "Retriever", "load_corpus", "build_retriever", "BM25Retriever", "DenseRetriever",
+           "TextEncoder"]
+
+
+def build_retriever(kind: str, corpus: list[dict], encoder: str | None = None) -> Retriever:
+    """An in-process retriever over `corpus`: `bm25`, or `dense` (FAISS over `encoder`, default MiniLM)."""
+    if kind == "bm25":
+        return BM25Retriever(corpus)
+    if kind == "dense":
+        from retrieval.dense import DenseRetriever
+        from retrieval.encoder import TextEncoder
+        return DenseRetriever(corpus, TextEncoder(encoder))
+    raise ValueError(f"retriever must be bm25 or dense, not {kind!r}")
 
 
 def __getattr__(name):  # dense retrieval pulls in torch/faiss: import it only when asked for

@@ -35,13 +35,14 @@ from nemo_sdsearch.models.hf import HFActor, HFScorer, token_logprobs
 # Setup
 # ---------------------------------------------------------------------------------------------------
 def build_components(cfg: TrainConfig):
-    from nemo_sdsearch.cli import build_retriever
     from nemo_sdsearch.core.qa import QA
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
-    from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
+    from nemo_sdsearch.config import rollout_config
+    from nemo_sdsearch.rollout.engine import RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
     from nemo_sdsearch.world.assets import default_model_dir
     from nemo_sdsearch.world.generator import build_bundle
+    from retrieval import build_retriever
 
     torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.trainer.seed)
@@ -59,12 +60,8 @@ def build_components(cfg: TrainConfig):
             "test": qa(bundle.test[:cfg.data.test_questions] if cfg.data.test_questions else bundle.test)}
     train_retriever = build_retriever(cfg.rollout.retriever, bundle.train_world.passages)
     test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages)
-    r = cfg.rollout
     generator = TorchGenerator(model, tok)  # shares the actor's weights: no refit needed on one device
-    sample_cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
-                               topk=r.topk, temperature=r.temperature, top_p=r.top_p)
-    greedy_cfg = RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
-                               topk=r.topk, temperature=0.0)
+    sample_cfg, greedy_cfg = rollout_config(cfg.rollout), rollout_config(cfg.rollout, temperature=0.0)
     engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg),
                "dev": RolloutEngine(generator, train_retriever, greedy_cfg),
                "test": RolloutEngine(generator, test_retriever, greedy_cfg)}

@@ -121,11 +121,12 @@ def opsd_loss_terms(peft_model, pad_id, student_seqs, teacher_seqs, shifts, poli
 
 def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
     from nemo_sdsearch.algorithms.grpo import greedy_em
-    from nemo_sdsearch.cli import build_retriever
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
-    from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
+    from nemo_sdsearch.config import rollout_config
+    from nemo_sdsearch.rollout.engine import RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
     from nemo_sdsearch.world.generator import build_bundle
+    from retrieval import build_retriever
 
     e1, r = cfg.search_e1, cfg.rollout
     out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +138,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
     dev_engine = RolloutEngine(TorchGenerator(peft_model, tok),
                                build_retriever(r.retriever, build_bundle().train_world.passages),
-                               RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens,
-                                             max_context=r.max_context, topk=r.topk, temperature=0.0))
+                               rollout_config(r, temperature=0.0))
     # Teacher and student sequences of every mined pair.
     items = []
     for p in pairs:

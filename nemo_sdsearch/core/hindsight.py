@@ -14,7 +14,7 @@ end (wrong ones go first), never by cutting a line in half.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 
@@ -31,7 +31,6 @@ class HindsightConfig:
     include_gold: bool = False
     max_tokens: int = 256
     header: str = "Hindsight from {n} attempts at this question:"
-    extra: dict = field(default_factory=dict)
 
 
 def _attempt_line(index: int, attempt: AttemptSummary, count: int, include_answers: bool) -> str:

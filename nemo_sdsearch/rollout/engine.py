@@ -1,8 +1,9 @@
 """The batched multi-turn search rollout engine (Search-R1 protocol).
 
-Per turn every live row generates until `</search>`, `</answer>` or EOS. A completed search is run
-(one batched retriever call for all rows), its passages are appended as an information block and the
-row continues from its KV cache. A turn without a valid action (no tag, an empty query, the token
+Every row generates a turn until `</search>`, `</answer>` or EOS. A completed search is run (one
+batched retriever call for all rows whose turn ended at the same step), its passages are appended as an
+information block and the row continues from its KV cache. Rows run independently when the backend
+supports it (`GenerationSession.run`): a row never waits for the slowest row of a turn. A turn without a valid action (no tag, an empty query, the token
 limit) gets Search-R1's invalid-action feedback and costs a turn. After `max_turns` turns the final
 turn stops only at `</answer>`: no further retrieval. The context guard keeps every row within
 `max_context`: information is truncated to fit (the prompt and question are never touched) and a row
@@ -115,71 +116,74 @@ class RolloutEngine:
         if not trajs:
             return []
         stats = RolloutStats()
-        session = self.generator.open([t.token_ids for t in trajs], seed=seed)
-        try:
-            for turn in range(cfg.max_turns + 1):
-                final = turn == cfg.max_turns
-                params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                        (ANSWER_CLOSE,) if final else (SEARCH_CLOSE, ANSWER_CLOSE))
-                t0 = time.perf_counter()
-                completions = session.generate(params)
-                stats.generation_s += time.perf_counter() - t0
+        turns_taken = [0] * len(trajs)
+
+        def params_for(row: int) -> SamplingParams:
+            final = turns_taken[row] == cfg.max_turns
+            return SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                  (ANSWER_CLOSE,) if final else (SEARCH_CLOSE, ANSWER_CLOSE))
+
+        def on_turn(completions) -> dict[int, list[int] | None]:
+            env: dict[int, list[int] | None] = {}
+            searches, invalid = {}, []
+            for row, c in completions.items():
+                t = trajs[row]
+                final = turns_taken[row] == cfg.max_turns
+                turns_taken[row] += 1
                 stats.turns += 1
-                done, searches, invalid = [], {}, []
-                for row, c in completions.items():
-                    t = trajs[row]
-                    text = t.add_policy(c.token_ids, c.logprobs, self.decode)
-                    stats.generated_tokens += len(c.token_ids)
-                    action, content = parse_action(text)
-                    if action == "answer":
-                        t.finish_reason = "answer"
-                        done.append(row)
-                    elif final:
-                        t.finish_reason = "no_answer"
-                        done.append(row)
-                    elif action == "search":
-                        t.queries.append(content)
-                        searches[row] = content
-                    else:
-                        invalid.append(row)
-                stats.invalid_actions += len(invalid)
-                passages: dict[int, list[str]] = {}
-                if searches:
-                    rows = list(searches)
-                    t0 = time.perf_counter()
-                    if cfg.retrieval and self.retriever is not None:
-                        results = self.retriever.search([searches[r] for r in rows], cfg.topk)
-                    else:
-                        results = [[] for _ in rows]
-                    stats.retrieval_s += time.perf_counter() - t0
-                    stats.searches += len(rows)
-                    passages = {r: [d.contents for d in docs] for r, docs in zip(rows, results)}
-                extend: dict[int, list[int]] = {}
-                for row in [*passages, *invalid]:
-                    t = trajs[row]
-                    room = cfg.max_context - len(t.token_ids) - cfg.max_new_tokens
-                    if row in passages:
-                        ids = self._information_ids(passages[row], room)
-                    else:
-                        ids = self._feedback if len(self._feedback) <= room else None
-                    if ids is None:
-                        t.finish_reason = "context"
-                        done.append(row)
-                        continue
-                    t.add_environment(ids, SpanType.INFORMATION)
-                    stats.environment_tokens += len(ids)
-                    extend[row] = ids
-                session.release(done)
-                if progress is not None and done:
-                    progress(len(done))
-                if not session.rows:
-                    break
-                session.extend(extend)
-            leftover = session.rows
-            if progress is not None and leftover:
-                progress(len(leftover))
+                text = t.add_policy(c.token_ids, c.logprobs, self.decode)
+                stats.generated_tokens += len(c.token_ids)
+                action, content = parse_action(text)
+                if action == "answer":
+                    t.finish_reason = "answer"
+                    env[row] = None
+                elif final:
+                    t.finish_reason = "no_answer"
+                    env[row] = None
+                elif action == "search":
+                    t.queries.append(content)
+                    searches[row] = content
+                else:
+                    invalid.append(row)
+            stats.invalid_actions += len(invalid)
+            passages: dict[int, list[str]] = {}
+            if searches:
+                rows = list(searches)
+                t0 = time.perf_counter()
+                if cfg.retrieval and self.retriever is not None:
+                    results = self.retriever.search([searches[r] for r in rows], cfg.topk)
+                else:
+                    results = [[] for _ in rows]
+                stats.retrieval_s += time.perf_counter() - t0
+                stats.searches += len(rows)
+                passages = {r: [d.contents for d in docs] for r, docs in zip(rows, results)}
+            for row in [*passages, *invalid]:
+                t = trajs[row]
+                room = cfg.max_context - len(t.token_ids) - cfg.max_new_tokens
+                if row in passages:
+                    ids = self._information_ids(passages[row], room)
+                else:
+                    ids = self._feedback if len(self._feedback) <= room else None
+                if ids is None:
+                    t.finish_reason = "context"
+                    env[row] = None
+                    continue
+                t.add_environment(ids, SpanType.INFORMATION)
+                stats.environment_tokens += len(ids)
+                env[row] = ids
+            if progress is not None:
+                n_done = sum(v is None for v in env.values())
+                if n_done:
+                    progress(n_done)
+            return env
+
+        session = self.generator.open([t.token_ids for t in trajs], seed=seed)
+        t0 = time.perf_counter()
+        try:
+            session.run(params_for, on_turn)
         finally:
             session.close()
+        stats.generation_s += time.perf_counter() - t0 - stats.retrieval_s
         for t in trajs:
             if t.finish_reason == "running":
                 t.finish_reason = "no_answer"

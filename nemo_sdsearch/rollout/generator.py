@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,26 @@ class GenerationSession(ABC):
     @abstractmethod
     def length(self, row: int) -> int:
         """Number of context tokens of a live row."""
+
+    def run(self, params_for: Callable[[int], SamplingParams],
+            on_turn: Callable[[dict[int, Completion]], Mapping[int, Sequence[int] | None]]) -> None:
+        """Drive every live row to its end. `params_for(row)` gives the sampling parameters of the row's
+        next turn. After turns end, `on_turn(completions)` says per row what to append before the row's
+        next turn (environment tokens, possibly none) or None: the row is done and is released.
+
+        Backends may run rows independently (a row that ends a turn continues at once: continuous
+        batching) and so call `on_turn` with any subset of rows. This default is turn-synchronous: all
+        live rows take a turn together through `generate`, `extend` and `release`."""
+        while self.rows:
+            params = {r: params_for(r) for r in self.rows}
+            first = next(iter(params.values()))
+            if any(p != first for p in params.values()):
+                raise ValueError("turn-synchronous sessions need the same sampling parameters for every live row")
+            env = on_turn(self.generate(first))
+            self.release([r for r, toks in env.items() if toks is None])
+            extend = {r: toks for r, toks in env.items() if toks is not None and len(toks)}
+            if extend:
+                self.extend(extend)
 
     def close(self) -> None:
         self.release(list(self.rows))

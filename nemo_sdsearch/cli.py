@@ -106,6 +106,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from rich.console import Console
+
+    from nemo_sdsearch.algorithms.ablation import run_ablation
+    from nemo_sdsearch.config import load_config
+
+    cfg = load_config(args.config, args.overrides, args.config_dir)
+    command = "sdsearch ablate " + " ".join(
+        [f"--seeds {' '.join(map(str, args.seeds))}", *(f"{o}" for o in args.overrides)])
+    run_ablation(cfg, args.seeds, Path(args.out), Path(args.results), command.strip(), Console())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sdsearch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", default="tiny_cpu", help="config name in the config directory")
     t.add_argument("--config-dir", help="directory of YAML configs (default: the repository's conf/)")
     t.set_defaults(fn=cmd_train)
+
+    a = sub.add_parser("ablate", help="GRPO vs SD-Search vs Search-E1 at equal rollout budget, several seeds; "
+                                      "writes a results table and a plot")
+    a.add_argument("overrides", nargs="*", help="config overrides applied to every run, e.g. cycles=1")
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a.add_argument("--out", default="runs/ablation", help="run directories (finished runs are kept and reused)")
+    a.add_argument("--results", default="docs/results.md", help="markdown results file (its PNG goes next to it)")
+    a.add_argument("--config", default="tiny_cpu")
+    a.add_argument("--config-dir")
+    a.set_defaults(fn=cmd_ablate)
 
     e = sub.add_parser("eval", help="greedy search rollouts; EM/F1 per dataset and question kind")
     e.add_argument("--data", nargs="+", help="FlashRAG jsonl files (default: the bundled test world)")

@@ -23,6 +23,9 @@ class DataConfig:
     train_questions: Optional[int] = None
     dev_questions: int = 60
     test_questions: Optional[int] = None
+    train_files: list = field(default_factory=list)  # FlashRAG jsonl files; empty = the bundled world
+    dev_files: list = field(default_factory=list)
+    test_files: list = field(default_factory=list)
 
 
 @dataclass
@@ -107,9 +110,56 @@ class TrainerSection:
 
 
 @dataclass
+class ArchSection:
+    """Architecture facts used to check the parallel layout and estimate memory before any GPU is
+    touched (the HF config of model.path is authoritative at run time; these must agree with it).
+    0 = unknown: the layout checks that need the value are skipped."""
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_attention_heads: int = 0
+    num_kv_heads: int = 0
+    ffn_hidden_size: int = 0
+    vocab_size: int = 0
+    tied_embeddings: bool = True
+
+
+@dataclass
+class MegatronSection:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True   # shard optimizer states over data-parallel ranks (GPU only)
+    activation_checkpointing: bool = False
+    dtype: str = "auto"                  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class TRTLLMSection:
+    tensor_parallel: int = 1
+    kv_cache_fraction: float = 0.35      # of free GPU memory, for the generation KV cache
+    sleep_while_training: bool = True    # release generation memory during the update
+
+
+@dataclass
+class ClusterSection:
+    nodes: int = 1
+    gpus_per_node: int = 0               # 0: CPU run
+    gpu_memory_gib: float = 80.0
+    memory_headroom: float = 0.9         # fraction of GPU memory the estimate may use
+    retrieval_url: Optional[str] = None  # a running retrieval service; null = in-process retriever
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "sd_search"
+    actor: str = "hf"                    # hf | megatron
+    generator: str = "torch"             # torch | trtllm
     model: ModelConfig = field(default_factory=ModelConfig)
+    arch: ArchSection = field(default_factory=ArchSection)
+    megatron: MegatronSection = field(default_factory=MegatronSection)
+    trtllm: TRTLLMSection = field(default_factory=TRTLLMSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -141,7 +191,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 rollouts per question")
     _require(r.temperature > 0, "rollout.temperature", "training rollouts must sample (temperature > 0)")
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _require(r.retriever in ("bm25", "dense"), "rollout.retriever", "must be bm25 or dense")
+    _require(r.retriever in ("bm25", "dense", "http"), "rollout.retriever", "must be bm25, dense or http")
+    _require(r.retriever != "http" or bool(cfg.cluster.retrieval_url), "cluster.retrieval_url",
+             "rollout.retriever=http needs the retrieval service URL")
     _require(r.max_context > r.max_new_tokens, "rollout.max_context", "must exceed rollout.max_new_tokens")
     _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     _require(0 <= cfg.sd.beta <= 1, "sd.beta", f"JSD mixture weight must be in [0, 1], got {cfg.sd.beta}")
@@ -153,6 +205,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.trainer.steps >= 1, "trainer.steps", "must be >= 1")
     _require(cfg.trainer.questions_per_step % cfg.grpo.mini_batches == 0, "trainer.questions_per_step",
              "must be a multiple of grpo.mini_batches")
+    d = cfg.data
+    _require(bool(d.train_files) == bool(d.dev_files) == bool(d.test_files), "data.train_files",
+             "give train_files, dev_files and test_files together (or none: the bundled world)")
+    _require(not d.train_files or r.retriever == "http", "rollout.retriever",
+             "questions from files need the retrieval service over their corpus (rollout.retriever=http)")
+    _require(cfg.actor in ("hf", "megatron"), "actor", f"must be hf or megatron, got {cfg.actor!r}")
+    _require(cfg.generator in ("torch", "trtllm"), "generator", f"must be torch or trtllm, got {cfg.generator!r}")
+    from nemo_sdsearch.layout import check_layout
+
+    check_layout(cfg)
     return cfg
 
 

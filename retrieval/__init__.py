@@ -11,15 +11,21 @@ __all__ = ["Document", "Retriever", "load_corpus", "build_retriever", "BM25Retri
            "TextEncoder"]
 
 
-def build_retriever(kind: str, corpus: list[dict], encoder: str | None = None) -> Retriever:
-    """An in-process retriever over `corpus`: `bm25`, or `dense` (FAISS over `encoder`, default MiniLM)."""
+def build_retriever(kind: str, corpus: list[dict], encoder: str | None = None, url: str | None = None) -> Retriever:
+    """An in-process retriever over `corpus`: `bm25`, or `dense` (FAISS over `encoder`, default MiniLM);
+    or `http`: a client of a running retrieval service at `url` (the corpus is the service's)."""
+    if kind == "http":
+        if not url:
+            raise ValueError("retriever http needs the service URL (cluster.retrieval_url)")
+        from retrieval.client import RetrievalClient
+        return RetrievalClient(url)
     if kind == "bm25":
         return BM25Retriever(corpus)
     if kind == "dense":
         from retrieval.dense import DenseRetriever
         from retrieval.encoder import TextEncoder
         return DenseRetriever(corpus, TextEncoder(encoder))
-    raise ValueError(f"retriever must be bm25 or dense, not {kind!r}")
+    raise ValueError(f"retriever must be bm25, dense or http, not {kind!r}")
 
 
 def __getattr__(name):  # dense retrieval pulls in torch/faiss: import it only when asked for

@@ -34,8 +34,25 @@ from nemo_sdsearch.models.hf import HFActor, HFScorer, token_logprobs
 # ---------------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------------
+def load_questions(cfg: TrainConfig) -> dict:
+    """train / dev / test questions: the user's FlashRAG files when given, else the bundled world."""
+    from nemo_sdsearch.core.qa import QA, load_flashrag
+    from nemo_sdsearch.world.generator import build_bundle
+
+    d = cfg.data
+    if d.train_files:
+        read = lambda files: [q for f in files for q in load_flashrag(f)]
+        train, dev, test = read(d.train_files), read(d.dev_files), read(d.test_files)
+    else:
+        bundle = build_bundle()
+        qa = lambda qs: [QA.from_flashrag(q.to_flashrag()) for q in qs]
+        train, dev, test = qa(bundle.train), qa(bundle.dev), qa(bundle.test)
+    return {"train": train[:d.train_questions] if d.train_questions else train,
+            "dev": dev[:d.dev_questions] if d.dev_questions else dev,
+            "test": test[:d.test_questions] if d.test_questions else test}
+
+
 def build_components(cfg: TrainConfig):
-    from nemo_sdsearch.core.qa import QA
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.config import rollout_config
     from nemo_sdsearch.rollout.engine import RolloutEngine
@@ -53,13 +70,15 @@ def build_components(cfg: TrainConfig):
         ref.requires_grad_(False)
     actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                     grad_clip=cfg.optim.grad_clip)
-    bundle = build_bundle()
-    qa = lambda qs: [QA.from_flashrag(q.to_flashrag()) for q in qs]
-    data = {"train": qa(bundle.train[:cfg.data.train_questions] if cfg.data.train_questions else bundle.train),
-            "dev": qa(bundle.dev[:cfg.data.dev_questions]),
-            "test": qa(bundle.test[:cfg.data.test_questions] if cfg.data.test_questions else bundle.test)}
-    train_retriever = build_retriever(cfg.rollout.retriever, bundle.train_world.passages)
-    test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages)
+    data = load_questions(cfg)
+    if cfg.data.train_files:  # the user's data: the retrieval service holds its corpus
+        train_retriever = test_retriever = build_retriever("http", [], url=cfg.cluster.retrieval_url)
+    else:
+        bundle = build_bundle()
+        train_retriever = build_retriever(cfg.rollout.retriever, bundle.train_world.passages,
+                                          url=cfg.cluster.retrieval_url)
+        test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages,
+                                         url=cfg.cluster.retrieval_url)
     generator = TorchGenerator(model, tok)  # shares the actor's weights: no refit needed on one device
     sample_cfg, greedy_cfg = rollout_config(cfg.rollout), rollout_config(cfg.rollout, temperature=0.0)
     engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg),

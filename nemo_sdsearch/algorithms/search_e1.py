@@ -137,7 +137,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
     dev_engine = RolloutEngine(TorchGenerator(peft_model, tok),
-                               build_retriever(r.retriever, build_bundle().train_world.passages),
+                               build_retriever(r.retriever, build_bundle().train_world.passages, url=cfg.cluster.retrieval_url),
                                rollout_config(r, temperature=0.0))
     # Teacher and student sequences of every mined pair.
     items = []

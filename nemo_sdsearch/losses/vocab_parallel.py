@@ -1,0 +1,352 @@
+"""Vocab-parallel (tensor-parallel) token log-probs and distillation divergences.
+
+Each tensor-parallel (TP) rank r of a group of size tp holds the logits of one vocabulary shard,
+`logits[:, r*Vp:(r+1)*Vp]` of a padded vocabulary V_pad = Vp * tp (megatron pads the real vocabulary V
+up to a multiple of `make_vocab_size_divisible_by * tp`, see `pad_vocab_size`). Columns with global id
+>= V are TP padding: they are cut off before anything is computed, so they take no part in the softmax
+normalisation nor in the loss, and their gradient is exactly zero. A rank may hold no real column at all.
+
+The functions here return, on every rank of the group, the same full per-row values as the dense
+functions on the gathered logits[:, :V]:
+
+    vocab_parallel_logprobs           == models.hf.token_logprobs         (log_softmax(x / T)[target])
+    vocab_parallel_generalized_jsd    == divergences.generalized_jsd_dense (GKD/TRL convention: P = teacher,
+                                         Q = student, beta = 0 forward KL(P||Q), beta = 1 reverse KL(Q||P))
+    vocab_parallel_clipped_forward_kl == divergences.clipped_forward_kl_dense  (sum_v min(p_v log(p_v/q_v), tau))
+
+Do NOT sum (or average) these values over the TP ranks: every TP rank holds the whole value, not a part of
+it. Each rank computes its loss from them as if it were alone; backward is purely local and writes the
+gradient of that loss into the local shard only (the gradient with respect to the other shards is produced
+by the ranks that own them), exactly as megatron's `vocab_parallel_cross_entropy` does; megatron's TP
+mappings (e.g. the output layer's `copy_to_tensor_model_parallel_region`) then all-reduce the gradient of
+the replicated hidden states.
+
+Communication, per chunk of `chunk_rows` rows (no other collective is issued, backward issues none; with a
+group of size 1, or without an initialised process group, nothing is communicated at all):
+
+    logprobs (the NeMo-Aligner DistributedLogprob pattern, 2 all-reduces):
+      1. MAX over [rows]:    the local row maxima of x = logits / T           -> the global row max M
+      2. SUM over [2, rows]: (sum_v exp(x_v - M) over local real columns,
+                              x_target - M on the rank owning the target, 0 elsewhere)
+      log p(target) = (x_target - M) - log(sum_v exp(x_v - M)); the per-row log-partition M + log(sum) is
+      kept for backward, which recomputes softmax chunk by chunk: grad = (onehot - softmax) / T.
+
+    divergences (2 all-reduces, both SUM):
+      1. statistics: SUM over [tp, 4, rows], zero except this rank's slot [rank] which holds
+         (local max of xs, local sum exp(xs - max), local max of xt, local sum exp(xt - max))
+         for xs = student / T, xt = teacher / T over the local real columns (max = -inf, sum = 0 for a rank
+         without real columns). It is an all-gather written as an all-reduce (portable to every backend,
+         tp*4*rows numbers); each rank then combines the slots locally, exactly:
+             M = max_r m_r,   log Z = M + log(sum_r z_r exp(m_r - M)).
+         A MAX all-reduce followed by a SUM all-reduce of exp sums would be a second statistics all-reduce,
+         and the JSD (0 < beta < 1) and clipped-KL partial sums depend non-linearly on both normalisers
+         (through log m_v and the clip), so they could not be folded into it: that would be 3 all-reduces.
+      2. row sums: SUM over [k, rows] of the local partial sums over the local real columns:
+           beta = 0 (k=1):      sum_v p_v (t_v - s_v)                   = loss
+           beta = 1 (k=1):      sum_v q_v (s_v - t_v)                   = loss
+           0 < beta < 1 (k=2):  A = sum_v p_v (t_v - log m_v),  B = sum_v q_v (s_v - log m_v);
+                                loss = beta A + (1 - beta) B
+           clipped (k=2):       sum_v min(p_v (t_v - s_v), tau)         = loss,
+                                U = sum_v p_v [p_v (t_v - s_v) < tau]
+      with s = log_softmax(xs), t = log_softmax(xt), q = exp(s), p = exp(t), m = beta p + (1 - beta) q
+      (global normalisers from all-reduce 1).
+
+    The gradient with respect to the local student shard is computed in the forward pass from the reduced
+    row sums (the closed forms of divergences.py) and kept, in the student's dtype, for backward:
+           beta = 0:            (q - p) / T
+           beta = 1:            q (g - loss) / T,              g = s - t
+           0 < beta < 1:        (1 - beta) q (g - B) / T,      g = s - log m
+           clipped:             (q U - p [term < tau]) / T
+
+Memory: rows are processed `chunk_rows` at a time; the fp32 (fp64 for fp64 inputs) temporaries are a few
+buffers of chunk_rows x Vp, never all rows x vocab. The divergences keep one rows x Vp gradient buffer in the
+student's dtype (as divergences.py does; `inplace_grad=True` reuses the student logits for it); the
+log-probs keep only the per-row log-partition (backward recomputes the softmax from the saved logits).
+Inputs are upcast to fp32 (bf16/fp16) or kept in fp64; outputs are fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+def pad_vocab_size(vocab: int, tp: int = 1, multiple: int = 128) -> int:
+    """Megatron's padded vocabulary size: `vocab` rounded up to a multiple of `multiple * tp`
+    (megatron's `make_vocab_size_divisible_by * tensor_model_parallel_size`)."""
+    if vocab < 1 or tp < 1 or multiple < 1:
+        raise ValueError(f"vocab, tp and multiple must be >= 1; got {vocab}, {tp}, {multiple}")
+    m = multiple * tp
+    return -(-vocab // m) * m
+
+
+def shard_logits(full_logits: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s vocabulary shard of `full_logits` [..., V_pad]: columns [rank*Vp, (rank+1)*Vp) with
+    Vp = V_pad // tp, as a contiguous copy."""
+    v_pad = full_logits.shape[-1]
+    if tp < 1 or not 0 <= rank < tp or v_pad % tp:
+        raise ValueError(f"cannot take shard {rank} of {tp} from a vocabulary of {v_pad} columns")
+    vp = v_pad // tp
+    return full_logits[..., rank * vp:(rank + 1) * vp].clone(memory_format=torch.contiguous_format)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _resolve_group(group):
+    """(group, tp, rank in group). Default: megatron's TP group when its model parallel state is
+    initialised, else WORLD; without an initialised process group: a group of one, nothing communicated."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None, 1, 0
+        mpu = sys.modules.get("megatron.core.parallel_state")  # not imported => cannot be initialised
+        if mpu is not None and mpu.model_parallel_is_initialized():
+            group = mpu.get_tensor_model_parallel_group()
+        else:
+            group = dist.group.WORLD
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group")
+    return group, tp, rank
+
+
+def _layout(shard: torch.Tensor, tp: int, rank: int, vocab_size) -> tuple[int, int]:
+    """(first global id of the shard, number of real, non-padding columns in the shard)."""
+    if vocab_size is None:
+        raise ValueError("vocab_size (the real, unpadded vocabulary size) is required")
+    vp = shard.shape[-1]
+    if not 1 <= vocab_size <= vp * tp:
+        raise ValueError(f"vocab_size {vocab_size} must be in [1, Vp*tp = {vp}*{tp}]")
+    lo = rank * vp
+    return lo, max(0, min(vp, vocab_size - lo))
+
+
+def _all_reduce(t: torch.Tensor, op, group, tp: int) -> torch.Tensor:
+    if tp > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _scaled(chunk: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """chunk in the compute dtype, divided by T (may alias `chunk`: never modify it in place)."""
+    x = chunk.to(dtype)
+    return x / temperature if temperature != 1.0 else x
+
+
+def _local_stats(x: torch.Tensor):
+    """(row max, exp(x - row max), sum of it) over the local real columns; (-inf, None, 0) if there are none."""
+    if x.shape[-1] == 0:
+        n = x.shape[0]
+        return (torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device), None,
+                torch.zeros(n, dtype=x.dtype, device=x.device))
+    m = x.amax(-1)
+    e = torch.exp(x - m[:, None])
+    return m, e, e.sum(-1)
+
+
+def _combine(m_all: torch.Tensor, z_all: torch.Tensor) -> torch.Tensor:
+    """Global log-partition from the per-rank (max, sum exp(x - max)) slots [tp, rows]."""
+    mx = m_all.amax(0)
+    return mx + torch.log((z_all * torch.exp(m_all - mx)).sum(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Log-probs of target tokens
+# ---------------------------------------------------------------------------------------------------
+class _VocabParallelLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk_rows, group, tp, rank, vocab_size):
+        lo, nr = _layout(logits, tp, rank, vocab_size)
+        n = logits.shape[0]
+        cdt = _compute_dtype(logits.dtype)
+        out = torch.empty(n, dtype=cdt, device=logits.device)
+        log_z = torch.empty(n, dtype=cdt, device=logits.device)
+        for i in range(0, n, chunk_rows):
+            x = _scaled(logits[i:i + chunk_rows, :nr], temperature, cdt)
+            rows = x.shape[0]
+            mx = x.amax(-1) if nr else torch.full((rows,), float("-inf"), dtype=cdt, device=x.device)
+            mx = _all_reduce(mx.contiguous(), dist.ReduceOp.MAX, group, tp)
+            packed = torch.zeros(2, rows, dtype=cdt, device=x.device)
+            if nr:
+                packed[0] = torch.exp(x - mx[:, None]).sum(-1)
+                local = targets[i:i + chunk_rows] - lo
+                own = (local >= 0) & (local < nr)
+                picked = x.gather(1, local.clamp(0, nr - 1)[:, None]).squeeze(1)
+                packed[1] = torch.where(own, picked - mx, torch.zeros_like(picked))
+            _all_reduce(packed, dist.ReduceOp.SUM, group, tp)
+            log_sum = torch.log(packed[0])
+            out[i:i + chunk_rows] = packed[1] - log_sum
+            log_z[i:i + chunk_rows] = mx + log_sum
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, targets, log_z)
+            ctx.meta = (temperature, chunk_rows, lo, nr)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, log_z = ctx.saved_tensors
+        temperature, chunk_rows, lo, nr = ctx.meta
+        grad = torch.zeros_like(logits)  # padding columns stay 0
+        if nr:
+            for i in range(0, logits.shape[0], chunk_rows):
+                x = _scaled(logits[i:i + chunk_rows, :nr], temperature, log_z.dtype)
+                g = torch.exp(x - log_z[i:i + chunk_rows, None]).neg_()
+                local = targets[i:i + chunk_rows] - lo
+                own = (local >= 0) & (local < nr)
+                idx = local.clamp(0, nr - 1)[:, None]
+                g.scatter_add_(1, idx, own.to(g.dtype)[:, None])
+                g.mul_(grad_out[i:i + chunk_rows, None].to(g.dtype) / temperature)
+                grad[i:i + chunk_rows, :nr] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, group=None, vocab_size=None,
+                            temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
+    """log_softmax(logits / T)[target] per row from vocab-sharded logits [rows, Vp] and global target ids
+    [rows] (each < vocab_size). Returns [rows] (fp32, fp64 for fp64 logits), the same full value on every
+    rank of `group`: do not sum it over TP ranks. Backward is local: (onehot - softmax) / T into this shard.
+
+    group: default megatron's TP group when initialised, else WORLD. vocab_size: the real vocabulary size
+    (required; columns at or beyond it are TP padding and are ignored)."""
+    if logits_shard.dim() != 2 or targets.shape != logits_shard.shape[:1]:
+        raise ValueError(f"logits must be [rows, Vp] and targets [rows]; got {tuple(logits_shard.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    group, tp, rank = _resolve_group(group)
+    return _VocabParallelLogprob.apply(logits_shard, targets.long(), float(temperature), int(chunk_rows),
+                                       group, tp, rank, vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Divergences
+# ---------------------------------------------------------------------------------------------------
+class _VocabParallelDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, kind, param, temperature, chunk_rows, group, tp, rank, vocab_size,
+                inplace_grad):
+        _, nr = _layout(student, tp, rank, vocab_size)
+        need_grad = ctx.needs_input_grad[0]
+        n = student.shape[0]
+        cdt = _compute_dtype(student.dtype)
+        dev = student.device
+        mid = kind == "jsd" and 0.0 < param < 1.0
+        k = 2 if kind == "clipped" or mid else 1
+        losses = torch.empty(n, dtype=cdt, device=dev)
+        grad = None
+        if need_grad:
+            grad = student.detach() if inplace_grad else torch.empty_like(student)
+            grad[:, nr:] = 0  # TP padding: no gradient
+        for i in range(0, n, chunk_rows):
+            xs = _scaled(student[i:i + chunk_rows, :nr], temperature, cdt)
+            xt = _scaled(teacher[i:i + chunk_rows, :nr], temperature, cdt)
+            rows = xs.shape[0]
+            ms, es, zs = _local_stats(xs)
+            mt, et, zt = _local_stats(xt)
+            # all-reduce 1 (SUM): the per-rank (max, sum exp(x - max)) slots of student and teacher.
+            stats = torch.zeros(tp, 4, rows, dtype=cdt, device=dev)
+            stats[rank] = torch.stack([ms, zs, mt, zt])
+            _all_reduce(stats, dist.ReduceOp.SUM, group, tp)
+            log_zs = _combine(stats[:, 0], stats[:, 1])
+            log_zt = _combine(stats[:, 2], stats[:, 3])
+            del stats
+            parts = torch.zeros(k, rows, dtype=cdt, device=dev)
+            g = None
+            if nr:
+                s = xs - log_zs[:, None]                       # log q
+                t = xt - log_zt[:, None]                       # log p
+                del xs, xt
+                q = es.mul_(torch.exp(ms - log_zs)[:, None])   # q = exp(xs - ms) * exp(ms - log Z_s)
+                p = et.mul_(torch.exp(mt - log_zt)[:, None])
+                del es, et
+                if kind == "clipped":
+                    terms = p * (t - s)
+                    del s, t
+                    unclipped = terms < param
+                    parts[0] = terms.clamp_(max=param).sum(-1)
+                    del terms
+                    g = p.mul_(unclipped)                      # p [term < tau]
+                    parts[1] = g.sum(-1)
+                elif param == 0.0:                             # forward KL(P || Q)
+                    parts[0] = (p * (t - s)).sum(-1)
+                    g = q.sub_(p)                              # gradient complete: q - p
+                elif param == 1.0:                             # reverse KL(Q || P)
+                    g = s.sub_(t)                              # log q - log p
+                    parts[0] = (q * g).sum(-1)
+                else:
+                    log_m = torch.log(torch.clamp(param * p + (1 - param) * q, min=torch.finfo(cdt).tiny))
+                    parts[0] = (p * (t - log_m)).sum(-1)
+                    g = s.sub_(log_m)                          # log q - log m
+                    del log_m, t
+                    parts[1] = (q * g).sum(-1)
+            # all-reduce 2 (SUM): the per-row partial sums over the local real columns.
+            _all_reduce(parts, dist.ReduceOp.SUM, group, tp)
+            losses[i:i + chunk_rows] = param * parts[0] + (1 - param) * parts[1] if mid else parts[0]
+            if need_grad and nr:
+                if kind == "clipped":
+                    g = q.mul_(parts[1][:, None]).sub_(g)      # q U - p [term < tau]
+                elif param == 1.0:
+                    g = q.mul_(g.sub_(parts[0][:, None]))      # q (g - loss)
+                elif param != 0.0:
+                    g = q.mul_(g.sub_(parts[1][:, None])).mul_(1 - param)  # (1 - b) q (g - B)
+                if temperature != 1.0:
+                    g = g.div_(temperature)
+                grad[i:i + chunk_rows, :nr] = g.to(grad.dtype)
+        ctx.save_for_backward(grad if need_grad else torch.empty(0))
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_losses[:, None].to(grad.dtype),) + (None,) * 10
+
+
+def _check_pair(student, teacher, chunk_rows, beta=None):
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student and teacher logit shards must both be [rows, Vp]; got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if beta is not None and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"JSD mixture weight beta must be in [0, 1], got {beta}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+def vocab_parallel_generalized_jsd(student_shard: torch.Tensor, teacher_shard: torch.Tensor, group=None,
+                                   vocab_size=None, beta: float = 0.5, temperature: float = 1.0,
+                                   chunk_rows: int = 256, inplace_grad: bool = False) -> torch.Tensor:
+    """Per-row generalized JSD from vocab-sharded student/teacher logits [rows, Vp]; equals
+    `divergences.generalized_jsd_dense` on the gathered logits[:, :vocab_size]. Returns [rows] (fp32, fp64
+    for fp64 inputs), the same full value on every rank of `group`: do not sum it over TP ranks. The teacher
+    is under stop-gradient; backward is local and writes into the student shard only.
+
+    inplace_grad=True overwrites `student_shard` with its gradient during forward (see divergences.py)."""
+    _check_pair(student_shard, teacher_shard, chunk_rows, beta)
+    group, tp, rank = _resolve_group(group)
+    return _VocabParallelDivergence.apply(student_shard, teacher_shard.detach(), "jsd", float(beta),
+                                          float(temperature), int(chunk_rows), group, tp, rank, vocab_size,
+                                          bool(inplace_grad))
+
+
+def vocab_parallel_clipped_forward_kl(student_shard: torch.Tensor, teacher_shard: torch.Tensor, group=None,
+                                      vocab_size=None, tau: float = 10.0, temperature: float = 1.0,
+                                      chunk_rows: int = 256, inplace_grad: bool = False) -> torch.Tensor:
+    """Per-row pointwise-clipped forward KL sum_v min(p_v log(p_v / q_v), tau) from vocab-sharded logits;
+    equals `divergences.clipped_forward_kl_dense` on the gathered logits[:, :vocab_size]. The clip applies
+    to each vocabulary term (with the global softmax normalisers). Same conventions as
+    `vocab_parallel_generalized_jsd`."""
+    _check_pair(student_shard, teacher_shard, chunk_rows)
+    group, tp, rank = _resolve_group(group)
+    return _VocabParallelDivergence.apply(student_shard, teacher_shard.detach(), "clipped", float(tau),
+                                          float(temperature), int(chunk_rows), group, tp, rank, vocab_size,
+                                          bool(inplace_grad))
+
+
+__all__ = ["pad_vocab_size", "shard_logits", "vocab_parallel_logprobs", "vocab_parallel_generalized_jsd",
+           "vocab_parallel_clipped_forward_kl"]

@@ -1,0 +1,262 @@
+"""`MegatronActor`: the `Actor` seam over a megatron-core GPTModel shard (tensor parallel).
+
+Same semantics as `models.hf.HFActor`: positions are *target* positions (the logits "at (row, col)"
+come from the hidden state at col-1), the LM head runs only on the selected rows, the teacher pass is
+the same weights under no_grad, `train_step` accumulates micro-batch gradients, clips the global norm
+and skips the update on a non-finite loss or gradient.
+
+Forward: `GPTModel.forward` with `post_process` switched off for the call, which returns the decoder
+output (final norm applied) before the output layer, in Megatron's [seq, batch, hidden] layout. The
+attention mask is Megatron's implicit causal mask (attention_mask=None): for right-padded batches that
+is exact at every real position, since pad tokens only come after the tokens that are scored. Position
+ids are 0..T-1 for every row, as in the HF backend.
+
+Vocabulary: the output layer is column parallel, so each TP rank computes logits for its slice
+[vocab_start, vocab_start + Vp/tp) of the padded vocabulary. `logits_at` returns that LOCAL shard
+([N, Vp/tp]; columns with global id >= vocab_size are TP padding, as `losses.vocab_parallel` expects:
+pass `vocab_size=actor.vocab_size` to its functions, which cut them off) unless `gather_logits` is on,
+in which case it returns the full [N, vocab_size] logits exactly like the HF backend (all-gathered over
+TP, differentiable, padding dropped). `gather_logits` defaults to True at tp=1 and False at tp>1.
+`full_logits_at` always gathers. `logprobs_at` uses `losses.vocab_parallel.vocab_parallel_logprobs` at
+tp>1 (two all-reduces of [N] numbers instead of gathering [N, V] logits).
+
+Optimizer: on CPU (and whenever `optimizer="torch"`) plain `torch.optim.AdamW` over the local shards
+(AdamW is elementwise, so sharded AdamW equals AdamW on the full weights), our micro-batch loop, the
+global gradient norm all-reduced over the model-parallel group with TP-replicated parameters (the
+RMSNorm weights) counted once, and gradients averaged over the data-parallel group when there is one. On CUDA by default: Megatron's `DistributedDataParallel` and
+`DistributedOptimizer` (fp32 main weights and grads, sharded optimizer state) - written against the
+megatron-core 0.16 API and not runnable on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from nemo_sdsearch.models.base import Actor
+from nemo_sdsearch.models.hf import token_logprobs
+
+
+@contextlib.contextmanager
+def _decoder_output(model):
+    """Make `GPTModel.forward` return the decoder output (before the output layer)."""
+    saved = model.post_process
+    model.post_process = False
+    try:
+        yield
+    finally:
+        model.post_process = saved
+
+
+class MegatronActor(Actor):
+    def __init__(self, model, hf_config, lr: float = 1e-6, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 grad_clip: float = 1.0, eps: float = 1e-8, gather_logits: bool | None = None,
+                 optimizer: str = "auto"):
+        from megatron.core import parallel_state as ps
+
+        self.model = model                    # this rank's GPTModel shard (never wrapped)
+        self.hf_config = hf_config
+        self.grad_clip = grad_clip
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.dp = ps.get_data_parallel_world_size()
+        if self.pp > 1:
+            raise NotImplementedError(
+                "MegatronActor runs tensor parallelism (any size) x data parallelism; pipeline parallel "
+                "training needs Megatron's forward_backward schedules driving the loss closure, which this "
+                "actor does not do yet (the builder and the checkpoint converter do support pp > 1)")
+        self.vocab_size = hf_config.vocab_size
+        self.padded_vocab_size = model.vocab_size
+        self.shard_size = self.padded_vocab_size // self.tp
+        self.vocab_start = self.tp_rank * self.shard_size
+        self.gather_logits = (self.tp == 1) if gather_logits is None else gather_logits
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        use_megatron_opt = optimizer == "megatron" or (optimizer == "auto" and torch.cuda.is_available())
+        if use_megatron_opt:
+            self._init_megatron_optimizer(lr, weight_decay, betas, eps)
+        else:
+            self.ddp = None
+            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                               weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        self.model.eval()
+
+    # -- forward pieces ------------------------------------------------------------------------------
+    def _hidden(self, batch) -> torch.Tensor:
+        """Decoder output [T, B, H] (final norm applied)."""
+        ids = batch.input_ids.to(self.device)
+        B, T = ids.shape
+        pos = torch.arange(T, device=self.device).unsqueeze(0).expand(B, T)
+        with _decoder_output(self.model):
+            return self.model(ids, pos, None)
+
+    def _local_logits(self, batch, rows, cols) -> torch.Tensor:
+        """[N, Vp/tp] fp32 logits of this rank's slice of the padded vocabulary."""
+        hidden = self._hidden(batch)
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        h = hidden[cols - 1, rows].unsqueeze(1)           # [N, 1, H]: the output layer wants 3-D input
+        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
+            else None
+        logits, _ = self.model.output_layer(h, weight=weight)
+        return logits[:, 0].float()
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Full [N, vocab_size] logits from local shards (all-gather over TP, differentiable)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        full = gather_from_tensor_model_parallel_region(local_logits) if self.tp > 1 else local_logits
+        return full[:, :self.vocab_size]
+
+    def full_logits_at(self, batch, rows, cols) -> torch.Tensor:
+        return self.gather(self._local_logits(batch, rows, cols))
+
+    def logits_at(self, batch, rows, cols):
+        local = self._local_logits(batch, rows, cols)
+        return self.gather(local) if self.gather_logits else local
+
+    def teacher_logits_at(self, batch, rows, cols):
+        with torch.no_grad():
+            return self.logits_at(batch, rows, cols)
+
+    def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
+        targets = batch.input_ids.to(self.device)[rows.to(self.device), cols.to(self.device)]
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            local = self._local_logits(batch, rows, cols)
+            if self.tp == 1:
+                return token_logprobs(self.gather(local), targets, temperature)
+            from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
+
+            return vocab_parallel_logprobs(local, targets, group=self.tp_group, vocab_size=self.vocab_size,
+                                           temperature=temperature)
+
+    # -- training --------------------------------------------------------------------------------------
+    def _grad_norm_sq_local(self, params) -> torch.Tensor:
+        """Sum of squared grads this rank is responsible for: TP-sharded params always, TP-replicated
+        ones (norms) only on TP rank 0, so the all-reduce over the model-parallel group counts them once."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in params:
+            if param_is_not_tensor_parallel_duplicate(p):
+                total += p.grad.detach().double().pow(2).sum()
+        return total
+
+    def _zero(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+
+    def train_step(self, micro_batch_losses, n_micro: int) -> dict:
+        if self.ddp is not None:
+            return self._train_step_megatron(micro_batch_losses, n_micro)
+        from megatron.core import parallel_state as ps
+
+        self.model.train()
+        self._zero()
+        total = 0.0
+        for i in range(n_micro):
+            loss = micro_batch_losses(i)
+            if not torch.isfinite(loss):
+                self._zero()
+                self.model.eval()
+                return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.dp > 1:  # average gradients over data-parallel replicas
+            group = ps.get_data_parallel_group()
+            for p in params:
+                torch.distributed.all_reduce(p.grad, group=group)
+                p.grad.div_(self.dp)
+        sq = self._grad_norm_sq_local(params)
+        if ps.get_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
+        norm = sq.sqrt().float()
+        if not torch.isfinite(norm):
+            self._zero()
+            self.model.eval()
+            return {"loss": total, "grad_norm": float(norm), "skipped": True}
+        if self.grad_clip and self.grad_clip > 0:
+            # the same rule as torch.nn.utils.clip_grad_norm_ (coefficient always applied, clamped at 1)
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            for p in params:
+                p.grad.detach().mul_(coef.to(p.grad.dtype))
+        self.optimizer.step()
+        self._zero()
+        self.model.eval()
+        return {"loss": total, "grad_norm": float(norm), "skipped": False}
+
+    # -- GPU: Megatron DDP + DistributedOptimizer (not runnable on CPU) ---------------------------------
+    def _init_megatron_optimizer(self, lr, weight_decay, betas, eps):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        cfg = self.model.config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   overlap_param_gather=False, use_distributed_optimizer=True,
+                                                   average_in_collective=True)
+        # DDP registers the grad hooks on the parameters of self.model, which we keep calling directly.
+        self.ddp = DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=self.model)
+        opt_config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=weight_decay,
+                                     adam_beta1=betas[0], adam_beta2=betas[1], adam_eps=eps,
+                                     clip_grad=self.grad_clip or 0.0, bf16=cfg.bf16, fp16=cfg.fp16,
+                                     params_dtype=cfg.params_dtype, use_distributed_optimizer=True)
+        self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
+
+    def _train_step_megatron(self, micro_batch_losses, n_micro: int) -> dict:
+        self.model.train()
+        self._zero()
+        total = 0.0
+        for i in range(n_micro):
+            loss = micro_batch_losses(i)
+            if not torch.isfinite(loss):
+                self._zero()
+                self.model.eval()
+                return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
+            loss.backward()
+            total += float(loss.detach())
+        self.ddp.finish_grad_sync()                 # data-parallel reduce-scatter into the grad buffers
+        found_inf = self.optimizer.prepare_grads()  # model grads -> fp32 main grads
+        norm = float(self.optimizer.get_grad_norm())
+        if found_inf or not math.isfinite(norm):
+            self._zero()
+            self.model.eval()
+            return {"loss": total, "grad_norm": norm, "skipped": True}
+        if self.grad_clip and self.grad_clip > 0:
+            self.optimizer.clip_grad_norm(self.grad_clip)
+        self.optimizer.step_with_ready_grads()      # step + copy to model params + param all-gather
+        self._zero()
+        self.model.eval()
+        return {"loss": total, "grad_norm": norm, "skipped": False}
+
+    # -- weights ------------------------------------------------------------------------------------------
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The full HF-named state dict (all-gathered over TP) for generation refit and checkpoints."""
+        from nemo_sdsearch.checkpoint.qwen2 import gather_megatron_to_hf
+
+        return gather_megatron_to_hf(self.model, self.hf_config)
+
+    def load_hf_weights(self, hf_state) -> None:
+        from nemo_sdsearch.checkpoint.qwen2 import load_hf_into_megatron
+
+        load_hf_into_megatron(self.model, hf_state, self.hf_config)
+
+    @classmethod
+    def from_hf(cls, hf_model_or_dir, tp: int | None = None, dtype=torch.float32, **kwargs) -> "MegatronActor":
+        """Build this rank's GPTModel from a HF model (or a local HF directory) and wrap it. The parallel
+        state must already be initialised (`builder.init_parallel`)."""
+        from nemo_sdsearch.checkpoint.nemo_archive import read_hf_dir
+        from nemo_sdsearch.models.megatron.builder import build_gpt_model
+
+        if isinstance(hf_model_or_dir, torch.nn.Module):
+            hf_config, state = hf_model_or_dir.config, hf_model_or_dir.state_dict()
+        else:
+            hf_config, state = read_hf_dir(hf_model_or_dir)
+        model = build_gpt_model(hf_config, tp=tp, dtype=dtype)
+        actor = cls(model, hf_config, **kwargs)
+        actor.load_hf_weights(state)
+        return actor

@@ -1,0 +1,70 @@
+"""Run a function in N real processes joined by a gloo process group (what torchrun would set up).
+
+`run_workers(fn, world_size, *args)` spawns `world_size` processes, sets RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT / LOCAL_RANK in each as torchrun does, calls `fn(rank, world_size, *args)`,
+and returns the list of the values the ranks returned (they must be picklable). A failing rank's
+traceback is re-raised in the caller. `fn` must be importable (defined at module level).
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, False, traceback.format_exc()))
+        raise
+
+
+def run_workers(fn, world_size: int, *args, timeout: float = 600.0):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        try:
+            rank, ok, value = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+            if dead:
+                errors.append(f"rank(s) {dead} exited with codes {[procs[r].exitcode for r in dead]}")
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout:.0f}s")
+            continue
+        if ok:
+            results[rank] = value
+        else:
+            errors.append(f"rank {rank} failed:\n{value}")
+    for p in procs:
+        p.join(timeout=5 if errors else 60)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,397 @@
+"""Vocab-parallel log-probs and divergences on real gloo process groups (CPU, no mocks of torch.distributed).
+
+One spawn of 4 processes builds TP groups of size 1 ([0], [1], [2], [3]), 2 ([0, 1], [2, 3]) and 4 (WORLD)
+and checks, in fp64 against the dense references on the gathered logits, the per-row values and the
+gradient with respect to each rank's student shard (TP padding columns hold large garbage and must get
+exactly zero gradient), then counts the collectives each call issues. Each rank writes its results to a
+JSON file; the tests below read them. A second spawn of 2 processes checks the default group under
+megatron's model-parallel state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import traceback
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nemo_sdsearch.losses.divergences import clipped_forward_kl_dense, generalized_jsd_dense
+from nemo_sdsearch.losses.vocab_parallel import (pad_vocab_size, shard_logits, vocab_parallel_clipped_forward_kl,
+                                                 vocab_parallel_generalized_jsd, vocab_parallel_logprobs)
+from nemo_sdsearch.models.hf import token_logprobs
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is unavailable")
+
+D = torch.float64
+ROWS = 12
+WORLD = 4
+TPS = (1, 2, 4)
+# (real vocab, megatron make_vocab_size_divisible_by): 1001 -> 1024 columns at every tp (padding on the
+# last rank); 130 with multiple 64 at tp=4 -> 256 columns, Vp=64: rank 2 has 2 real columns, rank 3 none.
+VOCABS = ((1001, 128), (130, 64))
+JSD_CASES = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (0.0, 2.5), (0.5, 2.5), (1.0, 2.5), (0.3, 0.7))
+CLIP_CASES = ((10.0, 1.0, True), (0.5, 2.0, True), (1e9, 1.0, False))  # (tau, T, clip active)
+LOGPROB_TEMPS = (1.0, 1.7)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "broadcast", "reduce",
+               "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv",
+               "all_gather_object", "broadcast_object_list", "all_reduce_coalesced")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=90))
+
+
+def _data(seed: int, vocab: int, v_pad: int):
+    """fp64 student/teacher logits [ROWS, v_pad] with std ~30 (half the teacher rows near the student),
+    garbage in the padding columns, and target ids including the shard boundaries and the last real id."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(ROWS, v_pad, generator=g, dtype=D) * 30
+    t = torch.randn(ROWS, v_pad, generator=g, dtype=D) * 30
+    t[::2] = s[::2] + torch.randn(ROWS // 2, v_pad, generator=g, dtype=D) * 3
+    s[:, vocab:] = 1e4
+    t[:, vocab:] = 2e4
+    targets = torch.randint(0, vocab, (ROWS,), generator=g)
+    targets[:4] = torch.tensor([0, vocab - 1, min(63, vocab - 1), min(64, vocab - 1)])
+    w = torch.rand(ROWS, generator=g, dtype=D) + 0.5
+    return s, t, targets, w
+
+
+def _pad_cols(x: torch.Tensor, v_pad: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, v_pad - x.shape[1]))
+
+
+def _check_against_dense(op, dense, s_full, t_full, w, vocab, v_pad, rank, tp, *, t_needs_grad=True):
+    """Loss and student-shard gradient of `op` (on the shards) vs `dense` (on the real columns), fp64."""
+    s_ref = s_full[:, :vocab].clone().requires_grad_()
+    ref = dense(s_ref, t_full[:, :vocab])
+    (ref * w).sum().backward()
+    g_ref = shard_logits(_pad_cols(s_ref.grad, v_pad), rank, tp)
+
+    s_sh = shard_logits(s_full, rank, tp).requires_grad_()
+    t_sh = shard_logits(t_full, rank, tp).requires_grad_(t_needs_grad)
+    out = op(s_sh, t_sh)
+    assert out.shape == (ROWS,) and out.dtype == D
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-9)
+    (out * w).sum().backward()
+    torch.testing.assert_close(s_sh.grad, g_ref, rtol=1e-9, atol=1e-10)
+    vp = v_pad // tp
+    n_real = max(0, min(vp, vocab - rank * vp))
+    assert torch.all(s_sh.grad[:, n_real:] == 0), "TP padding columns got a gradient"
+    assert t_sh.grad is None, "the teacher must be under stop-gradient"
+    return ref.detach()
+
+
+def _correctness_checks(rank, groups):
+    """Yield (check name, thunk)."""
+    for tp in TPS:
+        group = groups[tp]
+        r = dist.get_rank(group)
+        for vocab, multiple in VOCABS:
+            v_pad = pad_vocab_size(vocab, tp, multiple)
+            tag = f"tp{tp}"
+            for ci, (beta, temp) in enumerate(JSD_CASES):
+                def run(beta=beta, temp=temp, ci=ci, vocab=vocab, v_pad=v_pad, tp=tp, group=group, r=r):
+                    s, t, _, w = _data(100 + ci, vocab, v_pad)
+                    for chunk in (5, 256):
+                        _check_against_dense(
+                            lambda a, b: vocab_parallel_generalized_jsd(a, b, group, vocab, beta=beta,
+                                                                        temperature=temp, chunk_rows=chunk),
+                            lambda a, b: generalized_jsd_dense(a, b, beta, temp), s, t, w, vocab, v_pad, r, tp)
+                yield f"jsd-{tag}", run
+            for ci, (tau, temp, active) in enumerate(CLIP_CASES):
+                def run(tau=tau, temp=temp, active=active, ci=ci, vocab=vocab, v_pad=v_pad, tp=tp, group=group,
+                        r=r):
+                    s, t, _, w = _data(200 + ci, vocab, v_pad)
+                    ls = torch.log_softmax(s[:, :vocab] / temp, -1)
+                    lt = torch.log_softmax(t[:, :vocab] / temp, -1)
+                    terms = lt.exp() * (lt - ls)
+                    assert bool((terms > tau).any()) == active
+                    ref = _check_against_dense(
+                        lambda a, b: vocab_parallel_clipped_forward_kl(a, b, group, vocab, tau=tau, temperature=temp,
+                                                                       chunk_rows=5),
+                        lambda a, b: clipped_forward_kl_dense(a, b, tau, temp), s, t, w, vocab, v_pad, r, tp)
+                    if active:  # the clip changes the loss, not just a rounding
+                        assert (terms.sum(-1) - ref).max() > 1.0
+                yield f"clipped-{tag}", run
+            for ci, temp in enumerate(LOGPROB_TEMPS):
+                def run(temp=temp, ci=ci, vocab=vocab, v_pad=v_pad, tp=tp, group=group, r=r):
+                    s, _, targets, w = _data(300 + ci, vocab, v_pad)
+                    s_ref = s[:, :vocab].clone().requires_grad_()
+                    ref = token_logprobs(s_ref, targets, temp)
+                    (ref * w).sum().backward()
+                    g_ref = shard_logits(_pad_cols(s_ref.grad, v_pad), r, tp)
+                    for chunk in (5, 1024):
+                        s_sh = shard_logits(s, r, tp).requires_grad_()
+                        out = vocab_parallel_logprobs(s_sh, targets, group, vocab, temperature=temp, chunk_rows=chunk)
+                        assert out.dtype == D
+                        torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-9)
+                        (out * w).sum().backward()
+                        torch.testing.assert_close(s_sh.grad, g_ref, rtol=1e-9, atol=1e-10)
+                yield f"logprobs-{tag}", run
+
+        def run_extras(tp=tp, group=group, r=r):
+            vocab, v_pad = 1001, pad_vocab_size(1001, tp)
+            s, t, targets, w = _data(400, vocab, v_pad)
+            # bf16 inputs: computed and returned in fp32, gradient in the student's dtype.
+            s_ref = s[:, :vocab].clone().requires_grad_()
+            ref = generalized_jsd_dense(s_ref, t[:, :vocab], 0.5, 2.0)
+            (ref * w).sum().backward()
+            s_bf = shard_logits(s, r, tp).to(torch.bfloat16).requires_grad_()
+            out = vocab_parallel_generalized_jsd(s_bf, shard_logits(t, r, tp).to(torch.bfloat16), group, vocab,
+                                                 beta=0.5, temperature=2.0, chunk_rows=5)
+            assert out.dtype == torch.float32
+            assert torch.allclose(out.double(), ref.detach(), rtol=0.05, atol=0.05)
+            (out * w.float()).sum().backward()
+            assert s_bf.grad.dtype == torch.bfloat16
+            g_ref = shard_logits(_pad_cols(s_ref.grad, v_pad), r, tp)
+            assert torch.allclose(s_bf.grad.double(), g_ref, atol=2e-3)
+            lp = vocab_parallel_logprobs(shard_logits(s, r, tp).to(torch.bfloat16), targets, group, vocab)
+            assert lp.dtype == torch.float32
+            # inplace_grad: same gradient, written over the student logits during forward.
+            _check_against_dense(
+                lambda a, b: vocab_parallel_generalized_jsd(a.clone(), b, group, vocab, beta=0.5, chunk_rows=5,
+                                                            inplace_grad=True),
+                lambda a, b: generalized_jsd_dense(a, b, 0.5), s, t, w, vocab, v_pad, r, tp)
+        yield f"extras-tp{tp}", run_extras
+
+    def run_default_world():  # group=None without megatron's model parallel state: WORLD (tp=4)
+        vocab = 1001
+        v_pad = pad_vocab_size(vocab, WORLD)
+        s, t, _, w = _data(500, vocab, v_pad)
+        _check_against_dense(lambda a, b: vocab_parallel_generalized_jsd(a, b, vocab_size=vocab, chunk_rows=5),
+                             lambda a, b: generalized_jsd_dense(a, b, 0.5), s, t, w, vocab, v_pad, rank, WORLD)
+    yield "default-group-world", run_default_world
+
+
+class _Counter:
+    """Counts calls of every torch.distributed collective (wrapping the real functions)."""
+
+    def __init__(self):
+        self.calls: list = []
+        self.saved = []
+        from torch.distributed import distributed_c10d
+        for mod in (dist, distributed_c10d):
+            for name in COLLECTIVES:
+                fn = getattr(mod, name, None)
+                if fn is None:
+                    continue
+                self.saved.append((mod, name, fn))
+                setattr(mod, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            if name == "all_reduce":
+                op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
+                self.calls.append((name, str(op).split(".")[-1], list(args[0].shape)))
+            else:
+                self.calls.append((name, None, None))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+    def restore(self):
+        for mod, name, fn in self.saved:
+            setattr(mod, name, fn)
+
+
+def _count_collectives(rank, groups):
+    """For each op and tp: the collectives of one forward (ROWS=12 rows, chunk_rows=5 -> 3 chunks) and of
+    its backward."""
+    out = {}
+    counter = _Counter()
+    try:
+        for tp in TPS:
+            group = groups[tp]
+            r = dist.get_rank(group)
+            vocab, v_pad = 1001, pad_vocab_size(1001, tp)
+            s, t, targets, w = _data(600, vocab, v_pad)
+            ops = {
+                "logprobs": lambda a: vocab_parallel_logprobs(a, targets, group, vocab, 1.5, chunk_rows=5),
+                "jsd-0": lambda a: vocab_parallel_generalized_jsd(a, shard_logits(t, r, tp), group, vocab, 0.0,
+                                                                  chunk_rows=5),
+                "jsd-0.5": lambda a: vocab_parallel_generalized_jsd(a, shard_logits(t, r, tp), group, vocab, 0.5,
+                                                                    1.5, chunk_rows=5),
+                "jsd-1": lambda a: vocab_parallel_generalized_jsd(a, shard_logits(t, r, tp), group, vocab, 1.0,
+                                                                  chunk_rows=5),
+                "clipped": lambda a: vocab_parallel_clipped_forward_kl(a, shard_logits(t, r, tp), group, vocab,
+                                                                       10.0, chunk_rows=5),
+            }
+            for name, op in ops.items():
+                a = shard_logits(s, r, tp).requires_grad_()
+                counter.take()
+                loss = (op(a) * w).sum()
+                fwd = counter.take()
+                loss.backward()
+                bwd = counter.take()
+                out[f"tp{tp}-{name}"] = {"forward": fwd, "backward": bwd}
+    finally:
+        counter.restore()
+    return out
+
+
+def _worker(rank, world, port, out_dir):
+    _init(rank, world, port)
+    groups = {WORLD: dist.group.WORLD}
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    singles = [dist.new_group([i]) for i in range(WORLD)]
+    groups[2] = pairs[rank // 2]
+    groups[1] = singles[rank]
+    results: dict = {}
+    for name, check in _correctness_checks(rank, groups):
+        try:  # every check runs on every rank (keeps the collectives in step); the first failure is kept
+            check()
+            results.setdefault(name, "ok")
+        except Exception:  # noqa: BLE001 - reported by the test that reads this file
+            if results.get(name, "ok") == "ok":
+                results[name] = traceback.format_exc()
+    dist.barrier()
+    try:
+        counts = _count_collectives(rank, groups)
+    except Exception:  # noqa: BLE001
+        counts = {"error": traceback.format_exc()}
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump({"checks": results, "counts": counts}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("vocab_parallel")
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _assert_check(spawned, name):
+    failures = [f"rank {r}:\n{res['checks'].get(name, 'missing')}" for r, res in enumerate(spawned)
+                if res["checks"].get(name) != "ok"]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_jsd_matches_dense(spawned, tp):
+    """beta in {0, 0.3, 0.5, 1}, T in {0.7, 1, 2.5}, two chunk sizes, two padded vocabularies."""
+    _assert_check(spawned, f"jsd-tp{tp}")
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_clipped_kl_matches_dense(spawned, tp):
+    """tau = 10 and 0.5 (clip active), 1e9 (inactive); T in {1, 2}."""
+    _assert_check(spawned, f"clipped-tp{tp}")
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_logprobs_match_dense(spawned, tp):
+    _assert_check(spawned, f"logprobs-tp{tp}")
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_bf16_and_inplace_grad(spawned, tp):
+    _assert_check(spawned, f"extras-tp{tp}")
+
+
+def test_default_group_is_world_without_megatron(spawned):
+    _assert_check(spawned, "default-group-world")
+
+
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("op", ["logprobs", "jsd-0", "jsd-0.5", "jsd-1", "clipped"])
+def test_collectives_per_chunk(spawned, tp, op):
+    """At most 2 all-reduces per chunk in forward (3 chunks here), no other collective, none in backward."""
+    n_chunks = math.ceil(ROWS / 5)
+    for r, res in enumerate(spawned):
+        assert "error" not in res["counts"], res["counts"].get("error")
+        rec = res["counts"][f"tp{tp}-{op}"]
+        fwd, bwd = rec["forward"], rec["backward"]
+        assert bwd == [], f"rank {r}: collectives in backward: {bwd}"
+        assert all(c[0] == "all_reduce" for c in fwd), f"rank {r}: {fwd}"
+        if tp == 1:
+            assert fwd == []
+            continue
+        assert len(fwd) <= 2 * n_chunks, f"rank {r}: {len(fwd)} all-reduces for {n_chunks} chunks: {fwd}"
+        # What each all-reduce carries (chunks of 5, 5, 2 rows).
+        for c, rows in enumerate((5, 5, 2)):
+            first, second = fwd[2 * c], fwd[2 * c + 1]
+            if op == "logprobs":
+                assert first[1:] == ["MAX", [rows]] and second[1:] == ["SUM", [2, rows]]
+            else:
+                k = 2 if op in ("jsd-0.5", "clipped") else 1
+                assert first[1:] == ["SUM", [tp, 4, rows]] and second[1:] == ["SUM", [k, rows]]
+
+
+def test_no_process_group_means_tp1():
+    """Without an initialised process group the ops run on the full vocabulary and communicate nothing."""
+    assert not dist.is_initialized()
+    vocab = 1001
+    s, t, targets, w = _data(700, vocab, pad_vocab_size(vocab, 1))
+    out = vocab_parallel_generalized_jsd(s, t, vocab_size=vocab, beta=0.5)
+    torch.testing.assert_close(out, generalized_jsd_dense(s[:, :vocab], t[:, :vocab], 0.5), rtol=1e-10, atol=1e-9)
+    lp = vocab_parallel_logprobs(s, targets, vocab_size=vocab)
+    torch.testing.assert_close(lp, token_logprobs(s[:, :vocab], targets), rtol=1e-10, atol=1e-9)
+    with pytest.raises(ValueError, match="vocab_size"):
+        vocab_parallel_logprobs(s, targets)
+
+
+def test_pad_vocab_size_and_shards():
+    assert pad_vocab_size(1001, 1) == 1024
+    assert pad_vocab_size(1001, 4) == 1024
+    assert pad_vocab_size(1025, 2) == 1280
+    assert pad_vocab_size(151936, 1) == 151936      # Qwen2: 1187 * 128
+    assert pad_vocab_size(151936, 8) == 152576      # multiple of 1024
+    assert pad_vocab_size(130, 4, 64) == 256
+    full = torch.arange(2 * 256.0).view(2, 256)
+    assert torch.equal(torch.cat([shard_logits(full, r, 4) for r in range(4)], -1), full)
+    with pytest.raises(ValueError):
+        shard_logits(full, 0, 3)
+
+
+def _megatron_worker(rank, world, port, out_dir):
+    _init(rank, world, port)
+    result = "ok"
+    try:
+        from megatron.core import parallel_state as mpu
+
+        from nemo_sdsearch.losses.vocab_parallel import _resolve_group
+
+        mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+        # megatron's TP group is this rank alone; WORLD (size 2) would treat the full logits as a shard.
+        group, tp, r = _resolve_group(None)
+        assert group is mpu.get_tensor_model_parallel_group() and (tp, r) == (1, 0)
+        vocab = 1001
+        s, t, _, w = _data(800, vocab, pad_vocab_size(vocab, 1))
+        _check_against_dense(lambda a, b: vocab_parallel_clipped_forward_kl(a, b, vocab_size=vocab, chunk_rows=5),
+                             lambda a, b: clipped_forward_kl_dense(a, b), s, t, w, vocab, s.shape[1], 0, 1)
+        mpu.destroy_model_parallel()
+    except Exception:  # noqa: BLE001
+        result = traceback.format_exc()
+    with open(f"{out_dir}/megatron{rank}.txt", "w") as f:
+        f.write(result)
+    dist.destroy_process_group()
+
+
+def test_default_group_is_megatron_tp_group(tmp_path):
+    pytest.importorskip("megatron.core")
+    mp.spawn(_megatron_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert (tmp_path / f"megatron{r}.txt").read_text() == "ok"

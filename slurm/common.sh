@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Helpers shared by the sbatch scripts in this folder. Sourced, never run on its own.
+#
+# Environment a user may set (all optional):
+#   CONTAINER_IMAGE   an NGC image / squashfs: every step runs in it through pyxis
+#                     (srun --container-image/--container-mounts); unset: plain srun on the host
+#   CONTAINER_MOUNTS  pyxis mounts (default: the submit directory at the same path)
+#   SDSEARCH_VENV     a virtualenv to activate on the host when no container is named
+#   SDSEARCH_LOGS     root of the per-job log folders (default: ./logs)
+
+# Per-job log folder: logs/<job name>-<job id>/ (array tasks and requeues share it).
+sdsearch_log_dir() {
+    LOG_DIR="${SDSEARCH_LOGS:-$PWD/logs}/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID:-local}"
+    mkdir -p "$LOG_DIR"
+    export LOG_DIR
+    echo "logs: $LOG_DIR"
+}
+
+# srun, inside the container when CONTAINER_IMAGE is set. Extra srun options first, then "--", then
+# the command:  sdsearch_srun --ntasks=1 -- sdsearch eval ...
+sdsearch_srun() {
+    local opts=()
+    while [[ $# -gt 0 && "$1" != "--" ]]; do opts+=("$1"); shift; done
+    [[ "${1:-}" == "--" ]] && shift
+    if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
+        srun "${opts[@]}" --container-image="$CONTAINER_IMAGE" \
+            --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}" --container-workdir="$PWD" "$@"
+    else
+        srun "${opts[@]}" "$@"
+    fi
+}
+
+# Activate the host virtualenv (no container).
+sdsearch_env() {
+    if [[ -z "${CONTAINER_IMAGE:-}" && -n "${SDSEARCH_VENV:-}" ]]; then
+        # shellcheck disable=SC1091
+        source "$SDSEARCH_VENV/bin/activate"
+    fi
+    export PYTHONUNBUFFERED=1
+}
+
+# torchrun rendezvous from the SLURM allocation: the first node of the (first het component's) node
+# list is the c10d endpoint; the port is derived from the job id so concurrent jobs do not collide.
+sdsearch_rendezvous() {
+    local nodelist="${SLURM_JOB_NODELIST_HET_GROUP_0:-${SLURM_JOB_NODELIST:-localhost}}"
+    MASTER_ADDR="$(scontrol show hostnames "$nodelist" | head -n 1)"
+    MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
+    NNODES="${SLURM_JOB_NUM_NODES_HET_GROUP_0:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
+    export MASTER_ADDR MASTER_PORT NNODES
+    echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s)"
+}
+
+# Requeue on preemption or time limit: sbatch --signal=B:USR1@<s> sends USR1 to this shell shortly
+# before the end; the job goes back to the queue and, with trainer.resume=true, continues from its
+# last checkpoint. The step must run in the background (`... & wait`) for the trap to fire.
+sdsearch_requeue_on_signal() {
+    trap 'echo "$(date -Is) caught the end-of-allocation signal: requeueing ${SLURM_JOB_ID}";
+          scontrol requeue "${SLURM_JOB_ID}"; exit 0' USR1
+    echo "restart count: ${SLURM_RESTART_COUNT:-0}"
+}
+
+# Wait for a retrieval service to answer /health (the het component or an external URL).
+sdsearch_wait_for_retrieval() {
+    local url="$1" tries="${2:-600}"
+    for ((i = 0; i < tries; i++)); do
+        if python - "$url" <<'PY' 2>/dev/null; then
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1].rstrip("/") + "/health", timeout=2).read()
+PY
+            echo "retrieval service up at $url"
+            return 0
+        fi
+        sleep 2
+    done
+    echo "retrieval service at $url did not come up" >&2
+    return 1
+}

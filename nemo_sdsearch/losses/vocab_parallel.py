@@ -348,5 +348,10 @@ def vocab_parallel_clipped_forward_kl(student_shard: torch.Tensor, teacher_shard
                                           bool(inplace_grad))
 
 
-__all__ = ["pad_vocab_size", "shard_logits", "vocab_parallel_logprobs", "vocab_parallel_generalized_jsd",
-           "vocab_parallel_clipped_forward_kl"]
+__all__ = [
+    "pad_vocab_size",
+    "shard_logits",
+    "vocab_parallel_clipped_forward_kl",
+    "vocab_parallel_generalized_jsd",
+    "vocab_parallel_logprobs",
+]

@@ -29,62 +29,79 @@ How the seam maps onto the LLM API
 * `refit(state_dict)` updates the weights in place through the Ray workers' RL extension (no engine
   rebuild); `sleep()` / `wake_up()` release and re-materialise GPU memory by tag while training runs.
 
-TensorRT-LLM API facts used here (V = verified by reading TensorRT-LLM or verl source through the code
-search tool; paths are in the NVIDIA/TensorRT-LLM repository unless said otherwise; A = assumed)
---------------------------------------------------------------------------------------------------------
+TensorRT-LLM API facts used here
+--------------------------------
+V = verified by reading source through the code search tool (stored snapshots of NVIDIA/TensorRT-LLM
+and volcengine/verl; the index keeps files at assorted commits, so each fact names the commit read, and
+"1.2-era" marks the snapshots whose features match 1.2: `enable_sleep`, the dict-of-handles refit).
+A = assumed, not verified from source; the GPU run of the conformance suite is what checks these.
+
 V  `LLM(model, tokenizer, ..., backend="pytorch", **TorchLlmArgs)`; `LLM._collective_rpc(method, args)`
-   forwards to `executor.collective_rpc` and needs the Ray executor (tensorrt_llm/llmapi/llm.py;
-   tensorrt_llm/executor/ray_executor.py: `collective_rpc(method, args=(), kwargs=None, ...)`).
-V  `orchestrator_type="ray"` + `ray_worker_extension_cls="tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"`
-   (tensorrt_llm/_torch/async_llm.py sets exactly these; verl/workers/rollout/trtllm_rollout/
-   trtllm_async_server.py builds its TRT-LLM rollout with them, plus `enable_sleep=True`,
-   `sampler_type="TRTLLMSampler"`, `KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=..)`).
-V  Weight update: `collective_rpc("update_weights", args=(ipc_handles,))` with
-   `ipc_handles = {device_uuid: [(hf_param_name, torch.multiprocessing.reductions.reduce_tensor(cuda_t))]}`;
-   the worker rebuilds each tensor on its own device and loads it by HF name
-   (tensorrt_llm/llmapi/rlhf_utils.py `WorkerExtension.update_weights`). In the later 1.2-era form the
-   argument is Optional: buckets are loaded with `allow_partial_loading=True` and a final call with
-   `None` runs `process_weights_after_loading` / `post_load_weights` and `engine.reset_prefix_cache()`;
-   the earliest form takes one dict, loads it and resets the prefix cache. `_refit_finalize()` tells
-   them apart by the signature. verl sends the same handles in buckets, then `update_weights(None)`
-   (verl/workers/rollout/trtllm_rollout/trtllm_rollout.py). The worker side matches devices with
-   `tensorrt_llm._torch.utils.get_device_uuid(device_id)`; `RayWorkerWrapper.report_device_id()`
-   returns it (tensorrt_llm/executor/ray_gpu_worker.py).
-V  Sleep / wake: `collective_rpc("sleep", args=(tags,))` and `("wakeup", args=(tags,))` release and
-   re-materialise the virtual memory of the given tags; the worker refuses unless the LLM was built with
-   `enable_sleep=True` (tensorrt_llm/executor/ray_gpu_worker.py; `AsyncLLM.release/resume` in
-   tensorrt_llm/_torch/async_llm.py are these calls). Tags: `ExecutorMemoryType` values "sampler",
-   "drafter", "guided_decoder", "spec_resource_manager", "model_extra", "executor_extra", "kv_cache",
-   "model", "draft_model" (tensorrt_llm/_torch/virtual_memory.py); verl releases all of them.
+   forwards to `executor.collective_rpc` (tensorrt_llm/llmapi/llm.py, a post-1.2 snapshot; its docstring
+   says only the Ray executor supports it). 1.2-era Ray executor:
+   `RayExecutor.collective_rpc(method, args=(), kwargs=None, non_block=False, unique_reply_rank=None)`,
+   falling back to `RayWorkerWrapper.call_worker_method` for extension methods
+   (tensorrt_llm/executor/ray_executor.py). `_rpc` uses the first, else the second.
+V  `orchestrator_type="ray"` with `ray_worker_extension_cls="tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"`:
+   tensorrt_llm/_torch/async_llm.py @0acd798d13e5 (1.2-era `AsyncLLM`) sets exactly these. verl's TRT-LLM
+   rollout, verl/workers/rollout/trtllm_rollout/trtllm_async_server.py @075abdbe1054, builds its LLM with
+   them plus `enable_sleep=True`, `sampler_type="TRTLLMSampler"`,
+   `KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=...)`, and samples with
+   `end_id=-1, stop_token_ids=[eos], include_stop_str_in_output=True, detokenize=False, logprobs=1`.
+V  Refit: `collective_rpc("update_weights", args=({device_uuid: [(hf_name, reduce_tensor(cuda_tensor))]},))`.
+   The worker rebuilds each tensor on its own device (`args[6] = device_id`) and loads it by HF name.
+   Earliest form (a search hit on tensorrt_llm/llmapi/rlhf_utils.py): `update_weights(ipc_handles: dict)`
+   calls `model.load_weights(weights)` and then `engine.reset_prefix_cache()`. Later form
+   (rlhf_utils.py @04762f3b82e2): `update_weights(ipc_handles: Optional[dict] = None)` loads each bucket
+   with `model_loader.reload(..., allow_partial_loading=True)`; a final call with None runs
+   `process_weights_after_loading` / `post_load_weights` and `engine.reset_prefix_cache()`.
+   `_refit_finalize()` picks by the signature: buckets + None, or one call with everything. verl sends
+   the buckets, then `update_weights(None)` (verl/workers/rollout/trtllm_rollout/trtllm_rollout.py
+   @075abdbe1054). Device match: the worker looks itself up with
+   `tensorrt_llm._torch.utils.get_device_uuid(device_id)`, and `RayWorkerWrapper.report_device_id()`
+   returns that UUID (tensorrt_llm/executor/ray_gpu_worker.py @0acd798d13e5).
+V  Sleep / wake: `RayGPUWorker.sleep(tags)` / `wakeup(tags)` release / re-materialise the virtual memory
+   of the tags, and refuse unless the LLM was built with `enable_sleep=True`
+   (ray_gpu_worker.py @0acd798d13e5). `AsyncLLM.release/resume(tags)` are exactly
+   `collective_rpc("sleep"/"wakeup", args=(tags,))` (async_llm.py @0acd798d13e5). Tags are the
+   `ExecutorMemoryType` values "sampler", "drafter", "guided_decoder", "spec_resource_manager",
+   "model_extra", "executor_extra", "kv_cache", "model", "draft_model"
+   (tensorrt_llm/_torch/virtual_memory.py, 1.2-era snapshot), which are the tags verl releases.
+   Newer releases replace `enable_sleep` with `sleep_config=SleepConfig()` and add `LLM.release/resume`.
+   `_fit_llm_kwargs` and `sleep` handle both.
 V  `SamplingParams` fields used: max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
    include_stop_str_in_output, end_id, pad_id, logprobs, detokenize, return_generation_logits
-   (tensorrt_llm/sampling_params.py). Stop strings become stop words via `tokenizer.encode(s)` there.
-V  Results: `generate_async` returns a `GenerationResult` that can be awaited, iterated with `async for`
-   in streaming mode, and `abort()`-ed; `outputs[0]` is a `CompletionOutput` with cumulative
-   `token_ids`, `logprobs` (list of `{token_id: Logprob(logprob, rank)}`), `finish_reason` in
-   {"stop", "length", "timeout", "cancelled"} ("stop" for both the end id and stop words),
-   `stop_reason`, and `generation_logits` [tokens, vocab] (tensorrt_llm/executor/result.py).
-V  Sampled log-probs, TRTLLMSampler (the C++ decoder): computed from the temperature-scaled logits
-   (TensorRT-LLM PR #12514 documents that the decoder applies the temperature in place before
-   sampling, so its log-probs are of the temperature-adjusted distribution). PyTorch `TorchSampler`:
-   raw log-probs, `log_softmax(logits)` before temperature, by default (`LogprobMode.RAW`, same PR);
-   a `logprobs_mode="processed"` option (after temperature AND top-k/top-p) arrived around 1.2/1.3
-   (PR #9675) and is used only when this SamplingParams has the field.
-V  The TorchSampler honours per-request seeds only from TensorRT-LLM PR #17172 (2026) on; the C++
-   TRTLLMSampler honours `SamplingConfig.randomSeed`. Hence the default `sampler_type="TRTLLMSampler"`.
-A  TRTLLMSampler log-probs are taken BEFORE top-p truncation (the top-p kernel reports the log of the
-   sampled token's probability in the full temperature-scaled softmax), and the greedy path (top_k=1,
-   temperature left at its default 1.0) reports `log_softmax(logits)[argmax]`. Both are what this
-   project's convention needs (`generator.py`: `log_softmax(logits / T)`, T = 1 for greedy, before
-   top-p). NOT verified from source: the conformance suite checks it on a GPU (dense re-forward of the
-   context with the HF model); if it fails, `logprobs_source="logits"` computes the convention exactly
-   from the returned generation logits (costly: vocab floats per token).
-A  With `logprobs=1` the returned dict holds the sampled token (verl takes its only value as the
-   sampled token's log-prob); we look the sampled id up and raise if it is missing.
-A  KV blocks of finished requests (prompt and generated tokens) are kept for reuse by the next request
-   with the same prefix; only full blocks are reused.
-A  After `wakeup` of "kv_cache" the prefix-reuse tree must be reset (the memory content is gone); we
-   call the worker's `reset_prefix_cache` where the extension has it and warn otherwise.
+   (tensorrt_llm/sampling_params.py @000a01de66f0, 1.0rc4). `_setup` turns stop strings into stop words
+   with `tokenizer.encode(s)`. The Python decoder matches stop words as token-id suffixes
+   (tensorrt_llm/_torch/pyexecutor/sampler.py `_meet_stop_token_criteria`).
+V  Results (tensorrt_llm/executor/result.py @005bc848893f): `generate_async` returns a `GenerationResult`
+   that can be awaited (`__await__` -> `aresult()`), iterated with `async for` when streaming, and
+   aborted with `abort()`. It has a `finished` property. `outputs[0]` is a `CompletionOutput` with
+   cumulative `token_ids`, `logprobs` (a list of `{token_id: Logprob(logprob, rank)}`), and
+   `finish_reason` in {"stop", "length", "timeout", "cancelled"}: "stop" covers both the end id and
+   stop words, and `stop_reason` says which stop. `generation_logits` is [tokens, vocab].
+V  Sampled log-probs (TensorRT-LLM PR #12514, text of the PR): the C++ decoder behind the TRTLLMSampler
+   applies the temperature to the logits in place before sampling, so its log-probs are of the
+   temperature-adjusted distribution. The PyTorch TorchSampler returns raw log-probs by default
+   (`LogprobMode.RAW`, i.e. `log_softmax(logits)` before the temperature). A
+   `logprobs_mode="processed"` option (after temperature AND top-k/top-p; PR #9675, still in review in
+   January 2026) is used only when this SamplingParams has the field.
+V  Seeds: the TorchSampler honours per-request seeds only from PR #17172 (merged August 2026), so not
+   in 1.2. The C++ TRTLLMSampler takes `SamplingConfig.randomSeed`. Hence the default
+   `sampler_type="TRTLLMSampler"`.
+A  TRTLLMSampler log-probs come BEFORE top-p truncation: the top-p kernel reports the sampled token's
+   log-probability in the full temperature-scaled softmax. The greedy path (top_k=1, temperature left
+   at its default 1.0) reports `log_softmax(logits)[argmax]`. Both match this project's convention
+   (generator.py: `log_softmax(logits / T)` before top-p, T = 1 for greedy). If the GPU conformance run
+   disagrees, `logprobs_source="logits"` computes the convention exactly from the generation logits.
+   That path costs vocab floats per generated token.
+A  With `logprobs=1` the returned dict holds the sampled token; verl takes its only value as the
+   sampled token's log-prob. We look the sampled id up, and raise if it is missing.
+A  KV blocks of finished requests (prompt and generated tokens) stay available for reuse by the next
+   request with the same prefix. Only full blocks are reused.
+A  After `wakeup("kv_cache")` the prefix-reuse tree must be reset, because the memory content is gone.
+   We call the worker's `reset_prefix_cache` where the extension has it, and warn otherwise.
+A  The Qwen2 weight loader accepts the HF state-dict names of the actor, tied `lm_head.weight` included.
 """
 
 from __future__ import annotations
@@ -190,6 +207,7 @@ class TRTLLMGenerator(Generator):
                  refit_bucket_bytes: int = 1 << 30, llm_kwargs: Mapping[str, Any] | None = None):
         api = import_trtllm()  # raises ImportError(INSTALL_HINT) without TensorRT-LLM
         model_dir = Path(model_dir)
+        llm_tokenizer = tokenizer if tokenizer is not None else str(model_dir)  # encodes the stop strings
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -197,7 +215,7 @@ class TRTLLMGenerator(Generator):
         # RayExecutor sets this too; the driver needs it to see the workers' GPUs for IPC refit.
         os.environ.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
         kwargs: dict[str, Any] = dict(
-            model=str(model_dir), tokenizer=str(model_dir), backend="pytorch", dtype=dtype,
+            model=str(model_dir), tokenizer=llm_tokenizer, backend="pytorch", dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             kv_cache_config=api.KvCacheConfig(enable_block_reuse=True,
                                               free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction),
@@ -275,6 +293,8 @@ class TRTLLMGenerator(Generator):
         `refit_bucket_bytes`, then `update_weights(None)` finalises (TensorRT-LLM 1.2 RL worker
         extension; see the module docstring). The prefix cache is reset by TensorRT-LLM, since cached
         KV blocks were computed with the old weights."""
+        if self._asleep is not None and set(self._asleep) - set(KV_TAGS):
+            raise RuntimeError("the weights are released (sleep(level=2)); call wake_up() before refit()")
         items = [(k, v) for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")]
         finalize = self._refit_finalize()
         uuids = self._device_uuids()
@@ -381,15 +401,13 @@ class TRTLLMGenerator(Generator):
                     cut = _first_stop(checker, ids, seen)
                     seen = len(ids)
                     if cut is not None:
-                        if not result.finished:
-                            result.abort()  # the turn is over; stop the request early
+                        _abort(result)  # the turn is over; stop the request early
                         break
                 scanned = True
             else:
                 await result
         except asyncio.CancelledError:
-            if not getattr(result, "finished", True):
-                result.abort()
+            _abort(result)
             raise
         return self._completion(result.outputs[0], params, checker, plan, cut, scanned)
 
@@ -404,6 +422,11 @@ class TRTLLMGenerator(Generator):
             cut, reason, stop = params.max_new_tokens, "length", None
         elif out.finish_reason == "length":  # the engine's max_seq_len ended the turn
             cut, reason, stop = len(ids), "length", None
+        elif out.finish_reason == "stop" and getattr(out, "stop_reason", None) in params.stop:
+            # a token-id stop word whose text our checker did not see (decoding artefact): trust the engine
+            cut, reason, stop = len(ids), "stop", out.stop_reason
+        elif out.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids:
+            cut, reason, stop = len(ids), "eos", None
         else:
             raise RuntimeError(f"TensorRT-LLM ended a turn after {len(ids)} tokens with finish_reason="
                                f"{out.finish_reason!r} / stop_reason={getattr(out, 'stop_reason', None)!r}, "
@@ -496,7 +519,8 @@ class TRTLLMGenerator(Generator):
         device = _local_device(uuid)
         out = []
         for name, t in bucket:
-            t = t.detach().to(device=device, dtype=self.weight_dtype or t.dtype).contiguous()
+            dtype = self.weight_dtype if self.weight_dtype is not None and t.is_floating_point() else t.dtype
+            t = t.detach().to(device=device, dtype=dtype).contiguous()
             keep.append(t)
             out.append((name, reduce_tensor(t)))
         torch.cuda.synchronize(device)
@@ -601,6 +625,16 @@ def _first_stop(checker: StopChecker, ids: Sequence[int], start: int) -> int | N
         if checker.check(ids[:i + 1])[0] is not None:
             return i + 1
     return None
+
+
+def _abort(result) -> None:
+    """Abort a request that is still running; best effort (the turn is already cut on our side)."""
+    if getattr(result, "finished", True):
+        return
+    try:
+        result.abort()
+    except Exception as e:  # noqa: BLE001
+        log.debug("aborting a TensorRT-LLM request failed (%s); it runs to its token limit", e)
 
 
 def _valid_tags(tags: list[str]) -> list[str]:

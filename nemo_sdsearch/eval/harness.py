@@ -47,14 +47,58 @@ class EvalReport:
                 lines.append(f"| {name} | {label} | {s['n']} | {s['em']:.3f} | {s['f1']:.3f} | {s['searches']:.2f} |")
         return "\n".join(lines)
 
+    def table1(self) -> str:
+        """The papers' Table 1 layout: one row of EM, one column per benchmark in the papers' order
+        (NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle; any other dataset after them) and
+        the unweighted average over datasets."""
+        names = sorted(self.by_dataset, key=lambda n: (_table1_rank(n), n))
+        cells = [self.by_dataset[n]["all"]["em"] for n in names]
+        head = "| " + " | ".join(_table1_label(n) for n in names) + " | Avg. |"
+        rule = "|" + "---:|" * (len(names) + 1)
+        row = "| " + " | ".join(f"{100 * c:.1f}" for c in cells) + f" | {100 * sum(cells) / max(len(cells), 1):.1f} |"
+        return "\n".join([head, rule, row])
+
     def to_json(self) -> dict:
-        return {"scores": self.by_dataset, "predictions": self.predictions}
+        return {"scores": self.by_dataset, "predictions": self.predictions,
+                "average_em": sum(d["all"]["em"] for d in self.by_dataset.values()) / max(len(self.by_dataset), 1)}
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(self.to_json(), indent=1))
-        (out / "results.md").write_text(self.to_markdown() + "\n")
+        text = self.to_markdown() + "\n"
+        if len(self.by_dataset) > 1:
+            text = "EM x 100 (Table 1 layout)\n\n" + self.table1() + "\n\n" + text
+        (out / "results.md").write_text(text)
+
+
+# The papers' benchmark order (general QA, then multi-hop QA) and display names; file stems are matched
+# after lower-casing and dropping separators and split suffixes ("nq_test.jsonl" -> NQ).
+_TABLE1 = [("nq", "NQ"), ("triviaqa", "TriviaQA"), ("popqa", "PopQA"), ("hotpotqa", "HotpotQA"),
+           ("2wikimultihopqa", "2Wiki"), ("2wiki", "2Wiki"), ("musique", "MuSiQue"), ("bamboogle", "Bamboogle")]
+
+
+def _table1_key(name: str) -> str:
+    key = "".join(c for c in name.lower() if c.isalnum())
+    for suffix in ("test", "dev", "validation", "val", "train"):
+        if key.endswith(suffix) and len(key) > len(suffix):
+            key = key[:-len(suffix)]
+            break
+    return key
+
+
+def _table1_rank(name: str) -> int:
+    key = _table1_key(name)
+    order = {k: i for i, k in enumerate(dict.fromkeys(label for _, label in _TABLE1))}
+    for k, label in _TABLE1:
+        if key == k:
+            return order[label]
+    return len(order)
+
+
+def _table1_label(name: str) -> str:
+    key = _table1_key(name)
+    return next((label for k, label in _TABLE1 if key == k), name)
 
 
 def evaluate(engine: RolloutEngine, datasets: dict[str, Sequence[QA]], batch_size: int = 32,

@@ -1,0 +1,40 @@
+# nemo_sdsearch for clusters: the NGC NeMo container that still ships TensorRT-LLM (26.04 carries
+# TRT-LLM 1.2.x, PyTorch, Transformer Engine, megatron-core), plus faiss-gpu and this project.
+#
+#   docker build -t nemo_sdsearch:latest .
+#   enroot import -o nemo_sdsearch.sqsh dockerd://nemo_sdsearch:latest   # for pyxis (CONTAINER_IMAGE)
+#
+# The image's own torch / megatron-core / transformers are kept: every pip install below is
+# constrained to the versions already in the image (nothing the image ships is upgraded).
+ARG BASE_IMAGE=nvcr.io/nvidia/nemo:26.04
+FROM ${BASE_IMAGE}
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    SDSEARCH_HOME=/opt/nemo_sdsearch
+
+WORKDIR /opt/nemo_sdsearch
+
+# Fail early if the base image lost what we rely on (TRT-LLM's LLM API, megatron-core, TE).
+RUN python -c "import tensorrt_llm, megatron.core, transformer_engine, torch; \
+print('torch', torch.__version__, 'trtllm', tensorrt_llm.__version__, 'mcore', megatron.core.__version__)"
+
+# Pin everything the image already has, then add faiss-gpu and the project's remaining dependencies.
+RUN pip list --format=freeze | grep -v -i -E '^(nemo[-_]sdsearch)==' > /opt/image-constraints.txt
+
+COPY pyproject.toml README.md ./
+COPY nemo_sdsearch ./nemo_sdsearch
+COPY retrieval ./retrieval
+COPY conf ./conf
+COPY slurm ./slurm
+COPY bench ./bench
+COPY scripts ./scripts
+
+RUN pip install -c /opt/image-constraints.txt "faiss-gpu-cu12>=1.8" \
+    && pip install -c /opt/image-constraints.txt -e ".[gpu]" \
+    && python -c "import nemo_sdsearch, retrieval, faiss; print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus())" \
+    && sdsearch --help > /dev/null
+
+# Nothing is downloaded at run time: mount models, indexes and data (see docs/cluster.md).
+CMD ["sdsearch", "--help"]

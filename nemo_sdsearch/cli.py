@@ -119,6 +119,17 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from nemo_sdsearch.checkpoint.nemo_archive import convert
+
+    _threads(args.threads)
+    info = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp)
+    print(f"sdsearch convert: {info['from']} {args.src} -> {info['to']} {info['out']} "
+          f"({info['tensors']} HF tensors, tp={info['tp']} pp={info['pp']}, "
+          f"tokenizer {'copied' if info['tokenizer'] else 'not found'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sdsearch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files")
     x.add_argument("--out", default="runs/world")
     x.set_defaults(fn=cmd_world)
+
+    c = sub.add_parser("convert", help="convert between HF directories, .nemo archives, Megatron weight "
+                                       "directories and Megatron training checkpoints (Qwen2 family)")
+    c.add_argument("src", help="HF model directory, .nemo file, Megatron weight directory or training checkpoint")
+    c.add_argument("--to", required=True, choices=["hf", "megatron", "nemo"])
+    c.add_argument("out", help="output directory (hf, megatron) or .nemo file")
+    c.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron/nemo output")
+    c.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron/nemo output")
+    c.add_argument("--threads", type=int)
+    c.set_defaults(fn=cmd_convert)
 
     args = p.parse_args(argv)
     try:

@@ -8,13 +8,13 @@ traceback is re-raised in the caller. `fn` must be importable (defined at module
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
 import traceback
-
-import torch.multiprocessing as mp
 
 
 def free_port() -> int:
@@ -30,8 +30,10 @@ def _entry(rank, world_size, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, True, fn(rank, world_size, *args)))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
+        # plain pickle bytes: tensors sent through a torch queue travel as shared-memory handles that die
+        # with this process, so the parent could block reading them after the child exits
+        queue.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
+    except BaseException:  # report everything to the parent, then fail
         queue.put((rank, False, traceback.format_exc()))
         raise
 
@@ -57,7 +59,7 @@ def run_workers(fn, world_size: int, *args, timeout: float = 600.0):
                 errors.append(f"timed out after {timeout:.0f}s")
             continue
         if ok:
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         else:
             errors.append(f"rank {rank} failed:\n{value}")
     for p in procs:

@@ -1,0 +1,1 @@
+"""HF <-> Megatron (Qwen2 family) weight conversion, .nemo archives, training-state checkpoints."""

@@ -35,7 +35,7 @@ are neither produced nor required.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -124,7 +124,10 @@ def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelL
     for local in range(per_stage):
         i = pp_rank * per_stage + local
         pre = f"decoder.layers.{local}."
-        g = lambda n: get(_hf_layer(i, n))  # noqa: E731
+
+        def g(name: str, i: int = i) -> torch.Tensor:
+            return get(_hf_layer(i, name))
+
         out[pre + names["input_norm"]] = g("input_layernorm.weight").clone()
         out[pre + names["qkv_w"]] = _chunk(fuse_qkv(g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
                                                     g("self_attn.v_proj.weight"), nh, ng, hd), tp, tp_rank)
@@ -168,8 +171,13 @@ def merge_stage(tp_states: list[Mapping[str, torch.Tensor]], hf_config, pp_rank:
     te = _is_te(tp_states)
     names = _mg_layer_names(te)
     s0 = tp_states[0]
-    cat0 = lambda key: torch.cat([s[key] for s in tp_states], 0)  # noqa: E731
-    cat1 = lambda key: torch.cat([s[key] for s in tp_states], 1)  # noqa: E731
+
+    def cat0(key: str) -> torch.Tensor:
+        return torch.cat([s[key] for s in tp_states], 0)
+
+    def cat1(key: str) -> torch.Tensor:
+        return torch.cat([s[key] for s in tp_states], 1)
+
     out: dict[str, torch.Tensor] = {}
     if MG_EMBED in s0:
         out[HF_EMBED] = cat0(MG_EMBED)[:V].clone()
@@ -178,7 +186,10 @@ def merge_stage(tp_states: list[Mapping[str, torch.Tensor]], hf_config, pp_rank:
         if pre + names["qkv_w"] not in s0:
             raise KeyError(f"stage {pp_rank} has no {pre + names['qkv_w']}: layer count or pp mismatch")
         i = pp_rank * per_stage + local
-        h = lambda n: _hf_layer(i, n)  # noqa: E731
+
+        def h(name: str, i: int = i) -> str:
+            return _hf_layer(i, name)
+
         out[h("input_layernorm.weight")] = s0[pre + names["input_norm"]].clone()
         for suffix, key in (("weight", names["qkv_w"]), ("bias", names["qkv_b"])):
             q, k, v = split_qkv(cat0(pre + key), nh, ng, hd)
@@ -282,7 +293,7 @@ def gather_megatron_to_hf(model, hf_config, include_tied_lm_head: bool = True) -
     mine = local_weights(model)
     if tp > 1:
         group = ps.get_tensor_model_parallel_group()
-        shards: list[dict] = [dict() for _ in range(tp)]
+        shards: list[dict] = [{} for _ in range(tp)]
         for k, v in mine.items():
             parts = [torch.empty_like(v) for _ in range(tp)]
             torch.distributed.all_gather(parts, v.contiguous(), group=group)

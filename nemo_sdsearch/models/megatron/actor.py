@@ -23,9 +23,11 @@ tp>1 (two all-reduces of [N] numbers instead of gathering [N, V] logits).
 Optimizer: on CPU (and whenever `optimizer="torch"`) plain `torch.optim.AdamW` over the local shards
 (AdamW is elementwise, so sharded AdamW equals AdamW on the full weights), our micro-batch loop, the
 global gradient norm all-reduced over the model-parallel group with TP-replicated parameters (the
-RMSNorm weights) counted once, and gradients averaged over the data-parallel group when there is one. On CUDA by default: Megatron's `DistributedDataParallel` and
-`DistributedOptimizer` (fp32 main weights and grads, sharded optimizer state) - written against the
-megatron-core 0.16 API and not runnable on a CPU-only machine.
+RMSNorm weights) counted once, and gradients averaged over the data-parallel group when there is one.
+On CUDA by default (`optimizer="megatron"`): Megatron's `DistributedDataParallel` and
+`DistributedOptimizer` (fp32 main weights and grads, sharded optimizer state), written against the
+megatron-core 0.16 API; it cannot run on a CPU-only machine and has not been run yet.
+Pipeline parallelism is not supported by the actor (see `__init__`); sequence parallelism only on GPU.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ class MegatronActor(Actor):
         self.shard_size = self.padded_vocab_size // self.tp
         self.vocab_start = self.tp_rank * self.shard_size
         self.gather_logits = (self.tp == 1) if gather_logits is None else gather_logits
+        self.sequence_parallel = bool(model.config.sequence_parallel) and self.tp > 1
+        if self.sequence_parallel and not torch.cuda.is_available():
+            raise NotImplementedError("sequence parallelism needs reduce-scatter (NCCL); gloo has none: "
+                                      "build the model with sequence_parallel=False on CPU")
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         use_megatron_opt = optimizer == "megatron" or (optimizer == "auto" and torch.cuda.is_available())
         if use_megatron_opt:
             self._init_megatron_optimizer(lr, weight_decay, betas, eps)
@@ -87,12 +92,23 @@ class MegatronActor(Actor):
 
     # -- forward pieces ------------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:
-        """Decoder output [T, B, H] (final norm applied)."""
+        """Decoder output [T, B, H] (final norm applied), the full sequence on every TP rank."""
         ids = batch.input_ids.to(self.device)
         B, T = ids.shape
-        pos = torch.arange(T, device=self.device).unsqueeze(0).expand(B, T)
+        if self.sequence_parallel and T % self.tp:
+            # sequence parallelism splits T over the TP ranks: pad T to a multiple of tp (extra columns
+            # on the right change nothing before them under the causal mask)
+            ids = torch.nn.functional.pad(ids, (0, self.tp - T % self.tp))
+        pos = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand(B, -1)
         with _decoder_output(self.model):
-            return self.model(ids, pos, None)
+            hidden = self.model(ids, pos, None)
+        if self.sequence_parallel:
+            # [T/tp, B, H] per rank -> [T, B, H]. The backward only splits: the output layer (run with
+            # sequence parallelism off, see _local_logits) already all-reduces the hidden-state gradient.
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)[:T]
+        return hidden
 
     def _local_logits(self, batch, rows, cols) -> torch.Tensor:
         """[N, Vp/tp] fp32 logits of this rank's slice of the padded vocabulary."""
@@ -101,7 +117,12 @@ class MegatronActor(Actor):
         h = hidden[cols - 1, rows].unsqueeze(1)           # [N, 1, H]: the output layer wants 3-D input
         weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
             else None
-        logits, _ = self.model.output_layer(h, weight=weight)
+        layer = self.model.output_layer
+        saved_sp, layer.sequence_parallel = layer.sequence_parallel, False  # h is already full, not sharded
+        try:
+            logits, _ = layer(h, weight=weight)
+        finally:
+            layer.sequence_parallel = saved_sp
         return logits[:, 0].float()
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
@@ -173,7 +194,7 @@ class MegatronActor(Actor):
                 torch.distributed.all_reduce(p.grad, group=group)
                 p.grad.div_(self.dp)
         sq = self._grad_norm_sq_local(params)
-        if ps.get_model_parallel_world_size() > 1:
+        if self.tp * self.pp > 1:
             torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
         norm = sq.sqrt().float()
         if not torch.isfinite(norm):
@@ -219,7 +240,11 @@ class MegatronActor(Actor):
                 return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
             loss.backward()
             total += float(loss.detach())
-        self.ddp.finish_grad_sync()                 # data-parallel reduce-scatter into the grad buffers
+        from megatron.core.distributed import finalize_model_grads
+
+        # data-parallel reduce-scatter into the grad buffers, plus the TP all-reduce of the norm weights'
+        # gradients under sequence parallelism (and the tied-embedding sync across pipeline stages)
+        finalize_model_grads([self.ddp])
         found_inf = self.optimizer.prepare_grads()  # model grads -> fp32 main grads
         norm = float(self.optimizer.get_grad_norm())
         if found_inf or not math.isfinite(norm):
@@ -246,7 +271,7 @@ class MegatronActor(Actor):
         load_hf_into_megatron(self.model, hf_state, self.hf_config)
 
     @classmethod
-    def from_hf(cls, hf_model_or_dir, tp: int | None = None, dtype=torch.float32, **kwargs) -> "MegatronActor":
+    def from_hf(cls, hf_model_or_dir, tp: int | None = None, dtype=torch.float32, **kwargs) -> MegatronActor:
         """Build this rank's GPTModel from a HF model (or a local HF directory) and wrap it. The parallel
         state must already be initialised (`builder.init_parallel`)."""
         from nemo_sdsearch.checkpoint.nemo_archive import read_hf_dir

@@ -39,7 +39,9 @@ def init_parallel(tp: int, pp: int = 1, backend: str | None = None, seed: int = 
     MASTER_PORT; LOCAL_RANK picks the GPU) and Megatron's model-parallel groups (TP x PP, the rest is
     data parallel). Without those variables it starts a single-process group. The backend is gloo on
     CPU and nccl on CUDA unless given. On CPU, `cpu_compat.apply_cpu_compat()` is applied first.
-    Also seeds Megatron's tensor-parallel RNG tracker (`model_parallel_cuda_manual_seed`)."""
+    Also seeds Megatron's tensor-parallel RNG tracker (`model_parallel_cuda_manual_seed(seed)`), which
+    seeds the CUDA generator with `seed` - on CPU that is the default CPU generator. Calling it again
+    re-creates the model-parallel groups (e.g. to switch from tp=2 to tp=1 in the same processes)."""
     from megatron.core import parallel_state, tensor_parallel
 
     cuda = torch.cuda.is_available()

@@ -27,7 +27,9 @@ ONLY place in the project that adapts Megatron to CPU; it is idempotent and does
    the names `megatron.core.fusions.fused_softmax` imported from there) -> the same masks built on the
    CPU. They hard-code `device="cuda"`; the unfused softmax path calls them whenever a causal layer is
    run without an explicit mask (which is how the actor runs right-padded batches).
-5. A logging filter drops Megatron's "CPU RNG state changed within GPU RNG context" warning: with the
+5. `torch.cuda.synchronize()` -> no-op. `megatron.core.dist_checkpointing` (torch_dist save) calls it
+   after staging tensors to the CPU; there is nothing to wait for on a CPU host.
+6. A logging filter drops Megatron's "CPU RNG state changed within GPU RNG context" warning: with the
    CPU generator standing in for the CUDA one, every random draw inside `fork()` (dropout) changes
    "the CPU state" by construction, so the warning would fire on every dropout call and mean nothing.
 
@@ -46,7 +48,7 @@ _RNG_WARNING = "CPU RNG state changed within GPU RNG context"
 
 
 class _DropRngWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D401 - logging API
+    def filter(self, record: logging.LogRecord) -> bool:
         return _RNG_WARNING not in record.getMessage()
 
 
@@ -111,7 +113,10 @@ def apply_cpu_compat() -> bool:
         mod.get_default_causal_mask = get_default_causal_mask
         mod.get_sliding_window_causal_mask = get_sliding_window_causal_mask
 
-    # 5. the meaningless RNG warning
+    # 5. nothing to synchronise
+    torch.cuda.synchronize = lambda device=None: None
+
+    # 6. the meaningless RNG warning
     logging.getLogger(mrandom.__name__).addFilter(_DropRngWarning())
 
     _APPLIED = True

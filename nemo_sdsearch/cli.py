@@ -30,8 +30,9 @@ def cmd_eval(args) -> int:
     console = Console()
     _threads(args.threads)
     if args.data:
-        if not args.corpus and not args.no_retrieval:
-            raise SystemExit("--data needs --corpus CORPUS.jsonl (Search-R1 format) or --no-retrieval")
+        if not args.corpus and not args.no_retrieval and not args.retrieval_url:
+            raise SystemExit("--data needs --corpus CORPUS.jsonl (Search-R1 format), --retrieval-url URL "
+                             "or --no-retrieval")
         datasets = {Path(p).stem: load_flashrag(p) for p in args.data}
         corpus = load_corpus(args.corpus) if args.corpus else []
     else:
@@ -44,10 +45,16 @@ def cmd_eval(args) -> int:
                         max_context=args.max_context, topk=args.topk, temperature=0.0,
                         retrieval=not args.no_retrieval)
     resolved = {"model": str(model_dir), "datasets": {k: len(v) for k, v in datasets.items()},
-                "retriever": None if args.no_retrieval else args.retriever, "rollout": cfg.__dict__}
+                "retriever": None if args.no_retrieval else (args.retrieval_url or args.retriever),
+                "rollout": cfg.__dict__}
     console.print("[bold]sdsearch eval[/bold] resolved config:", json.dumps(resolved, indent=1))
     model, tokenizer = load_model_and_tokenizer(model_dir, device=args.device)
-    retriever = None if args.no_retrieval else build_retriever(args.retriever, corpus, args.encoder)
+    if args.no_retrieval:
+        retriever = None
+    elif args.retrieval_url:
+        retriever = build_retriever("http", [], url=args.retrieval_url)
+    else:
+        retriever = build_retriever(args.retriever, corpus, args.encoder)
     engine = RolloutEngine(TorchGenerator(model, tokenizer), retriever, cfg)
     t0 = time.time()
     report = evaluate(engine, datasets, batch_size=args.batch_size, progress=not args.quiet)
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--model", help="model directory (default: the embedded tiny model)")
     e.add_argument("--retriever", default="bm25", choices=["bm25", "dense"])
     e.add_argument("--encoder", help="encoder directory for --retriever dense (default: bundled MiniLM)")
+    e.add_argument("--retrieval-url", help="a running retrieval service (python -m retrieval serve); "
+                                            "its corpus is used instead of --corpus")
     e.add_argument("--no-retrieval", action="store_true", help="searches return nothing (ablation)")
     e.add_argument("--topk", type=int, default=3)
     e.add_argument("--max-turns", type=int, default=4)

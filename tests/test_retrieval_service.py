@@ -231,3 +231,26 @@ def test_bad_index_dir_and_corpus(tmp_path):
     from retrieval.__main__ import main
 
     assert main(["serve", "--index", str(tmp_path / "nope")]) == 2
+
+
+def test_cli_eval_through_the_service_gives_the_in_process_answers(bm25_server, corpus_file, bundle, tmp_path):
+    """`sdsearch eval --retrieval-url` (two benchmark files, Table 1 layout) equals the in-process BM25 run."""
+    import json
+
+    from nemo_sdsearch.cli import main
+    from nemo_sdsearch.world.assets import default_model_dir
+
+    files = []
+    for name, qs in (("nq_test", bundle.test[:4]), ("hotpotqa_test", bundle.test[4:8])):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps(q.to_flashrag()) + "\n" for q in qs))
+        files.append(str(f))
+    common = ["eval", "--data", *files, "--model", str(default_model_dir()), "--max-new-tokens", "24", "--quiet",
+              "--threads", "1"]
+    assert main([*common, "--retrieval-url", bm25_server.url, "--out", str(tmp_path / "svc")]) == 0
+    assert main([*common, "--corpus", str(corpus_file), "--out", str(tmp_path / "local")]) == 0
+    svc = json.loads((tmp_path / "svc" / "results.json").read_text())
+    local = json.loads((tmp_path / "local" / "results.json").read_text())
+    assert svc["predictions"] == local["predictions"] and svc["scores"] == local["scores"]
+    text = (tmp_path / "svc" / "results.md").read_text()
+    assert text.startswith("EM x 100 (Table 1 layout)") and "| NQ | HotpotQA | Avg. |" in text

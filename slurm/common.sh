@@ -75,3 +75,42 @@ PY
     echo "retrieval service at $url did not come up" >&2
     return 1
 }
+
+# The GPU training job of slurm/train_{3b,7b}.sh: the retrieval service on het component 1 unless
+# RETRIEVAL_URL names one, torchrun over the training nodes, resume on requeue.
+#   sdsearch_train_gpu DEFAULT_CONFIG [--config NAME] [key=value ...]
+sdsearch_train_gpu() {
+    local config="$1"; shift
+    if [[ "${1:-}" == "--config" ]]; then config="$2"; shift 2; fi
+    local gpus="${GPUS_PER_NODE:-8}" port="${RETRIEVAL_PORT:-8000}" host out
+    if [[ -z "${RETRIEVAL_URL:-}" ]]; then
+        : "${INDEX_DIR:?set INDEX_DIR to the retrieval index (python -m retrieval build ...) or RETRIEVAL_URL}"
+        host="$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_1}" | head -n 1)"
+        sdsearch_srun --het-group=1 --ntasks=1 -- \
+            python -m retrieval serve --index "$INDEX_DIR" --host 0.0.0.0 --port "$port" \
+            > "$LOG_DIR/retrieval.log" 2>&1 &
+        RETRIEVAL_URL="http://${host}:${port}"
+    fi
+    export RETRIEVAL_URL
+    sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
+    sdsearch_rendezvous
+    out="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
+    local group=()
+    [[ -n "${SLURM_HET_SIZE:-}" ]] && group=(--het-group=0)
+    sdsearch_srun "${group[@]}" --ntasks-per-node=1 -- \
+        torchrun --nnodes="$NNODES" --nproc-per-node="$gpus" \
+            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
+            --no-python sdsearch train --config "$config" \
+            cluster.retrieval_url="$RETRIEVAL_URL" cluster.nodes="$NNODES" cluster.gpus_per_node="$gpus" \
+            trainer.out_dir="$out" trainer.resume=true "$@" \
+        >> "$LOG_DIR/train.log" 2>&1 &
+    wait $!
+    echo "finished: $out (convert with: sbatch slurm/convert_to_hf.sh $out/final OUT_DIR)"
+}
+
+# The start of every job: strict mode is the caller's; log folder, environment, requeue trap.
+sdsearch_setup() {
+    sdsearch_log_dir
+    sdsearch_env
+    sdsearch_requeue_on_signal
+}

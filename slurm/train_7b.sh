@@ -31,36 +31,5 @@ set -euo pipefail
 cd "${SDSEARCH_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
-sdsearch_log_dir
-sdsearch_env
-sdsearch_requeue_on_signal
-
-CONFIG="qwen25_7b_sd_search"
-if [[ "${1:-}" == "--config" ]]; then CONFIG="$2"; shift 2; fi
-GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-PORT="${RETRIEVAL_PORT:-8000}"
-
-if [[ -z "${RETRIEVAL_URL:-}" ]]; then
-    : "${INDEX_DIR:?set INDEX_DIR to the retrieval index (python -m retrieval build ...) or RETRIEVAL_URL}"
-    host="$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_1}" | head -n 1)"
-    sdsearch_srun --het-group=1 --ntasks=1 -- \
-        python -m retrieval serve --index "$INDEX_DIR" --host 0.0.0.0 --port "$PORT" \
-        > "$LOG_DIR/retrieval.log" 2>&1 &
-    RETRIEVAL_URL="http://${host}:${PORT}"
-fi
-export RETRIEVAL_URL
-sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
-sdsearch_rendezvous
-
-OUT="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
-train_group=()
-[[ -n "${SLURM_HET_SIZE:-}" ]] && train_group=(--het-group=0)
-sdsearch_srun "${train_group[@]}" --ntasks-per-node=1 -- \
-    torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" \
-        --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-        --no-python sdsearch train --config "$CONFIG" \
-        cluster.retrieval_url="$RETRIEVAL_URL" cluster.nodes="$NNODES" cluster.gpus_per_node="$GPUS_PER_NODE" \
-        trainer.out_dir="$OUT" trainer.resume=true "$@" \
-    >> "$LOG_DIR/train.log" 2>&1 &
-wait $!
-echo "finished: $OUT (convert with: sbatch slurm/convert_to_hf.sh $OUT/final OUT_DIR)"
+sdsearch_setup
+sdsearch_train_gpu qwen25_7b_sd_search "$@"

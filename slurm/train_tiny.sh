@@ -19,9 +19,7 @@ set -euo pipefail
 cd "${SDSEARCH_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
-sdsearch_log_dir
-sdsearch_env
-sdsearch_requeue_on_signal
+sdsearch_setup
 
 OUT="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME:-sdsearch-tiny}-${SLURM_JOB_ID:-local}}"
 echo "run directory: $OUT"

@@ -151,7 +151,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     """A job requeued after its first checkpoint (what preemption does) continues from that step."""
     env = {**os.environ, "SDSEARCH_VENV": sys.prefix, "SDSEARCH_LOGS": str(tmp_path / "logs"),
            "SDSEARCH_OUT": str(tmp_path / "run")}
-    overrides = [o if not o.startswith("trainer.steps") else "trainer.steps=6" for o in TINY]
+    overrides = [o if not o.startswith("trainer.steps") else "trainer.steps=4" for o in TINY]
     p = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", "slurm/train_tiny.sh",
                         *overrides], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     job = p.stdout.strip().split(";")[0]

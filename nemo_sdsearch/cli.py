@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     from nemo_sdsearch.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides, args.config_dir)
-    console = Console()
+    console = Console(quiet=os.environ.get("RANK", "0") != "0")  # under torchrun only rank 0 prints
     console.print("[bold]sdsearch train[/bold] resolved config:\n" + to_yaml(cfg))
     (search_e1.run if cfg.algorithm == "search_e1" else grpo.train)(cfg, console)
     return 0

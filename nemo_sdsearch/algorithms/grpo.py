@@ -8,6 +8,14 @@ One step:
   5. update: GRPO clipped surrogate + kl_coef * k3 KL [+ sd.coef * JSD at query positions]
 Periodic greedy dev evaluation, checkpoints (model, optimizer, RNG, data position), TensorBoard and
 metrics.jsonl every step, and at the end a summary table, a PNG of the curves and test-world EM.
+
+Backends (`actor=hf|megatron`). hf: one process; the generator shares the actor's weights. megatron:
+`torchrun --nproc-per-node N sdsearch train actor=megatron megatron.tensor_parallel=TP` (N a multiple of
+TP); each rank trains its tensor-parallel shard of a megatron-core GPTModel and keeps a full HF copy of
+the model for generation, refitted from the gathered weights after every optimizer step. Every rank
+runs the same rollouts (same seeds, same weights; checked each step), so nothing is broadcast; at tp>1
+the training losses and metrics read vocab-sharded logits (losses.vocab_parallel*). Only rank 0 writes
+files and prints; checkpoints are Megatron dist checkpoints (every rank) plus the loop state (rank 0).
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,6 +38,8 @@ from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, load_
 from nemo_sdsearch.config import TrainConfig, to_dict
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, group_advantages, k3_per_token
+from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
+from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_argmax, vocab_parallel_entropy
 from nemo_sdsearch.models.base import SequenceBatch
 from nemo_sdsearch.models.hf import HFActor, HFScorer, token_logprobs
 
@@ -61,15 +74,26 @@ def build_components(cfg: TrainConfig):
     from nemo_sdsearch.world.generator import build_bundle
     from retrieval import build_retriever
 
+    megatron = cfg.actor == "megatron"
+    device = cfg.model.device
+    if megatron:  # process groups first: a wrong launch fails before anything is loaded
+        device = _init_megatron_parallel(cfg) or device
     torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.trainer.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path or default_model_dir(), device=cfg.model.device)
-    ref = None
-    if cfg.grpo.kl_coef > 0:
-        ref = copy.deepcopy(model).eval()
-        ref.requires_grad_(False)
-    actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
-                    grad_clip=cfg.optim.grad_clip)
+    model, tok = load_model_and_tokenizer(cfg.model.path or default_model_dir(), device=device)
+    if megatron:
+        # The HF model stays on every rank for generation (refitted after every step); the actor and the
+        # frozen reference are megatron-core shards built from its initial weights.
+        actor = _megatron_actor(model, cfg)
+        ref = _megatron_actor(model, cfg, frozen=True) if cfg.grpo.kl_coef > 0 else None
+        torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
+    else:
+        ref = None
+        if cfg.grpo.kl_coef > 0:
+            ref = copy.deepcopy(model).eval()
+            ref.requires_grad_(False)
+        actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+                        grad_clip=cfg.optim.grad_clip)
     data = load_questions(cfg)
     if cfg.data.train_files:  # the user's data: the retrieval service holds its corpus
         train_retriever = test_retriever = build_retriever("http", [], url=cfg.cluster.retrieval_url)
@@ -79,12 +103,145 @@ def build_components(cfg: TrainConfig):
                                           url=cfg.cluster.retrieval_url)
         test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages,
                                          url=cfg.cluster.retrieval_url)
-    generator = TorchGenerator(model, tok)  # shares the actor's weights: no refit needed on one device
+    # hf: shares the actor's weights, no refit needed on one device; megatron: its own copy (see train)
+    generator = TorchGenerator(model, tok)
     sample_cfg, greedy_cfg = rollout_config(cfg.rollout), rollout_config(cfg.rollout, temperature=0.0)
     engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg),
                "dev": RolloutEngine(generator, train_retriever, greedy_cfg),
                "test": RolloutEngine(generator, test_retriever, greedy_cfg)}
+    if megatron:
+        return actor, ref, tok, data, engines
     return actor, (HFScorer(ref) if ref is not None else None), tok, data, engines
+
+
+# ---------------------------------------------------------------------------------------------------
+# The megatron backend: launch check, actor and reference, refit, cross-rank checks
+# ---------------------------------------------------------------------------------------------------
+def _init_megatron_parallel(cfg: TrainConfig) -> str | None:
+    """Process groups from the torchrun environment and Megatron's TP groups; a launch that cannot give
+    them fails with a ConfigError naming the key. Returns this rank's device (None: the default)."""
+    from nemo_sdsearch.config import ConfigError
+    from nemo_sdsearch.models.megatron.builder import init_parallel
+
+    m = cfg.megatron
+    tp, pp = m.tensor_parallel, m.pipeline_parallel
+    launch = (f"launch with `torchrun --nproc-per-node {tp} $(which sdsearch) train actor=megatron "
+              f"megatron.tensor_parallel={tp} ...` (or --nproc-per-node a multiple of {tp}: data parallel)")
+    if pp > 1:
+        raise ConfigError(f"config key megatron.pipeline_parallel: the Megatron actor trains with "
+                          f"pipeline_parallel=1 only (got {pp})")
+    if m.sequence_parallel and tp > 1 and not torch.cuda.is_available():
+        raise ConfigError("config key megatron.sequence_parallel: sequence parallelism needs GPUs "
+                          "(NCCL reduce-scatter); set it to false on CPU")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    else:
+        env = os.environ.get("WORLD_SIZE")
+        if tp > 1 and (env is None or "MASTER_PORT" not in os.environ):
+            raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} needs {tp} processes "
+                              f"but this one was not started by torchrun (no WORLD_SIZE/MASTER_PORT in the "
+                              f"environment): {launch}")
+        world = int(env or 1)
+    if world % tp:
+        raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} does not divide the "
+                          f"{world} processes of this launch: {launch}")
+    init_parallel(tp, pp, seed=cfg.trainer.seed)
+    if torch.cuda.is_available() and cfg.model.device is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return None
+
+
+def _megatron_dtype(cfg: TrainConfig) -> torch.dtype:
+    d = cfg.megatron.dtype
+    if d == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[d]
+
+
+def _megatron_actor(hf_model, cfg: TrainConfig, frozen: bool = False):
+    """This rank's megatron-core shard of `hf_model` (its current weights) as a `MegatronActor`; frozen:
+    no gradient, no optimizer (the reference policy of the k3 KL)."""
+    from nemo_sdsearch.models.megatron.actor import MegatronActor
+    from nemo_sdsearch.models.megatron.builder import build_gpt_model
+
+    m = cfg.megatron
+    overrides = {}
+    if m.sequence_parallel and m.tensor_parallel > 1:
+        overrides["sequence_parallel"] = True
+    if m.activation_checkpointing:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    model = build_gpt_model(hf_model.config, dtype=_megatron_dtype(cfg), vocab_divisor=m.make_vocab_size_divisible_by,
+                            **overrides)
+    optimizer = "torch" if frozen or not m.distributed_optimizer else "auto"
+    actor = MegatronActor(model, hf_model.config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                          betas=cfg.optim.betas, grad_clip=cfg.optim.grad_clip, optimizer=optimizer)
+    actor.load_hf_weights(hf_model.state_dict())
+    if frozen:
+        model.requires_grad_(False)
+        actor.optimizer = None
+    return actor
+
+
+def _vocab_shard(actor) -> dict | None:
+    """{"group", "vocab_size"} when the actor's logits are a vocabulary shard (Megatron at tp > 1), else
+    None (full logits: the dense/chunked functions apply)."""
+    if getattr(actor, "tp", 1) > 1 and not getattr(actor, "gather_logits", True):
+        return {"group": actor.tp_group, "vocab_size": actor.vocab_size}
+    return None
+
+
+def _is_rank0(cfg: TrainConfig) -> bool:
+    if cfg.actor != "megatron":
+        return True
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_same_rollouts(trajs: list[Trajectory]) -> None:
+    """Every rank must have sampled the same trajectories (same seeds, same weights): one all-reduce of
+    a CRC32 of the token ids (and its negation: MAX of both = all equal)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return
+    crc = 0
+    for t in trajs:
+        ids = torch.tensor([len(t.token_ids)] + list(t.token_ids), dtype=torch.int64)
+        crc = zlib.crc32(ids.numpy().tobytes(), crc)
+    h = torch.tensor([crc, -crc], dtype=torch.int64)
+    torch.distributed.all_reduce(h, op=torch.distributed.ReduceOp.MAX)
+    if int(h[0]) != crc or int(h[1]) != -crc:
+        raise RuntimeError(f"rank {torch.distributed.get_rank()}: the rollouts differ between ranks (token-id "
+                           "hash mismatch); generation must be deterministic and the refitted weights identical "
+                           "on every rank")
+
+
+def _save_megatron_checkpoint(out: Path, step: int, actor, payload: dict, rank0: bool) -> None:
+    """Collective: the model/optimizer/RNG shards as a Megatron dist checkpoint (every rank), then rank 0
+    writes the loop state (`state.pt`, naming that directory) and moves the `latest` pointer."""
+    from nemo_sdsearch.checkpoint.nemo_archive import save_training_state
+
+    name = f"megatron_step_{step:06d}"
+    directory = out / "checkpoints" / name
+    if rank0 and directory.exists():
+        shutil.rmtree(directory)
+    save_training_state(directory, actor, extra={"step": step})  # barriers inside
+    if rank0:
+        save_checkpoint(out, step, {**payload, "megatron": name})
+    torch.distributed.barrier()
+
+
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 def greedy_em(engine, questions, batch_size: int) -> dict:
@@ -119,6 +276,7 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
     micro-batches of: GRPO clipped surrogate + kl_coef * k3 KL (+ sd.coef * JSD at query positions when
     `teacher` holds teacher sequences). Returns (metric sums, one train_step stats dict per mini-batch)."""
     T, G = cfg.rollout.temperature, cfg.grpo
+    shard = _vocab_shard(actor)  # tp > 1: logits_at gives this rank's vocabulary shard
     m = {"teacher_s": 0.0, "jsd_sum": 0.0, "agree": 0.0, "n_query": 0, "kl_sum": 0.0,
          "clip": 0.0, "entropy_sum": 0.0, "n_policy": 0}
     per_mini = len(trajs) // G.mini_batches
@@ -146,7 +304,11 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
             batch, rows, cols, is_q = tensors[k]
             mi = micro[k]
             logits = actor.logits_at(batch, rows, cols)
-            logp = token_logprobs(logits, batch.input_ids[rows, cols], T)
+            if shard is None:
+                logp = token_logprobs(logits, batch.input_ids[rows, cols], T)
+            else:
+                logp = vocab_parallel_logprobs(logits, batch.input_ids[rows, cols].to(logits.device), temperature=T,
+                                               **shard)
             a = adv[mi].to(logp.device)[rows]
             surr, clipped = clipped_surrogate_per_token(logp, logp.detach() if old[k] is None else old[k], a, G.clip_eps)
             if G.reduction == "token":
@@ -159,8 +321,11 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
                 loss = loss + G.kl_coef * (kl_tok * w).sum()
                 m["kl_sum"] += float(kl_tok.detach().sum())
             with torch.no_grad():
-                lsm = torch.log_softmax(logits.detach(), -1)
-                m["entropy_sum"] += float(-(lsm.exp() * lsm).sum(-1).sum())
+                if shard is None:
+                    lsm = torch.log_softmax(logits.detach(), -1)
+                    m["entropy_sum"] += float(-(lsm.exp() * lsm).sum(-1).sum())
+                else:
+                    m["entropy_sum"] += float(vocab_parallel_entropy(logits.detach(), **shard).sum())
                 m["clip"] += float(clipped.sum())
                 m["n_policy"] += int(rows.numel())
             if teacher is not None and bool(is_q.any()):
@@ -170,10 +335,14 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
                 q_rows, q_cols = rows[is_q], cols[is_q]
                 t_logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
                 m["teacher_s"] += time.perf_counter() - t0
-                jsd = sd_search.jsd_at_queries(logits, is_q, t_logits, cfg.sd)
+                jsd = sd_search.jsd_at_queries(logits, is_q, t_logits, cfg.sd, vocab_shard=shard)
                 loss = loss + cfg.sd.coef * jsd.sum() / n_query
                 m["jsd_sum"] += float(jsd.detach().sum())
-                m["agree"] += float((logits[is_q].detach().argmax(-1) == t_logits.argmax(-1)).sum())
+                if shard is None:
+                    m["agree"] += float((logits[is_q].detach().argmax(-1) == t_logits.argmax(-1)).sum())
+                else:
+                    m["agree"] += float((vocab_parallel_argmax(logits[is_q].detach(), **shard)
+                                         == vocab_parallel_argmax(t_logits, **shard)).sum())
                 m["n_query"] += int(is_q.sum())
             return loss
 
@@ -190,11 +359,15 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     from rich.table import Table
     from torch.utils.tensorboard import SummaryWriter
 
-    console = console or Console()
+    megatron, rank0 = cfg.actor == "megatron", _is_rank0(cfg)
+    # megatron: every rank runs the loop; only rank 0 prints and writes files
+    console = (console or Console()) if rank0 else Console(quiet=True)
     out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     actor, ref, tok, data, engines = build_components(cfg)
+    generator = engines["train"].generator  # megatron: refitted from the actor after every update
     encode = lambda s: tok.encode(s, add_special_tokens=False)
     G, B = cfg.rollout.group_size, cfg.trainer.questions_per_step
     sampler = QuestionSampler(len(data["train"]), cfg.trainer.seed)
@@ -202,23 +375,35 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
 
     state = load_latest_checkpoint(out) if cfg.trainer.resume else None
     if state is not None:
-        actor.model.load_state_dict(state["model"])
-        actor.optimizer.load_state_dict(state["optimizer"])
+        if megatron:
+            from nemo_sdsearch.checkpoint.nemo_archive import load_training_state
+
+            if "megatron" not in state:
+                raise ValueError(f"{out}/checkpoints: the latest checkpoint (step {state['step']}) was written "
+                                 "by actor=hf; resume it with actor=hf")
+            # model, optimizer and every rank's RNG states from the dist checkpoint
+            load_training_state(out / "checkpoints" / state["megatron"], actor)
+            generator.refit(actor.export_weights())
+        else:
+            actor.model.load_state_dict(state["model"])
+            actor.optimizer.load_state_dict(state["optimizer"])
         sampler.load(state["sampler"])
-        set_rng_state(state["rng"])
+        if not megatron:
+            set_rng_state(state["rng"])
         history, evals, start_test, start_step = state["history"], state["evals"], state["start_test"], state["step"]
-        truncate_jsonl(out / "metrics.jsonl", start_step)
+        if rank0:
+            truncate_jsonl(out / "metrics.jsonl", start_step)
         console.print(f"resumed from step {start_step}")
-    elif (out / "metrics.jsonl").exists():
+    elif rank0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     if cfg.trainer.final_test_eval and start_test is None:
         console.print("evaluating the start weights on the test world ...")
         start_test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
         console.print(f"start test EM {start_test['all']['em']:.3f}")
 
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1) if rank0 else _NoWriter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=console, disable=not progress)
+                   TextColumn("{task.fields[info]}"), console=console, disable=not (progress and rank0))
     with bar:
         task = bar.add_task(cfg.algorithm, total=cfg.trainer.steps, completed=start_step, info="")
         for step in range(start_step, cfg.trainer.steps):
@@ -228,6 +413,8 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             t0 = time.perf_counter()
             trajs = engines["train"].run(questions, n_samples=G, seed=cfg.trainer.seed * 1_000_003 + step)
             gen_s = time.perf_counter() - t0
+            if megatron:
+                check_same_rollouts(trajs)
             # 2. rewards and advantages ------------------------------------------------------------
             rewards = torch.tensor([t.exact_match for t in trajs])
             adv = group_advantages(rewards, G, eps=cfg.grpo.adv_eps)
@@ -240,6 +427,8 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             t_update = time.perf_counter()
             m, stats = update_policy(actor, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
             update_s = time.perf_counter() - t_update - m["teacher_s"]
+            if megatron:  # the generator holds its own copy of the weights (refit time counts in time_step_s)
+                generator.refit(actor.export_weights())
             step_s = time.perf_counter() - t_step
             skipped = any(s["skipped"] for s in stats)
             row = {
@@ -263,7 +452,8 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             if skipped:
                 console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, update skipped[/yellow]")
             history.append(row)
-            append_jsonl(out / "metrics.jsonl", row)
+            if rank0:
+                append_jsonl(out / "metrics.jsonl", row)
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
                     writer.add_scalar(f"train/{k}", v, step + 1)
@@ -273,10 +463,13 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                 evals.append({"step": step + 1, "em": dev["all"]["em"], "f1": dev["all"]["f1"]})
                 writer.add_scalar("eval/dev_em", dev["all"]["em"], step + 1)
             if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
-                save_checkpoint(out, step + 1, {
-                    "model": actor.model.state_dict(), "optimizer": actor.optimizer.state_dict(),
-                    "sampler": sampler.state(), "rng": rng_state(), "step": step + 1, "history": history,
-                    "evals": evals, "start_test": start_test, "config": to_dict(cfg)})
+                loop_state = {"sampler": sampler.state(), "rng": rng_state(), "step": step + 1, "history": history,
+                              "evals": evals, "start_test": start_test, "config": to_dict(cfg)}
+                if megatron:
+                    _save_megatron_checkpoint(out, step + 1, actor, loop_state, rank0)
+                else:
+                    save_checkpoint(out, step + 1, {
+                        "model": actor.model.state_dict(), "optimizer": actor.optimizer.state_dict(), **loop_state})
             info = f"reward {row['reward']:.2f} searches {row['searches_per_rollout']:.2f}"
             if teacher is not None:
                 info += f" jsd {row['jsd']:.3f}"
@@ -293,7 +486,12 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
         evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"], "test_em": end_test["all"]["em"]})
         writer.add_scalar("eval/test_em", end_test["all"]["em"], cfg.trainer.steps)
     writer.close()
-    actor.model.save_pretrained(out / "final", safe_serialization=True)
+    summary = {"start_test": start_test, "end_test": end_test, "history": history, "evals": evals}
+    if not rank0:  # every rank ran the same loop; rank 0 writes the results
+        torch.distributed.barrier()
+        return summary
+    # megatron: the generation model holds the trained weights (refitted from export_weights every step)
+    (generator.model if megatron else actor.model).save_pretrained(out / "final", safe_serialization=True)
     tok.save_pretrained(out / "final")
     plot_curves(history, evals, out / "curves.png", f"{cfg.algorithm} on the tiny world")
     table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps")
@@ -303,7 +501,8 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     for r in summary_rows(start_test, end_test, history):
         table.add_row(*r)
     console.print(table)
-    summary = {"start_test": start_test, "end_test": end_test, "history": history, "evals": evals}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {out}/final (HF model), curves.png, metrics.jsonl, summary.json, tensorboard/")
+    if megatron:
+        torch.distributed.barrier()
     return summary

@@ -1,0 +1,194 @@
+"""`sdsearch train actor=megatron megatron.tensor_parallel=2` under a REAL `torchrun --nproc-per-node 2`
+(gloo, CPU) against the same run with actor=hf: same seeds, same start weights.
+
+Step 1 starts from identical weights, so its rollouts (hence reward and searches) are identical and its
+loss-side metrics (k3 KL, JSD, agreement, clip fraction, entropy, from vocab-sharded logits at tp=2) agree
+to float noise; step 2 rolls out with the refitted generator (weights equal up to float noise), and the
+exported HF models agree at the end. A resumed megatron run (dist checkpoint + rank-0 loop state)
+reproduces the straight run's last step bit-exactly. The embedded model is used: it searches, so query
+tokens (JSD) exist. The padded vocabulary (2048 -> 2400 with make_vocab_size_divisible_by=600) puts TP
+padding columns on rank 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+STEPS = 3
+LOSS_KEYS = ("jsd", "agreement", "kl", "clip_fraction", "entropy", "loss", "grad_norm")
+ROLLOUT_KEYS = ("reward", "em", "searches_per_rollout", "query_tokens")
+
+
+def overrides(out_dir, steps=STEPS, **extra):
+    base = {
+        "model.threads": 1, "trainer.steps": steps, "trainer.seed": 3, "trainer.questions_per_step": 2,
+        "rollout.group_size": 3, "rollout.max_new_tokens": 40, "rollout.max_turns": 2,
+        "trainer.eval_every": 0, "trainer.save_every": 1, "trainer.final_test_eval": False,
+        "trainer.out_dir": str(out_dir), "grpo.micro_batch_size": 2, "grpo.mini_batches": 2, "optim.lr": 1e-4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+MEGATRON = {"actor": "megatron", "megatron.tensor_parallel": 2, "megatron.make_vocab_size_divisible_by": 600}
+
+
+def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 sdsearch train ARGS` in a subprocess."""
+    bindir = Path(sys.executable).parent
+    script = bindir / "sdsearch"
+    entry = [str(script)] if script.exists() else ["-m", "nemo_sdsearch.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *entry, "train",
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics(out_dir) -> list[dict]:
+    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def weights(out_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(out_dir) / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from nemo_sdsearch.algorithms.grpo import train
+    from nemo_sdsearch.config import load_config
+
+    root = tmp_path_factory.mktemp("mtrain")
+    hf = train(load_config("tiny_cpu", overrides(root / "hf")), progress=False)
+    proc = torchrun(overrides(root / "mg", **MEGATRON))
+    return root, hf, proc
+
+
+def test_megatron_tp2_tracks_hf(runs):
+    root, hf, proc = runs
+    mg = metrics(root / "mg")
+    assert [r["step"] for r in mg] == list(range(1, STEPS + 1))   # rank 0 alone wrote metrics.jsonl
+    assert [r["step"] for r in hf["history"]] == [r["step"] for r in mg]
+    h1, m1 = hf["history"][0], mg[0]
+    assert h1["query_tokens"] > 0 and h1["kl"] > 0                 # the JSD and KL terms are exercised
+    for k in ROLLOUT_KEYS:                                          # same weights -> same trajectories
+        assert m1[k] == h1[k], k
+    for step, rtol in ((0, 1e-4), (1, 1e-3)):
+        h, m = hf["history"][step], mg[step]
+        assert m["query_tokens"] == h["query_tokens"]
+        for k in LOSS_KEYS:
+            assert math.isclose(m[k], h[k], rel_tol=rtol, abs_tol=1e-6), (step + 1, k, m[k], h[k])
+    # the exported HF weights (generation model refitted from export_weights, saved by rank 0)
+    wh, wm = weights(root / "hf"), weights(root / "mg")
+    assert wh.keys() == wm.keys()
+    assert max((wh[k] - wm[k]).abs().max().item() for k in wh) < 1e-4
+    from safetensors.torch import load_file
+
+    from nemo_sdsearch.world.assets import default_model_dir
+
+    w0 = load_file(default_model_dir() / "model.safetensors")
+    moved = sum(((wh[k] - w0[k]) ** 2).sum() for k in wh).sqrt()
+    diff = sum(((wh[k] - wm[k]) ** 2).sum() for k in wh).sqrt()
+    assert moved > 1e-3 and diff < 1e-2 * moved
+    # only rank 0 printed the summary and wrote the results
+    assert proc.stdout.count("wrote ") == 1
+    assert (root / "mg" / "curves.png").exists() and (root / "mg" / "summary.json").exists()
+    assert sorted(p.name for p in (root / "mg" / "checkpoints").iterdir() if p.name.startswith("megatron_")) == \
+        [f"megatron_step_{s:06d}" for s in range(1, STEPS + 1)]
+
+
+def test_megatron_resume_continues(runs):
+    """Resume from the step-2 checkpoint of the straight run: step 3 and the final weights are the same."""
+    root, _, _ = runs
+    src, dst = root / "mg", root / "mg_resume"
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+    (dst / "checkpoints" / "latest").write_text("step_000002")
+    torchrun(overrides(dst, **MEGATRON, **{"trainer.resume": True}))
+    straight, resumed = metrics(src), metrics(dst)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s"}
+    assert strip(resumed[2]) == strip(straight[2])
+    ws, wr = weights(src), weights(dst)
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+
+
+# --------------------------------------------------------------------------------------------------
+# the metric helpers on vocabulary shards (2 real processes, gloo WORLD group)
+# --------------------------------------------------------------------------------------------------
+def _metrics_worker(rank, world, cases):
+    from nemo_sdsearch.losses.vocab_parallel import shard_logits
+    from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_argmax, vocab_parallel_entropy
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = []
+        for full, vocab in cases:
+            shard = shard_logits(full, rank, world)
+            out.append((vocab_parallel_argmax(shard, vocab_size=vocab), vocab_parallel_entropy(shard, vocab_size=vocab),
+                        vocab_parallel_entropy(shard, vocab_size=vocab, temperature=0.7, chunk_rows=2)))
+        return out
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_vocab_parallel_argmax_and_entropy_match_dense():
+    """Padding columns (huge logits there must be ignored), a rank holding no real column, ties across
+    shards (the first global index wins, as torch.argmax), fp64 and fp32."""
+    from _mp import run_workers
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for vocab, v_pad, dtype in ((7, 10, torch.float64), (3, 8, torch.float32)):   # (3, 8): rank 1 has none
+        full = torch.randn(5, v_pad, generator=g, dtype=dtype) * 3
+        full[:, vocab:] = 1e4                      # padding: must never win nor enter the softmax
+        full[0, :vocab] = 1.0                      # all tied
+        if vocab > v_pad // 2:
+            full[1, v_pad // 2] = full[1, 0] = 50.0  # a tie across the two shards
+        cases.append((full, vocab))
+    results = run_workers(_metrics_worker, 2, cases, timeout=120)
+    for (full, vocab), per_case in zip(cases, zip(*results)):
+        (a0, e0, t0), (a1, e1, t1) = per_case
+        x = full[:, :vocab]
+        assert torch.equal(a0, x.argmax(-1)) and torch.equal(a1, a0)
+        for temp, e in ((1.0, e0), (0.7, t0)):
+            lsm = torch.log_softmax(x / temp, -1)
+            ref = -(lsm.exp() * lsm).sum(-1)
+            tol = 1e-12 if full.dtype == torch.float64 else 1e-5
+            assert e.dtype == full.dtype and (e - ref).abs().max().item() <= tol
+        assert torch.equal(e0, e1) and torch.equal(t0, t1)
+
+
+def test_megatron_without_torchrun_fails_clearly(tmp_path, capsys, monkeypatch):
+    from nemo_sdsearch.cli import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    args = ["train", "actor=megatron", "megatron.tensor_parallel=2", f"trainer.out_dir={tmp_path}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "megatron.tensor_parallel" in err and "torchrun --nproc-per-node 2" in err
+    # launched by torchrun, but with a number of processes that tp does not divide
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "megatron.tensor_parallel" in err and "3 processes" in err

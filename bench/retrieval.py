@@ -47,29 +47,72 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
     raise RuntimeError(f"server {cmd} did not start")
 
 
+class _Conn:
+    """A minimal HTTP/1.1 keep-alive client over asyncio streams: the load generator shares the 2 cores
+    with the server under test, so it must cost as little as possible (httpx costs about a core at a
+    few hundred requests per second). The same client drives both servers."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + self.host.encode()
+                          + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                          + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length, close = 0, False
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            k = k.strip().lower()
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"connection" and v.strip().lower() == b"close":
+                close = True
+        await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return status
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def load(url: str, queries: list[str], concurrency: int, n: int) -> dict:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    host, port = url.split("//")[1].split(":")
     lat, errors = [], 0
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        sem = asyncio.Semaphore(concurrency)
+    bodies = [json.dumps({"queries": [q], "topk": 3, "return_scores": True}).encode() for q in queries]
 
-        async def one(i):
-            nonlocal errors
-            async with sem:
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/retrieve", json={"queries": [queries[i % len(queries)]], "topk": 3,
-                                                             "return_scores": True})
-                    errors += r.status_code != 200
-                except httpx.HTTPError:
-                    errors += 1
-                lat.append(time.perf_counter() - t0)
+    async def worker(conn: _Conn, jobs: list[int]):
+        nonlocal errors
+        for i in jobs:
+            t0 = time.perf_counter()
+            try:
+                status = await asyncio.wait_for(conn.post("/retrieve", bodies[i % len(bodies)]), 120)
+                errors += status != 200
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                errors += 1
+                conn.close()
+            lat.append(time.perf_counter() - t0)
 
-        await asyncio.gather(*(one(i) for i in range(min(concurrency * 4, n))))  # warm-up
-        lat.clear()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - t0
+    async def run(total: int):
+        conns = [_Conn(host, int(port)) for _ in range(concurrency)]
+        await asyncio.gather(*(worker(c, list(range(w, total, concurrency))) for w, c in enumerate(conns)))
+        for c in conns:
+            c.close()
+
+    await run(min(concurrency * 4, n))  # warm-up
+    lat.clear()
+    errors = 0
+    t0 = time.perf_counter()
+    await run(n)
+    wall = time.perf_counter() - t0
     return {"qps": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
             "p99_ms": 1000 * float(np.percentile(lat, 99)), "errors": errors}
 

@@ -53,6 +53,7 @@ class Batcher:
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.batches = 0
         self.queries = 0
+        self._recent_batch = 2.0  # moving average of requests per batch
         self._task = None
 
     def start(self) -> None:
@@ -72,15 +73,14 @@ class Batcher:
         while True:
             first = await self.queue.get()
             batch, n = [first], len(first.queries)
-            deadline = loop.time() + self.window
-            while n < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+            # Let concurrent requests arrive for one window, then take everything queued (one timer
+            # per batch, not one per request), up to max_batch queries; the rest waits for the next.
+            # A client that sends one request at a time would only ever wait out the window: once the
+            # recent batches hold a single request each, the window is skipped.
+            if self.window > 0 and self.queue.empty() and self._recent_batch > 1.5:
+                await asyncio.sleep(self.window)
+            while n < self.max_batch and not self.queue.empty():
+                item = self.queue.get_nowait()
                 batch.append(item)
                 n += len(item.queries)
             queries = [q for p in batch for q in p.queries]
@@ -95,6 +95,7 @@ class Batcher:
                 continue
             self.batches += 1
             self.queries += len(queries)
+            self._recent_batch = 0.8 * self._recent_batch + 0.2 * len(batch)
             i = 0
             for p in batch:
                 rows = [r[:p.topk] for r in results[i:i + len(p.queries)]]

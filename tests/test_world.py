@@ -69,3 +69,11 @@ def test_tokenizer_has_single_token_tags(tokenizer):
     assert [tokenizer.decode([i]) for i in ids][-4:] == ["1", "8", "4", "3"]
     text = 'Doc 1(Title: "Zürich") <search> x </search>'
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=False) == text
+
+
+def test_no_world_shares_names_with_the_tokenizer_world(bundle):
+    """BPE merges whole names of the world it was trained on; training and test worlds must use names
+    the tokenizer has not merged (they tokenize alike), or the model copies them poorly."""
+    tw = bundle.tokenizer_world.names
+    assert not (tw & bundle.train_world.names) and not (tw & bundle.test_world.names)
+    assert not (bundle.train_world.names & bundle.test_world.names)

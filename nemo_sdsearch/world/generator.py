@@ -267,22 +267,32 @@ def make_questions(w: World, n: int, seed: int, prefix: str, exclude_texts: set[
 
 @dataclass
 class Bundle:
-    """The embedded default: a training world (train + dev questions) and a separate test world."""
+    """The embedded default: a training world (train + dev questions), a separate test world, and the
+    world whose text the project tokenizer was trained on (used for nothing else)."""
     train_world: World
     test_world: World
     train: list[Question]
     dev: list[Question]
     test: list[Question]
+    tokenizer_world: World | None = None
+    tokenizer_questions: list[Question] | None = None
 
 
-TRAIN_SEED, TEST_SEED = 1234, 98765
+# The tokenizer world comes first and no other world uses its names: BPE merges whole names it saw
+# often (they become 1-2 tokens where any other name takes 3-4), and a model trained on other worlds
+# copies such merged names poorly. Before this separation the training world *was* the tokenizer
+# world, and the warm-started model scored 0.02 greedy EM on it against 0.17 on the test world.
+TOKENIZER_SEED, TRAIN_SEED, TEST_SEED = 1234, 4321, 98765
 
 
 def build_bundle(n_train: int = 6000, n_dev: int = 200, n_test: int = 300,
-                 train_seed: int = TRAIN_SEED, test_seed: int = TEST_SEED) -> Bundle:
-    train_world = build_world(train_seed)
-    test_world = build_world(test_seed, exclude_names=train_world.names)
+                 train_seed: int = TRAIN_SEED, test_seed: int = TEST_SEED,
+                 tokenizer_seed: int = TOKENIZER_SEED) -> Bundle:
+    tokenizer_world = build_world(tokenizer_seed)
+    test_world = build_world(test_seed, exclude_names=tokenizer_world.names)
+    train_world = build_world(train_seed, exclude_names=tokenizer_world.names | test_world.names)
+    tokenizer_questions = make_questions(tokenizer_world, n_train, tokenizer_seed + 1, "tok")
     train = make_questions(train_world, n_train, train_seed + 1, "train")
     dev = make_questions(train_world, n_dev, train_seed + 2, "dev", exclude_texts={q.question for q in train})
     test = make_questions(test_world, n_test, test_seed + 1, "test")
-    return Bundle(train_world, test_world, train, dev, test)
+    return Bundle(train_world, test_world, train, dev, test, tokenizer_world, tokenizer_questions)

@@ -52,9 +52,10 @@ class WarmstartConfig:
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
-    texts = [p["contents"] for p in bundle.train_world.passages]
-    texts += [student_prompt(q.question) for q in bundle.train[:2000]]
-    for q in bundle.train[:3000]:
+    """Text of the bundle's tokenizer world (never the training or test world: see generator.py)."""
+    texts = [p["contents"] for p in bundle.tokenizer_world.passages]
+    texts += [student_prompt(q.question) for q in bundle.tokenizer_questions[:2000]]
+    for q in bundle.tokenizer_questions[:3000]:
         style = rng.randrange(len(QUERY_STYLES))
         texts += [t for t, _ in response_turns(q, [phrase_query(h, style) for h in q.hops])]
     texts += [INSTRUCTION] * 200

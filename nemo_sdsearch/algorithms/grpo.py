@@ -103,8 +103,17 @@ def build_components(cfg: TrainConfig):
                                           url=cfg.cluster.retrieval_url)
         test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages,
                                          url=cfg.cluster.retrieval_url)
-    # hf: shares the actor's weights, no refit needed on one device; megatron: its own copy (see train)
-    generator = TorchGenerator(model, tok)
+    # hf: shares the actor's weights, no refit needed on one device; megatron: its own copy (see train);
+    # trtllm: the TensorRT-LLM engine holds its own weights, refitted in place after every update
+    if cfg.generator == "trtllm":
+        from nemo_sdsearch.rollout.trtllm_generator import TRTLLMGenerator
+
+        generator = TRTLLMGenerator(cfg.model.path or default_model_dir(), tok,
+                                    tensor_parallel_size=cfg.trtllm.tensor_parallel,
+                                    kv_cache_free_gpu_memory_fraction=cfg.trtllm.kv_cache_fraction,
+                                    max_seq_len=cfg.rollout.max_context)
+    else:
+        generator = TorchGenerator(model, tok)
     sample_cfg, greedy_cfg = rollout_config(cfg.rollout), rollout_config(cfg.rollout, temperature=0.0)
     engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg),
                "dev": RolloutEngine(generator, train_retriever, greedy_cfg),
@@ -425,10 +434,15 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                 teacher = sd_search.teacher_sequences(trajs, blocks, G, encode)
             # 3 + 5. old/reference log-probs, then the update --------------------------------------
             t_update = time.perf_counter()
+            sleeping = cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training
+            if sleeping:  # release the generation KV cache while the update runs
+                generator.sleep(level=1)
             m, stats = update_policy(actor, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
             update_s = time.perf_counter() - t_update - m["teacher_s"]
-            if megatron:  # the generator holds its own copy of the weights (refit time counts in time_step_s)
-                generator.refit(actor.export_weights())
+            if sleeping:
+                generator.wake_up()
+            if megatron or cfg.generator == "trtllm":  # the generator holds its own copy of the weights
+                generator.refit(actor.export_weights())  # (refit time counts in time_step_s)
             step_s = time.perf_counter() - t_step
             skipped = any(s["skipped"] for s in stats)
             row = {

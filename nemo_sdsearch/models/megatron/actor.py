@@ -27,13 +27,47 @@ RMSNorm weights) counted once, and gradients averaged over the data-parallel gro
 On CUDA by default (`optimizer="megatron"`): Megatron's `DistributedDataParallel` and
 `DistributedOptimizer` (fp32 main weights and grads, sharded optimizer state), written against the
 megatron-core 0.16 API; it cannot run on a CPU-only machine and has not been run yet.
-Pipeline parallelism is not supported by the actor (see `__init__`); sequence parallelism only on GPU.
+Sequence parallelism only on GPU.
+
+Pipeline parallelism (pp > 1), in the NeMo-Aligner actor pattern: every step goes through megatron's
+`get_forward_backward_func()` schedule; earlier stages only run their decoder layers, the LAST stage
+turns the decoder output into selected-row logits / log-probs and computes the loss there.
+- Training: `train_step_pipeline(batches, loss_fn, n_micro)`. `batches[i]` is a `PipelineMicroBatch`
+  (the `SequenceBatch`, the selected target (rows, cols), and a dict `extra` of whatever per-row tensors
+  the loss needs: advantages, old / reference log-probs, teacher logits...). Every rank passes the same
+  list (earlier stages need the token ids for the shapes; only the first stage embeds them).
+  `loss_fn(outputs, mb)` runs on the last stage only; `outputs` is a `LastStageOutputs` with
+  differentiable `logprobs(temperature)`, `logits()` (same convention as `logits_at`), `local_logits()`
+  and `full_logits()` at (mb.rows, mb.cols). Each micro-batch loss is back-propagated as is (the sum
+  over micro-batches, exactly like `train_step`; the 1/num_microbatches that the schedule applies is
+  undone). The micro-batch losses are broadcast from the last stage, so every rank reports the same
+  stats and makes the same skip decision; grad clipping and the non-finite skip are those of
+  `train_step` (a non-finite micro-batch loss cannot abort a running pipeline: the whole schedule runs,
+  then the update is skipped and the first non-finite loss is reported, as `train_step` does).
+  At pp == 1 the same call works: with CUDA it runs `forward_backward_no_pipelining`; without CUDA it
+  runs the `train_step` closure loop (megatron 0.16's no-pipelining schedule allocates its token counter
+  with `device="cuda"`, so it cannot run on a CPU-only host).
+- The closure-style `train_step(micro_batch_losses, n)` raises at pp > 1 (a closure cannot back-propagate
+  through other ranks' stages).
+- Scoring at pp > 1 (`logits_at`, `full_logits_at`, `teacher_logits_at`, `logprobs_at`) runs the schedule
+  with `forward_only=True` and is NOT differentiable. `logprobs_at` returns the [N] log-probs on every
+  rank (broadcast from the last stage over the pipeline group); the logits methods return the [N, V]
+  logits on the last stage and None on the other stages (losses on logits belong in `loss_fn`).
+- Schedule arguments: `seq_length` / `micro_batch_size` are the largest T (padded to a multiple of tp
+  under sequence parallelism) and B over the micro-batches; with `variable_seq_lengths=True` (set by the
+  builder when pp > 1 and required here) the stages exchange the real shapes per micro-batch, so
+  micro-batches may differ in length and size. p2p buffers use `config.pipeline_dtype`.
+- Gradients: with Megatron's DDP, `finalize_model_grads` (DP reduce-scatter, tied-embedding all-reduce
+  between the first and last stage); with the torch optimizer, the same done by hand (tied embedding
+  grad all-reduced over the embedding group, DP average) and the global norm counts the last stage's
+  copy of the tied embedding (`param.shared`) once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +86,39 @@ def _decoder_output(model):
         model.post_process = saved
 
 
+@dataclass
+class PipelineMicroBatch:
+    """One micro-batch for `MegatronActor.train_step_pipeline`: the sequences, the selected target
+    positions, and any per-row tensors the loss needs (advantages, old / ref log-probs, teacher logits)."""
+
+    batch: object                      # SequenceBatch
+    rows: torch.Tensor
+    cols: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+class LastStageOutputs:
+    """The decoder output of one micro-batch on the last pipeline stage, with the actor's heads applied
+    at (mb.rows, mb.cols) on demand (each call runs the output layer again; all differentiable)."""
+
+    def __init__(self, actor, hidden, mb: PipelineMicroBatch):
+        self.actor, self.hidden, self.mb = actor, hidden, mb
+
+    def local_logits(self) -> torch.Tensor:
+        return self.actor._head(self.hidden, self.mb.rows, self.mb.cols)
+
+    def full_logits(self) -> torch.Tensor:
+        return self.actor.gather(self.local_logits())
+
+    def logits(self) -> torch.Tensor:
+        local = self.local_logits()
+        return self.actor.gather(local) if self.actor.gather_logits else local
+
+    def logprobs(self, temperature: float = 1.0) -> torch.Tensor:
+        return self.actor._logprobs_from_local(self.local_logits(), self.mb.batch, self.mb.rows, self.mb.cols,
+                                               temperature)
+
+
 class MegatronActor(Actor):
     def __init__(self, model, hf_config, lr: float = 1e-6, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  grad_clip: float = 1.0, eps: float = 1e-8, gather_logits: bool | None = None,
@@ -66,11 +133,17 @@ class MegatronActor(Actor):
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.dp = ps.get_data_parallel_world_size()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.is_first_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         if self.pp > 1:
-            raise NotImplementedError(
-                "MegatronActor runs tensor parallelism (any size) x data parallelism; pipeline parallel "
-                "training needs Megatron's forward_backward schedules driving the loss closure, which this "
-                "actor does not do yet (the builder and the checkpoint converter do support pp > 1)")
+            if ps.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
+                raise NotImplementedError("virtual (interleaved) pipeline stages are not supported")
+            if not model.config.variable_seq_lengths:
+                raise ValueError("pp > 1 needs config.variable_seq_lengths=True (RL batches change shape "
+                                 "every step): build the model with builder.build_gpt_model")
+            if model.pre_process != self.is_first_stage or model.post_process != self.is_last_stage:
+                raise ValueError("the model's pre_process/post_process do not match this pipeline stage")
         self.vocab_size = hf_config.vocab_size
         self.padded_vocab_size = model.vocab_size
         self.shard_size = self.padded_vocab_size // self.tp
@@ -92,7 +165,8 @@ class MegatronActor(Actor):
 
     # -- forward pieces ------------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:
-        """Decoder output [T, B, H] (final norm applied), the full sequence on every TP rank."""
+        """Decoder output [T, B, H] (final norm applied), the full sequence on every TP rank. Under pp > 1 on
+        a stage other than the last: that stage's raw output (sequence-sharded under SP), to be sent on."""
         ids = batch.input_ids.to(self.device)
         B, T = ids.shape
         if self.sequence_parallel and T % self.tp:
@@ -102,6 +176,8 @@ class MegatronActor(Actor):
         pos = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand(B, -1)
         with _decoder_output(self.model):
             hidden = self.model(ids, pos, None)
+        if self.pp > 1 and not self.is_last_stage:
+            return hidden                     # this stage's output, sent as is to the next stage
         if self.sequence_parallel:
             # [T/tp, B, H] per rank -> [T, B, H]. The backward only splits: the output layer (run with
             # sequence parallelism off, see _local_logits) already all-reduces the hidden-state gradient.
@@ -112,7 +188,10 @@ class MegatronActor(Actor):
 
     def _local_logits(self, batch, rows, cols) -> torch.Tensor:
         """[N, Vp/tp] fp32 logits of this rank's slice of the padded vocabulary."""
-        hidden = self._hidden(batch)
+        return self._head(self._hidden(batch), rows, cols)
+
+    def _head(self, hidden, rows, cols) -> torch.Tensor:
+        """The output layer on the decoder output at target positions (rows, cols): [N, Vp/tp] fp32."""
         rows, cols = rows.to(self.device), cols.to(self.device)
         h = hidden[cols - 1, rows].unsqueeze(1)           # [N, 1, H]: the output layer wants 3-D input
         weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
@@ -133,9 +212,13 @@ class MegatronActor(Actor):
         return full[:, :self.vocab_size]
 
     def full_logits_at(self, batch, rows, cols) -> torch.Tensor:
+        if self.pp > 1:
+            return self._score_pipeline(batch, rows, cols, lambda out: out.full_logits())
         return self.gather(self._local_logits(batch, rows, cols))
 
     def logits_at(self, batch, rows, cols):
+        if self.pp > 1:
+            return self._score_pipeline(batch, rows, cols, lambda out: out.logits())
         local = self._local_logits(batch, rows, cols)
         return self.gather(local) if self.gather_logits else local
 
@@ -143,26 +226,85 @@ class MegatronActor(Actor):
         with torch.no_grad():
             return self.logits_at(batch, rows, cols)
 
-    def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
+    def _logprobs_from_local(self, local, batch, rows, cols, temperature):
         targets = batch.input_ids.to(self.device)[rows.to(self.device), cols.to(self.device)]
-        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            local = self._local_logits(batch, rows, cols)
-            if self.tp == 1:
-                return token_logprobs(self.gather(local), targets, temperature)
-            from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
+        if self.tp == 1:
+            return token_logprobs(self.gather(local), targets, temperature)
+        from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
 
-            return vocab_parallel_logprobs(local, targets, group=self.tp_group, vocab_size=self.vocab_size,
-                                           temperature=temperature)
+        return vocab_parallel_logprobs(local, targets, group=self.tp_group, vocab_size=self.vocab_size,
+                                       temperature=temperature)
+
+    def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
+        if self.pp > 1:
+            lp = self._score_pipeline(batch, rows, cols, lambda out: out.logprobs(temperature))
+            return self._broadcast_from_last_stage(lp, (int(rows.numel()),), torch.float32)
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            return self._logprobs_from_local(self._local_logits(batch, rows, cols), batch, rows, cols,
+                                             temperature)
+
+    # -- pipeline parallel (megatron schedules) ------------------------------------------------------------
+    def _schedule_model(self):
+        return self.ddp if self.ddp is not None else self.model
+
+    def _forward_step_func(self, loss_func_for):
+        """A megatron `forward_step_func`: next micro-batch from the iterator, this stage's forward, and on
+        the last stage `loss_func_for(hidden, mb)` as the schedule's loss_func."""
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            hidden = self._hidden(mb.batch)
+            return hidden, (lambda output: loss_func_for(output, mb))
+        return forward_step
+
+    def _run_schedule(self, batches, n_micro: int, forward_only: bool, loss_func_for):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        T = max(int(mb.batch.input_ids.shape[1]) for mb in batches[:n_micro])
+        if self.sequence_parallel and T % self.tp:
+            T += self.tp - T % self.tp
+        B = max(int(mb.batch.input_ids.shape[0]) for mb in batches[:n_micro])
+        forward_backward = get_forward_backward_func()
+        return forward_backward(forward_step_func=self._forward_step_func(loss_func_for),
+                                data_iterator=iter(batches[:n_micro]), model=[self._schedule_model()],
+                                num_microbatches=n_micro, seq_length=T, micro_batch_size=B,
+                                forward_only=forward_only)
+
+    def _score_pipeline(self, batch, rows, cols, head):
+        """Forward-only schedule on one micro-batch; `head(LastStageOutputs)` on the last stage. Returns its
+        result (detached) on the last stage, None on the others."""
+        mb = PipelineMicroBatch(batch, rows, cols)
+
+        def loss_func_for(hidden, mb_):
+            result = head(LastStageOutputs(self, hidden, mb_)).detach()
+            return torch.zeros((), device=hidden.device), {"result": result}
+
+        with torch.no_grad():
+            store = self._run_schedule([mb], 1, True, loss_func_for)
+        return store[0]["result"] if self.is_last_stage else None
+
+    def _broadcast_from_last_stage(self, tensor, shape, dtype):
+        """`tensor` (given on the last stage) on every rank of this pipeline."""
+        from megatron.core import parallel_state as ps
+
+        if self.pp == 1:
+            return tensor
+        buf = tensor.to(self.device, dtype).contiguous() if self.is_last_stage else \
+            torch.empty(shape, dtype=dtype, device=self.device)
+        torch.distributed.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+        return buf
 
     # -- training --------------------------------------------------------------------------------------
     def _grad_norm_sq_local(self, params) -> torch.Tensor:
         """Sum of squared grads this rank is responsible for: TP-sharded params always, TP-replicated
         ones (norms) only on TP rank 0, so the all-reduce over the model-parallel group counts them once."""
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
 
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in params:
-            if param_is_not_tensor_parallel_duplicate(p):
+            # param.shared: the last pipeline stage's copy of a tied embedding (never set at pp == 1)
+            if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
                 total += p.grad.detach().double().pow(2).sum()
         return total
 
@@ -172,9 +314,12 @@ class MegatronActor(Actor):
             self.ddp.zero_grad_buffer()
 
     def train_step(self, micro_batch_losses, n_micro: int) -> dict:
+        if self.pp > 1:
+            raise NotImplementedError(
+                "pipeline parallel (pp > 1): a loss closure cannot back-propagate through other ranks' "
+                "stages; use train_step_pipeline(batches, loss_fn, n_micro), which runs megatron's schedule")
         if self.ddp is not None:
             return self._train_step_megatron(micro_batch_losses, n_micro)
-        from megatron.core import parallel_state as ps
 
         self.model.train()
         self._zero()
@@ -187,6 +332,74 @@ class MegatronActor(Actor):
                 return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
             loss.backward()
             total += float(loss.detach())
+        return self._finish_torch(total)
+
+    def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None) -> dict:
+        """One optimizer step over `n_micro` micro-batches driven by megatron's forward/backward schedule.
+
+        `batches[i]`: a `PipelineMicroBatch` (the same list on every rank). `loss_fn(outputs, batches[i])`
+        runs on the last pipeline stage with `outputs` a `LastStageOutputs` and returns micro-batch i's
+        scalar loss; the step back-propagates the SUM of the micro-batch losses, like `train_step`.
+        Returns the same stats as `train_step` on every rank. `use_schedule` (default: pp > 1 or CUDA)
+        picks the schedule at pp == 1; without it pp == 1 runs the `train_step` loop with the same loss.
+        """
+        n_micro = len(batches) if n_micro is None else n_micro
+        if use_schedule is None:
+            use_schedule = self.pp > 1 or torch.cuda.is_available()
+        if not use_schedule:
+            if self.pp > 1:
+                raise ValueError("pp > 1 always runs the schedule")
+
+            def micro_loss(i):
+                mb = batches[i]
+                return loss_fn(LastStageOutputs(self, self._hidden(mb.batch), mb), mb)
+            return self.train_step(micro_loss, n_micro)
+
+        self.model.train()
+        self._zero()
+        losses: list[torch.Tensor] = []
+
+        def loss_func_for(hidden, mb):
+            loss = loss_fn(LastStageOutputs(self, hidden, mb), mb)
+            losses.append(loss.detach().reshape(()).double())
+            # the schedule divides the loss by num_microbatches before its backward; undo that so that the
+            # micro-batch losses are summed as in train_step
+            return loss * n_micro, {"loss": loss.detach()}
+
+        self._run_schedule(batches, n_micro, False, loss_func_for)
+        vec = torch.stack(losses).to(self.device) if self.is_last_stage else None
+        vals = self._broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
+        bad = [v for v in vals if not math.isfinite(v)]
+        if bad:
+            self._zero()
+            self.model.eval()
+            return {"loss": bad[0], "grad_norm": float("nan"), "skipped": True}
+        total = 0.0
+        for v in vals:
+            total += v
+        if self.ddp is not None:
+            return self._finish_megatron(total)
+        return self._finish_torch(total)
+
+    def _allreduce_tied_embedding_grad(self):
+        """pp > 1, tied embeddings, torch optimizer: sum the gradients of the first stage's embedding and the
+        last stage's copy (what `finalize_model_grads` does for Megatron's DDP)."""
+        from megatron.core import parallel_state as ps
+
+        if self.pp == 1 or not self.model.share_embeddings_and_output_weights:
+            return
+        if not (self.model.pre_process or self.model.post_process) or not ps.is_rank_in_embedding_group():
+            return
+        w = self.model.shared_embedding_or_output_weight()
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        torch.distributed.all_reduce(w.grad, group=ps.get_embedding_group())
+
+    def _finish_torch(self, total: float) -> dict:
+        """Gradient sync, global norm, clip and AdamW step of the torch-optimizer path (grads accumulated)."""
+        from megatron.core import parallel_state as ps
+
+        self._allreduce_tied_embedding_grad()
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.dp > 1:  # average gradients over data-parallel replicas
             group = ps.get_data_parallel_group()
@@ -240,6 +453,9 @@ class MegatronActor(Actor):
                 return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
             loss.backward()
             total += float(loss.detach())
+        return self._finish_megatron(total)
+
+    def _finish_megatron(self, total: float) -> dict:
         from megatron.core.distributed import finalize_model_grads
 
         # data-parallel reduce-scatter into the grad buffers, plus the TP all-reduce of the norm weights'

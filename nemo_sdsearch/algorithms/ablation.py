@@ -174,7 +174,8 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
         start = {"test": greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size),
                  "dev": greedy_em(engines["dev"], data["dev"], cfg.trainer.eval_batch_size)["all"]["em"]}
         start_file.write_text(json.dumps(start, indent=1))
-    results = [run_one(cfg, alg, s, out, console) for alg in algorithms for s in seeds]
+    # Seed-major order: an ablation stopped early (and re-run with fewer --seeds) has whole seeds.
+    results = [run_one(cfg, alg, s, out, console) for s in seeds for alg in algorithms]
     wall = time.perf_counter() - t0
     results_path.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, start["dev"], results_path.parent / "results_curves.png")

@@ -318,9 +318,6 @@ class MegatronActor(Actor):
             raise NotImplementedError(
                 "pipeline parallel (pp > 1): a loss closure cannot back-propagate through other ranks' "
                 "stages; use train_step_pipeline(batches, loss_fn, n_micro), which runs megatron's schedule")
-        if self.ddp is not None:
-            return self._train_step_megatron(micro_batch_losses, n_micro)
-
         self.model.train()
         self._zero()
         total = 0.0
@@ -332,7 +329,8 @@ class MegatronActor(Actor):
                 return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
             loss.backward()
             total += float(loss.detach())
-        return self._finish_torch(total)
+        # Megatron's DDP + DistributedOptimizer on GPU, plain AdamW over the local shards otherwise
+        return self._finish_megatron(total) if self.ddp is not None else self._finish_torch(total)
 
     def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None) -> dict:
         """One optimizer step over `n_micro` micro-batches driven by megatron's forward/backward schedule.
@@ -440,20 +438,6 @@ class MegatronActor(Actor):
                                      clip_grad=self.grad_clip or 0.0, bf16=cfg.bf16, fp16=cfg.fp16,
                                      params_dtype=cfg.params_dtype, use_distributed_optimizer=True)
         self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
-
-    def _train_step_megatron(self, micro_batch_losses, n_micro: int) -> dict:
-        self.model.train()
-        self._zero()
-        total = 0.0
-        for i in range(n_micro):
-            loss = micro_batch_losses(i)
-            if not torch.isfinite(loss):
-                self._zero()
-                self.model.eval()
-                return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
-            loss.backward()
-            total += float(loss.detach())
-        return self._finish_megatron(total)
 
     def _finish_megatron(self, total: float) -> dict:
         from megatron.core.distributed import finalize_model_grads

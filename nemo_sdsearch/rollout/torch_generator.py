@@ -187,6 +187,9 @@ class TorchSession(GenerationSession):
             self._checkers[key] = StopChecker(self.g.tokenizer, params.stop, self.g.eos_token_ids)
         return self._checkers[key]
 
+    def _turn(self, params: SamplingParams) -> _Turn:
+        return _Turn(params, self._checker(params))
+
     def _compact(self) -> None:
         live = [s for s, r in enumerate(self._slot_row) if r is not None]
         index = torch.tensor(live, dtype=torch.long, device=self.device)
@@ -271,7 +274,7 @@ class TorchSession(GenerationSession):
     # -- the seam ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, params: SamplingParams) -> dict[int, Completion]:
-        turns = {r: _Turn(params, self._checker(params)) for r in self.rows}
+        turns = {r: self._turn(params) for r in self.rows}
         done: dict[int, Completion] = {}
         while turns:
             for r, c in self._decode_step(turns).items():
@@ -289,7 +292,7 @@ class TorchSession(GenerationSession):
     def run(self, params_for: Callable[[int], SamplingParams],
             on_turn: Callable[[dict[int, Completion]], Mapping[int, Sequence[int] | None]]) -> None:
         """Continuous batching: every row runs its own turns; see `GenerationSession.run`."""
-        turns = {r: _Turn(params_for(r), self._checker(params_for(r))) for r in self.rows}
+        turns = {r: self._turn(params_for(r)) for r in self.rows}
         while turns:
             finished = self._decode_step(turns)
             if not finished:
@@ -304,8 +307,7 @@ class TorchSession(GenerationSession):
                     continue
                 if len(toks):
                     extend[r] = toks
-                p = params_for(r)
-                turns[r] = _Turn(p, self._checker(p))
+                turns[r] = self._turn(params_for(r))
             self.release(done)
             self._forward(extend)
 

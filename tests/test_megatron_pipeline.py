@@ -1,19 +1,16 @@
-"""Pipeline parallelism in `MegatronActor` (megatron-core schedules), checked on CPU as far as CPU allows.
+"""Pipeline parallelism in `MegatronActor` through megatron-core's REAL schedules, on CPU over gloo.
 
-megatron-core 0.16's schedules hard-code CUDA: every `forward_backward_*` function allocates its token
-counter with `torch.zeros([], dtype=torch.int, device="cuda")`, and the p2p layer of the pipelined ones
-(`P2PCommunicator`) uses `batch_isend_irecv` + `torch.cuda.synchronize` (and, on construction of a
-pp > 1 model with TIED embeddings, `LanguageModule` moves the last stage's copy with `.cuda()`). So:
+megatron-core 0.16's schedules allocate their token counter with `torch.zeros(..., device="cuda")` and, for
+a pp > 1 model with tied embeddings, `LanguageModule` moves the last stage's embedding copy with `.cuda()`;
+`cpu_compat` (patches 7 and 8) maps both to the CPU, and the rest (p2p with `batch_isend_irecv`, shape
+exchange for variable sequence lengths) runs unchanged over gloo. So:
 
-(a) pp=1: the real `forward_backward_no_pipelining` is run with its module-level `torch` swapped for a
-    proxy whose `zeros(device="cuda")` allocates on the CPU (test-only; nothing else is changed). It must
-    give the closure path's loss, gradients and weights.
-(b) pp=2 (2 gloo processes): the stage split (pre/post_process, global layer numbers), the schedule
-    selected, and the actor's pipeline path, with `get_forward_backward_func` replaced by a small CPU
-    schedule (`_cpu_schedule`: megatron's own `forward_step` / `backward_step` per micro-batch, the
-    activations and their gradients sent with gloo send/recv). It checks the arguments the actor gives
-    the schedule and compares log-probs, loss, gradients and weights with pp=1.
-(c) GPU only: the real pp=2 schedule on 2 GPUs against pp=1.
+(a) pp=1: the real `forward_backward_no_pipelining` gives the closure path's loss, gradients and weights.
+(b) pp=2 (2 gloo processes), untied and tied embeddings: the stage split (pre/post_process, global layer
+    numbers, the tied copy on the last stage), the schedule selected and the arguments the actor gives it,
+    and the real 1F1B schedule (`forward_backward_pipelining_without_interleaving`) against pp=1: log-probs,
+    loss, gradients, weights, the tied copies after the update, and the non-finite skip on every stage.
+(c) GPU only: the same pp=2 comparison on 2 GPUs (NCCL p2p).
 """
 
 from __future__ import annotations
@@ -68,58 +65,6 @@ def hf_named(grads: dict, hf_config, pp_rank: int, pp: int) -> dict:
     return merge_stage([grads], hf_config, pp_rank, pp)
 
 
-def _cpu_schedule(*, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size,
-                  forward_only=False, **_):
-    """A CPU stand-in for megatron's pipelined schedule: per micro-batch, forward through the stages, then
-    backward (megatron's forward_step / backward_step; activations and grads over gloo send/recv)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
-    from megatron.core.utils import get_model_config
-
-    m = model[0] if isinstance(model, list) else model
-    config = get_model_config(m)
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    prev, nxt = ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank()
-    store: list = []
-    for i in range(num_microbatches):
-        inp = None
-        if not first:
-            shape = torch.empty(3, dtype=torch.long)
-            dist.recv(shape, prev)
-            inp = torch.empty(tuple(shape.tolist()), dtype=config.pipeline_dtype)
-            dist.recv(inp, prev)
-            inp.requires_grad_(not forward_only)
-        out, _ = forward_step(forward_step_func, data_iterator, m, num_microbatches, inp, store, config, 1,
-                              current_microbatch=i, is_last_stage=last)
-        if not last:
-            dist.send(torch.tensor(out.shape, dtype=torch.long), nxt)
-            dist.send(out.detach().contiguous(), nxt)
-        if forward_only:
-            continue
-        gout = None
-        if not last:
-            gout = torch.empty_like(out)
-            dist.recv(gout, nxt)
-        gin = backward_step(inp, out, gout, None, config)
-        if not first:
-            dist.send(gin.contiguous(), prev)
-    return store
-
-
-class _CpuZerosTorch:
-    """`torch` for megatron's schedules module with `zeros(device="cuda")` mapped to the CPU (test only)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*a, **k):
-        if k.get("device") == "cuda":
-            k["device"] = "cpu"
-        return torch.zeros(*a, **k)
-
-
 def _worker(rank, world, d: str):
     warnings.filterwarnings("ignore")
     import megatron.core.pipeline_parallel as mpp
@@ -144,13 +89,19 @@ def _worker(rank, world, d: str):
                             final_norm=m.decoder.final_layernorm is not None,
                             varlen=m.config.variable_seq_lengths, pipeline_dtype=m.config.pipeline_dtype,
                             schedule=schedules.get_forward_backward_func().__name__)
+    if actor.is_last_stage and m.share_embeddings_and_output_weights:
+        from nemo_sdsearch.checkpoint.nemo_archive import read_hf_dir
+
+        emb = read_hf_dir(d)[1]["model.embed_tokens.weight"]
+        res["structure"]["tied_copy_equal"] = torch.equal(m.shared_embedding_or_output_weight()[:emb.shape[0]], emb)
     calls: list = []
     real_get = mpp.get_forward_backward_func
+    real_schedule = real_get()
 
     def recording(**k):
         calls.append({n: k[n] for n in ("num_microbatches", "seq_length", "micro_batch_size", "forward_only")}
                      | {"model_is_list": isinstance(k["model"], list)})
-        return _cpu_schedule(**k)
+        return real_schedule(**k)
 
     mpp.get_forward_backward_func = lambda *a, **k: recording
     try:
@@ -166,6 +117,8 @@ def _worker(rank, world, d: str):
         res["stats"] = actor.train_step_pipeline(pipeline_batches(), pg_loss)
         res["grads"] = hf_named(grads, actor.hf_config, rank, 2)
         res["after"] = actor.export_weights()
+        if m.share_embeddings_and_output_weights:
+            res["shared_after"] = m.shared_embedding_or_output_weight().detach().clone()
         before = res["after"]
         res["nan_stats"] = actor.train_step_pipeline(
             pipeline_batches(), lambda out, mb: out.logprobs().sum() * float("nan"))
@@ -185,16 +138,11 @@ def _worker(rank, world, d: str):
     res["ref_grads"] = hf_named(g, ref.hf_config, 0, 1)
     res["ref_after"] = ref.export_weights()
 
-    # the real forward_backward_no_pipelining (CUDA token counter mapped to the CPU)
+    # the real forward_backward_no_pipelining
     sched = MegatronActor.from_hf(d, **kw)
     res["pp1_schedule"] = schedules.get_forward_backward_func().__name__
-    saved_torch = schedules.torch
-    schedules.torch = _CpuZerosTorch()
-    try:
-        g = capture_grads(sched)
-        res["sched_stats"] = sched.train_step_pipeline(pipeline_batches(), pg_loss, use_schedule=True)
-    finally:
-        schedules.torch = saved_torch
+    g = capture_grads(sched)
+    res["sched_stats"] = sched.train_step_pipeline(pipeline_batches(), pg_loss, use_schedule=True)
     res["sched_grads"] = hf_named(g, sched.hf_config, 0, 1)
     res["sched_after"] = sched.export_weights()
 
@@ -213,9 +161,16 @@ def untied_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def model_dir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / request.param
+    make_hf(tied=request.param == "tied").save_pretrained(d)
+    return str(d)
+
+
 @pytest.fixture(scope="module")
-def runs(untied_dir):
-    return run_workers(_worker, 2, untied_dir, timeout=240)
+def runs(model_dir):
+    return run_workers(_worker, 2, model_dir, timeout=300)
 
 
 def _maxdiff(a: dict, b: dict) -> float:
@@ -223,16 +178,18 @@ def _maxdiff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_pp2_stage_split_and_pipeline_path_selected(runs, untied_dir):
+def test_pp2_stage_split_and_pipeline_path_selected(runs, model_dir):
     from transformers import AutoConfig
 
-    L = AutoConfig.from_pretrained(untied_dir).num_hidden_layers
+    L = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     s0, s1 = runs[0]["structure"], runs[1]["structure"]
     half = L // 2
     assert (s0["pp"], s0["first"], s0["last"], s0["pre"], s0["post"]) == (2, True, False, True, False)
     assert (s1["pp"], s1["first"], s1["last"], s1["pre"], s1["post"]) == (2, False, True, False, True)
     assert s0["layers"] == list(range(1, half + 1)) and s1["layers"] == list(range(half + 1, L + 1))
     assert s0["embedding"] and not s1["embedding"] and s1["output_layer"] and not s0["output_layer"]
+    if model_dir.endswith("/tied"):  # the last stage holds a copy of the tied embedding, all-reduced at build
+        assert s1["tied_copy_equal"]
     assert s1["final_norm"] and not s0["final_norm"]
     for s in (s0, s1):
         assert s["varlen"] and s["pipeline_dtype"] == torch.float32
@@ -268,6 +225,8 @@ def test_pp2_train_step_matches_pp1(runs):
         assert _maxdiff(r["after"], r0["ref_after"]) <= 1e-5
     grads = r0["grads"] | r1["grads"]                 # each stage holds its own layers' gradients
     assert set(r0["grads"]).isdisjoint(r1["grads"])
+    if "shared_after" in r1:  # tied: the last stage's copy of the embedding took the same update
+        assert torch.equal(r1["shared_after"], r0["shared_after"])
     assert _maxdiff(grads, r0["ref_grads"]) <= 1e-6
 
 

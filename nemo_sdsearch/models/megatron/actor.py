@@ -45,8 +45,8 @@ turns the decoder output into selected-row logits / log-probs and computes the l
   `train_step` (a non-finite micro-batch loss cannot abort a running pipeline: the whole schedule runs,
   then the update is skipped and the first non-finite loss is reported, as `train_step` does).
   At pp == 1 the same call works: with CUDA it runs `forward_backward_no_pipelining`; without CUDA it
-  runs the `train_step` closure loop (megatron 0.16's no-pipelining schedule allocates its token counter
-  with `device="cuda"`, so it cannot run on a CPU-only host).
+  runs the `train_step` closure loop by default (the same numbers, tested; `use_schedule=True` runs
+  megatron's schedule there too). On CPU the schedules run over gloo with `cpu_compat` patches 7 and 8.
 - The closure-style `train_step(micro_batch_losses, n)` raises at pp > 1 (a closure cannot back-propagate
   through other ranks' stages).
 - Scoring at pp > 1 (`logits_at`, `full_logits_at`, `teacher_logits_at`, `logprobs_at`) runs the schedule

@@ -32,11 +32,21 @@ ONLY place in the project that adapts Megatron to CPU; it is idempotent and does
 6. A logging filter drops Megatron's "CPU RNG state changed within GPU RNG context" warning: with the
    CPU generator standing in for the CUDA one, every random draw inside `fork()` (dropout) changes
    "the CPU state" by construction, so the warning would fire on every dropout call and mean nothing.
+7. The pipeline schedules (`megatron.core.pipeline_parallel.schedules`): every `forward_backward_*`
+   function allocates its token counter with `torch.zeros([], dtype=torch.int, device="cuda")`. The
+   module's global `torch` is replaced by a proxy that is `torch` in every respect except that
+   `zeros(..., device="cuda")` allocates on the CPU. Nothing else in the schedules needs CUDA: the p2p
+   layer allocates on `torch.cuda.current_device()` (patch 1), `batch_isend_irecv` and plain
+   isend/irecv both work over gloo, and its `torch.cuda.synchronize()` is patch 5. With this, the real
+   1F1B schedule (`forward_backward_pipelining_without_interleaving`) runs on CPU over gloo.
+8. `LanguageModule.setup_embeddings_and_output_layer` (pp > 1, tied embeddings) moves the first and
+   last stages' copies of the shared embedding with `weight.data.cuda()` before all-reducing them. For
+   the duration of that one call `torch.Tensor.cuda` returns the CPU tensor itself.
 
 What is NOT adapted (stays GPU-only, by design): Megatron's optimizers (`DistributedOptimizer`,
-`get_megatron_optimizer` allocate buffers with `device="cuda"`), the pipeline schedules
-(`get_forward_backward_func` communicates CUDA tensors), `DistributedDataParallel` buffers, Transformer
-Engine, fused kernels. On CPU the actor uses a plain torch optimizer and its own micro-batch loop.
+`get_megatron_optimizer` allocate buffers with `device="cuda"`), `DistributedDataParallel` buffers,
+Transformer Engine, fused kernels, sequence parallelism (gloo has no reduce-scatter). On CPU the actor
+uses a plain torch optimizer.
 """
 
 from __future__ import annotations
@@ -50,6 +60,21 @@ _RNG_WARNING = "CPU RNG state changed within GPU RNG context"
 class _DropRngWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return _RNG_WARNING not in record.getMessage()
+
+
+class _CpuCounterTorch:
+    """`torch` for megatron's schedules module, except that `zeros(device="cuda")` allocates on the CPU."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def zeros(self, *args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return self._torch.zeros(*args, **kwargs)
 
 
 def apply_cpu_compat() -> bool:
@@ -118,6 +143,26 @@ def apply_cpu_compat() -> bool:
 
     # 6. the meaningless RNG warning
     logging.getLogger(mrandom.__name__).addFilter(_DropRngWarning())
+
+    # 7. the schedules' CUDA token counter
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuCounterTorch(torch)
+
+    # 8. the tied-embedding `.cuda()` of pp > 1 models, scoped to the one call
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
     _APPLIED = True
     return True

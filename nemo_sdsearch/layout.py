@@ -125,11 +125,7 @@ def check_layout(cfg) -> None:
         raise _config_error("megatron.tensor_parallel", "tensor/pipeline parallelism needs actor=megatron")
     if cfg.generator == "trtllm" and c.gpus_per_node == 0:
         raise _config_error("generator", "trtllm needs GPUs (set cluster.gpus_per_node)")
-    if c.gpus_per_node == 0:
-        if pp > 1:
-            raise _config_error("megatron.pipeline_parallel", "pipeline parallelism runs on GPUs only "
-                                "(megatron's schedules hard-code CUDA); use 1 on CPU")
-    else:
+    if c.gpus_per_node:
         world = c.nodes * c.gpus_per_node
         if tp > c.gpus_per_node:
             raise _config_error("megatron.tensor_parallel", f"{tp} exceeds the {c.gpus_per_node} GPUs of one node "
@@ -156,10 +152,6 @@ def check_layout(cfg) -> None:
             raise _config_error("trtllm.tensor_parallel", f"{g} does not divide the {a.num_attention_heads} heads")
     if a.num_layers and a.num_layers % pp:
         raise _config_error("megatron.pipeline_parallel", f"{pp} does not divide the {a.num_layers} layers")
-    if pp > 1:
-        raise _config_error("megatron.pipeline_parallel", "sdsearch train does not drive pipeline parallelism yet: "
-                            "MegatronActor.train_step_pipeline runs megatron's schedule, but the GRPO update "
-                            "uses the closure train_step; use tensor and data parallelism (pipeline_parallel=1)")
     if c.gpus_per_node and a.hidden_size and a.num_layers and a.vocab_size and a.num_attention_heads:
         est = memory_estimate(cfg)
         budget = c.gpu_memory_gib * c.memory_headroom

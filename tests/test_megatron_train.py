@@ -1,5 +1,6 @@
-"""`sdsearch train actor=megatron megatron.tensor_parallel=2` under a REAL `torchrun --nproc-per-node 2`
-(gloo, CPU) against the same run with actor=hf: same seeds, same start weights.
+"""`sdsearch train actor=megatron megatron.tensor_parallel=2` and `... megatron.pipeline_parallel=2` under a
+REAL `torchrun --nproc-per-node 2` (gloo, CPU) against the same run with actor=hf: same seeds, same start
+weights. At pp=2 the update runs through megatron's own 1F1B schedule (the loss on the last stage).
 
 Step 1 starts from identical weights, so its rollouts (hence reward and searches) are identical and its
 loss-side metrics (k3 KL, JSD, agreement, clip fraction, entropy, from vocab-sharded logits at tp=2) agree
@@ -42,6 +43,9 @@ def overrides(out_dir, steps=STEPS, **extra):
 
 
 MEGATRON = {"actor": "megatron", "megatron.tensor_parallel": 2, "megatron.make_vocab_size_divisible_by": 600}
+# pipeline parallel: 2 stages, megatron's real 1F1B schedule over gloo (tied embeddings: the last stage's copy)
+PIPELINE = {"actor": "megatron", "megatron.pipeline_parallel": 2}
+LAYOUTS = {"mg": MEGATRON, "pp": PIPELINE}
 
 
 def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -77,13 +81,16 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mtrain")
     hf = train(load_config("tiny_cpu", overrides(root / "hf")), progress=False)
-    proc = torchrun(overrides(root / "mg", **MEGATRON))
-    return root, hf, proc
+    procs = {name: torchrun(overrides(root / name, **layout)) for name, layout in LAYOUTS.items()}
+    return root, hf, procs
 
 
-def test_megatron_tp2_tracks_hf(runs):
-    root, hf, proc = runs
-    mg = metrics(root / "mg")
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_megatron_tracks_hf(runs, name):
+    """tp=2 (vocab-sharded losses) and pp=2 (megatron's pipeline schedule) against actor=hf."""
+    root, hf, procs = runs
+    proc = procs[name]
+    mg = metrics(root / name)
     assert [r["step"] for r in mg] == list(range(1, STEPS + 1))   # rank 0 alone wrote metrics.jsonl
     assert [r["step"] for r in hf["history"]] == [r["step"] for r in mg]
     h1, m1 = hf["history"][0], mg[0]
@@ -96,7 +103,7 @@ def test_megatron_tp2_tracks_hf(runs):
         for k in LOSS_KEYS:
             assert math.isclose(m[k], h[k], rel_tol=rtol, abs_tol=1e-6), (step + 1, k, m[k], h[k])
     # the exported HF weights (generation model refitted from export_weights, saved by rank 0)
-    wh, wm = weights(root / "hf"), weights(root / "mg")
+    wh, wm = weights(root / "hf"), weights(root / name)
     assert wh.keys() == wm.keys()
     assert max((wh[k] - wm[k]).abs().max().item() for k in wh) < 1e-4
     from safetensors.torch import load_file
@@ -109,19 +116,20 @@ def test_megatron_tp2_tracks_hf(runs):
     assert moved > 1e-3 and diff < 1e-2 * moved
     # only rank 0 printed the summary and wrote the results
     assert proc.stdout.count("wrote ") == 1
-    assert (root / "mg" / "curves.png").exists() and (root / "mg" / "summary.json").exists()
-    assert sorted(p.name for p in (root / "mg" / "checkpoints").iterdir() if p.name.startswith("megatron_")) == \
+    assert (root / name / "curves.png").exists() and (root / name / "summary.json").exists()
+    assert sorted(p.name for p in (root / name / "checkpoints").iterdir() if p.name.startswith("megatron_")) == \
         [f"megatron_step_{s:06d}" for s in range(1, STEPS + 1)]
 
 
-def test_megatron_resume_continues(runs):
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_megatron_resume_continues(runs, name):
     """Resume from the step-2 checkpoint of the straight run: step 3 and the final weights are the same."""
     root, _, _ = runs
-    src, dst = root / "mg", root / "mg_resume"
+    src, dst = root / name, root / f"{name}_resume"
     shutil.copytree(src / "checkpoints", dst / "checkpoints")
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
     (dst / "checkpoints" / "latest").write_text("step_000002")
-    torchrun(overrides(dst, **MEGATRON, **{"trainer.resume": True}))
+    torchrun(overrides(dst, **LAYOUTS[name], **{"trainer.resume": True}))
     straight, resumed = metrics(src), metrics(dst)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s"}

@@ -134,11 +134,10 @@ def _init_megatron_parallel(cfg: TrainConfig) -> str | None:
 
     m = cfg.megatron
     tp, pp = m.tensor_parallel, m.pipeline_parallel
-    launch = (f"launch with `torchrun --nproc-per-node {tp} $(which sdsearch) train actor=megatron "
-              f"megatron.tensor_parallel={tp} ...` (or --nproc-per-node a multiple of {tp}: data parallel)")
-    if pp > 1:
-        raise ConfigError(f"config key megatron.pipeline_parallel: the Megatron actor trains with "
-                          f"pipeline_parallel=1 only (got {pp})")
+    mp = tp * pp
+    launch = (f"launch with `torchrun --nproc-per-node {mp} $(which sdsearch) train actor=megatron "
+              f"megatron.tensor_parallel={tp} megatron.pipeline_parallel={pp} ...` (or --nproc-per-node a "
+              f"multiple of {mp}: data parallel)")
     if m.sequence_parallel and tp > 1 and not torch.cuda.is_available():
         raise ConfigError("config key megatron.sequence_parallel: sequence parallelism needs GPUs "
                           "(NCCL reduce-scatter); set it to false on CPU")
@@ -146,14 +145,15 @@ def _init_megatron_parallel(cfg: TrainConfig) -> str | None:
         world = torch.distributed.get_world_size()
     else:
         env = os.environ.get("WORLD_SIZE")
-        if tp > 1 and (env is None or "MASTER_PORT" not in os.environ):
-            raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} needs {tp} processes "
+        if mp > 1 and (env is None or "MASTER_PORT" not in os.environ):
+            raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} x pipeline_parallel="
+                              f"{pp} needs {mp} processes "
                               f"but this one was not started by torchrun (no WORLD_SIZE/MASTER_PORT in the "
                               f"environment): {launch}")
         world = int(env or 1)
-    if world % tp:
-        raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} does not divide the "
-                          f"{world} processes of this launch: {launch}")
+    if world % mp:
+        raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} x pipeline_parallel={pp} "
+                          f"does not divide the {world} processes of this launch: {launch}")
     init_parallel(tp, pp, seed=cfg.trainer.seed)
     if torch.cuda.is_available() and cfg.model.device is None:
         return f"cuda:{torch.cuda.current_device()}"
@@ -286,6 +286,7 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
     `teacher` holds teacher sequences). Returns (metric sums, one train_step stats dict per mini-batch)."""
     T, G = cfg.rollout.temperature, cfg.grpo
     shard = _vocab_shard(actor)  # tp > 1: logits_at gives this rank's vocabulary shard
+    pipeline = getattr(actor, "pp", 1) > 1
     m = {"teacher_s": 0.0, "jsd_sum": 0.0, "agree": 0.0, "n_query": 0, "kl_sum": 0.0,
          "clip": 0.0, "entropy_sum": 0.0, "n_policy": 0}
     per_mini = len(trajs) // G.mini_batches
@@ -309,10 +310,24 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
         n_query = sum(int(q.sum()) for *_, q in tensors)
         seq_lens = [torch.bincount(r, minlength=len(mi)).clamp(min=1) for (_, r, _, _), mi in zip(tensors, micro)]
 
-        def micro_loss(k: int) -> torch.Tensor:
+        def teacher_logits(k: int):
+            """The teacher pass of micro-batch k (no grad) at its query positions, or None."""
+            batch, rows, cols, is_q = tensors[k]
+            if teacher is None or not bool(is_q.any()):
+                return None
+            t0 = time.perf_counter()
+            mi = micro[k]
+            tb = SequenceBatch.from_lists([teacher[i].token_ids for i in mi], pad_id, actor.device)
+            shift = torch.tensor([teacher[i].shift for i in mi], device=actor.device)
+            q_rows, q_cols = rows[is_q], cols[is_q]
+            t_logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
+            m["teacher_s"] += time.perf_counter() - t0
+            return t_logits
+
+        def micro_loss(k: int, logits: torch.Tensor, t_logits) -> torch.Tensor:
+            """Micro-batch k's loss from the policy logits at its policy positions (and the teacher's)."""
             batch, rows, cols, is_q = tensors[k]
             mi = micro[k]
-            logits = actor.logits_at(batch, rows, cols)
             if shard is None:
                 logp = token_logprobs(logits, batch.input_ids[rows, cols], T)
             else:
@@ -326,7 +341,7 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
                 w = 1.0 / (seq_lens[k][rows].to(surr.dtype) * len(idx))
             loss = (surr * w).sum()
             if refs[k] is not None:
-                kl_tok = k3_per_token(logp, refs[k])
+                kl_tok = k3_per_token(logp, refs[k].to(logp.device))
                 loss = loss + G.kl_coef * (kl_tok * w).sum()
                 m["kl_sum"] += float(kl_tok.detach().sum())
             with torch.no_grad():
@@ -337,13 +352,7 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
                     m["entropy_sum"] += float(vocab_parallel_entropy(logits.detach(), **shard).sum())
                 m["clip"] += float(clipped.sum())
                 m["n_policy"] += int(rows.numel())
-            if teacher is not None and bool(is_q.any()):
-                t0 = time.perf_counter()
-                tb = SequenceBatch.from_lists([teacher[i].token_ids for i in mi], pad_id, actor.device)
-                shift = torch.tensor([teacher[i].shift for i in mi], device=actor.device)
-                q_rows, q_cols = rows[is_q], cols[is_q]
-                t_logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
-                m["teacher_s"] += time.perf_counter() - t0
+            if t_logits is not None:
                 jsd = sd_search.jsd_at_queries(logits, is_q, t_logits, cfg.sd, vocab_shard=shard)
                 loss = loss + cfg.sd.coef * jsd.sum() / n_query
                 m["jsd_sum"] += float(jsd.detach().sum())
@@ -355,7 +364,23 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
                 m["n_query"] += int(is_q.sum())
             return loss
 
-        stats.append(actor.train_step(micro_loss, len(micro)))
+        if pipeline:
+            # pp > 1: megatron's schedule runs the stages; the loss is computed on the last stage from its
+            # decoder output. The teacher passes (forward-only schedules) come first, at the same weights.
+            from nemo_sdsearch.models.megatron.actor import PipelineMicroBatch
+
+            t_all = [teacher_logits(k) for k in range(len(micro))]
+            batches = [PipelineMicroBatch(b, r, c, {"k": k}) for k, (b, r, c, _) in enumerate(tensors)]
+            stats.append(actor.train_step_pipeline(
+                batches, lambda out, mb: micro_loss(mb.extra["k"], out.logits(), t_all[mb.extra["k"]])))
+        else:
+            stats.append(actor.train_step(
+                lambda k: micro_loss(k, actor.logits_at(*tensors[k][:3]), teacher_logits(k)), len(micro)))
+    if pipeline:  # the metric sums were taken on the last stage: every rank reports them
+        keys = sorted(m)
+        vec = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
+        vec = actor.broadcast_from_last_stage(vec, (len(keys),), torch.float64).cpu()
+        m = {k: (int(round(v)) if k.startswith("n_") else v) for k, v in zip(keys, vec.tolist())}
     return m, stats
 
 

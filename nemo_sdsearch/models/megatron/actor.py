@@ -238,7 +238,7 @@ class MegatronActor(Actor):
     def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
         if self.pp > 1:
             lp = self._score_pipeline(batch, rows, cols, lambda out: out.logprobs(temperature))
-            return self._broadcast_from_last_stage(lp, (int(rows.numel()),), torch.float32)
+            return self.broadcast_from_last_stage(lp, (int(rows.numel()),), torch.float32)
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
             return self._logprobs_from_local(self._local_logits(batch, rows, cols), batch, rows, cols,
                                              temperature)
@@ -282,7 +282,7 @@ class MegatronActor(Actor):
             store = self._run_schedule([mb], 1, True, loss_func_for)
         return store[0]["result"] if self.is_last_stage else None
 
-    def _broadcast_from_last_stage(self, tensor, shape, dtype):
+    def broadcast_from_last_stage(self, tensor, shape, dtype):
         """`tensor` (given on the last stage) on every rank of this pipeline."""
         from megatron.core import parallel_state as ps
 
@@ -366,7 +366,7 @@ class MegatronActor(Actor):
 
         self._run_schedule(batches, n_micro, False, loss_func_for)
         vec = torch.stack(losses).to(self.device) if self.is_last_stage else None
-        vals = self._broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
+        vals = self.broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
         bad = [v for v in vals if not math.isfinite(v)]
         if bad:
             self._zero()

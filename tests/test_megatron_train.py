@@ -45,15 +45,18 @@ def overrides(out_dir, steps=STEPS, **extra):
 MEGATRON = {"actor": "megatron", "megatron.tensor_parallel": 2, "megatron.make_vocab_size_divisible_by": 600}
 # pipeline parallel: 2 stages, megatron's real 1F1B schedule over gloo (tied embeddings: the last stage's copy)
 PIPELINE = {"actor": "megatron", "megatron.pipeline_parallel": 2}
-LAYOUTS = {"mg": MEGATRON, "pp": PIPELINE}
+# both at once: 4 processes, the vocab-sharded losses on the last stage's TP group
+BOTH = {**MEGATRON, "megatron.pipeline_parallel": 2}
+LAYOUTS = {"mg": MEGATRON, "pp": PIPELINE, "tp2pp2": BOTH}
+NPROC = {"mg": 2, "pp": 2, "tp2pp2": 4}
 
 
-def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 sdsearch train ARGS` in a subprocess."""
+def torchrun(args: list[str], timeout: float = 300, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC sdsearch train ARGS` in a subprocess."""
     bindir = Path(sys.executable).parent
     script = bindir / "sdsearch"
     entry = [str(script)] if script.exists() else ["-m", "nemo_sdsearch.cli"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *entry, "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry, "train",
            *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -81,13 +84,13 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mtrain")
     hf = train(load_config("tiny_cpu", overrides(root / "hf")), progress=False)
-    procs = {name: torchrun(overrides(root / name, **layout)) for name, layout in LAYOUTS.items()}
+    procs = {name: torchrun(overrides(root / name, **layout), nproc=NPROC[name]) for name, layout in LAYOUTS.items()}
     return root, hf, procs
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_megatron_tracks_hf(runs, name):
-    """tp=2 (vocab-sharded losses) and pp=2 (megatron's pipeline schedule) against actor=hf."""
+    """tp=2 (vocab-sharded losses), pp=2 (megatron's pipeline schedule) and both against actor=hf."""
     root, hf, procs = runs
     proc = procs[name]
     mg = metrics(root / name)
@@ -121,7 +124,7 @@ def test_megatron_tracks_hf(runs, name):
         [f"megatron_step_{s:06d}" for s in range(1, STEPS + 1)]
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", ["mg", "pp"])
 def test_megatron_resume_continues(runs, name):
     """Resume from the step-2 checkpoint of the straight run: step 3 and the final weights are the same."""
     root, _, _ = runs

@@ -71,7 +71,8 @@ def cmd_warmstart(args) -> int:
     _threads(args.threads)
     cfg = WarmstartConfig(out=args.out, model=args.model, max_steps=args.steps, max_minutes=args.minutes,
                           seed=args.seed, batch_size=args.batch_size, lr=args.lr, init=args.init,
-                          world_seed_base=args.world_seed_base, warmup_steps=args.warmup_steps)
+                          world_seed_base=args.world_seed_base, warmup_steps=args.warmup_steps,
+                          bf16=args.bf16)
     print("sdsearch warmstart resolved config:", json.dumps(cfg.__dict__, indent=1))
     record = run_warmstart(cfg)
     print(f"trained {record['steps']} steps; final loss {record['history'][-1]['loss'] if record['history'] else 'n/a'}; "
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--world-seed-base", type=int, default=10_000, help="seed of the first demonstration world")
     w.add_argument("--warmup-steps", type=int, default=100)
     w.add_argument("--threads", type=int)
+    w.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the forward pass (fp32 weights, optimizer and loss); about 1.45x "
+                        "faster on CPUs with AVX512-BF16/AMX, slower elsewhere")
     w.set_defaults(fn=cmd_warmstart)
 
     x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files")

@@ -49,6 +49,7 @@ class WarmstartConfig:
     world_seed_base: int = 10_000
     init: str | None = None  # continue from this model directory (its tokenizer is kept)
     info_lm_weight: float = 0.5  # weight of the language-modelling loss on information tokens
+    bf16: bool = False  # bf16 autocast of the forward pass (weights, optimizer state and loss stay fp32)
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -93,11 +94,15 @@ def collate(trajs, pad_id: int):
     return ids, attn, policy, info
 
 
-def demo_loss(model, ids, attn, policy, info, info_weight: float):
-    """(total loss, policy-token loss): next-token cross-entropy on policy tokens + weighted on passages."""
+def demo_loss(model, ids, attn, policy, info, info_weight: float, bf16: bool = False):
+    """(total loss, policy-token loss): next-token cross-entropy on policy tokens + weighted on passages.
+    bf16: the forward pass under CPU/GPU bf16 autocast; the cross-entropy is taken in fp32."""
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    logits = logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     ce = ce.view(ids.shape[0], -1)
     p, i = policy[:, 1:], info[:, 1:]
@@ -166,7 +171,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
             ids, attn, policy, info = collate([demos[j] for j in batch_idx], tok.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, policy_loss = demo_loss(model, ids, attn, policy, info, cfg.info_lm_weight)
+            loss, policy_loss = demo_loss(model, ids, attn, policy, info, cfg.info_lm_weight, cfg.bf16)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()

@@ -10,18 +10,21 @@ from nemo_sdsearch.cli import main
 
 @pytest.mark.slow
 def test_shipped_model_answers_with_search_and_not_without(tmp_path):
+    """Issue 2's targets on the whole bundled test world (300 questions, greedy, so the numbers are fixed
+    for the shipped weights): EM at least 0.30 with retrieval, at most 0.05 without."""
     out_with, out_without = tmp_path / "with", tmp_path / "without"
-    common = ["eval", "--limit", "40", "--quiet", "--threads", "2"]
+    common = ["eval", "--quiet", "--threads", "2"]
     assert main(common + ["--out", str(out_with)]) == 0
     assert main(common + ["--no-retrieval", "--out", str(out_without)]) == 0
     with_search = json.loads((out_with / "results.json").read_text())["scores"]["tiny-world-test"]
     without = json.loads((out_without / "results.json").read_text())["scores"]["tiny-world-test"]
-    # The shipped warm start does not yet reach the 0.30 EM target of issue 2 (see its note); what it must
-    # show is that search is what answers: never worse with passages, at most chance without them.
-    assert with_search["all"]["em"] >= without["all"]["em"]
+    assert with_search["all"]["n"] == 300 and without["all"]["n"] == 300
+    assert with_search["all"]["em"] >= 0.30
     assert without["all"]["em"] <= 0.05
     assert with_search["all"]["searches"] >= 1.0
     assert set(with_search) == {"all", "single_hop", "bridge", "comparison"}
+    # every kind is answered, the two-search kinds included
+    assert all(with_search[k]["em"] > 0.2 for k in ("single_hop", "bridge", "comparison"))
 
 
 def test_shipped_assets_are_complete():

@@ -38,6 +38,33 @@ def test_warmstart_is_reproducible(warm_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_autocast_loss_tracks_fp32(bundle, tokenizer):
+    """`warmstart --bf16`: the forward under bf16 autocast gives the fp32 loss within bf16 precision, the
+    loss itself is fp32, and the fp32 weights get gradients."""
+    import random
+
+    from transformers import Qwen2ForCausalLM
+
+    from nemo_sdsearch.world.demos import DemoBuilder
+    from nemo_sdsearch.world.model_config import qwen2_config
+    from nemo_sdsearch.world.warmstart import collate, demo_loss
+    from retrieval import BM25Retriever
+
+    builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names))
+    rng = random.Random(0)
+    demos = [d for d in (builder.build(q, rng) for q in bundle.train[:6]) if d][:4]
+    ids, attn, policy, info = collate(demos, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(qwen2_config("micro", len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
+    fp32, _ = demo_loss(model, ids, attn, policy, info, 0.5)
+    bf16, policy_bf16 = demo_loss(model, ids, attn, policy, info, 0.5, bf16=True)
+    assert bf16.dtype == torch.float32 and policy_bf16.dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) <= 2e-2 * fp32.item()
+    bf16.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_demonstrations_cover_both_formats(bundle, tokenizer):
     import random
 

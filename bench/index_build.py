@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,9 +51,9 @@ def run_build(corpus: Path, out: Path, kind: str, index: str, threads: int) -> d
     stderr = proc.stderr.read()  # the progress bar goes here; read it so the child never blocks on the pipe
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS, its CPU time
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"build {kind} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SystemExit(f"build {kind} failed ({rc}):\n{stderr[-4000:]}")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     meta = json.loads((out / "meta.json").read_text())
     return {"kind": kind, "index": index if kind == "dense" else "bm25s", "passages": meta["num_passages"],
@@ -83,7 +84,6 @@ def main() -> None:
     for kind in args.kinds:
         out = work / f"index_{kind}"
         if out.exists():  # measure a build from scratch, not a resume
-            import shutil
             shutil.rmtree(out)
         rows.append(run_build(corpus, out, kind, args.index, args.threads))
         print(json.dumps(rows[-1]), flush=True)

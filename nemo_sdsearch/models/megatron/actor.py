@@ -308,6 +308,17 @@ class MegatronActor(Actor):
                 total += p.grad.detach().double().pow(2).sum()
         return total
 
+    def _skip(self, loss: float, grad_norm: float) -> dict:
+        """A skipped step: gradients dropped, no update, the model back in eval mode."""
+        self._zero()
+        self.model.eval()
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": True}
+
+    def _finish(self, total: float) -> dict:
+        """After the backward passes: Megatron's DDP + DistributedOptimizer on GPU, plain AdamW over the
+        local shards otherwise."""
+        return self._finish_megatron(total) if self.ddp is not None else self._finish_torch(total)
+
     def _zero(self):
         self.optimizer.zero_grad(set_to_none=True)
         if self.ddp is not None:
@@ -324,13 +335,10 @@ class MegatronActor(Actor):
         for i in range(n_micro):
             loss = micro_batch_losses(i)
             if not torch.isfinite(loss):
-                self._zero()
-                self.model.eval()
-                return {"loss": float(loss.detach()), "grad_norm": float("nan"), "skipped": True}
+                return self._skip(float(loss.detach()), float("nan"))
             loss.backward()
             total += float(loss.detach())
-        # Megatron's DDP + DistributedOptimizer on GPU, plain AdamW over the local shards otherwise
-        return self._finish_megatron(total) if self.ddp is not None else self._finish_torch(total)
+        return self._finish(total)
 
     def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None) -> dict:
         """One optimizer step over `n_micro` micro-batches driven by megatron's forward/backward schedule.
@@ -369,15 +377,8 @@ class MegatronActor(Actor):
         vals = self.broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
         bad = [v for v in vals if not math.isfinite(v)]
         if bad:
-            self._zero()
-            self.model.eval()
-            return {"loss": bad[0], "grad_norm": float("nan"), "skipped": True}
-        total = 0.0
-        for v in vals:
-            total += v
-        if self.ddp is not None:
-            return self._finish_megatron(total)
-        return self._finish_torch(total)
+            return self._skip(bad[0], float("nan"))
+        return self._finish(sum(vals))
 
     def _allreduce_tied_embedding_grad(self):
         """pp > 1, tied embeddings, torch optimizer: sum the gradients of the first stage's embedding and the
@@ -409,9 +410,7 @@ class MegatronActor(Actor):
             torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
         norm = sq.sqrt().float()
         if not torch.isfinite(norm):
-            self._zero()
-            self.model.eval()
-            return {"loss": total, "grad_norm": float(norm), "skipped": True}
+            return self._skip(total, float(norm))
         if self.grad_clip and self.grad_clip > 0:
             # the same rule as torch.nn.utils.clip_grad_norm_ (coefficient always applied, clamped at 1)
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
@@ -448,9 +447,7 @@ class MegatronActor(Actor):
         found_inf = self.optimizer.prepare_grads()  # model grads -> fp32 main grads
         norm = float(self.optimizer.get_grad_norm())
         if found_inf or not math.isfinite(norm):
-            self._zero()
-            self.model.eval()
-            return {"loss": total, "grad_norm": norm, "skipped": True}
+            return self._skip(total, norm)
         if self.grad_clip and self.grad_clip > 0:
             self.optimizer.clip_grad_norm(self.grad_clip)
         self.optimizer.step_with_ready_grads()      # step + copy to model params + param all-gather

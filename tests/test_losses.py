@@ -7,7 +7,8 @@ import torch
 
 from nemo_sdsearch.losses.divergences import (clipped_forward_kl, clipped_forward_kl_dense, generalized_jsd,
                                               generalized_jsd_dense)
-from nemo_sdsearch.losses.policy import group_advantages, grpo_surrogate, k3_kl
+from nemo_sdsearch.losses.policy import group_advantages, grpo_surrogate, k3_kl, k3_per_token
+from nemo_sdsearch.models.hf import token_logprobs
 
 D = torch.float64
 
@@ -172,6 +173,35 @@ def test_k3_kl():
     finite_difference_check(lambda x: k3_kl(x, ref, torch.ones(1, 2))[None], logp)
 
 
+def test_k3_clamp():
+    """verl's low_var_kl: the per-token value is capped at 10 by default (zero gradient there); values inside
+    are untouched; clamp=None is the plain estimator; no inf/NaN even for extreme log-ratios."""
+    # token 0: pi << pi_ref (r = 15: exp(15) - 16 ~ 3.3e6), token 1: inside, token 2: pi >> pi_ref (r = -30),
+    # token 3: r = +200 (exp would overflow fp32 without the log-ratio clamp)
+    ref = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
+    logp = (ref - torch.tensor([[15.0, 0.5, -30.0, 200.0]])).requires_grad_()
+    r = (ref - logp).detach()
+    k3 = k3_per_token(logp, ref)
+    inside = torch.exp(r[0, 1]) - r[0, 1] - 1
+    assert k3[0, 0].item() == 10.0 and k3[0, 2].item() == 10.0 and k3[0, 3].item() == 10.0
+    assert k3[0, 1].item() == pytest.approx(inside.item(), rel=1e-6)
+    k3.sum().backward()
+    assert logp.grad[0, 0].item() == 0.0 and logp.grad[0, 2].item() == 0.0 and logp.grad[0, 3].item() == 0.0
+    assert logp.grad[0, 1].item() == pytest.approx(-(torch.exp(r[0, 1]) - 1).item(), rel=1e-6)   # d/dlogp
+    assert torch.isfinite(logp.grad).all()
+    # unclamped: the plain estimator (and its gradient) everywhere
+    plain = k3_per_token(logp.detach().double(), ref.double(), clamp=None)
+    rd = r.double()
+    assert torch.equal(plain, torch.exp(rd) - rd - 1) and plain[0, 0] > 1e6
+    # another clamp value; the masked mean applies the same clamp
+    assert k3_per_token(logp.detach(), ref, clamp=2.0)[0, 0].item() == 2.0
+    mask = torch.tensor([[1, 1, 0, 0]])
+    assert k3_kl(logp.detach(), ref, mask).item() == pytest.approx((10.0 + inside.item()) / 2, rel=1e-6)
+    assert k3_kl(logp.detach()[:, :2], ref[:, :2], mask[:, :2], clamp=None).item() > 1e6
+    with pytest.raises(ValueError, match="clamp"):
+        k3_per_token(logp, ref, clamp=0.0)
+
+
 @pytest.mark.parametrize("fn", [generalized_jsd, clipped_forward_kl])
 def test_inplace_gradient_matches(fn):
     s, t = rand_logits(rows=9, vocab=60, std=5.0, seed=9)
@@ -209,3 +239,112 @@ def test_compiled_chunks_match_eager():
         out.sum().backward()
         assert torch.allclose(out, fn(s, t, chunk_rows=8), rtol=1e-5, atol=1e-4)
         assert torch.allclose(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Large logits: fp32 inputs against fp64 references of the same (fp32) values
+# ---------------------------------------------------------------------------------------------------
+LARGE_CASES = ("offset", "teacher_offset", "uniform")
+LARGE_TEMPS = (0.7, 1.0, 1.3, 2.0)  # dividing by 2 is exact: 0.7 and 1.3 also catch `x / T - max / T`
+LARGE_TOL = 2e-6  # about 30 fp32 ulps; `x / T - (M / T + log S)` is 1e-5 .. 1e-4 off at these offsets
+
+
+def large_logits(case: str, rows: int = 10, vocab: int = 300, seed: int = 0):
+    """fp32 (student, teacher, targets): "offset": every logit + 1e3; "teacher_offset": teacher = student +
+    noise + 1e3 (a constant offset of the teacher); "uniform": logits uniform in [-1e4, 1e4]."""
+    g = torch.Generator().manual_seed(seed)
+    if case == "offset":
+        s = torch.randn(rows, vocab, generator=g, dtype=D) * 3 + 1e3
+        t = torch.randn(rows, vocab, generator=g, dtype=D) * 3 + 1e3
+    elif case == "teacher_offset":
+        s = torch.randn(rows, vocab, generator=g, dtype=D) * 3
+        t = s + torch.randn(rows, vocab, generator=g, dtype=D) + 1e3
+    else:
+        s = (torch.rand(rows, vocab, generator=g, dtype=D) * 2 - 1) * 1e4
+        t = (torch.rand(rows, vocab, generator=g, dtype=D) * 2 - 1) * 1e4
+    return s.float(), t.float(), torch.randint(0, vocab, (rows,), generator=g)
+
+
+def value_err(out, ref):
+    """max over rows of |out - ref| / max(|ref|, 1)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float(((out - ref).abs() / ref.abs().clamp(min=1.0)).max())
+
+
+def grad_err(grad, ref_grad, ref_loss):
+    """max over rows of max_v |grad - ref| / max(max_v |ref|, |loss|, 1): per-row relative, with the row's
+    loss as a floor (the reverse-KL / JSD gradient q (g - loss) cancels numbers of the size of the loss)."""
+    grad, ref_grad = grad.detach().double(), ref_grad.detach().double()
+    scale = torch.maximum(ref_grad.abs().amax(-1), ref_loss.detach().double().abs()).clamp(min=1.0)
+    return float(((grad - ref_grad).abs().amax(-1) / scale).max())
+
+
+@pytest.mark.parametrize("case", LARGE_CASES)
+@pytest.mark.parametrize("temperature", LARGE_TEMPS)
+@pytest.mark.parametrize("op", ["jsd0", "jsd0.5", "jsd1", "clipped"])
+def test_chunked_large_logits_match_fp64(case, temperature, op):
+    """The chunked divergences on fp32 logits with a large offset (or range) vs the fp64 dense reference."""
+    s, t, _ = large_logits(case)
+    w = torch.rand(s.shape[0], generator=torch.Generator().manual_seed(1), dtype=D) + 0.5
+    if op == "clipped":
+        dense = lambda a, b: clipped_forward_kl_dense(a, b, 0.05, temperature)
+        chunked = lambda a, b: clipped_forward_kl(a, b, 0.05, temperature, chunk_rows=4)
+    else:
+        beta = float(op[3:])
+        dense = lambda a, b: generalized_jsd_dense(a, b, beta, temperature)
+        chunked = lambda a, b: generalized_jsd(a, b, beta, temperature, chunk_rows=4)
+    x = s.double().requires_grad_()
+    ref = dense(x, t.double())
+    (ref * w).sum().backward()
+    y = s.clone().requires_grad_()
+    out = chunked(y, t)
+    (out * w.float()).sum().backward()
+    assert out.dtype == torch.float32 and y.grad.dtype == torch.float32
+    assert value_err(out, ref) < LARGE_TOL, value_err(out, ref)
+    assert grad_err(y.grad, x.grad, ref) < LARGE_TOL, grad_err(y.grad, x.grad, ref)
+
+
+@pytest.mark.parametrize("case", LARGE_CASES)
+@pytest.mark.parametrize("temperature", LARGE_TEMPS)
+def test_token_logprobs_large_logits_match_fp64(case, temperature):
+    s, t, targets = large_logits(case)
+    logits = t if case == "teacher_offset" else s   # the logits that carry the offset
+    w = torch.rand(s.shape[0], generator=torch.Generator().manual_seed(2), dtype=D) + 0.5
+    x = logits.double().requires_grad_()
+    ref = torch.log_softmax(x / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+    (ref * w).sum().backward()
+    y = logits.clone().requires_grad_()
+    out = token_logprobs(y, targets, temperature)
+    (out * w.float()).sum().backward()
+    assert out.dtype == torch.float32
+    assert value_err(out, ref) < LARGE_TOL, value_err(out, ref)
+    assert grad_err(y.grad, x.grad, torch.zeros_like(ref)) < LARGE_TOL, grad_err(y.grad, x.grad, torch.zeros_like(ref))
+    # bf16 logits are upcast exactly (no bf16 arithmetic)
+    b = logits.to(torch.bfloat16)
+    ref_b = torch.log_softmax(b.double() / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert value_err(token_logprobs(b, targets, temperature), ref_b) < LARGE_TOL
+
+
+@pytest.mark.parametrize("fn", [generalized_jsd, clipped_forward_kl])
+def test_bf16_backward_rounds_once(fn):
+    """backward scales the stored bf16 gradient by the incoming per-row gradient in fp32 and rounds once:
+    exactly (G.float() * w).to(bf16), not the triple-rounded bf16 product G * w.to(bf16)."""
+    s, t = rand_logits(rows=16, vocab=200, std=4.0, seed=11)
+    s, t = s.to(torch.bfloat16), t.to(torch.bfloat16)
+    w = torch.rand(16, generator=torch.Generator().manual_seed(3)) * 3 + 0.1   # fp32, not bf16-representable
+    a = s.clone().requires_grad_()
+    fn(a, t, chunk_rows=5).sum().backward()       # grad_output = 1: the stored gradient G itself
+    stored = a.grad
+    b = s.clone().requires_grad_()
+    (fn(b, t, chunk_rows=5) * w).sum().backward()
+    assert b.grad.dtype == torch.bfloat16
+    single = (stored.float() * w[:, None]).to(torch.bfloat16)
+    triple = stored * w.to(torch.bfloat16)[:, None]
+    assert torch.equal(b.grad, single)
+    assert not torch.equal(single, triple)        # the case discriminates the two roundings
+    # closer to the exact product of the stored gradient and the weights than the triple rounding
+    exact = stored.double() * w.double()[:, None]
+    err = lambda g: float((g.double() - exact).abs().sum())
+    assert err(b.grad) < err(triple)
+    ulp = lambda x: torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(x.abs().clamp(min=1e-30)))
+    assert ((b.grad.double() - exact).abs() <= 0.5 * ulp(exact) * (1 + 1e-3)).all()   # rounded once

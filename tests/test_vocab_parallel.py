@@ -1,11 +1,12 @@
 """Vocab-parallel log-probs and divergences on real gloo process groups (CPU, no mocks of torch.distributed).
 
-One spawn of 4 processes builds TP groups of size 1 ([0], [1], [2], [3]), 2 ([0, 1], [2, 3]) and 4 (WORLD)
-and checks, in fp64 against the dense references on the gathered logits, the per-row values and the
-gradient with respect to each rank's student shard (TP padding columns hold large garbage and must get
-exactly zero gradient), then counts the collectives each call issues. Each rank writes its results to a
-JSON file; the tests below read them. A second spawn of 2 processes checks the default group under
-megatron's model-parallel state.
+One spawn of 4 processes builds TP groups of size 1 ([0], [1], [2], [3]), 2 ([0, 1], [2, 3]), 3 ([0, 1, 2])
+and 4 (WORLD) and checks, in fp64 against the dense references on the gathered logits, the per-row values
+and the gradient with respect to each rank's student shard (TP padding columns hold large garbage and must
+get exactly zero gradient); at TP 1, 2 and 3 it checks fp32 inputs with large logits (an offset of 1e3, a
+teacher offset by 1e3, a range of +-1e4) against fp64 references of the same values; then it counts the
+collectives each call issues. Each rank writes its results to a JSON file; the tests below read them. A
+second spawn of 2 processes checks the default group under megatron's model-parallel state.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nemo_sdsearch.losses.vocab_parallel import (
     vocab_parallel_generalized_jsd,
     vocab_parallel_logprobs,
 )
+from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_entropy
 from nemo_sdsearch.models.hf import token_logprobs
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -48,6 +50,14 @@ VOCABS = ((1001, 128), (130, 64))
 JSD_CASES = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (0.0, 2.5), (0.5, 2.5), (1.0, 2.5), (0.3, 0.7))
 CLIP_CASES = ((10.0, 1.0, True), (0.5, 2.0, True), (1e9, 1.0, False))  # (tau, T, clip active)
 LOGPROB_TEMPS = (1.0, 1.7)
+# Large logits (fp32 inputs vs fp64 references of the same values) at TP 1, 2 and 3 ([0, 1, 2]; rank 3 idles):
+# 500 real columns padded to a multiple of 64 * tp (512, 512, 576: at tp=3 Vp=192, rank 2 holds 116).
+LARGE_TPS = (1, 2, 3)
+LARGE_VOCAB = (500, 64)
+LARGE_CASES = ("offset", "teacher_offset", "uniform")
+LARGE_TEMPS = (0.7, 1.0, 2.0)
+LARGE_DIVS = (("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("clipped", 0.05))
+LARGE_TOL = 2e-6  # about 30 fp32 ulps; `x / T - (M / T + log S)` is 1e-5 .. 1e-3 off at these offsets
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "broadcast", "reduce",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",
                "all_to_all_single", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv",
@@ -122,6 +132,90 @@ def _check_against_dense(op, dense, s_full, t_full, w, vocab, v_pad, rank, tp, *
     return ref.detach()
 
 
+def _large_data(case: str, vocab: int, v_pad: int, seed: int = 0):
+    """fp32 (student, teacher, targets, weights) [ROWS, v_pad]: "offset": every logit + 1e3; "teacher_offset":
+    teacher = student + noise + 1e3; "uniform": uniform in [-1e4, 1e4]. Padding columns hold +-3e4."""
+    g = torch.Generator().manual_seed(seed)
+    if case == "offset":
+        s = torch.randn(ROWS, v_pad, generator=g, dtype=D) * 3 + 1e3
+        t = torch.randn(ROWS, v_pad, generator=g, dtype=D) * 3 + 1e3
+    elif case == "teacher_offset":
+        s = torch.randn(ROWS, v_pad, generator=g, dtype=D) * 3
+        t = s + torch.randn(ROWS, v_pad, generator=g, dtype=D) + 1e3
+    else:
+        s = (torch.rand(ROWS, v_pad, generator=g, dtype=D) * 2 - 1) * 1e4
+        t = (torch.rand(ROWS, v_pad, generator=g, dtype=D) * 2 - 1) * 1e4
+    s[:, vocab:] = 3e4
+    t[:, vocab:] = -3e4
+    targets = torch.randint(0, vocab, (ROWS,), generator=g)
+    w = torch.rand(ROWS, generator=g, dtype=D) + 0.5
+    return s.float(), t.float(), targets, w
+
+
+def _value_err(out, ref) -> float:
+    """max over rows of |out - ref| / max(|ref|, 1)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float(((out - ref).abs() / ref.abs().clamp(min=1.0)).max())
+
+
+def _grad_err(grad, ref_grad, ref_loss) -> float:
+    """max over rows of max_v |grad - ref| / max(max_v |ref|, |loss|, 1) (the reverse-KL / JSD gradient
+    q (g - loss) cancels numbers of the size of the row's loss, so that is the floor of its scale)."""
+    grad, ref_grad = grad.detach().double(), ref_grad.detach().double()
+    scale = torch.maximum(ref_grad.abs().amax(-1), ref_loss.detach().double().abs()).clamp(min=1.0)
+    return float(((grad - ref_grad).abs().amax(-1) / scale).max())
+
+
+def _large_checks(case, tp, group, r):
+    """fp32 divergences (values and student-shard gradients), log-probs and entropy at large logits vs fp64."""
+    vocab, multiple = LARGE_VOCAB
+    v_pad = pad_vocab_size(vocab, tp, multiple)
+    vp = v_pad // tp
+    n_real = max(0, min(vp, vocab - r * vp))
+    s, t, targets, w = _large_data(case, vocab, v_pad)
+    s_sh, t_sh = shard_logits(s, r, tp), shard_logits(t, r, tp)
+    for temp in LARGE_TEMPS:
+        for kind, param in LARGE_DIVS:
+            what = f"{case} T={temp} {kind}({param})"
+            dense = generalized_jsd_dense if kind == "jsd" else clipped_forward_kl_dense
+            x = s[:, :vocab].double().requires_grad_()
+            ref = dense(x, t[:, :vocab].double(), param, temp)
+            (ref * w).sum().backward()
+            g_ref = shard_logits(_pad_cols(x.grad, v_pad), r, tp)
+            a = s_sh.clone().requires_grad_()
+            op = vocab_parallel_generalized_jsd if kind == "jsd" else vocab_parallel_clipped_forward_kl
+            out = op(a, t_sh, group, vocab, param, temp, chunk_rows=5)
+            (out * w.float()).sum().backward()
+            _expect(out.dtype == torch.float32 and a.grad.dtype == torch.float32, f"{what}: dtype")
+            err, gerr = _value_err(out, ref), _grad_err(a.grad, g_ref, ref)
+            _expect(err < LARGE_TOL, f"{what}: value error {err:.2e}")
+            _expect(gerr < LARGE_TOL, f"{what}: gradient error {gerr:.2e}")
+            _expect(torch.all(a.grad[:, n_real:] == 0), f"{what}: TP padding columns got a gradient")
+        # log-probs and entropy of the logits that carry the offset
+        logits, sh = (t, t_sh) if case == "teacher_offset" else (s, s_sh)
+        x = logits[:, :vocab].double().requires_grad_()
+        ld = torch.log_softmax(x / temp, -1)
+        ref = ld.gather(-1, targets[:, None]).squeeze(-1)
+        (ref * w).sum().backward()
+        g_ref = shard_logits(_pad_cols(x.grad, v_pad), r, tp)
+        a = sh.clone().requires_grad_()
+        out = vocab_parallel_logprobs(a, targets, group, vocab, temperature=temp, chunk_rows=5)
+        (out * w.float()).sum().backward()
+        zero = torch.zeros_like(ref)
+        err, gerr = _value_err(out, ref), _grad_err(a.grad, g_ref, zero)
+        _expect(err < LARGE_TOL, f"{case} T={temp} logprobs: value error {err:.2e}")
+        _expect(gerr < LARGE_TOL, f"{case} T={temp} logprobs: gradient error {gerr:.2e}")
+        ent = vocab_parallel_entropy(sh, group, vocab, temperature=temp, chunk_rows=5)
+        err = _value_err(ent, -(ld.exp() * ld).sum(-1))
+        _expect(err < LARGE_TOL, f"{case} T={temp} entropy: value error {err:.2e}")
+        if tp == 1:  # the dense log-probs (models.hf.token_logprobs) on the same fp32 logits
+            y = logits[:, :vocab].clone().requires_grad_()
+            out = token_logprobs(y, targets, temp)
+            (out * w.float()).sum().backward()
+            err, gerr = _value_err(out, ref), _grad_err(y.grad, x.grad, zero)
+            _expect(err < LARGE_TOL and gerr < LARGE_TOL, f"{case} T={temp} token_logprobs: {err:.2e} {gerr:.2e}")
+
+
 def _correctness_checks(rank, groups):
     """Yield (check name, thunk)."""
     for tp in TPS:
@@ -188,6 +282,18 @@ def _correctness_checks(rank, groups):
             _expect(s_bf.grad.dtype == torch.bfloat16, f"bf16 grad {s_bf.grad.dtype}")
             g_ref = shard_logits(_pad_cols(s_ref.grad, v_pad), r, tp)
             _expect_close(s_bf.grad.double(), g_ref, "bf16 gradient", rtol=1e-2, atol=1e-4)
+            # backward rounds once: the stored bf16 gradient (grad_output = 1) times w formed in fp32, not the
+            # triple-rounded bf16 product
+            s_one = shard_logits(s, r, tp).requires_grad_()
+            vocab_parallel_generalized_jsd(s_one, shard_logits(t, r, tp), group, vocab, beta=0.5, temperature=2.0,
+                                           chunk_rows=5).sum().backward()
+            single = (s_one.grad.float() * w.float()[:, None]).to(torch.bfloat16)
+            triple = s_one.grad * w.float().to(torch.bfloat16)[:, None]
+            _expect(torch.equal(s_bf.grad, single), "bf16 backward is not the once-rounded fp32 product")
+            _expect(not torch.equal(single, triple), "the bf16 case does not tell the roundings apart")
+            exact = s_one.grad.double() * w[:, None]
+            err = lambda g: float((g.double() - exact).abs().sum())
+            _expect(err(s_bf.grad) < err(triple), f"once-rounded {err(s_bf.grad)} vs triple {err(triple)}")
             lp = vocab_parallel_logprobs(shard_logits(s, r, tp), targets, group, vocab)
             _expect(lp.dtype == torch.float32, f"bf16 logprobs -> {lp.dtype}")
             _expect_close(lp.double(), token_logprobs(s[:, :vocab].double(), targets), "bf16 logprobs",
@@ -199,6 +305,16 @@ def _correctness_checks(rank, groups):
                                                             inplace_grad=True),
                 lambda a, b: generalized_jsd_dense(a, b, 0.5), s, t, w, vocab, v_pad, r, tp)
         yield f"extras-tp{tp}", run_extras
+
+    for tp in LARGE_TPS:
+        group = groups[tp]
+        member = group is not None
+        for case in LARGE_CASES:
+            if member:
+                yield f"large-{case}-tp{tp}", lambda case=case, tp=tp, group=group: _large_checks(
+                    case, tp, group, dist.get_rank(group))
+            else:  # not in the tp=3 group: nothing to check, nothing to communicate
+                yield f"large-{case}-tp{tp}", lambda: None
 
     def run_default_world():  # group=None without megatron's model parallel state: WORLD (tp=4)
         vocab = 1001
@@ -283,8 +399,10 @@ def _worker(rank, world, port, out_dir):
     groups = {WORLD: dist.group.WORLD}
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     singles = [dist.new_group([i]) for i in range(WORLD)]
+    triple = dist.new_group([0, 1, 2])   # every rank creates every group; rank 3 is not a member
     groups[2] = pairs[rank // 2]
     groups[1] = singles[rank]
+    groups[3] = triple if rank < 3 else None
     results: dict = {}
     for name, check in _correctness_checks(rank, groups):
         _FAILURES.clear()
@@ -343,6 +461,15 @@ def test_bf16_and_inplace_grad(spawned, tp):
 
 def test_default_group_is_world_without_megatron(spawned):
     _assert_check(spawned, "default-group-world")
+
+
+@pytest.mark.parametrize("tp", LARGE_TPS)
+@pytest.mark.parametrize("case", LARGE_CASES)
+def test_large_logits_match_fp64(spawned, case, tp):
+    """fp32 logits with an offset of 1e3, a teacher offset by 1e3, or a range of +-1e4, at T in {0.7, 1, 2}:
+    divergence values and gradients (beta 0, 0.5, 1, clipped), log-probs (values, gradients) and entropy
+    within LARGE_TOL of the fp64 references of the same values."""
+    _assert_check(spawned, f"large-{case}-tp{tp}")
 
 
 @pytest.mark.parametrize("tp", TPS)

@@ -11,7 +11,11 @@ The Search-E1 loss is the pointwise-clipped forward KL, sum_v min(P_v log(P_v / 
 The teacher is always under stop-gradient. Each divergence has a dense form (plain autograd, the
 reference) and a chunked form: a custom autograd function that walks `chunk_rows` rows at a time,
 computes the loss and its gradient with respect to the student logits in one pass (closed form below),
-and keeps that gradient for backward, so at most one chunk of rows x vocab is ever held in fp32.
+and keeps that gradient (in the student's dtype) for backward, so at most one chunk of rows x vocab is ever
+held in fp32. Backward multiplies it by the incoming per-row gradient in fp32, chunk by chunk, and rounds
+once to the student's dtype. The chunks compute log-softmax as (x - max) / T - log(sum), the row max
+subtracted before the division and never added back, so large logits (or a large common offset) cost no
+precision.
 
 Gradients with respect to the student logits s (q = softmax(s / T)), for g_v = dL/dq_v:
     dL/ds_v = (1/T) * q_v * (g_v - sum_u q_u g_u)
@@ -75,9 +79,13 @@ def clipped_forward_kl_dense(student_logits: torch.Tensor, teacher_logits: torch
 # Chunked forms
 # ---------------------------------------------------------------------------------------------------
 def _softmax_parts(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, probs) with a single exp: probs = e / sum(e), log-probs = x - max - log(sum(e))."""
-    x = _f32(logits) / temperature if temperature != 1.0 else _f32(logits)
+    """(log-probs, probs) of softmax(logits / T) with a single exp: with d = (logits - max) / T (the raw row max
+    subtracted BEFORE dividing by T, so a large common offset costs no precision) and e = exp(d),
+    probs = e / sum(e) and log-probs = d - log(sum(e)) (max and log-sum kept apart)."""
+    x = _f32(logits)
     x = x - x.amax(-1, keepdim=True)
+    if temperature != 1.0:
+        x = x / temperature
     e = torch.exp(x)
     z = e.sum(-1, keepdim=True)
     return x - torch.log(z), e / z
@@ -117,6 +125,20 @@ def _clipped_chunk(s_logits, t_logits, tau, temperature, need_grad):
     return loss, (q * pu.sum(-1, keepdim=True) - pu) / temperature
 
 
+def _scale_grad(grad: torch.Tensor, grad_rows: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """grad * grad_rows[:, None], the product formed in fp32 (fp64 for fp64 operands) and rounded once to
+    grad's dtype (a bf16 product of bf16 operands would round three times), `chunk_rows` rows at a time so no
+    rows x vocab buffer in the compute dtype is allocated. `grad` itself is left intact."""
+    cdt = torch.promote_types(torch.promote_types(grad.dtype, grad_rows.dtype), torch.float32)
+    if grad.dtype == cdt and grad_rows.dtype == cdt:
+        return grad * grad_rows[:, None]
+    out = torch.empty_like(grad)
+    w = grad_rows.to(cdt)
+    for i in range(0, grad.shape[0], chunk_rows):
+        out[i:i + chunk_rows] = grad[i:i + chunk_rows].to(cdt) * w[i:i + chunk_rows, None]
+    return out
+
+
 _COMPILED: dict = {}
 
 
@@ -150,12 +172,13 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need_grad:
                 grad[i:i + chunk_rows] = g.to(grad.dtype)
         ctx.save_for_backward(grad if need_grad else torch.empty(0))
+        ctx.chunk_rows = chunk_rows
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None, None, None
+        return _scale_grad(grad, grad_losses, ctx.chunk_rows), None, None, None, None, None, None
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,

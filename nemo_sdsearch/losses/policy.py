@@ -1,7 +1,8 @@
 """Policy-gradient losses over token log-probabilities.
 
 GRPO: group-normalised advantages, the PPO clipped surrogate, and the low-variance k3 estimator of
-KL(pi || pi_ref) (Schulman's k3: exp(r) - r - 1 with r = log pi_ref - log pi, unbiased and >= 0).
+KL(pi || pi_ref) (Schulman's k3: exp(r) - r - 1 with r = log pi_ref - log pi, unbiased and >= 0; clamped
+per token at 10 by default, as verl's `low_var_kl`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,23 @@ def clipped_surrogate_per_token(logp: torch.Tensor, old_logp: torch.Tensor, adva
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
 
 
-def k3_per_token(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def k3_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float | None = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(r) - r - 1 with r = log pi_ref - log pi (>= 0).
+
+    clamp (default 10, verl's `low_var_kl` as used by the Search-R1 recipe): the value is clamped to
+    [-clamp, clamp] (in effect capped at `clamp`, since k3 >= 0), and, so that exp(r) never overflows, the
+    log-ratio r is first clamped to [-L, L] with L = max(20, clamp + 1) (verl's +-20 for the default; L is
+    chosen so that the log-ratio clamp never binds before the value clamp: for r < -(clamp + 1) the value
+    exceeds `clamp` anyway). As with torch.clamp, the gradient is exactly zero wherever a clamp is active,
+    e.g. for a token with pi << pi_ref. clamp=None: the unclamped estimator."""
     r = ref_logp - logp
-    return torch.exp(r) - r - 1
+    if clamp is None:
+        return torch.exp(r) - r - 1
+    if not clamp > 0:
+        raise ValueError(f"k3 clamp must be > 0 (or None to disable it), got {clamp}")
+    bound = max(20.0, float(clamp) + 1.0)
+    r = torch.clamp(r, min=-bound, max=bound)
+    return torch.clamp(torch.exp(r) - r - 1, min=-clamp, max=clamp)
 
 
 def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -75,6 +90,8 @@ def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     return loss, stats
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean of the k3 estimator of KL(pi || pi_ref)."""
-    return masked_mean(k3_per_token(logp, ref_logp), mask)
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+          clamp: float | None = 10.0) -> torch.Tensor:
+    """Masked mean of the k3 estimator of KL(pi || pi_ref), each token's value clamped as in
+    `k3_per_token` (default 10, as verl's low_var_kl; None disables the clamp)."""
+    return masked_mean(k3_per_token(logp, ref_logp, clamp), mask)

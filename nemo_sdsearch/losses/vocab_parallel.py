@@ -25,19 +25,23 @@ Communication, per chunk of `chunk_rows` rows (no other collective is issued, ba
 group of size 1, or without an initialised process group, nothing is communicated at all):
 
     logprobs (the NeMo-Aligner DistributedLogprob pattern, 2 all-reduces):
-      1. MAX over [rows]:    the local row maxima of x = logits / T           -> the global row max M
-      2. SUM over [2, rows]: (sum_v exp(x_v - M) over local real columns,
-                              x_target - M on the rank owning the target, 0 elsewhere)
-      log p(target) = (x_target - M) - log(sum_v exp(x_v - M)); the per-row log-partition M + log(sum) is
-      kept for backward, which recomputes softmax chunk by chunk: grad = (onehot - softmax) / T.
+      1. MAX over [rows]:    the local row maxima of the raw logits x                -> the global row max M
+      2. SUM over [2, rows]: (sum_v exp(d_v) over local real columns,
+                              d_target on the rank owning the target, 0 elsewhere),  d = (x - M) / T
+      log p(target) = d_target - log S, S = sum_v exp(d_v). M and log S are kept apart for backward (never
+      folded into one log-partition that would be subtracted from logits of its own size), which recomputes
+      the softmax chunk by chunk: grad = (onehot - exp(d - log S)) / T.
 
     divergences (2 all-reduces, both SUM):
       1. statistics: SUM over [tp, 4, rows], zero except this rank's slot [rank] which holds
-         (local max of xs, local sum exp(xs - max), local max of xt, local sum exp(xt - max))
-         for xs = student / T, xt = teacher / T over the local real columns (max = -inf, sum = 0 for a rank
-         without real columns). It is an all-gather written as an all-reduce (portable to every backend,
-         tp*4*rows numbers); each rank then combines the slots locally, exactly:
-             M = max_r m_r,   log Z = M + log(sum_r z_r exp(m_r - M)).
+         (m_r = local max of the raw student logits, z_r = local sum exp((x - m_r) / T), the same two for the
+         teacher) over the local real columns (m_r = -inf, z_r = 0 for a rank without real columns). It is
+         an all-gather written as an all-reduce (portable to every backend, tp*4*rows numbers); each rank
+         then combines the slots locally, exactly, with the raw max and the log-sum kept apart:
+             M = max_r m_r,   log S = log(sum_r z_r exp((m_r - M) / T)),
+             log_softmax(x / T) = (x - M) / T - log S      (x - M formed first, then divided by T),
+         so nothing of the size of the logits is subtracted from a number of the same size (a log-partition
+         M / T + log S subtracted from x / T would lose about eps * |x| / T of absolute precision).
          A MAX all-reduce followed by a SUM all-reduce of exp sums would be a second statistics all-reduce,
          and the JSD (0 < beta < 1) and clipped-KL partial sums depend non-linearly on both normalisers
          (through log m_v and the clip), so they could not be folded into it: that would be 3 all-reduces.
@@ -48,8 +52,9 @@ group of size 1, or without an initialised process group, nothing is communicate
                                 loss = beta A + (1 - beta) B
            clipped (k=2):       sum_v min(p_v (t_v - s_v), tau)         = loss,
                                 U = sum_v p_v [p_v (t_v - s_v) < tau]
-      with s = log_softmax(xs), t = log_softmax(xt), q = exp(s), p = exp(t), m = beta p + (1 - beta) q
-      (global normalisers from all-reduce 1).
+      with s = (x_s - M_s) / T - log S_s (the student's log-softmax), t likewise for the teacher,
+      q = exp(s) = exp((x_s - m_r) / T) * exp((m_r - M_s) / T - log S_s) (the local exps of statistic 1
+      reused), p likewise, m = beta p + (1 - beta) q (global normalisers from all-reduce 1).
 
     The gradient with respect to the local student shard is computed in the forward pass from the reduced
     row sums (the closed forms of divergences.py) and kept, in the student's dtype, for backward:
@@ -57,11 +62,13 @@ group of size 1, or without an initialised process group, nothing is communicate
            beta = 1:            q (g - loss) / T,              g = s - t
            0 < beta < 1:        (1 - beta) q (g - B) / T,      g = s - log m
            clipped:             (q U - p [term < tau]) / T
+    Backward multiplies it by the incoming per-row gradient in fp32 (fp64 for fp64) and rounds once to the
+    student's dtype, chunk by chunk.
 
 Memory: rows are processed `chunk_rows` at a time; the fp32 (fp64 for fp64 inputs) temporaries are a few
 buffers of chunk_rows x Vp, never all rows x vocab. The divergences keep one rows x Vp gradient buffer in the
 student's dtype (as divergences.py does; `inplace_grad=True` reuses the student logits for it); the
-log-probs keep only the per-row log-partition (backward recomputes the softmax from the saved logits).
+log-probs keep only the per-row M and log S (backward recomputes the softmax from the saved logits).
 Inputs are upcast to fp32 (bf16/fp16) or kept in fp64; outputs are fp32 (fp64 for fp64 inputs).
 """
 
@@ -71,6 +78,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from nemo_sdsearch.losses.divergences import _scale_grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,27 +143,31 @@ def _all_reduce(t: torch.Tensor, op, group, tp: int) -> torch.Tensor:
     return t
 
 
-def _scaled(chunk: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """chunk in the compute dtype, divided by T (may alias `chunk`: never modify it in place)."""
-    x = chunk.to(dtype)
-    return x / temperature if temperature != 1.0 else x
+def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(x - shift[:, None]) / T, a new tensor in x's dtype: the (raw) shift is subtracted BEFORE the division
+    by T, so a large common offset of the logits costs no precision."""
+    d = x - shift[:, None]
+    return d.div_(temperature) if temperature != 1.0 else d
 
 
-def _local_stats(x: torch.Tensor):
-    """(row max, exp(x - row max), sum of it) over the local real columns; (-inf, None, 0) if there are none."""
+def _local_stats(x: torch.Tensor, temperature: float):
+    """(raw row max m, exp((x - m) / T), sum of it) over the local real columns of the raw logits x;
+    (-inf, None, 0) if there are none."""
     if x.shape[-1] == 0:
         n = x.shape[0]
         return (torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device), None,
                 torch.zeros(n, dtype=x.dtype, device=x.device))
     m = x.amax(-1)
-    e = torch.exp(x - m[:, None])
+    e = _shifted(x, m, temperature).exp_()
     return m, e, e.sum(-1)
 
 
-def _combine(m_all: torch.Tensor, z_all: torch.Tensor) -> torch.Tensor:
-    """Global log-partition from the per-rank (max, sum exp(x - max)) slots [tp, rows]."""
+def _combine(m_all: torch.Tensor, z_all: torch.Tensor, temperature: float):
+    """(global raw row max M, log S) from the per-rank slots [tp, rows] of (raw max m_r, sum exp((x - m_r) / T)):
+    log S = log(sum_r z_r exp((m_r - M) / T)), so that log_softmax(x / T) = (x - M) / T - log S. A rank
+    without real columns (m_r = -inf, z_r = 0) contributes 0."""
     mx = m_all.amax(0)
-    return mx + torch.log((z_all * torch.exp(m_all - mx)).sum(0))
+    return mx, torch.log((z_all * torch.exp((m_all - mx) / temperature)).sum(0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,37 +180,42 @@ class _VocabParallelLogprob(torch.autograd.Function):
         n = logits.shape[0]
         cdt = _compute_dtype(logits.dtype)
         out = torch.empty(n, dtype=cdt, device=logits.device)
-        log_z = torch.empty(n, dtype=cdt, device=logits.device)
+        row_max = torch.empty(n, dtype=cdt, device=logits.device)   # raw global row max M
+        log_sum = torch.empty(n, dtype=cdt, device=logits.device)   # log sum_v exp((x_v - M) / T)
         for i in range(0, n, chunk_rows):
-            x = _scaled(logits[i:i + chunk_rows, :nr], temperature, cdt)
+            x = logits[i:i + chunk_rows, :nr].to(cdt)  # may alias the logits: never modified in place
             rows = x.shape[0]
             mx = x.amax(-1) if nr else torch.full((rows,), float("-inf"), dtype=cdt, device=x.device)
             mx = _all_reduce(mx.contiguous(), dist.ReduceOp.MAX, group, tp)
             packed = torch.zeros(2, rows, dtype=cdt, device=x.device)
             if nr:
-                packed[0] = torch.exp(x - mx[:, None]).sum(-1)
+                d = _shifted(x, mx, temperature)                # (x - M) / T
                 local = targets[i:i + chunk_rows] - lo
                 own = (local >= 0) & (local < nr)
-                picked = x.gather(1, local.clamp(0, nr - 1)[:, None]).squeeze(1)
-                packed[1] = torch.where(own, picked - mx, torch.zeros_like(picked))
+                picked = d.gather(1, local.clamp(0, nr - 1)[:, None]).squeeze(1)
+                packed[1] = torch.where(own, picked, torch.zeros_like(picked))
+                packed[0] = d.exp_().sum(-1)
+                del d
             _all_reduce(packed, dist.ReduceOp.SUM, group, tp)
-            log_sum = torch.log(packed[0])
-            out[i:i + chunk_rows] = packed[1] - log_sum
-            log_z[i:i + chunk_rows] = mx + log_sum
+            ls = torch.log(packed[0])
+            out[i:i + chunk_rows] = packed[1] - ls
+            row_max[i:i + chunk_rows] = mx
+            log_sum[i:i + chunk_rows] = ls
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, targets, log_z)
+            ctx.save_for_backward(logits, targets, row_max, log_sum)
             ctx.meta = (temperature, chunk_rows, lo, nr)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, targets, log_z = ctx.saved_tensors
+        logits, targets, row_max, log_sum = ctx.saved_tensors
         temperature, chunk_rows, lo, nr = ctx.meta
         grad = torch.zeros_like(logits)  # padding columns stay 0
         if nr:
             for i in range(0, logits.shape[0], chunk_rows):
-                x = _scaled(logits[i:i + chunk_rows, :nr], temperature, log_z.dtype)
-                g = torch.exp(x - log_z[i:i + chunk_rows, None]).neg_()
+                g = _shifted(logits[i:i + chunk_rows, :nr].to(row_max.dtype), row_max[i:i + chunk_rows],
+                             temperature)
+                g = g.sub_(log_sum[i:i + chunk_rows, None]).exp_().neg_()   # -softmax
                 local = targets[i:i + chunk_rows] - lo
                 own = (local >= 0) & (local < nr)
                 idx = local.clamp(0, nr - 1)[:, None]
@@ -245,26 +263,27 @@ class _VocabParallelDivergence(torch.autograd.Function):
             grad = student.detach() if inplace_grad else torch.empty_like(student)
             grad[:, nr:] = 0  # TP padding: no gradient
         for i in range(0, n, chunk_rows):
-            xs = _scaled(student[i:i + chunk_rows, :nr], temperature, cdt)
-            xt = _scaled(teacher[i:i + chunk_rows, :nr], temperature, cdt)
+            xs = student[i:i + chunk_rows, :nr].to(cdt)  # raw logits; may alias the inputs: read only
+            xt = teacher[i:i + chunk_rows, :nr].to(cdt)
             rows = xs.shape[0]
-            ms, es, zs = _local_stats(xs)
-            mt, et, zt = _local_stats(xt)
-            # all-reduce 1 (SUM): the per-rank (max, sum exp(x - max)) slots of student and teacher.
+            ms, es, zs = _local_stats(xs, temperature)    # es = exp((xs - ms) / T)
+            mt, et, zt = _local_stats(xt, temperature)
+            # all-reduce 1 (SUM): the per-rank (raw max, sum exp((x - max) / T)) slots of student and teacher.
             stats = torch.zeros(tp, 4, rows, dtype=cdt, device=dev)
             stats[rank] = torch.stack([ms, zs, mt, zt])
             _all_reduce(stats, dist.ReduceOp.SUM, group, tp)
-            log_zs = _combine(stats[:, 0], stats[:, 1])
-            log_zt = _combine(stats[:, 2], stats[:, 3])
+            max_s, log_ss = _combine(stats[:, 0], stats[:, 1], temperature)
+            max_t, log_st = _combine(stats[:, 2], stats[:, 3], temperature)
             del stats
             parts = torch.zeros(k, rows, dtype=cdt, device=dev)
             g = None
             if nr:
-                s = xs - log_zs[:, None]                       # log q
-                t = xt - log_zt[:, None]                       # log p
+                s = _shifted(xs, max_s, temperature).sub_(log_ss[:, None])   # log q = (xs - M) / T - log S
+                t = _shifted(xt, max_t, temperature).sub_(log_st[:, None])   # log p
                 del xs, xt
-                q = es.mul_(torch.exp(ms - log_zs)[:, None])   # q = exp(xs - ms) * exp(ms - log Z_s)
-                p = et.mul_(torch.exp(mt - log_zt)[:, None])
+                # q = exp((xs - ms) / T) * exp((ms - M) / T - log S): the local exps reused, no second exp pass
+                q = es.mul_(torch.exp((ms - max_s) / temperature - log_ss)[:, None])
+                p = et.mul_(torch.exp((mt - max_t) / temperature - log_st)[:, None])
                 del es, et
                 if kind == "clipped":
                     terms = p * (t - s)
@@ -300,12 +319,13 @@ class _VocabParallelDivergence(torch.autograd.Function):
                     g = g.div_(temperature)
                 grad[i:i + chunk_rows, :nr] = g.to(grad.dtype)
         ctx.save_for_backward(grad if need_grad else torch.empty(0))
+        ctx.chunk_rows = chunk_rows
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_losses[:, None].to(grad.dtype),) + (None,) * 10
+        return (_scale_grad(grad, grad_losses, ctx.chunk_rows),) + (None,) * 10
 
 
 def _check_pair(student, teacher, chunk_rows, beta=None):

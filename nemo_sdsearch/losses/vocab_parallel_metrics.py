@@ -11,11 +11,12 @@ before anything is computed, the same full value returned on every rank of the g
 Communication: one all-reduce each. The argmax all-reduces a [tp, 2, rows] fp64 tensor (every rank writes
 its (local max, global index of the local argmax) into its own slot, i.e. an all-gather written as a SUM
 all-reduce, portable to every backend); the entropy all-reduces a [tp, 3, rows] tensor of per-rank
-(m_r = max, z_r = sum exp(x - m_r), s_r = sum exp(x - m_r) (x - m_r)) over its real columns and
-combines the slots locally (everything relative to the global max M, so nothing of size M cancels):
+(m_r = max of the raw logits, and with d = (logits - m_r) / T, the row max subtracted BEFORE dividing by T:
+z_r = sum exp(d), s_r = sum exp(d) d) over its real columns and combines the slots locally (everything
+relative to the global raw max M, so nothing of the size of the logits cancels):
 
-    M = max_r m_r,   Z = sum_r z_r exp(m_r - M),   S = sum_r (s_r + (m_r - M) z_r) exp(m_r - M),
-    H = log Z - S / Z              (log-partition = M + log Z,  E_p[x] = M + S / Z)
+    M = max_r m_r,   c_r = (m_r - M) / T,   Z = sum_r z_r exp(c_r),   S = sum_r (s_r + c_r z_r) exp(c_r),
+    H = log Z - S / Z              (log-partition = M / T + log Z,  E_p[x / T] = M / T + S / Z)
 
 Both are for metrics only: they run under no_grad and return detached tensors.
 """
@@ -71,19 +72,19 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=No
     cdt = _compute_dtype(logits_shard.dtype)
     out = torch.empty(n, dtype=cdt, device=logits_shard.device)
     for i in range(0, n, chunk_rows):
-        x = logits_shard[i:i + chunk_rows, :nr].to(cdt)
-        if temperature != 1.0:
-            x = x / temperature
+        x = logits_shard[i:i + chunk_rows, :nr].to(cdt)   # raw logits (may alias: read only)
         rows = x.shape[0]
         slots = torch.zeros(tp, 3, rows, dtype=cdt, device=x.device)
         if nr:
             m = x.amax(-1)
-            e = torch.exp(x - m[:, None])
+            d = x - m[:, None]                            # shifted by the raw local max, then divided by T
+            if temperature != 1.0:
+                d = d.div_(temperature)
+            e = torch.exp(d)
             slots[rank, 0] = m
             slots[rank, 1] = e.sum(-1)
-            # shifted by the local max (no cancellation against M below); exp(-inf) * -inf would be NaN:
-            # entries with zero probability contribute nothing
-            d = x - m[:, None]
+            # no cancellation against M below; exp(-inf) * -inf would be NaN: entries with zero probability
+            # contribute nothing
             slots[rank, 2] = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
         else:
             slots[rank, 0] = float("-inf")
@@ -91,10 +92,10 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=No
         m_all = slots[:, 0]
         mx = m_all.amax(0)
         real = torch.isfinite(m_all)   # a rank without real columns reports -inf
-        shift = torch.where(real, m_all - mx, torch.zeros_like(m_all))
+        shift = torch.where(real, (m_all - mx) / temperature, torch.zeros_like(m_all))   # c_r
         w = torch.where(real, torch.exp(shift), torch.zeros_like(m_all))
         z = (slots[:, 1] * w).sum(0)
-        s = ((slots[:, 2] + shift * slots[:, 1]) * w).sum(0)   # sum_v exp(x_v - M) (x_v - M)
+        s = ((slots[:, 2] + shift * slots[:, 1]) * w).sum(0)   # sum_v exp((x_v - M) / T) (x_v - M) / T
         out[i:i + chunk_rows] = torch.log(z) - s / z
     return out
 

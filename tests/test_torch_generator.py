@@ -111,3 +111,21 @@ def test_bad_params_are_rejected():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_cache_keyword_follows_the_model_signature(micro_model):
+    """transformers 5.24 renamed the decoder's `past_key_values` to `cache`; an unknown name would be
+    swallowed by **kwargs (cache silently unused), so the generator reads the name from the signature."""
+    import inspect
+
+    from nemo_sdsearch.rollout.torch_generator import _cache_kwarg
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert (_cache_kwarg(New()), _cache_kwarg(Old())) == ("cache", "past_key_values")
+    real = _cache_kwarg(micro_model.get_decoder())
+    assert real in inspect.signature(micro_model.get_decoder().forward).parameters

@@ -17,6 +17,7 @@ need next-token logits.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -103,6 +104,15 @@ def _slot_cache():
     return SlotCache()
 
 
+def _cache_kwarg(decoder) -> str:
+    """The keyword under which `decoder.forward` takes its KV cache: `cache` from transformers 5.24 on
+    (`past_key_values` still works there but warns, and goes in 5.40), `past_key_values` before 5.24.
+    Read from the signature, not the version, so a model whose forward is not migrated yet keeps
+    working; passing the wrong name is not an option, since before 5.24 an unknown `cache=` would
+    vanish into the forward's **kwargs and the slot cache would silently not be used."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     first, n = prompts[0], min(len(p) for p in prompts)
     for p in prompts[1:]:
@@ -156,6 +166,7 @@ class TorchSession(GenerationSession):
         self._lengths = [0] * B  # per row id
         self.cache = _slot_cache()
         self.cache.n_slots = B
+        self._cache_kw = _cache_kwarg(self.decoder)
         self.lens = torch.zeros(B, dtype=torch.long, device=self.device)  # per slot
         self.last_logits = torch.zeros((B, self.lm_head.out_features), device=self.device)
         self._checkers: dict[tuple, StopChecker] = {}
@@ -235,8 +246,8 @@ class TorchSession(GenerationSession):
         self.cache.starts = starts
         self.cache.span = span
         masks = {"full_attention": mask, "sliding_attention": mask}
-        out = self.decoder(input_ids=ids, attention_mask=masks, position_ids=pos,
-                           past_key_values=self.cache, use_cache=True)
+        out = self.decoder(input_ids=ids, attention_mask=masks, position_ids=pos, use_cache=True,
+                           **{self._cache_kw: self.cache})
         took = (n > 0).nonzero().squeeze(-1)
         hidden = out.last_hidden_state[took, n[took] - 1]
         self.last_logits[index[took]] = self.lm_head(hidden).float()

@@ -1,9 +1,18 @@
-"""Answer extraction and exact-match / F1 scoring with the standard (SQuAD / Search-R1) normalisation.
+"""Answer extraction and exact-match / F1 scoring.
 
-Normalisation: Unicode NFKC (full-width letters, ligatures, non-breaking spaces become plain), lower
-case, punctuation removed (ASCII `string.punctuation` and every Unicode punctuation character, e.g.
-curly quotes and dashes), the articles a/an/the dropped, whitespace collapsed. Accents are kept, as
-in the standard script: "Zürich" and "Zurich" are different answers.
+Two answer normalisations, chosen by the config key `reward.normalization`:
+
+- `squad` (the default): the SQuAD `normalize_answer` that Search-R1, FlashRAG and both papers use for
+  their EM tables: lower case, delete the ASCII `string.punctuation` characters, drop the articles
+  a/an/the as whole words, collapse whitespace. Nothing else: a curly quote, an en dash or a full-width
+  letter is kept as it is, so "“Oskar”" does not match "Oskar". Numbers under this definition are
+  comparable with the papers'.
+- `unicode` (lenient, opt-in): Unicode NFKC first (full-width letters, ligatures and no-break spaces
+  become plain), then every Unicode punctuation character is deleted as well. It only ever turns a
+  `squad` miss into a match, never the reverse; use it for corpora with typographic quotes and dashes,
+  and do not compare its numbers with published tables.
+
+Both keep accents ("Zürich" != "Zurich"), as the standard script does.
 """
 
 from __future__ import annotations
@@ -14,19 +23,22 @@ import unicodedata
 from collections import Counter
 from typing import Iterable
 
-_ASCII_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+NORMALIZATIONS = ("squad", "unicode")
+_ASCII_PUNCT = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def normalize_answer(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    # Punctuation is deleted, as the standard script does ("o'neil" == "oneil", "new-york" == "newyork").
-    text = "".join(
-        ch for ch in text if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P")
-    )
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+def normalize_answer(text: str, normalization: str = "squad") -> str:
+    if normalization == "squad":
+        text = "".join(ch for ch in text.lower() if ch not in _ASCII_PUNCT)
+    elif normalization == "unicode":
+        text = unicodedata.normalize("NFKC", text).lower()
+        text = "".join(ch for ch in text
+                       if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P"))
+    else:
+        raise ValueError(f"answer normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def extract_answer(response_text: str) -> str | None:
@@ -35,21 +47,21 @@ def extract_answer(response_text: str) -> str | None:
     return matches[-1].strip() if matches else None
 
 
-def exact_match(prediction: str | None, golden_answers: Iterable[str]) -> float:
+def exact_match(prediction: str | None, golden_answers: Iterable[str], normalization: str = "squad") -> float:
     if prediction is None:
         return 0.0
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golden_answers))
+    pred = normalize_answer(prediction, normalization)
+    return float(any(pred == normalize_answer(g, normalization) for g in golden_answers))
 
 
-def f1_score(prediction: str | None, golden_answers: Iterable[str]) -> float:
+def f1_score(prediction: str | None, golden_answers: Iterable[str], normalization: str = "squad") -> float:
     """Token F1 against the best alias; yes/no/noanswer must match exactly (HotpotQA convention)."""
     if prediction is None:
         return 0.0
-    pred = normalize_answer(prediction)
+    pred = normalize_answer(prediction, normalization)
     best = 0.0
     for gold in golden_answers:
-        ref = normalize_answer(gold)
+        ref = normalize_answer(gold, normalization)
         special = {"yes", "no", "noanswer"}
         if (pred in special or ref in special) and pred != ref:
             continue

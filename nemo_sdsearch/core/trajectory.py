@@ -32,13 +32,14 @@ class Trajectory:
     answer: str | None = None
     finish_reason: str = "running"
     num_turns: int = 0
+    normalization: str = "squad"  # answer normalisation of exact_match / f1 (core.reward)
     _parse_state: str = OUTSIDE
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
     def start(cls, question_id: str, question: str, golden_answers: Sequence[str],
-              prompt_ids: Sequence[int]) -> "Trajectory":
-        t = cls(question_id, question, list(golden_answers))
+              prompt_ids: Sequence[int], normalization: str = "squad") -> "Trajectory":
+        t = cls(question_id, question, list(golden_answers), normalization=normalization)
         t.add_environment(prompt_ids, SpanType.PROMPT)
         t.prompt_length = len(prompt_ids)
         return t
@@ -100,11 +101,13 @@ class Trajectory:
             "sampled_logprobs": [None if math.isnan(x) else x for x in self.sampled_logprobs],
             "prompt_length": self.prompt_length, "queries": self.queries, "policy_texts": self.policy_texts,
             "answer": self.answer, "finish_reason": self.finish_reason, "num_turns": self.num_turns,
+            "normalization": self.normalization,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trajectory":
-        t = cls(d["question_id"], d["question"], list(d["golden_answers"]))
+        t = cls(d["question_id"], d["question"], list(d["golden_answers"]),
+                normalization=d.get("normalization", "squad"))
         t.token_ids = list(d["token_ids"])
         t.span_types = [SpanType(x) for x in d["span_types"]]
         t.is_query, t.from_policy = list(d["is_query"]), list(d["from_policy"])
@@ -123,8 +126,8 @@ class Trajectory:
 
     @property
     def exact_match(self) -> float:
-        return exact_match(self.answer, self.golden_answers)
+        return exact_match(self.answer, self.golden_answers, self.normalization)
 
     @property
     def f1(self) -> float:
-        return f1_score(self.answer, self.golden_answers)
+        return f1_score(self.answer, self.golden_answers, self.normalization)

@@ -35,6 +35,13 @@ class Score:
 class EvalReport:
     by_dataset: dict[str, dict[str, dict]] = field(default_factory=dict)  # dataset -> kind -> score
     predictions: dict[str, list[dict]] = field(default_factory=dict)
+    normalization: str = "squad"  # the EM definition (core.reward): squad is the papers' one
+
+    @property
+    def em_definition(self) -> str:
+        return {"squad": "EM: SQuAD / Search-R1 answer normalisation",
+                "unicode": "EM: lenient Unicode normalisation (NFKC, Unicode punctuation deleted); "
+                           "not comparable with the papers' tables"}[self.normalization]
 
     def overall(self, dataset: str) -> dict:
         return self.by_dataset[dataset]["all"]
@@ -59,14 +66,14 @@ class EvalReport:
         return "\n".join([head, rule, row])
 
     def to_json(self) -> dict:
-        return {"scores": self.by_dataset, "predictions": self.predictions,
+        return {"scores": self.by_dataset, "predictions": self.predictions, "normalization": self.normalization,
                 "average_em": sum(d["all"]["em"] for d in self.by_dataset.values()) / max(len(self.by_dataset), 1)}
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(self.to_json(), indent=1))
-        text = self.to_markdown() + "\n"
+        text = self.em_definition + "\n\n" + self.to_markdown() + "\n"
         if len(self.by_dataset) > 1:
             text = "EM x 100 (Table 1 layout)\n\n" + self.table1() + "\n\n" + text
         (out / "results.md").write_text(text)
@@ -105,7 +112,7 @@ def evaluate(engine: RolloutEngine, datasets: dict[str, Sequence[QA]], batch_siz
              progress: bool = True, seed: int = 0) -> EvalReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    report = EvalReport()
+    report = EvalReport(normalization=engine.cfg.normalization)
     total = sum(len(v) for v in datasets.values())
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not progress, transient=False) as bar:

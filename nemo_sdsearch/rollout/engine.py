@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK, format_passages, information_block, student_prompt
 from nemo_sdsearch.core.qa import QA
+from nemo_sdsearch.core.reward import NORMALIZATIONS
 from nemo_sdsearch.core.spans import ANSWER_CLOSE, SEARCH_CLOSE, SpanType
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.rollout.generator import Generator, SamplingParams
@@ -36,11 +37,14 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     retrieval: bool = True  # False: every search returns no passages (the "no search" ablation)
+    normalization: str = "squad"  # answer normalisation of the EM reward (core.reward)
 
     def __post_init__(self):
         if self.max_turns < 0 or self.topk < 1 or self.max_context <= self.max_new_tokens:
             raise ValueError(f"invalid rollout config {self}: need max_turns >= 0, topk >= 1, "
                              "max_context > max_new_tokens")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"answer normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
 
 @dataclass
@@ -112,7 +116,8 @@ class RolloutEngine:
                 raise ValueError(f"question {q.id!r}: its prompt has {len(prompt_ids)} tokens, which leaves no "
                                  f"room for a {cfg.max_new_tokens}-token turn within max_context="
                                  f"{cfg.max_context}; raise rollout.max_context or shorten the prompt")
-            trajs += [Trajectory.start(q.id, q.question, q.golden_answers, prompt_ids) for _ in range(n_samples)]
+            trajs += [Trajectory.start(q.id, q.question, q.golden_answers, prompt_ids, cfg.normalization)
+                      for _ in range(n_samples)]
         if not trajs:
             return []
         stats = RolloutStats()

@@ -25,7 +25,7 @@ from nemo_sdsearch.eval.targets import target_line  # noqa: E402
 
 def main():
     from nemo_sdsearch.algorithms import sd_search
-    from nemo_sdsearch.algorithms.grpo import build_components, update_policy
+    from nemo_sdsearch.algorithms.grpo import build_components, make_prompt_format, update_policy
     from nemo_sdsearch.config import load_config
     from nemo_sdsearch.losses.policy import group_advantages
     from nemo_sdsearch.models.hf import HFActor
@@ -42,6 +42,7 @@ def main():
     cfg = load_config("tiny_cpu", overrides)
     actor, ref, tok, data, engines = build_components(cfg)
     encode = lambda s: tok.encode(s, add_special_tokens=False)
+    prompts = make_prompt_format(cfg, tok)
     questions = data["train"][:args.questions]
     t0 = time.perf_counter()
     trajs = engines["train"].run(questions, n_samples=args.group, seed=1)
@@ -56,7 +57,8 @@ def main():
         teacher = None
         if algorithm == "sd_search":
             blocks = sd_search.group_hindsight_blocks(trajs, args.group, cfg.sd, lambda s: len(encode(s)))
-            teacher = sd_search.teacher_sequences(trajs, blocks, args.group, encode)
+            teacher = sd_search.teacher_sequences(trajs, blocks, args.group,
+                                                  lambda q, b: encode(prompts.teacher(q, b)))
         update_policy(fresh, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
         return time.perf_counter() - t0
 

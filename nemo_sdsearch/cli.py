@@ -19,6 +19,7 @@ def _threads(n: int | None) -> None:
 def cmd_eval(args) -> int:
     from rich.console import Console
 
+    from nemo_sdsearch.core.prompts import prompt_format
     from nemo_sdsearch.core.qa import load_flashrag
     from nemo_sdsearch.eval.harness import evaluate
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
@@ -43,10 +44,11 @@ def cmd_eval(args) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     cfg = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                         max_context=args.max_context, topk=args.topk, temperature=0.0,
-                        retrieval=not args.no_retrieval)
+                        retrieval=not args.no_retrieval, normalization=args.em)
     resolved = {"model": str(model_dir), "datasets": {k: len(v) for k, v in datasets.items()},
                 "retriever": None if args.no_retrieval else (args.retrieval_url or args.retriever),
-                "rollout": cfg.__dict__}
+                "rollout": cfg.__dict__, "prompt": {"instruction": args.instruction,
+                                                     "chat_template": args.chat_template}}
     console.print("[bold]sdsearch eval[/bold] resolved config:", json.dumps(resolved, indent=1))
     model, tokenizer = load_model_and_tokenizer(model_dir, device=args.device)
     if args.no_retrieval:
@@ -55,7 +57,8 @@ def cmd_eval(args) -> int:
         retriever = build_retriever("http", [], url=args.retrieval_url)
     else:
         retriever = build_retriever(args.retriever, corpus, args.encoder)
-    engine = RolloutEngine(TorchGenerator(model, tokenizer), retriever, cfg)
+    fmt = prompt_format(tokenizer, args.instruction, args.chat_template)
+    engine = RolloutEngine(TorchGenerator(model, tokenizer), retriever, cfg, prompt_fn=fmt.student)
     t0 = time.time()
     report = evaluate(engine, datasets, batch_size=args.batch_size, progress=not args.quiet)
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -172,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--max-turns", type=int, default=4)
     e.add_argument("--max-new-tokens", type=int, default=96)
     e.add_argument("--max-context", type=int, default=1024)
+    e.add_argument("--em", default="squad", choices=["squad", "unicode"],
+                   help="answer normalisation: squad (SQuAD / Search-R1, the papers' EM) or unicode (lenient)")
+    e.add_argument("--instruction", default="default", choices=["default", "search_r1"],
+                   help="prompt preset (search_r1: Search-R1's instruction verbatim)")
+    e.add_argument("--chat-template", default="auto", choices=["auto", "none"],
+                   help="auto: wrap the prompt in the tokenizer's chat template when it has one")
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--limit", type=int, help="first N questions of each dataset")
     e.add_argument("--device")

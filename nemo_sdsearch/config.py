@@ -40,13 +40,24 @@ class RolloutSection:
     retriever: str = "bm25"
 
 
-def rollout_config(r: RolloutSection, temperature: float | None = None):
+@dataclass
+class PromptSection:
+    instruction: str = "default"     # default (our wording; the embedded model) | search_r1 (verbatim)
+    chat_template: str = "auto"      # auto: the tokenizer's chat template when it has one | none
+
+
+@dataclass
+class RewardSection:
+    normalization: str = "squad"     # squad (SQuAD / Search-R1 normalize_answer) | unicode (lenient)
+
+
+def rollout_config(r: RolloutSection, temperature: float | None = None, normalization: str = "squad"):
     """The engine's RolloutConfig from the `rollout` section (temperature 0 = greedy evaluation)."""
     from nemo_sdsearch.rollout.engine import RolloutConfig
 
     return RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
                          topk=r.topk, temperature=r.temperature if temperature is None else temperature,
-                         top_p=r.top_p if temperature is None else 1.0)
+                         top_p=r.top_p if temperature is None else 1.0, normalization=normalization)
 
 
 @dataclass
@@ -65,6 +76,7 @@ class GRPOSection:
     micro_batch_size: int = 8
     mini_batches: int = 1
     adv_eps: float = 1e-6
+    kl_clamp: Optional[float] = 10.0   # clamp of the per-token k3 KL (verl's low_var_kl); null = none
 
 
 @dataclass
@@ -92,8 +104,9 @@ class SearchE1Section:
     lora_alpha: int = 32
     tau_clip: float = 10.0
     opsd_eval_every: int = 5
-    reference_information: bool = False
+    reference_information: bool = True
     max_reference_tokens: int = 384
+    loss_normalization: str = "trajectory"  # trajectory (paper eq. 7) | token
 
 
 @dataclass
@@ -105,6 +118,7 @@ class TrainerSection:
     seed: int = 0
     out_dir: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False
     final_test_eval: bool = True
     eval_batch_size: int = 50
 
@@ -161,6 +175,8 @@ class TrainConfig:
     trtllm: TRTLLMSection = field(default_factory=TRTLLMSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    reward: RewardSection = field(default_factory=RewardSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
@@ -187,6 +203,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(e1.pool_samples >= 2, "search_e1.pool_samples", "pair mining needs at least 2 rollouts per question")
     _require(e1.tau_clip > 0, "search_e1.tau_clip", "must be > 0")
     _require(e1.lora_r >= 1, "search_e1.lora_r", "must be >= 1")
+    _require(e1.loss_normalization in ("trajectory", "token"), "search_e1.loss_normalization",
+             f"must be trajectory or token, got {e1.loss_normalization!r}")
+    _require(cfg.prompt.instruction in ("default", "search_r1"), "prompt.instruction",
+             f"must be default or search_r1, got {cfg.prompt.instruction!r}")
+    _require(cfg.prompt.chat_template in ("auto", "none"), "prompt.chat_template",
+             f"must be auto or none, got {cfg.prompt.chat_template!r}")
+    _require(cfg.reward.normalization in ("squad", "unicode"), "reward.normalization",
+             f"must be squad or unicode, got {cfg.reward.normalization!r}")
+    _require(cfg.grpo.kl_clamp is None or cfg.grpo.kl_clamp > 0, "grpo.kl_clamp", "must be > 0 or null")
+    _require(not (cfg.trainer.resume and cfg.trainer.overwrite), "trainer.overwrite",
+             "cannot be combined with trainer.resume=true (resume continues the run that overwrite deletes)")
     r = cfg.rollout
     _require(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 rollouts per question")
     _require(r.temperature > 0, "rollout.temperature", "training rollouts must sample (temperature > 0)")

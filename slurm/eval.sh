@@ -2,6 +2,9 @@
 # Benchmark evaluation (the papers' Table 1 layout): greedy search rollouts of a model on FlashRAG
 # files, EM per dataset and the average.
 #
+# The prompt must match training: the Qwen2.5 recipes use Search-R1's instruction in the chat template
+# (INSTRUCTION=search_r1, CHAT_TEMPLATE=auto, the defaults here); EM is the SQuAD / Search-R1 definition.
+#
 #   MODEL=runs/sdsearch-7b-1234/final RETRIEVAL_URL=http://node:8000 \
 #   sbatch slurm/eval.sh data/nq.jsonl data/triviaqa.jsonl data/popqa.jsonl data/hotpotqa.jsonl \
 #                        data/2wiki.jsonl data/musique.jsonl data/bamboogle.jsonl
@@ -25,6 +28,7 @@ if [[ $# -eq 0 ]]; then echo "usage: sbatch slurm/eval.sh DATA.jsonl [DATA.jsonl
 sdsearch_wait_for_retrieval "$RETRIEVAL_URL" 30
 
 sdsearch_srun --ntasks=1 -- sdsearch eval --model "$MODEL" --retrieval-url "$RETRIEVAL_URL" \
+    --instruction "${INSTRUCTION:-search_r1}" --chat-template "${CHAT_TEMPLATE:-auto}" \
     --data "$@" --out "$LOG_DIR/eval" > "$LOG_DIR/eval.log" 2>&1 &
 wait $!
 cat "$LOG_DIR/eval/results.md"

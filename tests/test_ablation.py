@@ -44,7 +44,10 @@ def test_ablation_writes_results_and_reuses_finished_runs(micro_model_dir, tmp_p
     # A hand-written analysis survives a re-run, and finished runs are reused, not retrained.
     results.write_text(text + "\n## Analysis\n\nOur reading of the numbers.\n")
     stamp = (tmp_path / "abl" / "grpo" / "seed_0" / "result.json").stat().st_mtime_ns
-    second = run_ablation(cfg, [0, 1], tmp_path / "abl", results, "sdsearch ablate --seeds 0 1")
+    from dataclasses import replace
+
+    resumed = replace(cfg, trainer=replace(cfg.trainer, resume=True))  # a re-run continues with resume
+    second = run_ablation(resumed, [0, 1], tmp_path / "abl", results, "sdsearch ablate --seeds 0 1")
     assert (tmp_path / "abl" / "grpo" / "seed_0" / "result.json").stat().st_mtime_ns == stamp
     assert json.dumps(second["results"], sort_keys=True) == json.dumps(first["results"], sort_keys=True)
     assert "Our reading of the numbers." in results.read_text()

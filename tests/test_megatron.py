@@ -170,6 +170,12 @@ def _tp2_worker(rank, world, dirs: dict, out: str):
     res["tp1"]["resharded"] = actor.export_weights()
     res["tp1"]["resharded_stats2"] = train_once(actor)
     res["tp1"]["resharded_after2"] = actor.export_weights()
+    # bf16 weights under the torch AdamW (no fp32 master copy) are refused, not trained
+    try:
+        MegatronActor.from_hf(dirs["untied"], dtype=torch.bfloat16, optimizer="torch", **kw)
+        res["bf16_torch_optimizer"] = "accepted"
+    except ValueError as e:
+        res["bf16_torch_optimizer"] = str(e)
     teardown_parallel()
     return res
 
@@ -269,6 +275,12 @@ def test_non_finite_loss_skips_the_step(tp2):
     (r0, _), _ = tp2
     for name in ("tied", "untied"):
         assert r0[name]["nan_stats"]["skipped"] and r0[name]["nan_unchanged"]
+
+
+def test_bf16_weights_are_refused_by_the_torch_optimizer(tp2):
+    results, _ = tp2
+    msg = results[0]["bf16_torch_optimizer"]
+    assert "fp32 master weights" in msg and "bfloat16" in msg
 
 
 def test_tp1_dp2_matches_hf(tp2, hf_models):

@@ -5,9 +5,9 @@
 The budget is Search-E1's: `cycles x (grpo_steps x B x G + pool_questions x pool_samples)` rollouts
 (its GRPO rounds plus its rollout pools; the OPSD rounds train on pool rollouts and sample none).
 GRPO and SD-Search get `round(budget / (B x G))` steps of B x G rollouts. Dev evaluations are not
-counted (all three spend the same on them). Every run lives in `OUT/<algorithm>/seed_<s>`, is resumed
-if it was interrupted, and is skipped if it finished (its `result.json` exists), so a killed ablation
-continues where it stopped. At the end: a mean +- std test-EM table per question kind, written to the
+counted (all three spend the same on them). Every run lives in `OUT/<algorithm>/seed_<s>`. A new
+ablation needs an empty OUT (or `trainer.overwrite=true`); with `trainer.resume=true` a killed ablation
+continues where it stopped: finished runs (their `result.json` exists) are kept, interrupted ones resumed. At the end: a mean +- std test-EM table per question kind, written to the
 results file with the command and the wall time, and a PNG of dev EM against rollouts consumed.
 """
 
@@ -50,7 +50,7 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
     budget, steps = rollout_budget(cfg)
     per_step = cfg.trainer.questions_per_step * cfg.rollout.group_size
     rcfg = replace(cfg, algorithm=algorithm,
-                   trainer=replace(cfg.trainer, seed=seed, out_dir=str(run_dir), resume=True,
+                   trainer=replace(cfg.trainer, seed=seed, out_dir=str(run_dir), overwrite=False,
                                    final_test_eval=False,
                                    steps=steps if algorithm != "search_e1" else cfg.trainer.steps))
     console.rule(f"ablation: {LABELS[algorithm]}, seed {seed}")
@@ -85,8 +85,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+EM_DEFINITIONS = {
+    "squad": "EM uses the SQuAD / Search-R1 answer normalisation (lower case, ASCII punctuation and a/an/the "
+             "removed, whitespace collapsed), as the papers' tables do.",
+    "unicode": "EM uses the lenient Unicode normalisation (reward.normalization=unicode: NFKC, all Unicode "
+               "punctuation removed); not comparable with the papers' tables.",
+}
+
+
 def results_markdown(start: dict, results: list[dict], budget: int, command: str, machine: str,
-                     analysis: str = "") -> str:
+                     analysis: str = "", normalization: str = "squad") -> str:
     seeds = sorted({r["seed"] for r in results})
     total_min = sum(r["seconds"] for r in results) / 60
     lines = [
@@ -95,6 +103,7 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
         f"Written by `{command}` on {machine}: {len(results)} runs, {total_min:.1f} min of training in all.",
         f"Seeds {seeds}; equal rollout budget of about {budget} training rollouts per run; test EM is greedy,",
         "on the whole bundled test world (a different world from training), BM25 top-3.",
+        EM_DEFINITIONS[normalization],
         "",
         "| method | " + " | ".join(KINDS) + " | runs | minutes per run |",
         "|---|" + "---|" * (len(KINDS) + 2),
@@ -156,10 +165,12 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     from rich.table import Table
 
     from nemo_sdsearch.algorithms.grpo import build_components, greedy_em
+    from nemo_sdsearch.algorithms.state import check_out_dir, clear_out_dir
     from nemo_sdsearch.world.assets import default_model_dir
 
     console = console or Console()
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)
+    clear_out_dir(out, cfg.trainer.overwrite)
     t0 = time.perf_counter()
     budget, steps = rollout_budget(cfg)
     console.print(f"rollout budget {budget} per run: GRPO / SD-Search {steps} steps; "
@@ -181,7 +192,7 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     plot_curves(results, start["dev"], results_path.parent / "results_curves.png")
     machine = f"{platform.machine()} CPU, {cfg.model.threads} threads"
     results_path.write_text(results_markdown(start["test"], results, budget, command, machine,
-                                             kept_analysis(results_path)))
+                                             kept_analysis(results_path), cfg.reward.normalization))
     table = Table(title="test EM (mean ± std over seeds)")
     for col in ("method", *KINDS):
         table.add_column(col)

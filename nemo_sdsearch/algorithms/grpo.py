@@ -33,8 +33,9 @@ import torch
 
 from nemo_sdsearch.algorithms import sd_search
 from nemo_sdsearch.algorithms.report import plot_curves, summary_rows
-from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, load_latest_checkpoint, rng_state,
-                                            save_checkpoint, set_rng_state, truncate_jsonl)
+from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_out_dir, clear_out_dir,
+                                            load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                            truncate_jsonl)
 from nemo_sdsearch.config import TrainConfig, to_dict
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, group_advantages, k3_per_token
@@ -65,6 +66,13 @@ def load_questions(cfg: TrainConfig) -> dict:
             "test": test[:d.test_questions] if d.test_questions else test}
 
 
+def make_prompt_format(cfg: TrainConfig, tok):
+    """The student/teacher prompt builder of this run (`prompt.instruction`, `prompt.chat_template`)."""
+    from nemo_sdsearch.core.prompts import prompt_format
+
+    return prompt_format(tok, cfg.prompt.instruction, cfg.prompt.chat_template)
+
+
 def build_components(cfg: TrainConfig):
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.config import rollout_config
@@ -80,7 +88,9 @@ def build_components(cfg: TrainConfig):
         device = _init_megatron_parallel(cfg) or device
     torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.trainer.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path or default_model_dir(), device=device)
+    # hf: this model object is the trained one: fp32 master weights (bf16 autocast on CUDA). megatron: it is
+    # only the generation copy and the source of the actor's weights (Megatron keeps fp32 main weights).
+    model, tok = load_model_and_tokenizer(cfg.model.path or default_model_dir(), device=device, training=not megatron)
     if megatron:
         # The HF model stays on every rank for generation (refitted after every step); the actor and the
         # frozen reference are megatron-core shards built from its initial weights.
@@ -114,10 +124,13 @@ def build_components(cfg: TrainConfig):
                                     max_seq_len=cfg.rollout.max_context)
     else:
         generator = TorchGenerator(model, tok)
-    sample_cfg, greedy_cfg = rollout_config(cfg.rollout), rollout_config(cfg.rollout, temperature=0.0)
-    engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg),
-               "dev": RolloutEngine(generator, train_retriever, greedy_cfg),
-               "test": RolloutEngine(generator, test_retriever, greedy_cfg)}
+    norm = cfg.reward.normalization
+    sample_cfg = rollout_config(cfg.rollout, normalization=norm)
+    greedy_cfg = rollout_config(cfg.rollout, temperature=0.0, normalization=norm)
+    student = make_prompt_format(cfg, tok).student
+    engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg, prompt_fn=student),
+               "dev": RolloutEngine(generator, train_retriever, greedy_cfg, prompt_fn=student),
+               "test": RolloutEngine(generator, test_retriever, greedy_cfg, prompt_fn=student)}
     if megatron:
         return actor, ref, tok, data, engines
     return actor, (HFScorer(ref) if ref is not None else None), tok, data, engines
@@ -181,9 +194,12 @@ def _megatron_actor(hf_model, cfg: TrainConfig, frozen: bool = False):
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     model = build_gpt_model(hf_model.config, dtype=_megatron_dtype(cfg), vocab_divisor=m.make_vocab_size_divisible_by,
                             **overrides)
-    optimizer = "torch" if frozen or not m.distributed_optimizer else "auto"
+    # auto: Megatron's mixed-precision optimizer on GPU (fp32 main weights; sharded over DP when
+    # megatron.distributed_optimizer), torch AdamW over fp32 shards on CPU. The frozen reference needs none.
+    optimizer = "torch" if frozen else "auto"
     actor = MegatronActor(model, hf_model.config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                          betas=cfg.optim.betas, grad_clip=cfg.optim.grad_clip, optimizer=optimizer)
+                          betas=cfg.optim.betas, grad_clip=cfg.optim.grad_clip, optimizer=optimizer,
+                          distributed_optimizer=m.distributed_optimizer)
     actor.load_hf_weights(hf_model.state_dict())
     if frozen:
         model.requires_grad_(False)
@@ -341,7 +357,7 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
                 w = 1.0 / (seq_lens[k][rows].to(surr.dtype) * len(idx))
             loss = (surr * w).sum()
             if refs[k] is not None:
-                kl_tok = k3_per_token(logp, refs[k].to(logp.device))
+                kl_tok = k3_per_token(logp, refs[k].to(logp.device), clamp=G.kl_clamp)
                 loss = loss + G.kl_coef * (kl_tok * w).sum()
                 m["kl_sum"] += float(kl_tok.detach().sum())
             with torch.no_grad():
@@ -397,10 +413,12 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     # megatron: every rank runs the loop; only rank 0 prints and writes files
     console = (console or Console()) if rank0 else Console(quiet=True)
     out = Path(cfg.trainer.out_dir)
+    check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
+    actor, ref, tok, data, engines = build_components(cfg)  # megatron: every rank has joined the groups
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
+        clear_out_dir(out, cfg.trainer.overwrite)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    actor, ref, tok, data, engines = build_components(cfg)
+    prompts = make_prompt_format(cfg, tok)
     generator = engines["train"].generator  # megatron: refitted from the actor after every update
     encode = lambda s: tok.encode(s, add_special_tokens=False)
     G, B = cfg.rollout.group_size, cfg.trainer.questions_per_step
@@ -456,7 +474,7 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             teacher = None
             if cfg.algorithm == "sd_search":
                 blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(encode(s)))
-                teacher = sd_search.teacher_sequences(trajs, blocks, G, encode)
+                teacher = sd_search.teacher_sequences(trajs, blocks, G, lambda q, b: encode(prompts.teacher(q, b)))
             # 3 + 5. old/reference log-probs, then the update --------------------------------------
             t_update = time.perf_counter()
             sleeping = cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training

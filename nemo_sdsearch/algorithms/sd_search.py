@@ -3,7 +3,8 @@
 The loop lives in `grpo.py` (SD-Search is GRPO plus one loss term); this file holds what SD-Search adds:
 
 1. a hindsight block per question from its group of rollouts (queries in order, outcome);
-2. teacher sequences: P_T(q) = instruction || question || hindsight block, followed by exactly the
+2. teacher sequences: P_T(q) = instruction || question || hindsight block (all in the user turn when a
+   chat template is used), followed by exactly the
    same response tokens as the student trajectory, so every response position has a teacher twin
    shifted by len(P_T) - len(P_S);
 3. teacher logits at the query positions only (same weights, no grad), and the token-level
@@ -19,7 +20,6 @@ from typing import Callable, Sequence
 import torch
 
 from nemo_sdsearch.core.hindsight import AttemptSummary, HindsightConfig, hindsight_block
-from nemo_sdsearch.core.prompts import teacher_prompt
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.losses.divergences import generalized_jsd
 from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_generalized_jsd
@@ -46,10 +46,12 @@ class TeacherSequence:
 
 
 def teacher_sequences(trajs: Sequence[Trajectory], blocks: Sequence[str], group_size: int,
-                      encode: Callable[[str], list[int]]) -> list[TeacherSequence]:
+                      teacher_prompt_ids: Callable[[str, str], list[int]]) -> list[TeacherSequence]:
+    """`teacher_prompt_ids(question, block)`: the token ids of P_T (chat template included, if any);
+    the shift is taken against the trajectory's own (equally templated) prompt length."""
     out = []
     for i, t in enumerate(trajs):
-        prompt = encode(teacher_prompt(t.question, blocks[i // group_size]))
+        prompt = teacher_prompt_ids(t.question, blocks[i // group_size])
         # Causal attention: nothing after the last query token changes the teacher's query logits.
         query = t.query_mask()
         last = max((j for j, q in enumerate(query) if q), default=t.prompt_length)

@@ -6,11 +6,13 @@ One cycle:
      searches recorded, appended to pool.jsonl question by question (a crash loses at most a batch).
   3. Pair mining (core/pairs.py): reference = correct with fewest searches, student = most different.
   4. OPSD round: a LoRA adapter on the policy. Student = adapter on, prompt P_S(q); teacher = adapter
-     off (the frozen policy), prompt P_T(q, tau_ref) = instruction || q || reference trajectory. Both
-     score the same student trajectory; loss = mean over its policy positions (information excluded) of
-     sum_v min(p_t log(p_t / p_s), tau). Greedy dev EM every few steps; the best adapter is merged.
+     off (the frozen policy), prompt P_T(q, tau_ref) = instruction || q || reference trajectory (with its
+     passages) || "solve it in your own words". Both score the same student trajectory; per pair the
+     mean over its policy positions (information excluded) of sum_v min(p_t log(p_t / p_s), tau), then
+     the mean over pairs (eq. 7). Greedy dev EM every few steps; the best adapter is merged into fp32.
 Every stage boundary is recorded in search_e1_state.json, so `trainer.resume=true` continues where a
-run stopped (a GRPO round resumes from its own checkpoints).
+run stopped (a GRPO round resumes from its own checkpoints, the pool from its file); without it the run
+directory must be empty (or `trainer.overwrite=true`), so nothing of an earlier run is reused.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from nemo_sdsearch.algorithms.state import check_out_dir, clear_out_dir
 from nemo_sdsearch.config import TrainConfig, to_dict
 from nemo_sdsearch.core.pairs import RolloutRecord, mine_pairs
-from nemo_sdsearch.core.prompts import reference_block, teacher_prompt
+from nemo_sdsearch.core.prompts import reference_block
 from nemo_sdsearch.core.qa import QA
-from nemo_sdsearch.core.spans import SpanType
+from nemo_sdsearch.core.spans import INFO_CLOSE
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.losses.divergences import clipped_forward_kl
 from nemo_sdsearch.models.base import SequenceBatch
@@ -78,15 +81,58 @@ def build_pool(engine, questions: list[QA], k: int, seed: int, path: Path, batch
 
 
 def pool_records(group: list[Trajectory]) -> list[RolloutRecord]:
-    return [RolloutRecord("".join(t.policy_texts), t.exact_match == 1.0, t.num_searches, len(t.response_ids()))
+    """Mining records; the length tie-break counts the rollout's own (policy) tokens, not retrieved ones."""
+    return [RolloutRecord("".join(t.policy_texts), t.exact_match == 1.0, t.num_searches, sum(t.policy_mask()))
             for t in group]
 
 
+def _fair_shares(lengths: list[int], budget: int) -> list[int]:
+    """Split `budget` over segments of the given lengths: short segments keep all they have, the rest
+    share what is left equally (water-filling), so no segment gets more than it needs."""
+    shares = [0] * len(lengths)
+    left = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    while left:
+        each = budget // len(left)
+        i = left.pop(0)
+        shares[i] = min(lengths[i], each)
+        budget -= shares[i]
+    return shares
+
+
 def reference_text(t: Trajectory, decode, with_information: bool, max_tokens: int) -> str:
-    """The reference trajectory as the teacher reads it: its policy turns (and passages if asked)."""
-    ids = [tok for tok, s in zip(t.token_ids[t.prompt_length:], t.span_types[t.prompt_length:])
-           if with_information or s != SpanType.INFORMATION]
-    return reference_block(decode(ids[:max_tokens]))
+    """The reference trajectory as the teacher reads it, as a reference block: its policy turns and, with
+    `with_information`, the passages it retrieved (as the paper's teacher sees them).
+
+    At most about `max_tokens` response tokens: the passages are truncated first (each information block
+    keeps its head, with the room left by the policy tokens shared fairly between blocks); the policy's
+    own tokens, and so its answer, are never cut unless they alone exceed the cap, and then the head of
+    the reasoning goes and the tail (with the answer) stays."""
+    segments: list[tuple[bool, list[int]]] = []  # (from the environment, ids), in order
+    for tok, env in zip(t.token_ids[t.prompt_length:], [not p for p in t.from_policy[t.prompt_length:]]):
+        if env and not with_information:
+            continue
+        if segments and segments[-1][0] == env:
+            segments[-1][1].append(tok)
+        else:
+            segments.append((env, [tok]))
+    policy = [ids for env, ids in segments if not env]
+    n_policy = sum(len(ids) for ids in policy)
+    if n_policy >= max_tokens:  # no room for passages: keep the end of the policy's own text
+        flat = [tok for ids in policy for tok in ids]
+        text = decode(flat) if len(flat) <= max_tokens else "... " + decode(flat[-max_tokens:])
+        return reference_block(text)
+    env_idx = [i for i, (env, _) in enumerate(segments) if env]
+    shares = dict(zip(env_idx, _fair_shares([len(segments[i][1]) for i in env_idx], max_tokens - n_policy)))
+    parts = []
+    for i, (env, ids) in enumerate(segments):
+        if not env or shares[i] == len(ids):
+            parts.append(decode(ids))
+            continue
+        whole = decode(ids)
+        cut = decode(ids[:shares[i]]).rstrip() + " ..."
+        # keep the block closed, so the teacher sees where the passages end and the policy resumes
+        parts.append(cut + ("</information>\n\n" if INFO_CLOSE in whole and INFO_CLOSE not in cut else "\n"))
+    return reference_block("".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,22 +151,46 @@ def opsd_loss_terms(peft_model, pad_id, student_seqs, teacher_seqs, shifts, poli
     """Per-position clipped forward KL at the policy positions of the student trajectories."""
     from nemo_sdsearch.models.hf import HFScorer
 
-    sb = SequenceBatch.from_lists(student_seqs, pad_id)
+    scorer = HFScorer(peft_model)
+    sb = SequenceBatch.from_lists(student_seqs, pad_id, scorer.device)
     mask = torch.zeros(sb.shape, dtype=torch.bool)
     for i, m in enumerate(policy_masks):
         mask[i, :len(m)] = torch.tensor(m)
     mask[:, 0] = False
-    rows, cols = mask.nonzero(as_tuple=True)
-    scorer = HFScorer(peft_model)
+    rows, cols = (x.to(scorer.device) for x in mask.nonzero(as_tuple=True))
     student_logits = scorer.logits_at(sb, rows, cols)  # adapter on
-    tb = SequenceBatch.from_lists(teacher_seqs, pad_id)
+    tb = SequenceBatch.from_lists(teacher_seqs, pad_id, scorer.device)
     with peft_model.disable_adapter(), torch.no_grad():  # the frozen policy is the teacher
-        teacher_logits = scorer.logits_at(tb, rows, cols + torch.tensor(shifts)[rows])
+        teacher_logits = scorer.logits_at(tb, rows, cols + torch.tensor(shifts, device=scorer.device)[rows])
     return clipped_forward_kl(student_logits, teacher_logits, tau)
 
 
+def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1) -> list[tuple[list[int], list[int], int, list[bool]]]:
+    """(student ids, teacher ids, shift, student policy mask) per mined pair. The teacher sequence is
+    P_T(q, reference) followed by exactly the student's response tokens, so student position j is teacher
+    position j + shift; `teacher_prompt_ids(question, block)` gives P_T's ids (chat template included)."""
+    items = []
+    for p in pairs:
+        group = pool[p.question]
+        ref, stu = group[p.reference], group[p.student]
+        block = reference_text(ref, decode, e1.reference_information, e1.max_reference_tokens)
+        prompt = teacher_prompt_ids(stu.question, block)
+        items.append((stu.token_ids, prompt + stu.response_ids(), len(prompt) - stu.prompt_length, stu.policy_mask()))
+    return items
+
+
+def opsd_weights(policy_masks, normalization: str, n_pairs: int, n_positions: int) -> torch.Tensor:
+    """Loss weight of every scored position (row-major over the micro-batch, as `opsd_loss_terms` returns
+    them). trajectory (the paper's eq. 7): 1 / |R_tau| per position of a pair, then the mean over the
+    step's pairs; token: the mean over all the step's positions."""
+    counts = [sum(m[1:]) for m in policy_masks]  # position 0 is never a target
+    if normalization == "token":
+        return torch.full((sum(counts),), 1.0 / max(n_positions, 1))
+    return torch.cat([torch.full((c,), 1.0 / (c * n_pairs)) for c in counts if c] or [torch.zeros(0)])
+
+
 def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
-    from nemo_sdsearch.algorithms.grpo import greedy_em
+    from nemo_sdsearch.algorithms.grpo import greedy_em, make_prompt_format
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.config import rollout_config
     from nemo_sdsearch.rollout.engine import RolloutEngine
@@ -130,23 +200,20 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
 
     e1, r = cfg.search_e1, cfg.rollout
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model_and_tokenizer(model_dir, device=cfg.model.device)
+    # fp32 base weights (bf16 autocast on CUDA): the adapter is merged into fp32 weights and saved so,
+    # since a bf16 merge would round most of a small adapter delta away.
+    model, tok = load_model_and_tokenizer(model_dir, device=cfg.model.device, training=True)
     peft_model = add_lora(model, cfg)
+    prompts = make_prompt_format(cfg, tok)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
     encode = lambda s: tok.encode(s, add_special_tokens=False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
     dev_engine = RolloutEngine(TorchGenerator(peft_model, tok),
                                build_retriever(r.retriever, build_bundle().train_world.passages, url=cfg.cluster.retrieval_url),
-                               rollout_config(r, temperature=0.0))
-    # Teacher and student sequences of every mined pair.
-    items = []
-    for p in pairs:
-        group = pool[p.question]
-        ref, stu = group[p.reference], group[p.student]
-        block = reference_text(ref, decode, e1.reference_information, e1.max_reference_tokens)
-        prompt = encode(teacher_prompt(stu.question, block))
-        items.append((stu.token_ids, prompt + stu.response_ids(), len(prompt) - stu.prompt_length, stu.policy_mask()))
+                               rollout_config(r, temperature=0.0, normalization=cfg.reward.normalization),
+                               prompt_fn=prompts.student)
+    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1)
     rng = random.Random(cfg.trainer.seed)
     lora_state = lambda: {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
     best = {"em": greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size)["all"]["em"], "step": 0,
@@ -156,6 +223,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
         n_pos = sum(sum(it[3][1:]) for it in batch)
+        n_pairs = sum(1 for it in batch if any(it[3][1:]))
         opt.zero_grad(set_to_none=True)
         total = 0.0
         peft_model.train()
@@ -163,7 +231,8 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
             mb = batch[i:i + e1.opsd_micro_batch_size]
             terms = opsd_loss_terms(peft_model, tok.pad_token_id, [x[0] for x in mb], [x[1] for x in mb],
                                     [x[2] for x in mb], [x[3] for x in mb], e1.tau_clip)
-            loss = terms.sum() / max(n_pos, 1)
+            w = opsd_weights([x[3] for x in mb], e1.loss_normalization, n_pairs, n_pos).to(terms.device)
+            loss = (terms * w).sum()
             if not torch.isfinite(loss):
                 console.print(f"[yellow]OPSD step {step}: non-finite loss, skipped[/yellow]")
                 opt.zero_grad(set_to_none=True)
@@ -224,7 +293,8 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
 
     console = console or Console()
     out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)
+    clear_out_dir(out, cfg.trainer.overwrite)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     state = load_state(out) if cfg.trainer.resume else {"done": [], "model": None, "rounds": []}
     model_dir = Path(state["model"] or cfg.model.path or default_model_dir())
@@ -236,7 +306,10 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             rcfg = replace(cfg, algorithm="grpo",
                            model=replace(cfg.model, path=str(model_dir)),
                            trainer=replace(cfg.trainer, steps=e1.grpo_steps, out_dir=str(cdir / "grpo"),
-                                           final_test_eval=False, resume=True,
+                                           final_test_eval=False, overwrite=False,
+                                           # a resumed run continues a round it left half done; a new run's
+                                           # round directories are new (the run directory was empty)
+                                           resume=cfg.trainer.resume,
                                            seed=cfg.trainer.seed * 101 + cycle))
             console.rule(f"cycle {cycle}: GRPO round ({e1.grpo_steps} steps)")
             summary = grpo.train(rcfg, console, progress)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nemo_sdsearch.config import ConfigError
+
 
 @dataclass
 class QuestionSampler:
@@ -43,6 +45,30 @@ class QuestionSampler:
 
     def load(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """A run writes into `out` only if it continues the run there (`trainer.resume=true`), or `out` is
+    empty or absent, or the user asked to replace it (`trainer.overwrite=true`): a new run never mixes
+    its files with an old run's (reused pools, appended metrics, an old model under a new config.json).
+    Read-only: call it on every rank before anything is written, then `clear_out_dir` on rank 0."""
+    if resume or overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"config key trainer.out_dir: {out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(f"config key trainer.out_dir: {out} already holds a run ({shown}); set "
+                         f"trainer.resume=true to continue it, trainer.overwrite=true to delete it and start "
+                         f"over, or choose another trainer.out_dir")
+
+
+def clear_out_dir(out: Path, overwrite: bool) -> None:
+    """With `trainer.overwrite=true`, delete everything in `out` (rank 0 only); then make sure it exists."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def rng_state() -> dict:

@@ -36,6 +36,16 @@ class SequenceBatch:
         return tuple(self.input_ids.shape)
 
 
+def require_fp32_params(named_parameters, who: str, fix: str) -> None:
+    """Refuse to train parameters that are not fp32: an optimizer stepping bf16/fp16 weights in place
+    rounds away most small updates (no fp32 master copy). Frozen parameters may have any dtype."""
+    bad = [(n, p.dtype) for n, p in named_parameters if p.requires_grad and p.dtype != torch.float32]
+    if bad:
+        name, dtype = bad[0]
+        raise ValueError(f"{who} trains fp32 master weights, but {len(bad)} trainable parameters are {dtype} "
+                         f"(first: {name}); {fix}. bf16 speed comes from autocast in the forward pass.")
+
+
 def positions_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the True entries of a [B, T] mask; column 0 is never a target position."""
     mask = mask.clone()

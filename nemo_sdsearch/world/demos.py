@@ -6,8 +6,9 @@ search, the information block the *real* retriever returns for that query. Two f
 
 - student format: prompt P_S(q); queries phrased in one of several equivalent ways, so the policy
   keeps real uncertainty over query wording;
-- reference format (Search-E1's teacher): prompt P_T(q, tau_ref) with a correct solution's policy
-  text; the response reuses the reference's exact queries;
+- reference format (Search-E1's teacher): prompt P_T(q, tau_ref) with a correct solution (its policy
+  text and the passages it retrieved, as `search_e1.reference_text` renders a pool rollout) and the
+  instruction to solve the question in its own words; the response reuses the reference's exact queries;
 - teacher format: prompt P_T(q) with a hindsight block over a synthetic group of attempts, some
   correct, some wrong (wrong entity, wrong relation, missing hop). The response reuses the exact queries
   of a correct attempt when there is one. This teaches the same weights to read a hindsight block the
@@ -86,7 +87,9 @@ class DemoBuilder:
         draw = rng.random()
         if draw < self.reference_fraction:
             ref_queries = [phrase_query(h, rng.randrange(len(QUERY_STYLES))) for h in q.hops]
-            solution = "".join(text for text, _ in response_turns(q, ref_queries))
+            docs = self.retriever.search(ref_queries, self.topk) + [None]
+            solution = "".join(text + (information_block([d.contents for d in found]) if query else "")
+                               for (text, query), found in zip(response_turns(q, ref_queries), docs))
             prompt = teacher_prompt(q.question, reference_block(solution))
             queries = ref_queries
         elif draw < self.reference_fraction + self.teacher_fraction:

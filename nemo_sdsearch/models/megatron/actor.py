@@ -122,7 +122,7 @@ class LastStageOutputs:
 class MegatronActor(Actor):
     def __init__(self, model, hf_config, lr: float = 1e-6, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  grad_clip: float = 1.0, eps: float = 1e-8, gather_logits: bool | None = None,
-                 optimizer: str = "auto"):
+                 optimizer: str = "auto", distributed_optimizer: bool = True):
         from megatron.core import parallel_state as ps
 
         self.model = model                    # this rank's GPTModel shard (never wrapped)
@@ -156,8 +156,13 @@ class MegatronActor(Actor):
         self.device = next(model.parameters()).device
         use_megatron_opt = optimizer == "megatron" or (optimizer == "auto" and torch.cuda.is_available())
         if use_megatron_opt:
-            self._init_megatron_optimizer(lr, weight_decay, betas, eps)
+            self._init_megatron_optimizer(lr, weight_decay, betas, eps, distributed_optimizer)
         else:
+            from nemo_sdsearch.models.base import require_fp32_params
+
+            # The torch AdamW steps the model's own parameters: they must be the fp32 master weights.
+            require_fp32_params(model.named_parameters(), "MegatronActor(optimizer='torch')",
+                                "build the model in fp32, or use optimizer='megatron' (fp32 main weights, GPU)")
             self.ddp = None
             self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                                weight_decay=weight_decay, betas=tuple(betas), eps=eps)
@@ -422,20 +427,22 @@ class MegatronActor(Actor):
         return {"loss": total, "grad_norm": float(norm), "skipped": False}
 
     # -- GPU: Megatron DDP + DistributedOptimizer (not runnable on CPU) ---------------------------------
-    def _init_megatron_optimizer(self, lr, weight_decay, betas, eps):
+    def _init_megatron_optimizer(self, lr, weight_decay, betas, eps, distributed: bool = True):
+        """Megatron's mixed-precision optimizer: fp32 main weights and grads behind bf16 model weights;
+        `distributed` shards them (and the Adam state) over the data-parallel ranks."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         cfg = self.model.config
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   overlap_param_gather=False, use_distributed_optimizer=True,
+                                                   overlap_param_gather=False, use_distributed_optimizer=distributed,
                                                    average_in_collective=True)
         # DDP registers the grad hooks on the parameters of self.model, which we keep calling directly.
         self.ddp = DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=self.model)
         opt_config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=weight_decay,
                                      adam_beta1=betas[0], adam_beta2=betas[1], adam_eps=eps,
                                      clip_grad=self.grad_clip or 0.0, bf16=cfg.bf16, fp16=cfg.fp16,
-                                     params_dtype=cfg.params_dtype, use_distributed_optimizer=True)
+                                     params_dtype=cfg.params_dtype, use_distributed_optimizer=distributed)
         self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
 
     def _finish_megatron(self, total: float) -> dict:

@@ -195,41 +195,138 @@ def _require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key {key}: {msg}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric key: lo / hi bounds (None: unbounded), open or closed, and
+    whether null is allowed; `why` is added to the error message."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    null: bool = False
+    why: str = ""
+
+    def holds(self, v) -> bool:
+        if v is None:
+            return self.null
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # NaN is out of every range
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"must be in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"must be {'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = f"must be {'<' if self.hi_open else '<='} {self.hi:g}"
+        return text + (" or null" if self.null else "") + (f" ({self.why})" if self.why else "")
+
+
+_POS, _NONNEG, _ONE = Range(0, lo_open=True), Range(0), Range(1)
+_PROB = Range(0, 1)
+# Every numeric key of the schema and its range (tests/test_config_ranges.py checks that none is missing).
+RANGES: dict[str, Range] = {
+    "cycles": _ONE,
+    "model.threads": _ONE,
+    "data.train_questions": Range(1, null=True),
+    "data.dev_questions": Range(0, why="0 = all dev questions"),
+    "data.test_questions": Range(1, null=True),
+    "rollout.group_size": Range(2, why="GRPO needs at least 2 rollouts per question"),
+    "rollout.temperature": Range(0, lo_open=True, why="training rollouts must sample"),
+    "rollout.top_p": Range(0, 1, lo_open=True),
+    "rollout.max_turns": _NONNEG,
+    "rollout.max_new_tokens": _ONE,
+    "rollout.max_context": Range(2),
+    "rollout.topk": _ONE,
+    "optim.lr": _POS,
+    "optim.weight_decay": _NONNEG,
+    "optim.grad_clip": Range(0, why="the max global gradient norm; 0 = no clipping"),
+    "optim.betas": Range(0, 1, hi_open=True, why="each of the two Adam betas"),
+    "grpo.clip_eps": Range(0, 1, lo_open=True, hi_open=True),
+    "grpo.kl_coef": _NONNEG,
+    "grpo.micro_batch_size": _ONE,
+    "grpo.mini_batches": _ONE,
+    "grpo.adv_eps": Range(0, lo_open=True, why="a group of equal rewards would divide 0 by 0"),
+    "grpo.kl_clamp": Range(0, lo_open=True, null=True),
+    "sd.coef": _NONNEG,
+    "sd.beta": Range(0, 1, why="the JSD mixture weight"),
+    "sd.temperature": _POS,
+    "sd.chunk_rows": _ONE,
+    "sd.max_hindsight_tokens": _ONE,
+    "search_e1.grpo_steps": _ONE,
+    "search_e1.pool_questions": _ONE,
+    "search_e1.pool_samples": Range(2, why="pair mining needs at least 2 rollouts per question"),
+    "search_e1.opsd_steps": _NONNEG,
+    "search_e1.opsd_pairs_per_step": _ONE,
+    "search_e1.opsd_micro_batch_size": _ONE,
+    "search_e1.opsd_lr": _POS,
+    "search_e1.lora_r": _ONE,
+    "search_e1.lora_alpha": _POS,
+    "search_e1.tau_clip": _POS,
+    "search_e1.opsd_eval_every": Range(0, why="0 = never"),
+    "search_e1.max_reference_tokens": _ONE,
+    "trainer.steps": _ONE,
+    "trainer.questions_per_step": _ONE,
+    "trainer.eval_every": Range(0, why="0 = never"),
+    "trainer.save_every": Range(0, why="0 = never"),
+    "trainer.seed": _NONNEG,
+    "trainer.eval_batch_size": _ONE,
+    "arch.hidden_size": Range(0, why="0 = unknown"),
+    "arch.num_layers": Range(0, why="0 = unknown"),
+    "arch.num_attention_heads": Range(0, why="0 = unknown"),
+    "arch.num_kv_heads": Range(0, why="0 = unknown"),
+    "arch.ffn_hidden_size": Range(0, why="0 = unknown"),
+    "arch.vocab_size": Range(0, why="0 = unknown"),
+    "megatron.tensor_parallel": _ONE,
+    "megatron.pipeline_parallel": _ONE,
+    "megatron.make_vocab_size_divisible_by": _ONE,
+    "trtllm.tensor_parallel": _ONE,
+    "trtllm.kv_cache_fraction": Range(0, 1, lo_open=True),
+    "cluster.nodes": _ONE,
+    "cluster.gpus_per_node": Range(0, why="0 = a CPU run"),
+    "cluster.gpu_memory_gib": _POS,
+    "cluster.memory_headroom": Range(0, 1, lo_open=True),
+}
+
+# Every string key with a fixed set of values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ("grpo", "sd_search", "search_e1"),
+    "actor": ("hf", "megatron"),
+    "generator": ("torch", "trtllm"),
+    "prompt.instruction": ("default", "search_r1"),
+    "prompt.chat_template": ("auto", "none"),
+    "reward.normalization": ("squad", "unicode"),
+    "rollout.retriever": ("bm25", "dense", "http"),
+    "grpo.reduction": ("token", "sequence"),
+    "search_e1.loss_normalization": ("trajectory", "token"),
+    "megatron.dtype": ("auto", "bf16", "fp32"),
+}
+
+
+def get_key(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    _require(cfg.algorithm in ("grpo", "sd_search", "search_e1"), "algorithm",
-             f"must be grpo, sd_search or search_e1, got {cfg.algorithm!r}")
-    _require(cfg.cycles >= 1, "cycles", "must be >= 1")
-    e1 = cfg.search_e1
-    _require(e1.pool_samples >= 2, "search_e1.pool_samples", "pair mining needs at least 2 rollouts per question")
-    _require(e1.tau_clip > 0, "search_e1.tau_clip", "must be > 0")
-    _require(e1.lora_r >= 1, "search_e1.lora_r", "must be >= 1")
-    _require(e1.loss_normalization in ("trajectory", "token"), "search_e1.loss_normalization",
-             f"must be trajectory or token, got {e1.loss_normalization!r}")
-    _require(cfg.prompt.instruction in ("default", "search_r1"), "prompt.instruction",
-             f"must be default or search_r1, got {cfg.prompt.instruction!r}")
-    _require(cfg.prompt.chat_template in ("auto", "none"), "prompt.chat_template",
-             f"must be auto or none, got {cfg.prompt.chat_template!r}")
-    _require(cfg.reward.normalization in ("squad", "unicode"), "reward.normalization",
-             f"must be squad or unicode, got {cfg.reward.normalization!r}")
-    _require(cfg.grpo.kl_clamp is None or cfg.grpo.kl_clamp > 0, "grpo.kl_clamp", "must be > 0 or null")
+    for key, allowed in RANGES.items():
+        value = get_key(cfg, key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        _require(all(allowed.holds(v) for v in values), key, f"{allowed.describe()}, got {value!r}")
+    _require(len(cfg.optim.betas) == 2, "optim.betas", f"must be two numbers, got {cfg.optim.betas!r}")
+    for key, options in CHOICES.items():
+        value = get_key(cfg, key)
+        _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
     _require(not (cfg.trainer.resume and cfg.trainer.overwrite), "trainer.overwrite",
              "cannot be combined with trainer.resume=true (resume continues the run that overwrite deletes)")
     r = cfg.rollout
-    _require(r.group_size >= 2, "rollout.group_size", "GRPO needs at least 2 rollouts per question")
-    _require(r.temperature > 0, "rollout.temperature", "training rollouts must sample (temperature > 0)")
-    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _require(r.retriever in ("bm25", "dense", "http"), "rollout.retriever", "must be bm25, dense or http")
     _require(r.retriever != "http" or bool(cfg.cluster.retrieval_url), "cluster.retrieval_url",
              "rollout.retriever=http needs the retrieval service URL")
     _require(r.max_context > r.max_new_tokens, "rollout.max_context", "must exceed rollout.max_new_tokens")
-    _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    _require(0 <= cfg.sd.beta <= 1, "sd.beta", f"JSD mixture weight must be in [0, 1], got {cfg.sd.beta}")
-    _require(cfg.sd.coef >= 0, "sd.coef", "must be >= 0")
-    _require(cfg.grpo.reduction in ("token", "sequence"), "grpo.reduction", "must be token or sequence")
-    _require(0 < cfg.grpo.clip_eps < 1, "grpo.clip_eps", "must be in (0, 1)")
-    _require(cfg.grpo.micro_batch_size >= 1, "grpo.micro_batch_size", "must be >= 1")
-    _require(cfg.grpo.mini_batches >= 1, "grpo.mini_batches", "must be >= 1")
-    _require(cfg.trainer.steps >= 1, "trainer.steps", "must be >= 1")
     _require(cfg.trainer.questions_per_step % cfg.grpo.mini_batches == 0, "trainer.questions_per_step",
              "must be a multiple of grpo.mini_batches")
     d = cfg.data
@@ -237,8 +334,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "give train_files, dev_files and test_files together (or none: the bundled world)")
     _require(not d.train_files or r.retriever == "http", "rollout.retriever",
              "questions from files need the retrieval service over their corpus (rollout.retriever=http)")
-    _require(cfg.actor in ("hf", "megatron"), "actor", f"must be hf or megatron, got {cfg.actor!r}")
-    _require(cfg.generator in ("torch", "trtllm"), "generator", f"must be torch or trtllm, got {cfg.generator!r}")
     from nemo_sdsearch.layout import check_layout
 
     check_layout(cfg)

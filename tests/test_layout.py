@@ -34,7 +34,7 @@ def test_parameter_count_matches_the_published_sizes():
     ("qwen25_7b_sd_search", ["cluster.gpu_memory_gib=16"], "megatron.tensor_parallel", "GiB"),
     ("qwen25_7b_sd_search", ["trainer.questions_per_step=6"], "trainer.questions_per_step", "data-parallel"),
     ("qwen25_7b_sd_search", ["actor=hf"], "megatron.tensor_parallel", "actor=megatron"),
-    ("qwen25_7b_sd_search", ["generator=vllm"], "generator", "torch or trtllm"),
+    ("qwen25_7b_sd_search", ["generator=vllm"], "generator", "one of torch, trtllm"),
 ])
 def test_impossible_layouts_fail_before_any_gpu(recipe, overrides, key, words):
     with pytest.raises(ConfigError) as e:

@@ -242,7 +242,8 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
             total += float(loss.detach())
         peft_model.eval()
         if total == total:  # not NaN
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if cfg.optim.grad_clip > 0:  # 0 = no clipping
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
         row = {"step": step, "loss": total}
         if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:

@@ -65,10 +65,16 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def clear_out_dir(out: Path, overwrite: bool) -> None:
-    """With `trainer.overwrite=true`, delete everything in `out` (rank 0 only); then make sure it exists."""
+    """Rank 0, at the start of a run: with `trainer.overwrite=true` delete everything in `out`; make sure it
+    exists; remove the temporaries a run killed mid-checkpoint left behind (`checkpoints/.tmp_step_*`,
+    `checkpoints/latest.tmp`: never pointed to by `latest`, so never needed)."""
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    if ckpt_root.is_dir():
+        for stale in [*ckpt_root.glob(".tmp_step_*"), *ckpt_root.glob("latest.tmp")]:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def rng_state() -> dict:

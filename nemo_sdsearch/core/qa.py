@@ -39,10 +39,16 @@ class QA:
 
 
 def load_flashrag(path: str | Path) -> list[QA]:
-    """Read a FlashRAG jsonl file; a bad line raises ValueError naming the file and line."""
+    """Read a FlashRAG jsonl file; a bad line (not UTF-8, not JSON, not a question) raises ValueError
+    naming the file and line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "question files must be UTF-8 jsonl (re-encode it, e.g. iconv -t UTF-8)") from None
             if not line.strip():
                 continue
             try:

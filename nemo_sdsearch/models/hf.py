@@ -107,7 +107,9 @@ class HFActor(HFScorer):
             loss.backward()
             total += float(loss.detach())
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if params else torch.tensor(0.0)
+        # grad_clip <= 0: no clipping (the norm is still measured, and a non-finite one skips the step)
+        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": total, "grad_norm": float(norm), "skipped": True}

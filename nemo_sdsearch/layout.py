@@ -1,35 +1,66 @@
 """Parallel layout checks and a per-GPU memory estimate, run when a config is loaded, before any GPU
 is touched. An impossible layout (a tensor-parallel size that does not divide the attention heads or
 the key/value groups, a pipeline size that does not divide the layers, more model-parallel ranks than
-GPUs, ...) or a layout whose estimate does not fit the GPU fails with a `ConfigError` naming the key.
+GPUs, ...) or a layout whose estimated peak does not fit `cluster.gpu_memory_gib x cluster.memory_headroom`
+fails with a `ConfigError` naming the key to change.
 
-Memory model (bytes per GPU; P = parameters, M = tp x pp model-parallel ranks, dp = data-parallel size):
+Memory model: what one GPU holds in the cluster design, per phase (docs/cluster.md shows the tables,
+printed by `python scripts/memory_table.py`). Bytes; P = parameters of the largest pipeline stage (padded
+vocabulary), P_hf = the HF model's, t / p = megatron tensor / pipeline parallel, d = data-parallel size,
+g = trtllm.tensor_parallel, b = grpo.micro_batch_size, s = rollout.max_context, h / f / L = hidden / ffn /
+layers, kv = key/value heads x head dim, Vp = vocabulary padded to make_vocab_size_divisible_by x t.
 
-    training (Megatron, bf16 mixed precision, Adam):
-      weights bf16              2 P / M
-      main gradients fp32       4 P / M
-      optimizer fp32            12 P / M / (dp if distributed optimizer else 1)   (master copy, m, v)
-      reference policy bf16     2 P / M            (only when grpo.kl_coef > 0)
-      activations               micro_batch x seq x hidden x layers/pp x c / tp
-                                c = 34 bytes per element without recomputation, 2 with full
-                                activation checkpointing (Korthikanti et al. 2022, no attention scores
-                                stored: flash attention)
-      selected-row logits fp32  micro_batch x seq x vocab/tp x 4 x 2 (student and teacher; an upper
-                                bound: only policy positions are computed)
-    generation (TensorRT-LLM, co-located, asleep during the update when trtllm.sleep_while_training;
-    the training state other than activations and logits stays resident while it generates):
-      weights bf16              2 P / gen_tp
-      KV cache                  trtllm.kv_cache_fraction x free memory
+  resident in both phases
+    CUDA contexts + NCCL         CUDA_NCCL_OVERHEAD_GIB: the trainer's and the engine's contexts, communicator
+                                 buffers, the engine's runtime workspace
+    actor weights                2 P / t        Megatron's DistributedOptimizer with grad_reduce_in_fp32:
+    actor gradient buffer fp32   4 P / t        bf16 weights and an fp32 grad buffer per model-parallel shard,
+    fp32 main weights            4 P / t / d    fp32 main weights and Adam m, v sharded over DP (no / d without
+    Adam m and v fp32            8 P / t / d    megatron.distributed_optimizer; megatron.dtype=fp32 or actor=hf:
+    reference policy             2 P / t        4-byte weights, no main copy)   reference: grpo.kl_coef > 0
+    generator weights bf16       2 P_hf / g     the replica's TensorRT-LLM engine (sleep level 1 keeps them);
+                                                generator=torch with actor=megatron: the HF copy, 2 P_hf
+  generation phase
+    KV cache reserved            kv_cache_fraction x (GPU memory - the resident rows but Adam's moments):
+                                 TensorRT-LLM reserves that fraction of the memory free when the engine is
+                                 built, after the actor and the reference and before the first optimizer step
+                                 allocates Adam's moments. Resident instead with trtllm.sleep_while_training=false
+    refit transient              REFIT_BUCKET_BYTES + Vp x h x 2: one bucket of gathered HF tensors and the
+                                 largest tensor (embedding / LM head) whole during its TP gather; the loop
+                                 refits after waking the engine, so it meets the KV cache
+  training phase (one micro-batch at a time)
+    activations                  full recompute: s b (p L/p 2h/t' + A), the checkpointed layer inputs of the
+                                 p micro-batches 1F1B keeps in flight on the first stage plus one recomputed
+                                 layer; without: s b p L/p A; both + 2 s b h (decoder output gathered for the
+                                 LM head). A = 8h/t' + (4h + 4kv + 6f)/t bytes per token and layer, t' = t with
+                                 sequence parallelism else 1: Korthikanti et al. 2022 (eq. 2, 34 s b h +
+                                 5 a s^2 b for GPT) counted for the Qwen2 layer: norm inputs 4h, QKV and fc1
+                                 inputs 4h (the 8h SP splits), Q 2h, K and V 4kv, attention output 2h, fc1
+                                 output 4f, SwiGLU output 2f; no dropout masks, flash attention (no s^2 term)
+    policy logits + gradient     2 x b min(s, (max_turns + 1) max_new_tokens) x Vp/t x 4 (fp32, at the policy
+                                 positions; an upper bound: every turn at max_new_tokens)
+    teacher logits               b min(s, max_turns max_new_tokens) x Vp/t x 4 (SD-Search, fp32, at the query
+                                 positions; an upper bound: every search turn all query)
+    student query rows           the same size (the gathered rows the JSD overwrites with its gradient)
+    JSD chunk buffers            JSD_CHUNK_BUFFERS x sd.chunk_rows x Vp/t x 4
+  peak = max(generation phase, training phase), each including the resident rows
 
-The estimate is a planning tool, not a guarantee: fragmentation, NCCL buffers and the CUDA context
-(about 1-2 GiB) come on top; `cluster.memory_headroom` leaves room for them.
+Reported, not counted: the KV cache the replica's rollouts of one step would need all at max_context at
+once, and how many such rollouts the reserved cache holds. Not modelled: fragmentation (the headroom), the
+Search-E1 OPSD round (a LoRA adapter on the HF model, on one device today).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GIB = 1024 ** 3
+REFIT_BUCKET_BYTES = 1 << 30      # the refit's bucket of HF tensors (TRTLLMGenerator's refit_bucket_bytes default)
+CUDA_NCCL_OVERHEAD_GIB = 3.0      # two CUDA contexts (~0.5-1 GiB each), NCCL buffers, engine workspace
+JSD_CHUNK_BUFFERS = 6             # live [chunk_rows, Vp/t] fp32 tensors in the chunked JSD forward
+                                  # (student, teacher, their exps and log-softmaxes)
+
+RESIDENT, GENERATION, TRAINING, INFO = "resident", "generation", "training", "info"
 
 
 def _config_error(key: str, msg: str):
@@ -39,76 +70,233 @@ def _config_error(key: str, msg: str):
 
 
 def parameter_count(arch) -> int:
-    h, L, ffn, V = arch.hidden_size, arch.num_layers, arch.ffn_hidden_size, arch.vocab_size
-    head_dim = h // arch.num_attention_heads
-    kv = arch.num_kv_heads * head_dim
+    """Parameters of the HF model (unpadded vocabulary)."""
+    return _layer_params(arch) * arch.num_layers + arch.vocab_size * arch.hidden_size * (
+        1 if arch.tied_embeddings else 2) + arch.hidden_size
+
+
+def _layer_params(arch) -> int:
+    h, ffn = arch.hidden_size, arch.ffn_hidden_size
+    kv = arch.num_kv_heads * (h // arch.num_attention_heads)
     attn = h * h + 2 * h * kv + h * h + (h + 2 * kv)  # q, k, v, o (+ QKV bias)
-    mlp = 3 * h * ffn
-    per_layer = attn + mlp + 2 * h
-    embed = V * h * (1 if arch.tied_embeddings else 2)
-    return L * per_layer + embed + h
+    return attn + 3 * h * ffn + 2 * h                 # + gate, up, down + two RMSNorms
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x tp."""
+    multiple = max(1, divisible_by) * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def stage_parameter_count(arch, vocab: int, pp: int) -> int:
+    """Parameters of the largest pipeline stage: pp = 1 the whole model; pp > 1 the last stage (its layers,
+    the LM head, the final norm; a tied LM head is a copy of the embedding there)."""
+    h = arch.hidden_size
+    if pp == 1:
+        return _layer_params(arch) * arch.num_layers + vocab * h * (1 if arch.tied_embeddings else 2) + h
+    return _layer_params(arch) * (arch.num_layers // pp) + vocab * h + h
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    component: str
+    phase: str          # resident | generation | training | info (reported, not counted)
+    gib: float
+    note: str = ""
 
 
 @dataclass
 class MemoryEstimate:
+    """Per-GPU memory of one layout: the component rows, the two phase totals and the peak."""
     params: int
     tp: int
     pp: int
     dp: int
-    train_gib: dict
-    generation_gib: dict
+    gen_tp: int
+    components: list = field(default_factory=list)   # MemoryRow: resident, generation or training
+    kv_needed_gib: float = 0.0     # the replica's rollouts of one step, all at max_context at once
+    kv_rollouts: int = 0           # rollouts at max_context the reserved KV cache holds at once
+    rollouts_per_replica: float = 0.0
+
+    def _sum(self, *phases) -> float:
+        return sum(r.gib for r in self.components if r.phase in phases)
+
+    def gib(self, component: str) -> float:
+        """One component's GiB (0 when the layout does not have it)."""
+        return sum(r.gib for r in self.components if r.component == component)
 
     @property
-    def train_total(self) -> float:
-        return sum(self.train_gib.values())
+    def resident_gib(self) -> float:
+        return self._sum(RESIDENT)
 
     @property
-    def generation_total(self) -> float:
-        return sum(self.generation_gib.values())
+    def generation_gib(self) -> float:
+        """Generation phase: the resident state, the KV cache and the refit transient."""
+        return self._sum(RESIDENT, GENERATION)
 
-    def peak(self, sleep_while_training: bool) -> float:
-        """Training state (weights, gradients, optimizer, reference) stays resident while generating;
-        activations and logits exist only during the update, generation memory only while generating
-        when the generator sleeps during the update."""
-        transient = self.train_gib["activations"] + self.train_gib["selected-row logits fp32"]
-        if sleep_while_training:
-            return max(self.train_total, self.train_total - transient + self.generation_total)
-        return self.train_total + self.generation_total
+    @property
+    def training_gib(self) -> float:
+        """Training phase: the resident state and the update's activations and logits."""
+        return self._sum(RESIDENT, TRAINING)
+
+    @property
+    def peak_gib(self) -> float:
+        return max(self.generation_gib, self.training_gib)
+
+    @property
+    def peak_phase(self) -> str:
+        return GENERATION if self.generation_gib >= self.training_gib else TRAINING
+
+    def rows(self) -> list[MemoryRow]:
+        """Every component, then the phase totals and the peak, then what the KV cache would need."""
+        return self.components + [
+            MemoryRow("generation phase", "total", self.generation_gib),
+            MemoryRow("training phase", "total", self.training_gib),
+            MemoryRow("peak", "total", self.peak_gib, f"{self.peak_phase} phase"),
+            MemoryRow("KV cache needed (share at max_context)", INFO, self.kv_needed_gib,
+                      f"{self.rollouts_per_replica:g} rollouts at once; the reserved cache holds {self.kv_rollouts}")]
 
     def table(self) -> str:
-        rows = [f"parameters {self.params / 1e9:.2f} B; layout tp={self.tp} pp={self.pp} dp={self.dp}"]
-        rows += [f"  train  {k:28s} {v:7.2f} GiB" for k, v in self.train_gib.items()]
-        rows += [f"  train  {'total':28s} {self.train_total:7.2f} GiB"]
-        rows += [f"  gen    {k:28s} {v:7.2f} GiB" for k, v in self.generation_gib.items()]
-        rows += [f"  gen    {'total':28s} {self.generation_total:7.2f} GiB"]
-        return "\n".join(rows)
+        head = (f"parameters {self.params / 1e9:.2f} B; layout tp={self.tp} pp={self.pp} dp={self.dp}, "
+                f"TensorRT-LLM tp={self.gen_tp}; GiB per GPU")
+        return "\n".join([head] + [f"  {r.phase:10s} {r.component:40s} {r.gib:7.2f}  {r.note}".rstrip()
+                                   for r in self.rows()])
 
 
 def memory_estimate(cfg) -> MemoryEstimate:
-    a, m, c = cfg.arch, cfg.megatron, cfg.cluster
-    P = parameter_count(a)
-    tp, pp = m.tensor_parallel, m.pipeline_parallel
+    a, m, c, r = cfg.arch, cfg.megatron, cfg.cluster, cfg.rollout
+    megatron = cfg.actor == "megatron"
+    tp, pp = (m.tensor_parallel, m.pipeline_parallel) if megatron else (1, 1)
     world = max(1, c.nodes * max(1, c.gpus_per_node))
     dp = max(1, world // (tp * pp))
-    M = tp * pp
-    seq = cfg.rollout.max_context
-    mb = cfg.grpo.micro_batch_size
-    train = {
-        "weights bf16": 2 * P / M / GIB,
-        "main gradients fp32": 4 * P / M / GIB,
-        "optimizer fp32 (master, m, v)": 12 * P / M / (dp if m.distributed_optimizer else 1) / GIB,
-    }
+    vocab = padded_vocab_size(a.vocab_size, m.make_vocab_size_divisible_by, tp) if megatron else a.vocab_size
+    P_hf = parameter_count(a)
+    P = stage_parameter_count(a, vocab, pp)
+    h, f, L, s, b = a.hidden_size, a.ffn_hidden_size, a.num_layers, r.max_context, cfg.grpo.micro_batch_size
+    head_dim = h // a.num_attention_heads
+    kv = a.num_kv_heads * head_dim
+    # the hf actor trains fp32 weights with a plain AdamW: no main copy, nothing sharded
+    fp32 = m.dtype == "fp32" or not megatron
+    shard = dp if megatron and m.distributed_optimizer else 1
+    rows: list[MemoryRow] = []
+
+    def add(component, phase, nbytes, note=""):
+        rows.append(MemoryRow(component, phase, nbytes / GIB, note))
+
+    # -- resident in both phases -------------------------------------------------------------------
+    add("CUDA contexts + NCCL", RESIDENT, CUDA_NCCL_OVERHEAD_GIB * GIB, "constant")
+    add("actor weights", RESIDENT, (4 if fp32 else 2) * P / tp, f"{4 if fp32 else 2} P / tp")
+    add("actor gradient buffer fp32", RESIDENT, 4 * P / tp, "4 P / tp")
+    if not fp32:
+        add("fp32 main weights", RESIDENT, 4 * P / tp / shard, f"4 P / tp / {shard}")
+    add("Adam m and v fp32", RESIDENT, 8 * P / tp / shard, f"8 P / tp / {shard}")
     if cfg.grpo.kl_coef > 0:
-        train["reference policy bf16"] = 2 * P / M / GIB
-    per_elem = 2 if m.activation_checkpointing else 34
-    train["activations"] = mb * seq * a.hidden_size * (a.num_layers / pp) * per_elem / tp / GIB
-    train["selected-row logits fp32"] = mb * seq * a.vocab_size / tp * 4 * 2 / GIB
-    gen_tp = cfg.trtllm.tensor_parallel
-    gen = {}
-    if cfg.generator == "trtllm":
-        gen["weights bf16"] = 2 * P / gen_tp / GIB
-        gen["KV cache"] = cfg.trtllm.kv_cache_fraction * c.gpu_memory_gib
-    return MemoryEstimate(P, tp, pp, dp, train, gen)
+        add("reference policy", RESIDENT, (4 if fp32 else 2) * P / tp, "frozen, grpo.kl_coef > 0")
+    trtllm = cfg.generator == "trtllm"
+    gen_tp = cfg.trtllm.tensor_parallel if trtllm else 1
+    if trtllm:
+        add("generator weights bf16", RESIDENT, 2 * P_hf / gen_tp, "TensorRT-LLM engine: 2 P_hf / trtllm tp")
+    elif megatron:
+        add("generator weights bf16", RESIDENT, 2 * P_hf, "the HF copy on the replica leader")
+    # -- generation phase ----------------------------------------------------------------------------
+    rollouts = cfg.trainer.questions_per_step * r.group_size / dp
+    kv_per_token = L * 2 * -(-a.num_kv_heads // gen_tp) * head_dim * 2   # K and V bf16, this GPU's heads
+    kv_needed = rollouts * s * kv_per_token
+    if trtllm:
+        # free memory when the engine reserves its cache: built after the actor and the reference, before
+        # the first optimizer step allocates Adam's moments
+        free = max(0.0, c.gpu_memory_gib - sum(x.gib for x in rows if x.component != "Adam m and v fp32"))
+        kv_reserved = cfg.trtllm.kv_cache_fraction * free * GIB
+        asleep = cfg.trtllm.sleep_while_training
+        add("KV cache reserved", GENERATION if asleep else RESIDENT, kv_reserved,
+            f"{cfg.trtllm.kv_cache_fraction:g} x {free:.1f} GiB free at engine start"
+            + ("" if asleep else "; kept through the update"))
+        add("refit bucket + largest tensor", GENERATION, REFIT_BUCKET_BYTES + vocab * h * 2,
+            f"{REFIT_BUCKET_BYTES / GIB:g} GiB + Vp x h x 2")
+    else:
+        kv_reserved = kv_needed
+        add("KV cache (torch generator)", GENERATION, kv_needed, "the whole share at max_context")
+    # -- training phase ------------------------------------------------------------------------------
+    sp = tp if m.sequence_parallel and megatron else 1
+    per_layer = 8 * h / sp + (4 * h + 4 * kv + 6 * f) / tp   # bytes per token and layer, nothing recomputed
+    if m.activation_checkpointing and megatron:
+        act, note = s * b * (pp * (L // pp) * 2 * h / sp + per_layer), "layer inputs + one recomputed layer"
+    else:
+        act, note = s * b * pp * (L // pp) * per_layer, "every layer stored"
+    add("activations", TRAINING, act + 2 * s * b * h, note)
+    policy_rows = b * min(s, (r.max_turns + 1) * r.max_new_tokens)
+    add("policy logits + gradient fp32", TRAINING, 2 * policy_rows * vocab / tp * 4,
+        f"2 x {policy_rows} rows x Vp/tp x 4")
+    if cfg.algorithm == "sd_search" and cfg.sd.coef > 0:
+        query_rows = b * min(s, r.max_turns * r.max_new_tokens)
+        chunk = min(cfg.sd.chunk_rows, query_rows)
+        add("teacher logits fp32 (query rows)", TRAINING, query_rows * vocab / tp * 4, f"{query_rows} rows x Vp/tp x 4")
+        add("student query rows fp32 (JSD grad)", TRAINING, query_rows * vocab / tp * 4, "the same size")
+        add("JSD chunk buffers fp32", TRAINING, JSD_CHUNK_BUFFERS * chunk * vocab / tp * 4,
+            f"{JSD_CHUNK_BUFFERS} x {chunk} rows x Vp/tp x 4")
+    return MemoryEstimate(P_hf, tp, pp, dp, gen_tp, rows, kv_needed_gib=kv_needed / GIB,
+                          kv_rollouts=int(kv_reserved // (s * kv_per_token)), rollouts_per_replica=rollouts)
+
+
+def memory_table(cfg) -> list[MemoryRow]:
+    """The rows of `memory_estimate(cfg)`: components, phase totals, peak, the KV cache needed."""
+    return memory_estimate(cfg).rows()
+
+
+def markdown_table(recipes: dict) -> str:
+    """One markdown table ({column title: cfg}): a row per component, the phase totals and the peak, GiB per GPU."""
+    ests = list(map(memory_estimate, recipes.values()))
+    keys: list[tuple[str, str]] = []
+    for e in ests:
+        keys += [(r.phase, r.component) for r in e.components if (r.phase, r.component) not in keys]
+    keys.sort(key=lambda k: (RESIDENT, GENERATION, TRAINING).index(k[0]))
+
+    def line(*cells):
+        return "| " + " | ".join(cells) + " |"
+
+    def cell(e, phase, comp):
+        got = [r.gib for r in e.components if (r.phase, r.component) == (phase, comp)]
+        return f"{sum(got):.1f}" if got else "-"
+
+    out = [line("phase", "GiB per GPU", *recipes), "|---|---|" + "---:|" * len(ests),
+           line("", "layout", *(f"TP {e.tp}, PP {e.pp}, DP {e.dp}; TRT-LLM TP {e.gen_tp}" for e in ests)),
+           line("", "parameters", *(f"{e.params / 1e9:.2f} B" for e in ests))]
+    out += [line(phase, comp, *(cell(e, phase, comp) for e in ests)) for phase, comp in keys]
+    out += [line("**total**", "generation phase", *(f"{e.generation_gib:.1f}" for e in ests)),
+            line("**total**", "training phase", *(f"{e.training_gib:.1f}" for e in ests)),
+            line("**peak**", "", *(f"**{e.peak_gib:.1f}** ({e.peak_phase})" for e in ests)),
+            line("info", "KV cache needed: the share at max_context", *(f"{e.kv_needed_gib:.1f}" for e in ests)),
+            line("info", "rollouts at max_context the cache holds", *(f"{e.kv_rollouts} of {e.rollouts_per_replica:g}"
+                                                                    for e in ests))]
+    return "\n".join(out)
+
+
+def _fixes(cfg, est: MemoryEstimate, budget: float) -> list[tuple[str, str]]:
+    """(config key, what to do) for each phase over the budget, the peak phase first."""
+    grow_tp = ("megatron.tensor_parallel",
+               "raise megatron.tensor_parallel (or cluster.nodes: more data-parallel ranks shard the optimizer)")
+    fixes = []
+    for phase in sorted((GENERATION, TRAINING), key=lambda p: p != est.peak_phase):
+        total = est.generation_gib if phase == GENERATION else est.training_gib
+        if total <= budget:
+            continue
+        if phase == GENERATION:
+            fix = grow_tp if total - est.gib("KV cache reserved") > budget else \
+                ("trtllm.kv_cache_fraction", "lower trtllm.kv_cache_fraction (or raise trtllm.tensor_parallel)")
+        elif est.resident_gib > budget:
+            fix = grow_tp
+        elif cfg.actor == "megatron" and not cfg.megatron.activation_checkpointing:
+            fix = ("megatron.activation_checkpointing", "set megatron.activation_checkpointing=true")
+        elif cfg.generator == "trtllm" and not cfg.trtllm.sleep_while_training:
+            fix = ("trtllm.sleep_while_training",
+                   "set trtllm.sleep_while_training=true (the update releases the KV cache)")
+        elif cfg.grpo.micro_batch_size > 1:
+            fix = ("grpo.micro_batch_size", "lower grpo.micro_batch_size")
+        else:
+            fix = grow_tp
+        if fix not in fixes:
+            fixes.append(fix)
+    return fixes
 
 
 def check_layout(cfg) -> None:
@@ -155,7 +343,22 @@ def check_layout(cfg) -> None:
     if c.gpus_per_node and a.hidden_size and a.num_layers and a.vocab_size and a.num_attention_heads:
         est = memory_estimate(cfg)
         budget = c.gpu_memory_gib * c.memory_headroom
-        peak = est.peak(cfg.trtllm.sleep_while_training)
-        if peak > budget:
-            raise _config_error("megatron.tensor_parallel", f"estimated {peak:.1f} GiB per GPU exceeds "
-                                f"{budget:.1f} GiB ({c.memory_headroom:.0%} of {c.gpu_memory_gib:g} GiB):\n{est.table()}")
+        if est.peak_gib > budget:
+            fixes = _fixes(cfg, est, budget)
+            raise _config_error(fixes[0][0], f"estimated {est.peak_gib:.1f} GiB per GPU ({est.peak_phase} phase) "
+                                f"exceeds {budget:.1f} GiB ({c.memory_headroom:.0%} of {c.gpu_memory_gib:g} GiB); "
+                                + "; ".join(fix for _, fix in fixes) + f":\n{est.table()}")
+        if cfg.generator == "trtllm" and est.kv_rollouts < 1:
+            kv = est.gib("KV cache reserved")
+            raise _config_error("trtllm.kv_cache_fraction", f"the reserved KV cache ({kv:.2f} GiB) cannot hold one rollout of rollout.max_context={cfg.rollout.max_context} "
+                                "tokens; raise trtllm.kv_cache_fraction or trtllm.tensor_parallel:\n" + est.table())
+
+
+DOC_RECIPES = ("qwen25_7b_sd_search", "qwen25_7b_search_e1", "qwen25_3b_sd_search", "qwen25_3b_search_e1")
+
+
+def recipes_markdown(names=DOC_RECIPES, overrides=()) -> str:
+    """The markdown table of docs/cluster.md: `markdown_table` over the named recipes (with overrides)."""
+    from nemo_sdsearch.config import load_config
+
+    return markdown_table({f"`{n}`": load_config(n, list(overrides)) for n in names})

@@ -1,9 +1,14 @@
-"""The scale-out recipes load, and impossible parallel layouts fail at config time, naming the key."""
+"""The scale-out recipes load, impossible parallel layouts fail at config time naming the key, and the
+per-GPU memory estimate counts what a GPU holds (each component checked against arithmetic written out here)."""
+
+from pathlib import Path
 
 import pytest
 
 from nemo_sdsearch.config import ConfigError, load_config
-from nemo_sdsearch.layout import memory_estimate, parameter_count
+from nemo_sdsearch.layout import memory_estimate, parameter_count, recipes_markdown
+
+GIB = 2 ** 30
 
 RECIPES = ["qwen25_7b_sd_search", "qwen25_7b_search_e1", "qwen25_3b_sd_search", "qwen25_3b_search_e1"]
 
@@ -16,7 +21,7 @@ def test_recipes_carry_the_papers_hyper_parameters(name):
     assert cfg.search_e1.grpo_steps == 200 and cfg.actor == "megatron" and cfg.generator == "trtllm"
     assert cfg.cluster.gpus_per_node == 8 and cfg.cluster.gpu_memory_gib == 80
     est = memory_estimate(cfg)
-    assert est.peak(True) <= 0.9 * 80
+    assert est.peak_gib <= 0.9 * 80
 
 
 def test_parameter_count_matches_the_published_sizes():
@@ -54,3 +59,121 @@ def test_cpu_config_rejects_gpu_only_settings():
         load_config("tiny_cpu", ["generator=trtllm"])
     with pytest.raises(ConfigError, match="retrieval service URL"):
         load_config("tiny_cpu", ["rollout.retriever=http"])
+
+
+# -- the memory estimate ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, peak, training", [
+    ("qwen25_7b_sd_search", 47.8, 38.5), ("qwen25_7b_search_e1", 47.8, 35.4),
+    ("qwen25_3b_sd_search", 43.6, 40.3), ("qwen25_3b_search_e1", 43.6, 34.0),
+])
+def test_recipe_peaks_are_pinned(name, peak, training):
+    est = memory_estimate(load_config(name))
+    assert est.peak_gib == pytest.approx(peak, abs=0.05) and est.peak_phase == "generation"
+    assert est.training_gib == pytest.approx(training, abs=0.05)
+    assert est.peak_gib == max(est.generation_gib, est.training_gib)
+
+
+def test_7b_components_match_a_hand_computation():
+    """Qwen2.5-7B: h 3584, 28 layers, 28 heads (head dim 128), 4 KV heads, ffn 18944, vocab 152064 (a multiple
+    of 128 x tp = 512: no padding), untied; tp 4, pp 1, dp 4 on 16 GPUs; TRT-LLM tp 2; b 4, s 8192."""
+    est = memory_estimate(load_config("qwen25_7b_sd_search"))
+    layer = (3584 * 3584 + 2 * 3584 * 512 + 3584 * 3584 + 3584 + 2 * 512  # q, k, v, o, QKV bias
+             + 3 * 3584 * 18944 + 2 * 3584)                               # gate, up, down, two norms
+    P = 28 * layer + 2 * 152064 * 3584 + 3584
+    assert P == 7_615_616_512
+    want = {
+        "CUDA contexts + NCCL": 3.0,
+        "actor weights": 2 * P / 4 / GIB,                 # bf16 / tp
+        "actor gradient buffer fp32": 4 * P / 4 / GIB,    # grad_reduce_in_fp32, not sharded over DP
+        "fp32 main weights": 4 * P / 4 / 4 / GIB,         # distributed optimizer: / dp
+        "Adam m and v fp32": 8 * P / 4 / 4 / GIB,
+        "reference policy": 2 * P / 4 / GIB,
+        "generator weights bf16": 2 * P / 2 / GIB,        # TRT-LLM tp 2
+    }
+    # TRT-LLM reserves 0.3 of what is free when it starts: everything above but Adam's moments
+    free = 80 - sum(v for k, v in want.items() if k != "Adam m and v fp32")
+    want["KV cache reserved"] = 0.3 * free
+    want["refit bucket + largest tensor"] = 1 + 152064 * 3584 * 2 / GIB     # 1 GiB bucket + gathered embedding
+    layer_inputs = 28 * 2 * 3584 / 4                                      # bytes per token, sequence-parallel
+    one_layer = 8 * 3584 / 4 + (4 * 3584 + 4 * 512 + 6 * 18944) / 4        # the layer being recomputed
+    want["activations"] = 8192 * 4 * (layer_inputs + one_layer + 2 * 3584) / GIB   # + gathered decoder output
+    want["policy logits + gradient fp32"] = 2 * (4 * 5 * 500) * (152064 / 4) * 4 / GIB   # b x 5 turns x 500
+    want["teacher logits fp32 (query rows)"] = (4 * 4 * 500) * (152064 / 4) * 4 / GIB   # b x 4 searches x 500
+    want["student query rows fp32 (JSD grad)"] = want["teacher logits fp32 (query rows)"]
+    want["JSD chunk buffers fp32"] = 6 * 1024 * (152064 / 4) * 4 / GIB
+    got = {r.component: r.gib for r in est.components}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k
+    resident = sum(want[k] for k in list(want)[:7])
+    assert est.generation_gib == pytest.approx(resident + want["KV cache reserved"]
+                                               + want["refit bucket + largest tensor"])
+    assert est.training_gib == pytest.approx(resident + sum(list(want.values())[9:]))
+    assert est.kv_needed_gib == pytest.approx(512 * 5 / 4 * 8192 * (28 * 2 * 2 * 128 * 2) / GIB)  # 140 GiB
+    assert est.kv_rollouts == int(want["KV cache reserved"] * GIB // (8192 * 28 * 2 * 2 * 128 * 2))
+
+
+def test_3b_pads_the_vocabulary_and_ties_the_head():
+    """Qwen2.5-3B: vocab 151936 padded to a multiple of 128 x tp 2 = 256: 152064; tied embeddings."""
+    est = memory_estimate(load_config("qwen25_3b_sd_search"))
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 2048 + 2 * 256 + 3 * 2048 * 11008 + 2 * 2048
+    P_hf, P = 36 * layer + 151936 * 2048 + 2048, 36 * layer + 152064 * 2048 + 2048
+    assert est.params == P_hf
+    assert est.gib("actor weights") == pytest.approx(2 * P / 2 / GIB)
+    assert est.gib("generator weights bf16") == pytest.approx(2 * P_hf / GIB)
+    assert est.gib("refit bucket + largest tensor") == pytest.approx(1 + 152064 * 2048 * 2 / GIB)
+    assert est.gib("teacher logits fp32 (query rows)") == pytest.approx(8000 * 152064 / 2 * 4 / GIB)
+
+
+@pytest.mark.parametrize("name", ["qwen25_7b_sd_search", "qwen25_3b_sd_search"])
+def test_without_sleep_the_kv_cache_adds_to_the_update(name):
+    asleep = memory_estimate(load_config(name))
+    awake = memory_estimate(load_config(name, ["trtllm.sleep_while_training=false"]))
+    kv = asleep.gib("KV cache reserved")
+    assert awake.gib("KV cache reserved") == pytest.approx(kv)
+    assert awake.peak_phase == "training"
+    assert awake.peak_gib == pytest.approx(asleep.training_gib + kv)          # the sum, not the max
+    assert asleep.peak_gib == pytest.approx(max(asleep.generation_gib, asleep.training_gib))
+    assert awake.peak_gib > asleep.peak_gib
+
+
+def test_kl_coef_zero_drops_the_reference():
+    with_ref = memory_estimate(load_config("qwen25_7b_sd_search"))
+    without = memory_estimate(load_config("qwen25_7b_sd_search", ["grpo.kl_coef=0"]))
+    ref = with_ref.gib("reference policy")
+    assert ref == pytest.approx(2 * 7_615_616_512 / 4 / GIB) and without.gib("reference policy") == 0
+    assert without.resident_gib == pytest.approx(with_ref.resident_gib - ref)
+    # the memory the reference left free goes, by the fraction, to the KV cache
+    assert without.gib("KV cache reserved") == pytest.approx(with_ref.gib("KV cache reserved") + 0.3 * ref)
+    assert without.training_gib == pytest.approx(with_ref.training_gib - ref)
+
+
+def test_pipeline_stages_hold_their_layers_and_the_head():
+    est = memory_estimate(load_config("qwen25_7b_sd_search", ["cluster.nodes=4", "megatron.pipeline_parallel=2"]))
+    layer = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3584 + 2 * 512 + 3 * 3584 * 18944 + 2 * 3584
+    last_stage = 14 * layer + 152064 * 3584 + 3584                  # 14 layers, LM head, final norm
+    assert est.gib("actor weights") == pytest.approx(2 * last_stage / 4 / GIB)
+    # 1F1B: the first stage holds 2 micro-batches' checkpointed inputs of its 14 layers (= 28 layers)
+    per_token = 28 * 2 * 3584 / 4 + 8 * 3584 / 4 + (4 * 3584 + 4 * 512 + 6 * 18944) / 4 + 2 * 3584
+    assert est.gib("activations") == pytest.approx(8192 * 4 * per_token / GIB)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["cluster.gpu_memory_gib=40"], "grpo.micro_batch_size"),              # training phase 38.5 > 36
+    (["cluster.gpu_memory_gib=16"], "megatron.tensor_parallel"),           # the resident state alone
+    (["trtllm.kv_cache_fraction=0.8"], "trtllm.kv_cache_fraction"),        # generation phase
+    (["cluster.gpu_memory_gib=60", "megatron.activation_checkpointing=false"], "megatron.activation_checkpointing"),
+    (["cluster.gpu_memory_gib=50", "trtllm.sleep_while_training=false"], "trtllm.sleep_while_training"),
+    (["trtllm.kv_cache_fraction=0.001"], "trtllm.kv_cache_fraction"),     # cannot hold one rollout
+])
+def test_a_layout_that_does_not_fit_names_the_key_to_change(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("qwen25_7b_sd_search", overrides)
+    msg = str(e.value)
+    assert msg.startswith(f"config key {key}:") and "GiB" in msg and "KV cache reserved" in msg  # with the table
+
+
+def test_docs_table_is_generated_from_the_estimate():
+    """docs/cluster.md holds `python scripts/memory_table.py`'s output verbatim: rerun it when this fails."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cluster.md").read_text()
+    assert recipes_markdown() in docs

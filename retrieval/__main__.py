@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 
 def main(argv=None) -> int:
@@ -27,6 +28,11 @@ def main(argv=None) -> int:
     s.add_argument("--batch-window-ms", type=float, default=4.0)
     s.add_argument("--max-batch-queries", type=int, default=256)
     s.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
+    from retrieval.server import Limits  # light: the web stack is imported only when serving
+
+    for f in fields(Limits):  # one flag per limit, named after the field: --max-queries, --header-timeout-s, ...
+        s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
     args = p.parse_args(argv)
     try:
         if args.command == "build":
@@ -34,12 +40,18 @@ def main(argv=None) -> int:
 
             meta = build_index(args.corpus, args.out, args.kind, args.encoder, args.index, args.query_prefix,
                                args.passage_prefix, args.max_length, args.shard_size, args.batch_size)
-            print(f"built {meta['kind']} index of {meta['num_passages']} passages in {meta['build_seconds']:.1f}s: {args.out}")
+            if meta.get("unchanged"):
+                print(f"{args.out} is up to date: a {meta['kind']} index of this corpus (sha256 "
+                      f"{meta['corpus']['sha256'][:12]}...) with these settings; nothing to do")
+            else:
+                print(f"built {meta['kind']} index of {meta['num_passages']} passages in {meta['build_seconds']:.1f}s: "
+                      f"{args.out}")
         else:
             from retrieval.server import serve
 
+            limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
             serve(args.index, args.host, args.port, args.batch_window_ms, args.max_batch_queries,
-                  {"auto": None, "yes": True, "no": False}[args.gpu])
+                  {"auto": None, "yes": True, "no": False}[args.gpu], limits)
     except (FileNotFoundError, ValueError) as e:
         print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
         return 2

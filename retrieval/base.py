@@ -36,7 +36,15 @@ class CorpusError(ValueError):
     pass
 
 
-def parse_corpus_line(line: str, where: str) -> dict:
+def parse_corpus_line(line: bytes | str, where: str) -> dict:
+    """One corpus line (raw bytes, decoded here as UTF-8, or text) as `{"id", "contents"}`; any problem, bad
+    encoding included, raises a `CorpusError` naming `where` (file:line)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                              "corpus files must be UTF-8 jsonl (re-encode it, e.g. iconv -t UTF-8)") from None
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -52,7 +60,7 @@ def parse_corpus_line(line: str, where: str) -> dict:
 def load_corpus(path: str | Path) -> list[dict]:
     """Read a Search-R1 corpus jsonl; a malformed line raises a `CorpusError` naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
         for i, line in enumerate(f, start=1):
             if line.strip():
                 rows.append(parse_corpus_line(line, f"{path}:{i}"))

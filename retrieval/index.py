@@ -1,7 +1,8 @@
 """The on-disk index format of the retrieval service, and loading it for search.
 
 DIR/
-  meta.json             kind (dense | bm25), encoder, prefixes, max length, FAISS index type, counts
+  meta.json             kind (dense | bm25), encoder, prefixes, max length, FAISS index type, counts, the
+                        corpus fingerprint (path, size, mtime, SHA-256), the served files and their sizes
   corpus.jsonl          the corpus as given (Search-R1 format), never loaded whole
   corpus.offsets.npy    byte offset of every line, so a document is one seek + one readline
   emb/shard_NNNNN.npy   passage embeddings (float32, L2-normalised), one file per shard (dense)
@@ -18,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval.base import Document, Retriever, parse_corpus_line
+from retrieval.base import CorpusError, Document, Retriever, parse_corpus_line
 
 
 class CorpusStore:
@@ -34,7 +35,7 @@ class CorpusStore:
 
     def get(self, i: int) -> dict:
         self._fh.seek(int(self.offsets[i]))
-        return parse_corpus_line(self._fh.readline().decode("utf-8"), f"{self.path}:{i + 1}")
+        return parse_corpus_line(self._fh.readline(), f"{self.path}:{i + 1}")
 
     def get_many(self, ids: Sequence[int]) -> list[dict]:
         return [self.get(i) for i in ids]
@@ -47,23 +48,75 @@ def scan_offsets(corpus: str | Path) -> np.ndarray:
         pos = 0
         for n, line in enumerate(f, start=1):
             if line.strip():
-                parse_corpus_line(line.decode("utf-8"), f"{corpus}:{n}")
+                parse_corpus_line(line, f"{corpus}:{n}")
                 offsets.append(pos)
             pos += len(line)
     if not offsets:
-        raise ValueError(f"{corpus}: the corpus is empty")
+        raise CorpusError(f"{corpus}: the corpus is empty")
     return np.asarray(offsets, dtype=np.int64)
 
 
+def staging_dir(index_dir: str | Path) -> Path:
+    """Where a build of `index_dir` runs until it is swapped in (a sibling: the swap is a rename)."""
+    index_dir = Path(index_dir)
+    return index_dir.parent / f".{index_dir.name}.building"
+
+
+def read_meta_file(index_dir: Path) -> dict | None:
+    """meta.json of a directory, or None when it has none (or an unreadable one)."""
+    try:
+        return json.loads((Path(index_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def serving_files(meta: dict) -> dict[str, int | None]:
+    """The files a server reads, with their sizes when the build recorded them (older builds: names only)."""
+    if "files" in meta:
+        return meta["files"]
+    return {"corpus.jsonl": None, "corpus.offsets.npy": None,
+            ("index.faiss" if meta.get("kind") == "dense" else "bm25"): None}
+
+
+def rebuild_command(index_dir: str | Path, meta: dict | None) -> str:
+    """The `python -m retrieval build` command that (re)builds `index_dir` as its meta.json describes it."""
+    import shlex
+
+    meta = meta or {}
+    cmd = ["python", "-m", "retrieval", "build", "--corpus", (meta.get("corpus") or {}).get("path", "CORPUS.jsonl"),
+           "--out", str(index_dir), "--kind", meta.get("kind", "dense")]
+    if meta.get("kind") == "dense":
+        flags = {"--encoder": "encoder", "--index": "index_type", "--query-prefix": "query_prefix",
+                 "--passage-prefix": "passage_prefix", "--max-length": "max_length", "--shard-size": "shard_size"}
+        cmd += [x for flag, key in flags.items() if key in meta for x in (flag, str(meta[key]))]
+    return shlex.join(cmd)
+
+
 def read_meta(index_dir: str | Path) -> dict:
-    path = Path(index_dir) / "meta.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{index_dir} is not an index directory (no meta.json); build one with "
-                                "`python -m retrieval build --corpus C --out DIR`")
-    meta = json.loads(path.read_text())
+    """meta.json of a complete, intact index; otherwise an error that names the directory and the command
+    that (re)builds it."""
+    index_dir = Path(index_dir)
+    meta = read_meta_file(index_dir)
+    if meta is None:
+        staged = read_meta_file(staging_dir(index_dir))
+        if staged is not None:
+            raise FileNotFoundError(f"{index_dir} holds no finished index: a build into it did not finish (its "
+                                    f"partial build is in {staging_dir(index_dir)}); run it again to resume: "
+                                    f"`{rebuild_command(index_dir, staged)}`")
+        what = "has no meta.json" if index_dir.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{index_dir} is not an index directory ({what}); build one with "
+                                f"`{rebuild_command(index_dir, None)}`")
     if not meta.get("complete"):
-        raise ValueError(f"{index_dir}: the index build did not finish; run the same build command again "
-                         "to resume it")
+        raise ValueError(f"{index_dir}: the index build did not finish (meta.json says complete: false); run the "
+                         f"build again to resume it: `{rebuild_command(index_dir, meta)}`")
+    for rel, size in serving_files(meta).items():
+        path = index_dir / rel
+        problem = ("is missing" if not path.exists() else
+                   f"has {path.stat().st_size} bytes, not {size}" if size is not None and path.stat().st_size != size
+                   else None)
+        if problem:
+            raise FileNotFoundError(f"{index_dir}: index file {rel} {problem}; the index is damaged: rebuild it with "
+                                    f"`{rebuild_command(index_dir, meta)}`")
     return meta
 
 

@@ -8,13 +8,21 @@ Concurrent requests are coalesced: a batcher collects requests for up to `batch_
 `max_batch_queries` queries), runs one batched encode + search in a worker thread, and hands each
 request its rows. Every input is validated; a bad request gets a 4xx JSON error saying what is wrong,
 and no input can crash the server.
+
+Every connection is bounded while it is read (`GuardedHttpProtocol`, uvicorn's httptools protocol with
+deadlines): the request head must arrive within `header_timeout_s` of connecting (or of the previous
+answer), the body within `body_timeout_s` of the head, a body over `max_request_bytes` is refused with
+413 before it is read, and beyond `max_connections` open connections a new one gets 503. Idle, slowloris
+and short-body clients are closed on time, so a handful of them cannot exhaust the file descriptors.
+All limits live in `Limits`; each is a `python -m retrieval serve` flag and a row in docs/retrieval.md.
 """
 
 
 import asyncio
+import http
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 log = logging.getLogger("retrieval.server")
 
@@ -29,11 +37,213 @@ def _dumps(obj) -> bytes:
     return orjson.dumps(obj)
 
 
-@dataclass
+def _limit(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
 class Limits:
-    max_queries: int = 512
-    max_topk: int = 100
-    max_query_chars: int = 4096
+    """Every limit the server enforces. Each field is a `python -m retrieval serve` flag (`max_queries` is
+    `--max-queries`) and a row of the limits table in docs/retrieval.md."""
+
+    # Per request, checked on the parsed body: a violation is a 400 that names the field.
+    max_queries: int = _limit(512, "queries in one request (400 beyond)")
+    max_topk: int = _limit(100, "largest topk (400 beyond)")
+    max_query_chars: int = _limit(4096, "characters in one query (400 beyond)")
+    # Per connection, enforced while reading (GuardedHttpProtocol), before a slow or large client can hold a
+    # file descriptor or memory for long.
+    header_timeout_s: float = _limit(10.0, "seconds from connecting (or from the previous answer on a kept-alive "
+                                           "connection) until the request line and headers are in; then the "
+                                           "connection is closed (with 408 if part of a request arrived)")
+    body_timeout_s: float = _limit(30.0, "seconds from the end of the headers until the whole body is in; "
+                                         "then 408 and the connection is closed")
+    keep_alive_s: float = _limit(5.0, "an idle kept-alive connection is closed after this many seconds")
+    max_request_bytes: int = _limit(4 * 2**20, "bytes of one request body: a larger Content-Length gets 413 "
+                                               "before the body is read, a chunked body is counted as it arrives")
+    max_header_bytes: int = _limit(64 * 2**10, "bytes of one request line and headers (431 beyond)")
+    max_connections: int = _limit(1024, "open connections; a connection beyond them gets 503 and is closed "
+                                        "(the server raises its file-descriptor limit to fit)")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value!r}")
+
+
+@dataclass
+class ConnectionStats:
+    """What the connection guard did, reported by `/health` under "connections"."""
+
+    open: int = 0
+    refused_over_max_connections: int = 0  # 503 at connect
+    header_timeouts: int = 0  # closed: no complete request head within header_timeout_s
+    body_timeouts: int = 0  # 408: no complete body within body_timeout_s
+    too_large: int = 0  # 413 (body) or 431 (head)
+
+
+def _error_response(status: int, message: str, extra_headers: str = "") -> bytes:
+    body = _dumps({"error": message})
+    return (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra_headers}connection: close\r\n\r\n").encode() + body
+
+
+def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
+    """uvicorn's httptools protocol with read deadlines, size caps and a connection cap (`uvicorn.run(http=...)`).
+
+    uvicorn's own keep-alive timer starts only after an answer, so a client that connects and sends nothing,
+    or one header line now and then, or less body than it announced, would be held forever. Here each
+    connection has one deadline for what it is waiting for: the request head (armed at connect and after each
+    answer), then the body (armed when the head is complete), none while the application answers. One lazy
+    timer per connection checks it: moving a deadline later costs no new timer, so the fast path (small
+    requests on kept-alive connections) adds two clock reads per request.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpProtocol(HttpToolsProtocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._reading = "head"  # what the parser waits for: "head" (request line + headers) or "body"
+            self._deadline = None  # loop time by which that must be in; None while a request is being answered
+            self._timer = None
+            self._timer_at = 0.0
+            self._head_bytes = self._body_bytes = 0
+            self._content_length = None
+            self._message_completed = False
+            self._accepted = False
+            self._refused = False  # we answered (or closed) on our own: the parser's remaining callbacks are moot
+
+        # -- connection -----------------------------------------------------------------------------
+        def connection_made(self, transport):
+            if stats.open >= limits.max_connections:
+                self.transport, self._refused = transport, True
+                stats.refused_over_max_connections += 1
+                transport.write(_error_response(
+                    503, f"the server holds its limit of {limits.max_connections} open connections "
+                         "(--max-connections); retry shortly", "retry-after: 1\r\n"))
+                transport.close()
+                return
+            self._accepted = True
+            stats.open += 1
+            super().connection_made(transport)
+            self._expect(limits.header_timeout_s)
+
+        def connection_lost(self, exc):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._deadline = None
+            if self._accepted:
+                self._accepted = False
+                stats.open -= 1
+                super().connection_lost(exc)
+
+        def data_received(self, data):
+            if self._refused:
+                return
+            self._message_completed = False
+            super().data_received(data)
+            # All of `data` was request head unless a message ended in it (then the next head's first bytes go
+            # uncounted: at most one read).
+            if self._reading == "head" and not self._message_completed and not self._refused:
+                self._head_bytes += len(data)
+                if self._head_bytes > limits.max_header_bytes:
+                    stats.too_large += 1
+                    self._refuse(431, f"request line and headers exceed {limits.max_header_bytes} bytes "
+                                      "(--max-header-bytes)")
+
+        # -- parser callbacks -------------------------------------------------------------------------
+        def on_headers_complete(self):
+            if self._refused:
+                return
+            self._reading, self._head_bytes, self._body_bytes = "body", 0, 0
+            self._content_length = None
+            for name, value in self.headers:
+                if name == b"content-length":
+                    self._content_length = int(value) if value.isdigit() else None
+            if self._content_length is not None and self._content_length > limits.max_request_bytes:
+                stats.too_large += 1
+                self._refuse(413, f"the request body has {self._content_length} bytes; the limit is "
+                                  f"{limits.max_request_bytes} (--max-request-bytes)")
+                return
+            super().on_headers_complete()
+            if self.pipeline:  # queued behind a request being answered; reading is paused until then
+                self._deadline = None
+            else:
+                self._expect(limits.body_timeout_s)
+
+        def on_body(self, body):
+            if self._refused:
+                return
+            self._body_bytes += len(body)
+            if self._body_bytes > limits.max_request_bytes:
+                stats.too_large += 1
+                self._refuse(413, f"the request body exceeds {limits.max_request_bytes} bytes (--max-request-bytes)")
+                return
+            super().on_body(body)
+
+        def on_message_complete(self):
+            if self._refused:
+                return
+            self._reading, self._deadline, self._message_completed = "head", None, True
+            super().on_message_complete()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self._reading == "body":  # a pipelined request whose body is still to come, or one answered early
+                if self._deadline is None:
+                    self._expect(limits.body_timeout_s)
+            elif self.cycle.response_complete:  # nothing in flight: the next request's head is due
+                self._expect(limits.header_timeout_s)
+
+        # -- deadlines ----------------------------------------------------------------------------------
+        def _expect(self, seconds: float) -> None:
+            at = self.loop.time() + seconds
+            self._deadline = at
+            if self._timer is None or at < self._timer_at:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer, self._timer_at = self.loop.call_at(at, self._check_deadline), at
+
+        def _check_deadline(self) -> None:
+            self._timer = None
+            if self._deadline is None or self.transport.is_closing():
+                return
+            if self.loop.time() < self._deadline:  # moved later since the timer was set
+                self._timer, self._timer_at = self.loop.call_at(self._deadline, self._check_deadline), self._deadline
+                return
+            if self._reading == "head":
+                stats.header_timeouts += 1
+                if self._head_bytes == 0:  # nothing of a request arrived: nothing to answer
+                    self._refused = True
+                    self.transport.close()
+                else:
+                    self._refuse(408, f"the request line and headers did not arrive within {limits.header_timeout_s}s "
+                                      "(--header-timeout-s)")
+            else:
+                stats.body_timeouts += 1
+                expected = f" of {self._content_length}" if self._content_length is not None else ""
+                self._refuse(408, f"the request body did not arrive within {limits.body_timeout_s}s "
+                                  f"(--body-timeout-s): got {self._body_bytes}{expected} bytes")
+
+        def _refuse(self, status: int, message: str) -> None:
+            """Answer `status` with `message` in our own words and close: the request is not handed on."""
+            self._refused = True
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True  # the application's answer, if it ever comes, is dropped
+                if cycle.response_started:  # half an answer is out: nothing more can be said on this connection
+                    self.transport.close()
+                    return
+            self.transport.write(_error_response(status, message))
+            self.transport.close()
+
+    return GuardedHttpProtocol
 
 
 @dataclass
@@ -115,6 +325,7 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
 
     limits = limits or Limits()
     batcher = Batcher(retriever, window_ms, max_batch_queries)
+    connections = ConnectionStats()  # filled in by the connection guard when served by `serve`
     started = time.time()
 
     class RetrieveRequest(BaseModel):
@@ -169,9 +380,10 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
     async def health():
         return {"status": "ok", "num_passages": len(retriever) if hasattr(retriever, "__len__") else None,
                 "uptime_s": time.time() - started, "batches": batcher.batches, "queries": batcher.queries,
-                "startup_s": getattr(retriever, "startup_s", None)}
+                "startup_s": getattr(retriever, "startup_s", None), "connections": asdict(connections)}
 
     app.state.batcher = batcher
+    app.state.connections = connections
     return app
 
 
@@ -181,10 +393,52 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, window_ms: 
 
     from retrieval.index import IndexRetriever
 
+    limits = limits or Limits()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    limits = _fit_file_limit(limits)
     t0 = time.perf_counter()
     retriever = IndexRetriever(index_dir, use_gpu=use_gpu)
     log.info("loaded %s index of %d passages from %s in %.2fs", retriever.kind, len(retriever), index_dir,
              time.perf_counter() - t0)
     app = create_app(retriever, limits, window_ms, max_batch_queries)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(uvicorn_config(app, host, port, limits))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:  # uvicorn logged why (e.g. the port is in use)
+        raise SystemExit(3)
+
+
+def uvicorn_config(app, host: str, port: int, limits: Limits | None = None):
+    """The uvicorn configuration of `serve`: the connection guard of `limits` on `create_app`'s app."""
+    import uvicorn
+
+    limits = limits or Limits()
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(limits, app.state.connections), ws="none",
+                          timeout_keep_alive=limits.keep_alive_s, log_level="warning", access_log=False)
+
+
+def _fit_file_limit(limits: Limits) -> Limits:
+    """Raise the soft open-file limit so that `max_connections` sockets (plus the index files) fit under it:
+    past it, accept() would fail before the connection cap could answer 503. Where the hard limit is too low,
+    the cap is lowered to fit, with a warning."""
+    import dataclasses
+    import resource
+
+    reserve = 256  # index files, logs, the worker threads' files
+    need = limits.max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return limits
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < need:
+        fit = max(1, target - reserve)
+        log.warning("--max-connections %d does not fit the open-file limit (%d, hard %d): serving at most %d "
+                    "connections; raise `ulimit -n` to allow more", limits.max_connections, soft, hard, fit)
+        limits = dataclasses.replace(limits, max_connections=fit)
+    return limits

@@ -83,6 +83,9 @@ def test_corpus_errors_name_file_and_line(tmp_path):
     p.write_text("\n")
     with pytest.raises(CorpusError, match="empty"):
         load_corpus(p)
+    p.write_bytes(json.dumps({"id": 1, "contents": '"T"\nx'}).encode() + b'\n{"id": 2, "contents": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 27\)"):
+        load_corpus(p)
     p.write_text(json.dumps({"id": 7, "contents": '"T"\nx'}) + "\n")
     assert load_corpus(p) == [{"id": "7", "contents": '"T"\nx'}]
 

@@ -24,14 +24,18 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, index_dir, port=None):
+    """`python -m retrieval serve` in a child process; `flags` are extra serve flags (e.g. limits)."""
+
+    def __init__(self, index_dir, port=None, flags=()):
         self.index_dir, self.port = index_dir, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.flags = [str(f) for f in flags]
         self.proc = None
 
     def start(self, timeout=60):
         self.proc = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", "--index", str(self.index_dir),
-                                      "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                      "--port", str(self.port), *self.flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:

@@ -25,7 +25,8 @@ from nemo_sdsearch.eval.targets import target_line  # noqa: E402
 
 def main():
     from nemo_sdsearch.algorithms import sd_search
-    from nemo_sdsearch.algorithms.grpo import build_components, make_prompt_format, update_policy
+    from nemo_sdsearch.algorithms.grpo import update_policy
+    from nemo_sdsearch.algorithms.setup import build_components, make_prompt_format
     from nemo_sdsearch.config import load_config
     from nemo_sdsearch.losses.policy import group_advantages
     from nemo_sdsearch.models.hf import HFActor

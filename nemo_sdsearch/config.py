@@ -38,6 +38,7 @@ class RolloutSection:
     max_context: int = 1024
     topk: int = 3
     retriever: str = "bm25"
+    max_concurrent_rows: int = 256      # torch generator: rows holding a KV slot at once (0 = all)
 
 
 @dataclass
@@ -241,6 +242,7 @@ RANGES: dict[str, Range] = {
     "rollout.max_new_tokens": _ONE,
     "rollout.max_context": Range(2),
     "rollout.topk": _ONE,
+    "rollout.max_concurrent_rows": Range(0, why="0 = one KV slot per rollout"),
     "optim.lr": _POS,
     "optim.weight_decay": _NONNEG,
     "optim.grad_clip": Range(0, why="the max global gradient norm; 0 = no clipping"),

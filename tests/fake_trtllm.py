@@ -7,8 +7,9 @@ streaming)` returning a result that can be awaited, iterated with `async for` an
 `tokenizer.encode(stop)` (so a stop string spelled with other tokens is NOT caught here, as in
 TensorRT-LLM); `stop_token_ids`; `end_id`; per-request seeds; top_k=1 greedy; log-probs of the
 temperature-scaled distribution before top-p (the TRTLLMSampler behaviour the backend assumes);
-`_collective_rpc` with report_device_id / update_weights (buckets, then None) / sleep / wakeup /
-reset_prefix_cache. Requests interleave on the event loop one token at a time, like in-flight batching.
+`_collective_rpc` with report_device_id / update_weights (buckets, then None; the names and sizes of
+every refit's buckets are recorded in `refits`) / sleep / wakeup / reset_prefix_cache. Requests
+interleave on the event loop one token at a time, like in-flight batching.
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ class FakeLLM:
         self.asleep: list | None = None
         self.calls: list[tuple] = []
         self.requests: list[FakeSamplingParams] = []
+        # per refit (closed by the final update_weights(None)), per bucket: the (name, bytes) received
+        self.refits: list[list[list[tuple[str, int]]]] = []
+        self._refit_open = False
         self._loading: dict = {}
 
     def generate_async(self, inputs, sampling_params, streaming: bool = False) -> FakeResult:
@@ -170,8 +174,14 @@ class FakeLLM:
                 if unexpected:
                     raise KeyError(f"unexpected weights {unexpected}")
                 self._loading = {}
+                self._refit_open = False
                 return [None]
-            self._loading.update(dict(handles[FAKE_UUID]))
+            bucket = list(handles[FAKE_UUID])
+            if not self._refit_open:
+                self.refits.append([])
+                self._refit_open = True
+            self.refits[-1].append([(name, t.numel() * t.element_size()) for name, t in bucket])
+            self._loading.update(dict(bucket))
             return [None]
         if method == "sleep":
             self.asleep = list(args[0])

@@ -17,7 +17,7 @@ class Spy(Generator):
     def __init__(self, inner):
         self.inner, self.tokenizer, self.log = inner, inner.tokenizer, []
 
-    def open(self, prompts, seed=None):
+    def open(self, prompts, seed=None, row_seeds=None):
         session = self.inner.open(prompts, seed)
         original = session.run
 
@@ -37,7 +37,7 @@ class Scripted(Generator):
     def __init__(self, tokenizer, turns_by_row):
         self.tokenizer, self.turns, self.params_seen, self.extends = tokenizer, turns_by_row, [], []
 
-    def open(self, prompts, seed=None):
+    def open(self, prompts, seed=None, row_seeds=None):
         gen = self
 
         class S(GenerationSession):
@@ -178,7 +178,7 @@ class TurnSynchronous(Generator):
     def __init__(self, inner):
         self.inner, self.tokenizer = inner, inner.tokenizer
 
-    def open(self, prompts, seed=None):
+    def open(self, prompts, seed=None, row_seeds=None):
         session = self.inner.open(prompts, seed)
         session.run = GenerationSession.run.__get__(session)
         return session

@@ -399,6 +399,43 @@ def test_refit_follows_new_weights(backend, tokenizer):
     assert_greedy(backend, prompts[0], len(prompts[0]), after.token_ids)
 
 
+def test_refit_consumes_a_weight_stream(backend, tokenizer):
+    """`refit` takes the actor's weight stream (`Actor.iter_weights`): (name, tensor) pairs consumed once,
+    each tensor once, a tied lm_head.weight left out; the backend then generates with those weights."""
+    prompt = enc(tokenizer, "Which river runs through it?")
+    old = {k: v.detach().clone() for k, v in backend.ref.state_dict().items()}
+    new = copy.deepcopy(backend.ref)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for prm in new.parameters():
+            prm.add_(0.5 * prm.detach().float().std().clamp_min(1e-3).to(prm.device)
+                     * torch.randn(prm.shape, generator=g).to(prm))
+    tied = bool(getattr(new.config, "tie_word_embeddings", False))
+    pairs = [(k, v.detach().clone()) for k, v in new.state_dict().items() if not (tied and k == "lm_head.weight")]
+    taken: list[str] = []
+
+    def stream():
+        for name, tensor in pairs:
+            taken.append(name)
+            yield name, tensor.to(backend.engine_dtype) if tensor.is_floating_point() else tensor
+
+    try:
+        backend.gen.refit(stream())
+        assert taken == [n for n, _ in pairs]                  # consumed once, to the end
+        held = backend.gen_model()
+        if held is not None:                                   # in-process backends: exactly the new weights
+            want = new.state_dict()
+            assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in held.state_dict().items())
+        if held is not backend.ref:
+            backend.ref.load_state_dict(new.state_dict())
+        with eos_ids(backend.gen, []):
+            c = backend.gen.open([prompt]).generate(SamplingParams(max_new_tokens=6, temperature=0.0))[0]
+        assert_greedy(backend, prompt, len(prompt), c.token_ids)
+        assert_logprobs(backend, prompt + c.token_ids, records(len(prompt), c), 1.0)
+    finally:
+        backend.refit(old)
+
+
 def test_sleep_and_wake_up(backend, tokenizer):
     gen = backend.gen
     if not hasattr(gen, "sleep"):
@@ -417,6 +454,22 @@ def test_sleep_and_wake_up(backend, tokenizer):
     backend.refit({k: v.detach().clone() for k, v in backend.ref.state_dict().items()})
     c = gen.open([prompt], seed=1).generate(SamplingParams(max_new_tokens=6, temperature=1.0))[0]
     assert_logprobs(backend, prompt + c.token_ids, records(len(prompt), c), 1.0)
+
+
+def test_a_row_samples_the_same_whatever_shares_its_session(backend, tokenizer):
+    """Each row samples from its own stream (session seed, row index): its tokens do not depend on how
+    many rows share the session or what they are (the torch backend's row pool relies on it)."""
+    prompts = [enc(tokenizer, t) for t in ["Where was Oskar born?", "Name the river.", "Who founded it?"]]
+    others = [enc(tokenizer, t) for t in ["A different question here", "z", "Which is older?", "Two more"]]
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9)
+    with eos_ids(backend.gen, []):
+        alone = backend.gen.open(prompts, seed=11).generate(p)
+        crowd = backend.gen.open([prompts[0], others[0], prompts[2], *others[1:]], seed=11).generate(p)
+    for r in (0, 2):
+        if backend.exact:
+            assert crowd[r].token_ids == alone[r].token_ids, r
+        for out in (alone, crowd):
+            assert_logprobs(backend, prompts[r] + out[r].token_ids, records(len(prompts[r]), out[r]), 1.0)
 
 
 # -- backend-independent facts about the trtllm module (run on CPU) ---------------------------------------

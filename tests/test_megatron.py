@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -109,6 +110,51 @@ def hf_logits(model, batch):
 # --------------------------------------------------------------------------------------------------
 # the 2-process run
 # --------------------------------------------------------------------------------------------------
+STREAM_SHARD_BYTES = 100_000     # the micro model (~0.5-0.8 MB) in several shards
+REFIT_BUCKET_BYTES = 40_000      # and several refit buckets, some tensors larger than one
+
+
+def stream_consumers(actor, rank: int, tied: bool, out_dir: str) -> dict:
+    """The two consumers of `actor.iter_weights()` on a distributed actor, every rank iterating each
+    stream: the final-checkpoint writer (rank 0 writes) and a refit of a TRT-LLM API double (held by
+    rank 0; the other ranks drain the stream). Live bytes of each stream measured (test_weight_stream)."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from fake_trtllm import fake_generator
+    from test_weight_stream import LiveBytes
+
+    from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
+
+    def settled(live: LiveBytes) -> tuple:
+        # gloo's worker thread drops its reference to the last collective's tensor a moment after it
+        # returned: give it that moment (a tensor that something really keeps stays counted)
+        torch.distributed.barrier()
+        for _ in range(100):
+            if live.alive == 0:
+                break
+            time.sleep(0.01)
+        return live.peak, live.largest, live.total, live.alive
+
+    res: dict = {}
+    live = LiveBytes(transport_slack=True)
+    save_hf_checkpoint_from_stream(live.wrap(actor.iter_weights()), out_dir, actor.hf_config,
+                                   shard_bytes=STREAM_SHARD_BYTES)
+    res["write_live"] = settled(live)
+    live = LiveBytes(transport_slack=True)
+    if rank == 0:
+        gen = fake_generator(make_hf(tied, seed=7), SimpleNamespace(eos_token_id=0, pad_token_id=1),
+                             refit_bucket_bytes=REFIT_BUCKET_BYTES)
+        gen.refit(live.wrap(actor.iter_weights()))
+        res["refit_held"] = {k: v.clone() for k, v in gen.llm.model.state_dict().items()}
+        res["refit_buckets"] = gen.llm.refits[-1]
+        gen.shutdown()
+    else:
+        deque(live.wrap(actor.iter_weights()), maxlen=0)
+    res["refit_live"] = settled(live)
+    return res
+
+
 def _tp2_worker(rank, world, dirs: dict, out: str):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
@@ -140,8 +186,10 @@ def _tp2_worker(rank, world, dirs: dict, out: str):
         r["teacher_no_grad"] = (not teacher.requires_grad) and local.requires_grad and torch.equal(teacher, local.detach())
         r["logprobs"] = actor.logprobs_at(batch, rows, cols, temperature=TEMPERATURE).detach()
         r["exported"] = actor.export_weights()
+        r["streamed"] = list(actor.iter_weights())
         r["stats"] = train_once(actor)
         r["after"] = actor.export_weights()
+        r["consumers"] = stream_consumers(actor, rank, name == "tied", f"{out}/{name}_streamed_hf")
         # resume: save after step 1, take step 2; a fresh actor loads the checkpoint and takes step 2
         ck = f"{out}/{name}_state"
         save_training_state(ck, actor, extra={"step": 1})
@@ -158,13 +206,14 @@ def _tp2_worker(rank, world, dirs: dict, out: str):
         before = fresh.export_weights()
         r["nan_stats"] = fresh.train_step(lambda i: torch.tensor(float("nan"), requires_grad=True), 1)
         r["nan_unchanged"] = all(torch.equal(before[k], v) for k, v in fresh.export_weights().items())
-        res[name] = r if rank == 0 else {"full_logits": r["full_logits"], "after": r["after"]}
+        res[name] = r if rank == 0 else {k: r[k] for k in ("full_logits", "after", "streamed", "consumers")}
     # tensor parallel 1 x data parallel 2 (each replica gets the same micro-batches: the average is the same)
     init_parallel(1)
     actor = MegatronActor.from_hf(dirs["untied"], **kw)
     res["tp1"] = {"tp": ps.get_tensor_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
                   "full_logits": actor.logits_at(batch, rows, cols).detach(),
                   "stats": train_once(actor), "after": actor.export_weights()}
+    res["tp1"]["streamed"] = list(actor.iter_weights())
     # resharding: the TP=2 training checkpoint (model + AdamW state) loads into this TP=1 x DP=2 actor
     res["tp1"]["extra"] = load_training_state(f"{out}/untied_state", actor)
     res["tp1"]["resharded"] = actor.export_weights()
@@ -241,6 +290,48 @@ def test_tp2_export_weights_is_the_hf_state_dict_bit_exact(tp2, hf_models, name)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def assert_stream_is(streamed: list, state: dict, tied: bool) -> None:
+    """A weight stream equals an HF state dict bit for bit: same order, a tied lm_head left out."""
+    assert [n for n, _ in streamed] == [k for k in state if not (tied and k == "lm_head.weight")]
+    assert all(t.dtype == state[n].dtype and torch.equal(t, state[n]) for n, t in streamed)
+
+
+@pytest.mark.parametrize("name", ["tied", "untied"])
+def test_tp2_weight_stream_is_the_export_bit_exact(tp2, hf_models, name):
+    """The per-tensor stream equals the all-at-once export (and so the HF state dict), on every rank."""
+    (r0, r1), _ = tp2
+    for r in (r0, r1):
+        assert_stream_is(r[name]["streamed"], r0[name]["exported"], name == "tied")
+        assert_stream_is(r[name]["streamed"], hf_models[0][name].state_dict(), name == "tied")
+
+
+@pytest.mark.parametrize("name", ["tied", "untied"])
+def test_tp2_streamed_checkpoint_and_refit_hold_the_trained_weights(tp2, name):
+    """Fed from the TP=2 stream after a step: rank 0's sharded HF directory loads with transformers and
+    the TRT-LLM double holds exactly the trained weights; each consumer held at most one shard / bucket
+    plus the largest tensor, and the rank that keeps nothing held one tensor at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from test_weight_stream import check_buckets
+
+    (r0, r1), out = tp2
+    after = r0[name]["after"]
+    d = out / f"{name}_streamed_hf"
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 2 and (d / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    got = loaded.state_dict()
+    assert list(got) == list(after) and all(torch.equal(got[k], after[k]) for k in after)
+    c0, c1 = r0[name]["consumers"], r1[name]["consumers"]
+    held = c0["refit_held"]
+    assert list(held) == list(after) and all(torch.equal(held[k], after[k]) for k in after)
+    check_buckets(c0["refit_buckets"], REFIT_BUCKET_BYTES)
+    for key, limit in (("write_live", STREAM_SHARD_BYTES), ("refit_live", REFIT_BUCKET_BYTES)):
+        peak, largest, total, alive = c0[key]
+        assert peak <= limit + largest < total and alive == 0
+        peak, largest, total, alive = c1[key]
+        assert peak == largest and alive == 0            # rank 1 only took part in the collectives
+
+
 @pytest.mark.parametrize("name", ["tied", "untied"])
 def test_tp2_train_step_matches_hf(tp2, hf_models, name):
     (r0, r1), _ = tp2
@@ -294,6 +385,7 @@ def test_tp1_dp2_matches_hf(tp2, hf_models):
     assert abs(r0["tp1"]["stats"]["loss"] - ref_stats["loss"]) <= 1e-5
     ref_w = model.state_dict()
     assert max((r0["tp1"]["after"][k] - ref_w[k]).abs().max().item() for k in ref_w) <= 1e-5
+    assert_stream_is(r0["tp1"]["streamed"], r0["tp1"]["after"], tied=False)   # the TP=1 stream
 
 
 def test_training_state_reshards_from_tp2_to_tp1(tp2):

@@ -23,8 +23,9 @@ import torch
 pytest.importorskip("megatron.core")
 
 from _mp import run_workers  # noqa: E402
-from test_megatron import (CLIP, EPS, LR, MICRO, SEQ_LENS, TEMPERATURE, WD, full_batch, make_hf,  # noqa: E402
-                           micro_batches, targets)
+from test_megatron import (CLIP, EPS, LR, MICRO, REFIT_BUCKET_BYTES, SEQ_LENS, STREAM_SHARD_BYTES,  # noqa: E402
+                           TEMPERATURE, WD, assert_stream_is, full_batch, make_hf, micro_batches,
+                           stream_consumers, targets)
 
 
 def pipeline_batches():
@@ -82,6 +83,8 @@ def _worker(rank, world, d: str):
     init_parallel(1, pp=2)
     actor = MegatronActor.from_hf(d, **kw)
     m = actor.model
+    res["loaded_export"] = actor.export_weights()
+    res["loaded_streamed"] = list(actor.iter_weights())
     res["structure"] = dict(pp=actor.pp, first=actor.is_first_stage, last=actor.is_last_stage,
                             pre=m.pre_process, post=m.post_process,
                             layers=[layer.layer_number for layer in m.decoder.layers],
@@ -117,6 +120,8 @@ def _worker(rank, world, d: str):
         res["stats"] = actor.train_step_pipeline(pipeline_batches(), pg_loss)
         res["grads"] = hf_named(grads, actor.hf_config, rank, 2)
         res["after"] = actor.export_weights()
+        res["streamed_after"] = list(actor.iter_weights())
+        res["consumers"] = stream_consumers(actor, rank, m.share_embeddings_and_output_weights, f"{d}_streamed_hf")
         if m.share_embeddings_and_output_weights:
             res["shared_after"] = m.shared_embedding_or_output_weight().detach().clone()
         before = res["after"]
@@ -203,6 +208,43 @@ def test_pp2_stage_split_and_pipeline_path_selected(runs, model_dir):
         assert r["calls"][2] == {"num_microbatches": len(MICRO), "seq_length": 9, "micro_batch_size": 2,
                                  "forward_only": False, "model_is_list": True}
         assert len(r["calls"]) == 4
+
+
+def test_pp2_weight_stream_is_the_hf_state_dict_bit_exact(runs, model_dir):
+    """At pp=2 each stage streams its own tensors and broadcasts them: both ranks receive the whole
+    model, in HF order, bit-exactly (at load: the HF state dict; after a step: the export)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    tied = model_dir.endswith("/tied")
+    for r in runs:
+        got = r["loaded_export"]
+        assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+        assert_stream_is(r["loaded_streamed"], ref, tied)
+        assert_stream_is(r["streamed_after"], runs[0]["after"], tied)
+
+
+def test_pp2_streamed_checkpoint_and_refit_hold_the_trained_weights(runs, model_dir):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from test_weight_stream import check_buckets
+
+    after = runs[0]["after"]
+    d = Path(f"{model_dir}_streamed_hf")
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 2
+    got = AutoModelForCausalLM.from_pretrained(str(d)).state_dict()
+    assert list(got) == list(after) and all(torch.equal(got[k], after[k]) for k in after)
+    c0, c1 = runs[0]["consumers"], runs[1]["consumers"]
+    held = c0["refit_held"]
+    assert list(held) == list(after) and all(torch.equal(held[k], after[k]) for k in after)
+    check_buckets(c0["refit_buckets"], REFIT_BUCKET_BYTES)
+    for key, limit in (("write_live", STREAM_SHARD_BYTES), ("refit_live", REFIT_BUCKET_BYTES)):
+        peak, largest, total, alive = c0[key]
+        assert peak <= limit + largest < total and alive == 0
+        peak, largest, total, alive = c1[key]
+        assert peak == largest and alive == 0
 
 
 def test_pp2_forward_only_scoring_matches_pp1(runs):

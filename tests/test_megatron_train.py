@@ -1,14 +1,16 @@
-"""`sdsearch train actor=megatron megatron.tensor_parallel=2` and `... megatron.pipeline_parallel=2` under a
-REAL `torchrun --nproc-per-node 2` (gloo, CPU) against the same run with actor=hf: same seeds, same start
-weights. At pp=2 the update runs through megatron's own 1F1B schedule (the loss on the last stage).
+"""`sdsearch train actor=megatron` under a REAL `torchrun` (gloo, CPU) against the same run with actor=hf in
+one process: same seeds, same start weights, the same GLOBAL batch (4 questions x 3 rollouts).
 
-Step 1 starts from identical weights, so its rollouts (hence reward and searches) are identical and its
-loss-side metrics (k3 KL, JSD, agreement, clip fraction, entropy, from vocab-sharded logits at tp=2) agree
-to float noise; step 2 rolls out with the refitted generator (weights equal up to float noise), and the
-exported HF models agree at the end. A resumed megatron run (dist checkpoint + rank-0 loop state)
-reproduces the straight run's last step bit-exactly. The embedded model is used: it searches, so query
-tokens (JSD) exist. The padded vocabulary (2048 -> 2400 with make_vocab_size_divisible_by=600) puts TP
-padding columns on rank 1.
+Layouts: TP1 x DP2 (2 processes), TP2 x DP2 and PP2 x DP2 (4 processes), TP2 x PP2 (4 processes). A
+data-parallel replica takes every dp-th question group of the shared batch; its leader generates with a
+random stream per (question, sample) so a row draws the same numbers whichever replica runs it; losses
+are normalised by the whole batch's counts. So step 1 (identical start weights) has identical rollouts
+and its loss-side metrics (k3 KL, JSD, agreement, clip fraction, entropy, from vocab-sharded logits at
+tp=2) agree to float noise; step 2 rolls out with the refitted generator (weights equal up to float
+noise), and the exported HF models agree at the end. At pp=2 the update runs through megatron's own 1F1B
+schedule. A resumed run (dist checkpoint + rank-0 loop state) reproduces the straight run's last step
+bit-exactly. The embedded model is used: it searches, so query tokens (JSD) exist. The padded vocabulary
+(2048 -> 2400 with make_vocab_size_divisible_by=600) puts TP padding columns on rank 1.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ ROLLOUT_KEYS = ("reward", "em", "searches_per_rollout", "query_tokens")
 
 def overrides(out_dir, steps=STEPS, **extra):
     base = {
-        "model.threads": 1, "trainer.steps": steps, "trainer.seed": 3, "trainer.questions_per_step": 2,
+        "model.threads": 1, "trainer.steps": steps, "trainer.seed": 3, "trainer.questions_per_step": 4,
         "rollout.group_size": 3, "rollout.max_new_tokens": 40, "rollout.max_turns": 2,
         "trainer.eval_every": 0, "trainer.save_every": 1, "trainer.final_test_eval": False,
         "trainer.out_dir": str(out_dir), "grpo.micro_batch_size": 2, "grpo.mini_batches": 2, "optim.lr": 1e-4,
@@ -42,16 +44,18 @@ def overrides(out_dir, steps=STEPS, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-MEGATRON = {"actor": "megatron", "megatron.tensor_parallel": 2, "megatron.make_vocab_size_divisible_by": 600}
-# pipeline parallel: 2 stages, megatron's real 1F1B schedule over gloo (tied embeddings: the last stage's copy)
-PIPELINE = {"actor": "megatron", "megatron.pipeline_parallel": 2}
-# both at once: 4 processes, the vocab-sharded losses on the last stage's TP group
-BOTH = {**MEGATRON, "megatron.pipeline_parallel": 2}
-LAYOUTS = {"mg": MEGATRON, "pp": PIPELINE, "tp2pp2": BOTH}
-NPROC = {"mg": 2, "pp": 2, "tp2pp2": 4}
+TP2 = {"actor": "megatron", "megatron.tensor_parallel": 2, "megatron.make_vocab_size_divisible_by": 600}
+PP2 = {"actor": "megatron", "megatron.pipeline_parallel": 2}
+LAYOUTS = {
+    "dp2": {"actor": "megatron"},   # TP1 x DP2: each replica its own generator and half the groups
+    "tp2dp2": TP2,                  # TP2 x DP2: the vocab-sharded losses, two replicas of two ranks
+    "pp2dp2": PP2,                  # PP2 x DP2: megatron's 1F1B schedule (tied embeddings: the last stage's copy)
+    "tp2pp2": {**TP2, **PP2},       # TP2 x PP2 x DP1: the vocab-sharded losses on the last stage's TP group
+}
+NPROC = {"dp2": 2, "tp2dp2": 4, "pp2dp2": 4, "tp2pp2": 4}
 
 
-def torchrun(args: list[str], timeout: float = 300, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: float = 600, nproc: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node NPROC sdsearch train ARGS` in a subprocess."""
     bindir = Path(sys.executable).parent
     script = bindir / "sdsearch"
@@ -88,27 +92,41 @@ def runs(tmp_path_factory):
     return root, hf, procs
 
 
+def rel(a, b):
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_megatron_tracks_hf(runs, name):
-    """tp=2 (vocab-sharded losses), pp=2 (megatron's pipeline schedule) and both against actor=hf."""
+    """Every layout against actor=hf on the same global batch: rollouts identical (step 1 from identical
+    weights: token for token, so rewards, searches and query tokens are equal), loss-side metrics and the
+    final weights within float noise."""
     root, hf, procs = runs
     proc = procs[name]
     mg = metrics(root / name)
     assert [r["step"] for r in mg] == list(range(1, STEPS + 1))   # rank 0 alone wrote metrics.jsonl
     assert [r["step"] for r in hf["history"]] == [r["step"] for r in mg]
-    h1, m1 = hf["history"][0], mg[0]
+    h1 = hf["history"][0]
     assert h1["query_tokens"] > 0 and h1["kl"] > 0                 # the JSD and KL terms are exercised
-    for k in ROLLOUT_KEYS:                                          # same weights -> same trajectories
-        assert m1[k] == h1[k], k
-    for step, rtol in ((0, 1e-4), (1, 1e-3)):
+    for step in range(STEPS):                                      # same weights (to noise) -> same trajectories
+        for k in ROLLOUT_KEYS:
+            assert mg[step][k] == hf["history"][step][k], (step + 1, k)
+    worst = {}
+    for step, rtol in ((0, 5e-5), (1, 1e-4), (2, 1e-4)):
         h, m = hf["history"][step], mg[step]
-        assert m["query_tokens"] == h["query_tokens"]
         for k in LOSS_KEYS:
-            assert math.isclose(m[k], h[k], rel_tol=rtol, abs_tol=1e-6), (step + 1, k, m[k], h[k])
-    # the exported HF weights (generation model refitted from export_weights, saved by rank 0)
+            worst[(step + 1, k)] = rel(m[k], h[k])
+            assert math.isclose(m[k], h[k], rel_tol=rtol, abs_tol=1e-7), (step + 1, k, m[k], h[k])
+    print(name, "worst relative metric difference", max(worst.values()))
+    # the exported HF weights (streamed from the actor, written by rank 0)
     wh, wm = weights(root / "hf"), weights(root / name)
     assert wh.keys() == wm.keys()
-    assert max((wh[k] - wm[k]).abs().max().item() for k in wh) < 1e-4
+    # AdamW divides by sqrt(v): float noise in a near-zero gradient becomes an lr-sized (1e-4) step on that
+    # element, so the max elementwise difference is a few 1e-5 after 6 optimizer steps (the norm check
+    # below is the meaningful one)
+    max_abs = max((wh[k] - wm[k]).abs().max().item() for k in wh)
+    print(name, "final weights max abs difference", max_abs)
+    assert max_abs < 5e-5
     from safetensors.torch import load_file
 
     from nemo_sdsearch.world.assets import default_model_dir
@@ -116,7 +134,8 @@ def test_megatron_tracks_hf(runs, name):
     w0 = load_file(default_model_dir() / "model.safetensors")
     moved = sum(((wh[k] - w0[k]) ** 2).sum() for k in wh).sqrt()
     diff = sum(((wh[k] - wm[k]) ** 2).sum() for k in wh).sqrt()
-    assert moved > 1e-3 and diff < 1e-2 * moved
+    print(name, "final weights: distance / distance moved", float(diff / moved))
+    assert moved > 1e-3 and diff < 1e-3 * moved
     # only rank 0 printed the summary and wrote the results
     assert proc.stdout.count("wrote ") == 1
     assert (root / name / "curves.png").exists() and (root / name / "summary.json").exists()
@@ -124,7 +143,7 @@ def test_megatron_tracks_hf(runs, name):
         [f"megatron_step_{s:06d}" for s in range(1, STEPS + 1)]
 
 
-@pytest.mark.parametrize("name", ["mg", "pp"])
+@pytest.mark.parametrize("name", ["dp2", "pp2dp2"])
 def test_megatron_resume_continues(runs, name):
     """Resume from the step-2 checkpoint of the straight run: step 3 and the final weights are the same."""
     root, _, _ = runs
@@ -132,7 +151,7 @@ def test_megatron_resume_continues(runs, name):
     shutil.copytree(src / "checkpoints", dst / "checkpoints")
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
     (dst / "checkpoints" / "latest").write_text("step_000002")
-    torchrun(overrides(dst, **LAYOUTS[name], **{"trainer.resume": True}))
+    torchrun(overrides(dst, **LAYOUTS[name], **{"trainer.resume": True}), nproc=NPROC[name])
     straight, resumed = metrics(src), metrics(dst)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s"}

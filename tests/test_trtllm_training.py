@@ -39,6 +39,13 @@ def test_train_with_the_trtllm_generator_refits_and_sleeps(tmp_path, monkeypatch
     methods = [m for m, _ in llm.calls]
     assert methods.count("sleep") == 2 and methods.count("wakeup") == 2  # once per update
     assert methods.count("update_weights") >= 2  # buckets + finalize, every step
+    # every refit streamed the whole model in buckets of at most refit_bucket_bytes (or one larger tensor)
+    from test_weight_stream import check_buckets
+
+    assert len(llm.refits) >= 2
+    for buckets in llm.refits:
+        check_buckets(buckets, made[0].refit_bucket_bytes)
+        assert {n for b in buckets for n, _ in b} >= {n for n, _ in llm.model.named_parameters()}
     from safetensors.torch import load_file
 
     trained = load_file(tmp_path / "run" / "final" / "model.safetensors")

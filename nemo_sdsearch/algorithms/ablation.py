@@ -32,7 +32,7 @@ def rollout_budget(cfg) -> tuple[int, int]:
 
 
 def _test_em(cfg, model_dir: str) -> dict:
-    from nemo_sdsearch.algorithms.grpo import build_components, greedy_em
+    from nemo_sdsearch.algorithms.setup import build_components, greedy_em
 
     _, _, _, data, engines = build_components(
         replace(cfg, model=replace(cfg.model, path=model_dir), grpo=replace(cfg.grpo, kl_coef=0.0)))
@@ -164,7 +164,7 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     from rich.console import Console
     from rich.table import Table
 
-    from nemo_sdsearch.algorithms.grpo import build_components, greedy_em
+    from nemo_sdsearch.algorithms.setup import build_components, greedy_em
     from nemo_sdsearch.algorithms.state import check_out_dir, clear_out_dir
     from nemo_sdsearch.world.assets import default_model_dir
 

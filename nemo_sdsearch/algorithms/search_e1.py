@@ -190,7 +190,7 @@ def opsd_weights(policy_masks, normalization: str, n_pairs: int, n_positions: in
 
 
 def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
-    from nemo_sdsearch.algorithms.grpo import greedy_em, make_prompt_format
+    from nemo_sdsearch.algorithms.setup import greedy_em, make_prompt_format
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.config import rollout_config
     from nemo_sdsearch.rollout.engine import RolloutEngine
@@ -209,7 +209,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     encode = lambda s: tok.encode(s, add_special_tokens=False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
-    dev_engine = RolloutEngine(TorchGenerator(peft_model, tok),
+    dev_engine = RolloutEngine(TorchGenerator(peft_model, tok, max_concurrent_rows=r.max_concurrent_rows),
                                build_retriever(r.retriever, build_bundle().train_world.passages, url=cfg.cluster.retrieval_url),
                                rollout_config(r, temperature=0.0, normalization=cfg.reward.normalization),
                                prompt_fn=prompts.student)
@@ -290,6 +290,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     from rich.table import Table
 
     from nemo_sdsearch.algorithms import grpo
+    from nemo_sdsearch.algorithms.setup import build_components
     from nemo_sdsearch.world.assets import default_model_dir
 
     console = console or Console()
@@ -321,7 +322,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                     "dev_em": summary["evals"][-1]["em"] if summary["evals"] else None})
             save_state(out, state)
         # 2 + 3. Rollout pool and pair mining -------------------------------------------------------
-        actor, _, tok, data, engines = grpo.build_components(
+        actor, _, tok, data, engines = build_components(
             replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
         pool_qs = random.Random(cfg.trainer.seed * 31 + cycle).sample(data["train"], min(e1.pool_questions, len(data["train"])))
         (cdir / "pool").mkdir(parents=True, exist_ok=True)
@@ -352,7 +353,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                     "best_step": result["best_step"], "mining": report_d})
             save_state(out, state)
     # Final test evaluation of the last model.
-    from nemo_sdsearch.algorithms.grpo import build_components, greedy_em
+    from nemo_sdsearch.algorithms.setup import greedy_em
 
     _, _, _, data, engines = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
                                                       grpo=replace(cfg.grpo, kl_coef=0.0)))

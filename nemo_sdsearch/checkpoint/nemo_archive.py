@@ -93,16 +93,11 @@ def copy_tokenizer(src, dst) -> list[str]:
 
 
 def write_hf_dir(out, hf_config, state: dict[str, torch.Tensor], tokenizer_src=None) -> Path:
-    """A directory `AutoModelForCausalLM.from_pretrained` loads: config.json, model.safetensors (a tied
-    `lm_head.weight` is left out, as `save_pretrained` does) and the tokenizer files of `tokenizer_src`."""
-    from safetensors.torch import save_file
+    """A directory `AutoModelForCausalLM.from_pretrained` loads (`hf_writer.save_hf_checkpoint_from_stream`:
+    config, safetensors shards, a tied `lm_head.weight` left out) and the tokenizer files of `tokenizer_src`."""
+    from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_config.save_pretrained(str(out))
+    out = save_hf_checkpoint_from_stream(state, out, hf_config, write=True)
     if tokenizer_src is not None:
         copy_tokenizer(tokenizer_src, out)
     return out

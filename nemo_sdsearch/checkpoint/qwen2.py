@@ -31,11 +31,18 @@ Pipeline stages hold layers `[s*L/pp, (s+1)*L/pp)` renumbered from 0 (even split
 are ordered by `rank = pp_rank * tp + tp_rank` (Megatron's default order with data parallel size 1).
 `_extra_state` entries (Transformer Engine / fp8 metadata; None in the local spec) are not weights and
 are neither produced nor required.
+
+Megatron -> HF goes one HF tensor at a time (`HFTensorSource`): q/k/v and gate/up are cut from each
+rank's shard BEFORE the TP concatenation, so a live model streams its weights (`iter_hf_weights`: one
+all-gather per tensor, at pp > 1 one broadcast from its stage) without ever assembling the whole model;
+the offline conversion (`merge_stage`, `megatron_to_hf`) runs the same per-tensor recipe on saved shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -155,59 +162,115 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config, tp: int = 1,
 
 
 # --------------------------------------------------------------------------------------------------
-# Megatron -> HF
+# Megatron -> HF, one HF tensor at a time
 # --------------------------------------------------------------------------------------------------
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _qkv_part(t: torch.Tensor, j: int, n_heads: int, n_groups: int, hd: int) -> torch.Tensor:
+    """q (j=0), k (1) or v (2) rows of a fused QKV shard (its `n_groups` whole query groups)."""
+    return split_qkv(t, n_heads, n_groups, hd)[j]
+
+
+def _fc1_part(t: torch.Tensor, j: int) -> torch.Tensor:
+    """gate (j=0) or up (1) rows of a rank's fc1 shard, which is cat(gate slice, up slice)."""
+    return torch.chunk(t, 2, 0)[j]
+
+
+@dataclass(frozen=True)
+class HFTensorSource:
+    """How one HF tensor is assembled from the TP shards of its pipeline stage: each TP rank contributes
+    `part(its Megatron tensor mg_name)`; the parts are concatenated in TP rank order on `dim` (None: the
+    tensor is replicated, TP rank 0's part is it), then cut to the first `rows` rows (the vocabulary
+    padding). Every step is a view, a concatenation or a slice: the conversion is bit-exact.
+
+    Because each rank's QKV shard holds whole query groups and its fc1 shard is cat(gate slice, up
+    slice), q / k / v and gate / up are cut from each shard BEFORE the TP concatenation: one HF tensor
+    needs only its own parts, never the whole fused tensor."""
+
+    name: str
+    mg_name: str
+    part: Callable[[torch.Tensor], torch.Tensor] = _whole
+    dim: int | None = None
+    rows: int | None = None
+
+    def shape(self, local: torch.Tensor, tp: int) -> tuple[int, ...]:
+        """The HF shape, from this rank's Megatron tensor (no data is touched)."""
+        shape = list(self.part(local.to("meta")).shape)
+        if self.dim is not None:
+            shape[self.dim] *= tp
+        if self.rows is not None:
+            shape[0] = min(shape[0], self.rows)
+        return tuple(shape)
+
+    def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The HF tensor from the TP ranks' parts: a new contiguous tensor (never a view of a shard)."""
+        fresh = self.dim is not None and len(parts) > 1
+        full = torch.cat(parts, self.dim) if fresh else parts[0]
+        if self.rows is not None and self.rows < full.shape[0]:
+            full, fresh = full[:self.rows], False
+        return full if fresh else full.clone(memory_format=torch.contiguous_format)
+
+
+def stage_sources(hf_config, tp: int, te: bool, pp_rank: int = 0, pp: int = 1, first: bool = True,
+                  last: bool = True, vocab_size: int | None = None) -> list[HFTensorSource]:
+    """The HF tensors of one pipeline stage (`first`: it holds the embedding; `last`: the final norm and
+    the output layer), in the order `Qwen2ForCausalLM.state_dict()` lists them. A tied `lm_head.weight`
+    is not among them (it is `model.embed_tokens.weight`, and HF files leave it out)."""
+    nh, ng, hd = hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config)
+    if nh % tp or ng % tp:
+        raise ValueError(f"tp={tp} must divide num_attention_heads={nh} and num_key_value_heads={ng}")
+    V = vocab_size or hf_config.vocab_size
+    per_stage = hf_config.num_hidden_layers // pp
+    names = _mg_layer_names(te)
+    out: list[HFTensorSource] = []
+    if first:
+        out.append(HFTensorSource(HF_EMBED, MG_EMBED, dim=0, rows=V))
+    for local in range(per_stage):
+        i, pre = pp_rank * per_stage + local, f"decoder.layers.{local}."
+
+        def add(hf: str, mg: str, part=_whole, dim: int | None = None, i: int = i, pre: str = pre) -> None:
+            out.append(HFTensorSource(_hf_layer(i, hf), pre + names[mg], part, dim))
+
+        for j, proj in enumerate("qkv"):
+            part = partial(_qkv_part, j=j, n_heads=nh // tp, n_groups=ng // tp, hd=hd)
+            add(f"self_attn.{proj}_proj.weight", "qkv_w", part, 0)
+            add(f"self_attn.{proj}_proj.bias", "qkv_b", part, 0)
+        add("self_attn.o_proj.weight", "proj", dim=1)
+        add("mlp.gate_proj.weight", "fc1", partial(_fc1_part, j=0), 0)
+        add("mlp.up_proj.weight", "fc1", partial(_fc1_part, j=1), 0)
+        add("mlp.down_proj.weight", "fc2", dim=1)
+        add("input_layernorm.weight", "input_norm")
+        add("post_attention_layernorm.weight", "mlp_norm")
+    if last:
+        out.append(HFTensorSource(HF_NORM, MG_NORM))
+        if not getattr(hf_config, "tie_word_embeddings", False):
+            out.append(HFTensorSource(HF_LM_HEAD, MG_OUTPUT, dim=0, rows=V))
+    return out
+
+
 def _is_te(states) -> bool:
     return any(k.endswith("linear_qkv.layer_norm_weight") for s in states for k in s)
+
+
+def _local(state: Mapping[str, torch.Tensor], src: HFTensorSource, pp_rank: int) -> torch.Tensor:
+    try:
+        return state[src.mg_name]
+    except KeyError:
+        raise KeyError(f"stage {pp_rank} has no {src.mg_name} (needed for {src.name}): layer count, pp or "
+                       "layer spec mismatch") from None
 
 
 def merge_stage(tp_states: list[Mapping[str, torch.Tensor]], hf_config, pp_rank: int = 0, pp: int = 1,
                 vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """HF tensors of one pipeline stage from its `tp` Megatron shards (layer names made global)."""
-    nh, ng, hd = hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config)
-    V = vocab_size or hf_config.vocab_size
-    L = hf_config.num_hidden_layers
-    per_stage = L // pp
-    te = _is_te(tp_states)
-    names = _mg_layer_names(te)
     s0 = tp_states[0]
-
-    def cat0(key: str) -> torch.Tensor:
-        return torch.cat([s[key] for s in tp_states], 0)
-
-    def cat1(key: str) -> torch.Tensor:
-        return torch.cat([s[key] for s in tp_states], 1)
-
-    out: dict[str, torch.Tensor] = {}
-    if MG_EMBED in s0:
-        out[HF_EMBED] = cat0(MG_EMBED)[:V].clone()
-    for local in range(per_stage):
-        pre = f"decoder.layers.{local}."
-        if pre + names["qkv_w"] not in s0:
-            raise KeyError(f"stage {pp_rank} has no {pre + names['qkv_w']}: layer count or pp mismatch")
-        i = pp_rank * per_stage + local
-
-        def h(name: str, i: int = i) -> str:
-            return _hf_layer(i, name)
-
-        out[h("input_layernorm.weight")] = s0[pre + names["input_norm"]].clone()
-        for suffix, key in (("weight", names["qkv_w"]), ("bias", names["qkv_b"])):
-            q, k, v = split_qkv(cat0(pre + key), nh, ng, hd)
-            out[h(f"self_attn.q_proj.{suffix}")] = q.clone()
-            out[h(f"self_attn.k_proj.{suffix}")] = k.clone()
-            out[h(f"self_attn.v_proj.{suffix}")] = v.clone()
-        out[h("self_attn.o_proj.weight")] = cat1(pre + names["proj"])
-        out[h("post_attention_layernorm.weight")] = s0[pre + names["mlp_norm"]].clone()
-        halves = [torch.chunk(s[pre + names["fc1"]], 2, 0) for s in tp_states]
-        out[h("mlp.gate_proj.weight")] = torch.cat([a for a, _ in halves], 0)
-        out[h("mlp.up_proj.weight")] = torch.cat([b for _, b in halves], 0)
-        out[h("mlp.down_proj.weight")] = cat1(pre + names["fc2"])
-    if MG_NORM in s0:
-        out[HF_NORM] = s0[MG_NORM].clone()
-        tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if not tied:
-            out[HF_LM_HEAD] = cat0(MG_OUTPUT)[:V].clone()
-    return out
+    sources = stage_sources(hf_config, len(tp_states), _is_te(tp_states), pp_rank, pp, first=MG_EMBED in s0,
+                            last=MG_NORM in s0, vocab_size=vocab_size)
+    return {src.name: src.assemble([src.part(_local(s, src, pp_rank))
+                                    for s in (tp_states if src.dim is not None else tp_states[:1])])
+            for src in sources}
 
 
 def megatron_to_hf(per_rank_states: list[Mapping[str, torch.Tensor]], hf_config, pp: int = 1,
@@ -220,23 +283,15 @@ def megatron_to_hf(per_rank_states: list[Mapping[str, torch.Tensor]], hf_config,
         raise ValueError(f"{len(per_rank_states)} rank states do not split into pp={pp} stages")
     tp = len(per_rank_states) // pp
     out: dict[str, torch.Tensor] = {}
-    for p in range(pp):
+    for p in range(pp):  # stages in order: the keys come in `state_dict()` order
         out.update(merge_stage(per_rank_states[p * tp:(p + 1) * tp], hf_config, p, pp))
-    if getattr(hf_config, "tie_word_embeddings", False) and include_tied_lm_head:
-        out[HF_LM_HEAD] = out[HF_EMBED]
-    return _hf_order(out, hf_config)
+    return _with_tied_lm_head(out, hf_config, include_tied_lm_head)
 
 
-def _hf_order(state: dict, hf_config) -> dict:
-    """Keys in the order `Qwen2ForCausalLM.state_dict()` lists them (deterministic files)."""
-    order = [HF_EMBED]
-    for i in range(hf_config.num_hidden_layers):
-        order += [_hf_layer(i, n) for n in (
-            "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-            "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
-            "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")]
-    order += [HF_NORM, HF_LM_HEAD]
-    return {k: state[k] for k in order if k in state}
+def _with_tied_lm_head(state: dict, hf_config, include: bool = True) -> dict:
+    if include and getattr(hf_config, "tie_word_embeddings", False) and HF_EMBED in state:
+        state[HF_LM_HEAD] = state[HF_EMBED]
+    return state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,31 +338,62 @@ def local_weights(model) -> dict[str, torch.Tensor]:
             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
 
 
-def gather_megatron_to_hf(model, hf_config, include_tied_lm_head: bool = True) -> dict[str, torch.Tensor]:
-    """The full HF state dict of a live sharded GPTModel, on every rank: the TP shards are all-gathered
-    (tensor collectives on the TP group), then the pipeline stages are exchanged (object all-gather on
-    the PP group, on the CPU)."""
+def iter_hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of a live sharded GPTModel, one at a time, in `Qwen2ForCausalLM.state_dict()` order
+    (a tied `lm_head.weight` left out), each a new tensor on the model's device.
+
+    Every rank of the model-parallel group (tp x pp) must iterate the stream to its end, in step: each
+    tensor is made by collectives. Its stage's TP ranks all-gather their parts of that one tensor
+    (replicated tensors: broadcast from TP rank 0), then at pp > 1 the stage broadcasts it over the
+    pipeline group, so EVERY rank of the group receives every tensor; a rank that does not consume the
+    weights drops each one at once. Transient memory: the tensor and its TP parts."""
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
     mine = local_weights(model)
-    if tp > 1:
-        group = ps.get_tensor_model_parallel_group()
-        shards: list[dict] = [{} for _ in range(tp)]
-        for k, v in mine.items():
-            parts = [torch.empty_like(v) for _ in range(tp)]
-            torch.distributed.all_gather(parts, v.contiguous(), group=group)
-            for r in range(tp):
-                shards[r][k] = parts[r]
-    else:
-        shards = [mine]
-    stage = merge_stage(shards, hf_config, ps.get_pipeline_model_parallel_rank(), pp)
-    if pp > 1:
-        stages = [None] * pp
-        torch.distributed.all_gather_object(stages, {k: v.cpu() for k, v in stage.items()},
-                                            group=ps.get_pipeline_model_parallel_group())
-        device = next(iter(stage.values())).device
-        stage = {k: v.to(device) for s in stages for k, v in s.items()}
-    if getattr(hf_config, "tie_word_embeddings", False) and include_tied_lm_head:
-        stage[HF_LM_HEAD] = stage[HF_EMBED]
-    return _hf_order(stage, hf_config)
+    check_qwen2(hf_config)
+    sources = stage_sources(hf_config, tp, _is_te([mine]), pp_rank, pp, first=MG_EMBED in mine,
+                            last=MG_NORM in mine)
+    device = next(iter(mine.values())).device
+    tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+
+    def gather(src: HFTensorSource) -> torch.Tensor:
+        part = src.part(_local(mine, src, pp_rank))
+        if tp == 1:
+            return src.assemble([part])
+        if src.dim is None:  # replicated: TP rank 0's copy, so every rank yields the same values
+            full = src.assemble([part])
+            torch.distributed.broadcast(full, src=ps.get_tensor_model_parallel_src_rank(), group=tp_group)
+            return full
+        part = part.contiguous()
+        parts = [torch.empty_like(part) for _ in range(tp)]
+        torch.distributed.all_gather(parts, part, group=tp_group)
+        return src.assemble(parts)
+
+    if pp == 1:
+        for src in sources:
+            tensor = gather(src)
+            yield src.name, tensor
+            del tensor  # the consumer may have dropped it: hold nothing while making the next one
+        return
+    # pp > 1: the stages tell each other what they hold (names, shapes, dtypes), then stream in stage order
+    pp_group = ps.get_pipeline_model_parallel_group()
+    metas: list = [None] * pp
+    torch.distributed.all_gather_object(
+        metas, [(s.name, s.shape(_local(mine, s, pp_rank), tp), mine[s.mg_name].dtype) for s in sources],
+        group=pp_group)
+    for stage, meta in enumerate(metas):
+        owner = torch.distributed.get_global_rank(pp_group, stage)
+        for i, (name, shape, dtype) in enumerate(meta):
+            tensor = gather(sources[i]) if stage == pp_rank else torch.empty(shape, dtype=dtype, device=device)
+            torch.distributed.broadcast(tensor, src=owner, group=pp_group)
+            yield name, tensor
+            del tensor
+
+
+def gather_megatron_to_hf(model, hf_config, include_tied_lm_head: bool = True) -> dict[str, torch.Tensor]:
+    """The full HF state dict of a live sharded GPTModel on every rank (`iter_hf_weights` collected; with
+    tied embeddings `lm_head.weight` is `model.embed_tokens.weight`, as in `state_dict()`). Holds the whole
+    model: refit and the final checkpoint consume the stream instead."""
+    return _with_tied_lm_head(dict(iter_hf_weights(model, hf_config)), hf_config, include_tied_lm_head)

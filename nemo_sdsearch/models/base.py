@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -76,5 +76,59 @@ class Actor(ABC):
         a non-finite loss or gradient skips the optimizer step (stats["skipped"] = True)."""
 
     @abstractmethod
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weight stream: every weight as (Hugging Face name, full tensor), one at a time, each name
+        once, in a fixed order (the HF model's `state_dict()` order). A tied output embedding is not
+        repeated: `lm_head.weight` is left out, as in HF files (loading the embedding sets it).
+
+        What generation refit (`Generator.refit`) and the final checkpoint
+        (`checkpoint.hf_writer.save_hf_checkpoint_from_stream`) consume. A consumer keeps only what it
+        still needs: a tensor it drops is freed, so one that loads the stream in buckets of B bytes
+        holds at most B plus the largest tensor, never the whole model. Tensors may share memory with
+        the trained parameters (HFActor yields its state dict as is): consume the stream before the next
+        train step. Distributed actors make each tensor with collectives: EVERY rank of the replica's
+        tp x pp group must iterate the stream to its end, in step, also the ranks that keep nothing;
+        each of them receives every tensor."""
+
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """Weights for generation refit and checkpoints."""
+        """The whole stream at once, as a dict (holds the full model: tests and small models). Backends
+        add a tied `lm_head.weight` (the embedding) so that it equals the HF `state_dict()`."""
+        return dict(self.iter_weights())
+
+    # -- the recipe's view of parallelism (defaults: one process, one replica) --------------------------
+    # A data-parallel replica is the tp x pp ranks that hold one copy of the model; its leader (tp rank 0,
+    # pp rank 0) runs the replica's generator. dp_size replicas split every rollout batch.
+    dp_size: int = 1
+    dp_rank: int = 0
+    is_replica_leader: bool = True
+    vocab_shard: dict | None = None   # {"group", "vocab_size"} when logits_at returns a vocabulary shard
+
+    def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """SUM of `tensor` over the data-parallel replicas (in place, returned)."""
+        return tensor
+
+    def broadcast_in_replica(self, obj):
+        """The replica leader's `obj` on every rank of its replica (others pass anything, e.g. None)."""
+        return obj
+
+    def reduce_metric_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Metric sums taken where the loss runs (the last pipeline stage) made whole: on every rank of the
+        replica, summed over replicas."""
+        return self.all_reduce_dp(sums)
+
+    @abstractmethod
+    def save_state(self, checkpoints, step: int, write_loop_state: Callable[[dict], None]) -> None:
+        """Write the training state of step `step` (collective on a distributed actor); on rank 0 call
+        `write_loop_state(extra)` with what the loop's checkpoint file must hold to find it again."""
+
+    @abstractmethod
+    def load_state(self, checkpoints, state: dict) -> None:
+        """Restore the training state named by a loop checkpoint `state` (written via `save_state`)."""
+
+    def train_on(self, micro_batches: Sequence, loss_fn: Callable) -> dict:
+        """One optimizer step over `micro_batches` (objects with .batch, .rows, .cols): backward of
+        `loss_fn(logits_at(mb.batch, mb.rows, mb.cols), mb)` for each. Backends that cannot run a loss
+        closure (pipeline stages) override this; the recipe calls only this."""
+        return self.train_step(lambda k: loss_fn(self.logits_at(micro_batches[k].batch, micro_batches[k].rows,
+                                                                micro_batches[k].cols), micro_batches[k]),
+                               len(micro_batches))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nemo_sdsearch.models.base import Actor
+
 
 def default_dtype(device: str, training: bool):
     """The parameter dtype to load a model in: fp32 for any model that is trained (fp32 master weights;
@@ -75,7 +77,7 @@ class HFScorer:
 
 
 
-class HFActor(HFScorer):
+class HFActor(HFScorer, Actor):
     """`Actor` over a transformers causal LM: AdamW, gradient clipping, micro-batches with gradient
     accumulation (`train_step`), the teacher pass with the same weights under no_grad.
 
@@ -118,7 +120,34 @@ class HFActor(HFScorer):
         self.model.eval()
         return {"loss": total, "grad_norm": float(norm), "skipped": False}
 
+    def save_state(self, checkpoints: Path, step: int, write_loop_state) -> None:
+        """The model and optimizer go into the loop state's own file (one process)."""
+        write_loop_state({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+
+    def load_state(self, checkpoints: Path, state: dict) -> None:
+        if "model" not in state:
+            raise ValueError(f"{checkpoints}: the latest checkpoint (step {state['step']}) was written by "
+                             "actor=megatron; resume it with actor=megatron")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    @property
+    def hf_config(self):
+        return self.model.config
+
+    def iter_weights(self):
+        """The model's state dict as the weight stream (no copies: the tensors ARE the parameters), each
+        tensor once: an alias of one already yielded (a tied `lm_head.weight`) is left out."""
+        seen: set[tuple] = set()
+        for name, tensor in self.model.state_dict().items():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if tensor.numel() and key in seen:
+                continue
+            seen.add(key)
+            yield name, tensor.detach()
+
     def export_weights(self):
+        """The state dict (tied aliases included) as detached tensors sharing the parameters' memory."""
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
 

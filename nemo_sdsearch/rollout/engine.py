@@ -22,7 +22,7 @@ from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.reward import NORMALIZATIONS
 from nemo_sdsearch.core.spans import ANSWER_CLOSE, SEARCH_CLOSE, SpanType
 from nemo_sdsearch.core.trajectory import Trajectory
-from nemo_sdsearch.rollout.generator import Generator, SamplingParams
+from nemo_sdsearch.rollout.generator import Generator, SamplingParams, question_row_seed
 
 _SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -182,7 +182,10 @@ class RolloutEngine:
                     progress(n_done)
             return env
 
-        session = self.generator.open([t.token_ids for t in trajs], seed=seed)
+        # every row's random stream belongs to its (question, sample index): a question samples the same
+        # rollouts whichever batch, replica or position runs it
+        row_seeds = [question_row_seed(seed, q.id, j) for q in questions for j in range(n_samples)]
+        session = self.generator.open([t.token_ids for t in trajs], seed=seed, row_seeds=row_seeds)
         t0 = time.perf_counter()
         try:
             session.run(params_for, on_turn)

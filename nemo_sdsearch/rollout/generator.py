@@ -9,9 +9,37 @@ any top-p truncation: the same quantity the actor recomputes for the GRPO ratio.
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+# ---------------------------------------------------------------------------------------------------
+# Random streams that belong to a row, not to a batch
+# ---------------------------------------------------------------------------------------------------
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int | None) -> int:
+    """A 64-bit hash of a sequence of integers (None counts as 0): SplitMix64 chained over the parts."""
+    x = splitmix64((parts[0] or 0) & MASK64)
+    for part in parts[1:]:
+        x = splitmix64(x ^ ((part or 0) & MASK64))
+    return x
+
+
+def question_row_seed(seed: int | None, question_id: str, sample: int) -> int:
+    """The seed of sample `sample` of question `question_id` in a rollout call seeded `seed`: what a row
+    draws then depends on its question and sample index only, not on which batch, replica or position
+    runs it (so a data-parallel split samples exactly what one process would)."""
+    return mix_seed(seed, zlib.crc32(str(question_id).encode("utf-8")), sample) & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -84,15 +112,48 @@ class GenerationSession(ABC):
         self.release(list(self.rows))
 
 
+DEFAULT_BUCKET_BYTES = 1 << 30  # refit buckets: 1 GiB
+
+
+def iter_buckets(weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list[tuple[str, Any]]]:
+    """Consecutive (name, tensor) pairs of a weight stream (an iterable of pairs, see
+    `Actor.iter_weights`, or a Mapping) grouped into lists of at most `bucket_bytes` bytes; a tensor
+    larger than that is a bucket of its own. Nothing is kept after a bucket is handed out: a consumer
+    that drops each bucket (`del bucket` at the end of its loop body: a `for` loop variable still holds
+    the previous bucket while the next one is filled) holds at most one bucket plus the one tensor that
+    did not fit into it."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    bucket: list = []
+    size = 0
+    for name, tensor in items:
+        n = tensor.numel() * tensor.element_size()
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += n
+    if bucket:
+        yield bucket
+
+
 class Generator(ABC):
     tokenizer: object
 
     @abstractmethod
-    def open(self, prompts: Sequence[Sequence[int]], seed: int | None = None) -> GenerationSession:
+    def open(self, prompts: Sequence[Sequence[int]], seed: int | None = None,
+             row_seeds: Sequence[int] | None = None) -> GenerationSession:
+        """A session over `prompts`. `row_seeds[r]` (optional) is row r's own seed: when given, what row r
+        samples depends on it alone, not on `seed`, its position or the other rows."""
         ...
 
-    def refit(self, state_dict) -> None:  # generation backends that hold their own weights override
-        raise NotImplementedError
+    def refit(self, weights) -> None:
+        """Load new weights: a weight stream of (HF name, tensor) pairs (`Actor.iter_weights`) or a Mapping
+        of them. Backends that hold their own copy of the weights override this and load the stream
+        bucket by bucket (`iter_buckets`), dropping each bucket once it is loaded, so a refit never holds
+        the whole model. The stream must be consumed to its end (it may be a collective)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no weights of its own to refit")
 
 
 class StopChecker:

@@ -26,8 +26,9 @@ How the seam maps onto the LLM API
 * EOS ids are passed as `stop_token_ids` (kept in the output like a stop string). With the
   TRTLLMSampler `end_id=-1` as in verl, so the end token is never dropped from the output.
 * Per-request seeds: `SamplingParams.seed = request_seed(session_seed, row, turn)`.
-* `refit(state_dict)` updates the weights in place through the Ray workers' RL extension (no engine
-  rebuild); `sleep()` / `wake_up()` release and re-materialise GPU memory by tag while training runs.
+* `refit(weights)` streams the weights in buckets into the engine in place through the Ray workers'
+  RL extension (no engine rebuild); `sleep()` / `wake_up()` release and re-materialise GPU memory by
+  tag while training runs.
 
 TensorRT-LLM API facts used here
 --------------------------------
@@ -120,7 +121,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
-from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator, SamplingParams, StopChecker
+from nemo_sdsearch.rollout.generator import (Completion, GenerationSession, Generator, SamplingParams, StopChecker,
+                                             iter_buckets, mix_seed)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,6 @@ EXTENSION_CLS = "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
 WEIGHT_TAGS = ("sampler", "drafter", "guided_decoder", "spec_resource_manager", "model_extra",
                "executor_extra", "model", "draft_model")
 KV_TAGS = ("kv_cache",)
-_MASK64 = (1 << 64) - 1
 
 
 def trtllm_available() -> bool:
@@ -164,19 +165,9 @@ def import_trtllm() -> SimpleNamespace:
     return api
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def request_seed(session_seed: int | None, row: int, turn: int) -> int:
     """The sampling seed of one request: a hash of (session seed, row, turn), in [0, 2**63)."""
-    x = _splitmix64((0 if session_seed is None else int(session_seed)) & _MASK64)
-    x = _splitmix64(x ^ (int(row) & _MASK64))
-    x = _splitmix64(x ^ (int(turn) & _MASK64))
-    return x & ((1 << 63) - 1)
+    return mix_seed(session_seed, row, turn) & ((1 << 63) - 1)
 
 
 def _norm_uuid(u: str) -> str:
@@ -276,33 +267,41 @@ class TRTLLMGenerator(Generator):
         self._thread.start()
 
     # -- the seam ----------------------------------------------------------------------------------
-    def open(self, prompts: Sequence[Sequence[int]], seed: int | None = None) -> "TRTLLMSession":
+    def open(self, prompts: Sequence[Sequence[int]], seed: int | None = None,
+             row_seeds: Sequence[int] | None = None) -> "TRTLLMSession":
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if self._asleep is not None:
             raise RuntimeError("the TensorRT-LLM generator is asleep; call wake_up() before generating")
         if self._needs_refit:
-            raise RuntimeError("weights were released by sleep(level=2); call refit(state_dict) after wake_up()")
-        return TRTLLMSession(self, prompts, seed)
+            raise RuntimeError("weights were released by sleep(level=2); call refit(weights) after wake_up()")
+        if row_seeds is not None and len(row_seeds) != len(prompts):
+            raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+        return TRTLLMSession(self, prompts, seed, row_seeds)
 
-    def refit(self, state_dict) -> None:
+    def refit(self, weights) -> None:
         """Load the actor's weights into the running engine in place (no rebuild).
 
-        CUDA IPC handles of each tensor (cast to the engine dtype, on the worker's GPU) go to every Ray
-        worker through `collective_rpc("update_weights", ({uuid: [(name, handle)]},))`, in buckets of
-        `refit_bucket_bytes`, then `update_weights(None)` finalises (TensorRT-LLM 1.2 RL worker
-        extension; see the module docstring). The prefix cache is reset by TensorRT-LLM, since cached
-        KV blocks were computed with the old weights."""
+        `weights`: a weight stream of (HF name, tensor) pairs (`Actor.iter_weights`) or a Mapping. It is
+        grouped into buckets of `refit_bucket_bytes` (`iter_buckets`); CUDA IPC handles of each bucket's
+        tensors (cast to the engine dtype, on the worker's GPU) go to every Ray worker through
+        `collective_rpc("update_weights", ({uuid: [(name, handle)]},))`, then the bucket is dropped, and
+        `update_weights(None)` finalises (TensorRT-LLM 1.2 RL worker extension; see the module
+        docstring). So the trainer side holds at most one bucket plus one tensor. An extension without
+        the final call (the earliest form) loads everything in one call: the whole stream is collected
+        first. The prefix cache is reset by TensorRT-LLM, since cached KV blocks were computed with the
+        old weights."""
         if self._asleep is not None and set(self._asleep) - set(KV_TAGS):
             raise RuntimeError("the weights are released (sleep(level=2)); call wake_up() before refit()")
-        items = [(k, v) for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")]
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        items = ((k, v) for k, v in items if not k.endswith("rotary_emb.inv_freq"))
         finalize = self._refit_finalize()
         uuids = self._device_uuids()
-        for bucket in (self._buckets(items) if finalize else [items]):
+        for bucket in (iter_buckets(items, self.refit_bucket_bytes) if finalize else [list(items)]):
             keep: list = []
             handles = {u: self._ipc_handles(bucket, u, keep) for u in uuids}
             self._rpc("update_weights", handles)
-            del handles, keep
+            del bucket, handles, keep  # before the next bucket is filled
         if finalize:
             self._rpc("update_weights", None)
         self._needs_refit = False
@@ -487,18 +486,6 @@ class TRTLLMGenerator(Generator):
                 self._refit_finalize_flag = False
         return self._refit_finalize_flag
 
-    def _buckets(self, items):
-        bucket, size = [], 0
-        for name, t in items:
-            n = t.numel() * t.element_size()
-            if bucket and size + n > self.refit_bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, t))
-            size += n
-        if bucket:
-            yield bucket
-
     def _device_uuids(self) -> list[str]:
         try:
             uuids = self._rpc("report_device_id")
@@ -530,9 +517,11 @@ class TRTLLMGenerator(Generator):
 class TRTLLMSession(GenerationSession):
     """Rows keep their whole token context; every turn is one TensorRT-LLM request over that context."""
 
-    def __init__(self, owner: TRTLLMGenerator, prompts: Sequence[Sequence[int]], seed: int | None):
+    def __init__(self, owner: TRTLLMGenerator, prompts: Sequence[Sequence[int]], seed: int | None,
+                 row_seeds: Sequence[int] | None = None):
         self.g = owner
         self.seed = 0 if seed is None else int(seed)
+        self.row_seeds = None if row_seeds is None else [int(x) for x in row_seeds]
         self._ctx: dict[int, list[int]] = {r: [int(t) for t in p] for r, p in enumerate(prompts)}
         self._turns: dict[int, int] = {r: 0 for r in self._ctx}
 
@@ -545,10 +534,16 @@ class TRTLLMSession(GenerationSession):
             raise KeyError(f"row {row} is not live in this session")
         return len(self._ctx[row])
 
+    def _seed(self, row: int, turn: int) -> int:
+        """Row `row`'s seed for its turn `turn`: from its own row seed when the session has them."""
+        if self.row_seeds is not None:
+            return request_seed(self.row_seeds[row], 0, turn)
+        return request_seed(self.seed, row, turn)
+
     def _request(self, row: int, params: SamplingParams) -> concurrent.futures.Future:
         turn = self._turns[row]
         self._turns[row] = turn + 1
-        return self.g._submit(self.g._turn(list(self._ctx[row]), params, request_seed(self.seed, row, turn)))
+        return self.g._submit(self.g._turn(list(self._ctx[row]), params, self._seed(row, turn)))
 
     def generate(self, params: SamplingParams) -> dict[int, Completion]:
         futures = {r: self._request(r, params) for r in self.rows}

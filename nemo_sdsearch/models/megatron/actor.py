@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -340,10 +342,103 @@ class MegatronActor(Actor):
         for i in range(n_micro):
             loss = micro_batch_losses(i)
             if not torch.isfinite(loss):
+                self._any_replica_bad(True)
                 return self._skip(float(loss.detach()), float("nan"))
             loss.backward()
             total += float(loss.detach())
+        if self._any_replica_bad(False):
+            return self._skip(total, float("nan"))
         return self._finish(total)
+
+    def _any_replica_bad(self, bad: bool) -> bool:
+        """Whether any data-parallel replica saw a non-finite loss this step (one all-reduce at dp > 1,
+        exactly one per step on every rank, wherever its loss went bad), so that all replicas skip together
+        instead of some waiting in the gradient all-reduce for the others."""
+        if self.dp == 1:
+            return bad
+        from megatron.core import parallel_state as ps
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return bool(flag.item() > 0)
+
+    # -- the recipe's view of parallelism (see models.base.Actor) ---------------------------------------
+    @property
+    def dp_size(self) -> int:
+        return self.dp
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    @property
+    def is_replica_leader(self) -> bool:
+        return self.tp_rank == 0 and self.pp_rank == 0
+
+    @property
+    def vocab_shard(self) -> dict | None:
+        if self.tp > 1 and not self.gather_logits:
+            return {"group": self.tp_group, "vocab_size": self.vocab_size}
+        return None
+
+    def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dp > 1:
+            from megatron.core import parallel_state as ps
+
+            torch.distributed.all_reduce(tensor, group=ps.get_data_parallel_group())
+        return tensor
+
+    def broadcast_in_replica(self, obj):
+        if self.tp * self.pp == 1:
+            return obj
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0), group=group)
+        return box[0]
+
+    def reduce_metric_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        sums = self.broadcast_from_last_stage(sums, tuple(sums.shape), sums.dtype).cpu()
+        return self.all_reduce_dp(sums)
+
+    # -- training checkpoints ----------------------------------------------------------------------------
+    def save_state(self, checkpoints: Path, step: int, write_loop_state) -> None:
+        """Collective: model, optimizer and RNG shards as a Megatron dist checkpoint under `checkpoints`
+        (every rank writes its shard), then rank 0 calls `write_loop_state({"megatron": name})`, then a
+        barrier, so no rank runs ahead of a half-written checkpoint."""
+        from nemo_sdsearch.checkpoint.nemo_archive import save_training_state
+
+        name = f"megatron_step_{step:06d}"
+        rank0 = torch.distributed.get_rank() == 0
+        if rank0 and (checkpoints / name).exists():
+            shutil.rmtree(checkpoints / name)
+        save_training_state(checkpoints / name, self, extra={"step": step})  # barriers inside
+        if rank0:
+            write_loop_state({"megatron": name})
+        torch.distributed.barrier()
+
+    def load_state(self, checkpoints: Path, state: dict) -> None:
+        """Model, optimizer and every rank's RNG states from the dist checkpoint named in the loop state."""
+        from nemo_sdsearch.checkpoint.nemo_archive import load_training_state
+
+        if "megatron" not in state:
+            raise ValueError(f"{checkpoints}: the latest checkpoint (step {state['step']}) was written by "
+                             "actor=hf; resume it with actor=hf")
+        load_training_state(checkpoints / state["megatron"], self)
+
+    def train_on(self, micro_batches, loss_fn) -> dict:
+        if self.pp == 1:
+            return super().train_on(micro_batches, loss_fn)
+        # pp > 1: megatron's schedule; the loss runs on the last stage from its decoder output. Lazy teacher
+        # passes are forward-only schedules that need every stage: they run first, in step.
+        for mb in micro_batches:
+            if callable(mb.teacher_logits):
+                mb.teacher_logits = mb.teacher_logits()
+        batches = [PipelineMicroBatch(mb.batch, mb.rows, mb.cols, {"k": k}) for k, mb in enumerate(micro_batches)]
+        return self.train_step_pipeline(batches, lambda out, pmb: loss_fn(out.logits(), micro_batches[pmb.extra["k"]]))
 
     def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None) -> dict:
         """One optimizer step over `n_micro` micro-batches driven by megatron's forward/backward schedule.
@@ -381,8 +476,8 @@ class MegatronActor(Actor):
         vec = torch.stack(losses).to(self.device) if self.is_last_stage else None
         vals = self.broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
         bad = [v for v in vals if not math.isfinite(v)]
-        if bad:
-            return self._skip(bad[0], float("nan"))
+        if self._any_replica_bad(bool(bad)):
+            return self._skip(bad[0] if bad else sum(vals), float("nan"))
         return self._finish(sum(vals))
 
     def _allreduce_tied_embedding_grad(self):
@@ -463,8 +558,17 @@ class MegatronActor(Actor):
         return {"loss": total, "grad_norm": norm, "skipped": False}
 
     # -- weights ------------------------------------------------------------------------------------------
+    def iter_weights(self):
+        """The weight stream (see `Actor.iter_weights`): per HF tensor, its TP parts all-gathered and at
+        pp > 1 broadcast from its stage (`checkpoint.qwen2.iter_hf_weights`). A collective: every rank of
+        this replica's tp x pp group iterates it to the end, and every one receives every tensor."""
+        from nemo_sdsearch.checkpoint.qwen2 import iter_hf_weights
+
+        return iter_hf_weights(self.model, self.hf_config)
+
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """The full HF-named state dict (all-gathered over TP) for generation refit and checkpoints."""
+        """The whole HF state dict at once (the stream collected; a tied `lm_head.weight` is the embedding,
+        as in `state_dict()`), on every rank. Holds the full model: for tests and small models."""
         from nemo_sdsearch.checkpoint.qwen2 import gather_megatron_to_hf
 
         return gather_megatron_to_hf(self.model, self.hf_config)

@@ -1,0 +1,117 @@
+"""The GRPO + SD-Search loss of one micro-batch, as one class with a written contract.
+
+    loss, sums = GRPOSDLoss(...)(logits, micro_batch)
+
+`logits` are the policy's logits at the micro-batch's policy positions ([N, V], or this rank's vocabulary
+shard [N, V/tp] when `vocab_shard` is given); `micro_batch` is a `PolicyMicroBatch`. The loss is
+
+    sum_i w_i * (clipped_surrogate_i + kl_coef * k3_i)  +  sd_coef * sum_{query i} JSD_i * query_weight
+
+with per-token weights w_i and the query weight fixed by the caller from GLOBAL counts (every token of
+the whole rollout batch over all data-parallel replicas, see `token_weights`), so that the sum of the
+micro-batch losses of all replicas is the loss of the whole batch, whatever its split. `sums` are
+detached metric sums (kl_sum, entropy_sum, clip, n_policy, jsd_sum, agree, n_query) to be added over
+micro-batches and replicas and divided by their counts at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, k3_per_token
+from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
+from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_argmax, vocab_parallel_entropy
+from nemo_sdsearch.models.base import SequenceBatch
+
+METRIC_SUMS = ("kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query")
+
+
+@dataclass
+class PolicyMicroBatch:
+    """One micro-batch of trajectories at its policy positions (N of them, row-major)."""
+    batch: SequenceBatch          # the token sequences (right-padded)
+    rows: torch.Tensor            # [N] sequence index of each policy position
+    cols: torch.Tensor            # [N] its column (target position: predicted from cols - 1)
+    is_query: torch.Tensor        # [N] bool: a search-query position (SD-Search's JSD applies)
+    advantages: torch.Tensor      # [N] the GRPO advantage of the position's trajectory
+    token_weights: torch.Tensor   # [N] loss weight of each position (global normalisation)
+    query_weight: float = 0.0     # loss weight of each query position's JSD (1 / global query count)
+    old_logprobs: torch.Tensor | None = None   # [N] None: the weights that sampled are the current ones
+    ref_logprobs: torch.Tensor | None = None   # [N] None: no KL term
+    # the teacher's logits at the query positions [Nq, V(/tp)], or a zero-argument function computing them
+    # when asked (no grad), or None (GRPO, or no query position)
+    teacher_logits: torch.Tensor | Callable[[], torch.Tensor | None] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.batch.input_ids[self.rows, self.cols]
+
+
+def token_weights(rows: torch.Tensor, seq_lens: torch.Tensor, reduction: str, n_tokens: int, n_seqs: int,
+                  scale: float = 1.0) -> torch.Tensor:
+    """Per-position loss weights from global counts. token: 1 / n_tokens (the mean over every policy token
+    of the batch); sequence: 1 / (len of its sequence * n_seqs) (per sequence, then the mean). `scale`
+    multiplies them: a data-parallel actor that averages gradients over its dp replicas passes dp, so the
+    average of the replicas' gradients is the gradient of the whole batch's loss."""
+    if reduction == "token":
+        return torch.full((rows.numel(),), scale / max(n_tokens, 1))
+    return scale / (seq_lens[rows].to(torch.float32) * max(n_seqs, 1))
+
+
+class GRPOSDLoss:
+    def __init__(self, clip_eps: float = 0.2, kl_coef: float = 0.001, kl_clamp: float | None = 10.0,
+                 temperature: float = 1.0, sd=None, vocab_shard: dict | None = None):
+        self.clip_eps, self.kl_coef, self.kl_clamp = clip_eps, kl_coef, kl_clamp
+        self.temperature, self.sd, self.vocab_shard = temperature, sd, vocab_shard
+
+    @classmethod
+    def from_config(cls, cfg, vocab_shard: dict | None = None) -> "GRPOSDLoss":
+        g = cfg.grpo
+        return cls(g.clip_eps, g.kl_coef, g.kl_clamp, cfg.rollout.temperature,
+                   cfg.sd if cfg.algorithm == "sd_search" else None, vocab_shard)
+
+    def logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from nemo_sdsearch.models.hf import token_logprobs
+
+        if self.vocab_shard is None:
+            return token_logprobs(logits, targets, self.temperature)
+        return vocab_parallel_logprobs(logits, targets.to(logits.device), temperature=self.temperature,
+                                       **self.vocab_shard)
+
+    def __call__(self, logits: torch.Tensor, mb: PolicyMicroBatch) -> tuple[torch.Tensor, dict]:
+        from nemo_sdsearch.algorithms.sd_search import jsd_at_queries
+
+        shard = self.vocab_shard
+        logp = self.logprobs(logits, mb.targets)
+        w = mb.token_weights.to(logp.device, logp.dtype)
+        old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(logp.device)
+        surr, clipped = clipped_surrogate_per_token(logp, old, mb.advantages.to(logp.device), self.clip_eps)
+        loss = (surr * w).sum()
+        sums = dict.fromkeys(METRIC_SUMS, 0.0)
+        if mb.ref_logprobs is not None and self.kl_coef > 0:
+            kl = k3_per_token(logp, mb.ref_logprobs.to(logp.device), clamp=self.kl_clamp)
+            loss = loss + self.kl_coef * (kl * w).sum()
+            sums["kl_sum"] = float(kl.detach().sum())
+        with torch.no_grad():
+            if shard is None:
+                lsm = torch.log_softmax(logits.detach(), -1)
+                sums["entropy_sum"] = float(-(lsm.exp() * lsm).sum())
+            else:
+                sums["entropy_sum"] = float(vocab_parallel_entropy(logits.detach(), **shard).sum())
+        sums["clip"], sums["n_policy"] = float(clipped.sum()), int(mb.rows.numel())
+        teacher = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits
+        if self.sd is not None and teacher is not None:
+            is_q = mb.is_query.to(logits.device)
+            jsd = jsd_at_queries(logits, is_q, teacher, self.sd, vocab_shard=shard)
+            loss = loss + self.sd.coef * mb.query_weight * jsd.sum()
+            with torch.no_grad():
+                if shard is None:
+                    agree = logits[is_q].detach().argmax(-1) == teacher.argmax(-1)
+                else:
+                    agree = vocab_parallel_argmax(logits[is_q].detach(), **shard) == vocab_parallel_argmax(teacher, **shard)
+            sums["jsd_sum"], sums["agree"], sums["n_query"] = float(jsd.detach().sum()), float(agree.sum()), int(is_q.sum())
+        return loss, sums

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+# bench/retrieval.py must not shadow the `retrieval` package
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 MARK = "SCALING_COUNTS "
 
 

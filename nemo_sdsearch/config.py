@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from nemo_sdsearch.errors import ConfigError  # callers may also import it from here
+
 
 @dataclass
 class ModelConfig:
@@ -166,6 +168,17 @@ class ClusterSection:
 
 
 @dataclass
+class LoggerSection:
+    """Where the metrics of `sdsearch train` go besides metrics.jsonl (always written); names in
+    nemo_sdsearch/logger.py, documented in the README's Metrics section."""
+    backends: list = field(default_factory=lambda: ["console", "tensorboard"])  # of console, tensorboard, wandb, mlflow
+    project: str = "nemo_sdsearch"       # W&B project / MLflow experiment
+    run_name: Optional[str] = None       # null: trainer.out_dir
+    wandb_mode: str = "auto"             # auto (WANDB_MODE, else online) | online | offline | disabled
+    mlflow_tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else a file store in <out_dir>/mlruns
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "sd_search"
     actor: str = "hf"                    # hf | megatron
@@ -185,10 +198,7 @@ class TrainConfig:
     search_e1: SearchE1Section = field(default_factory=SearchE1Section)
     cycles: int = 2
     trainer: TrainerSection = field(default_factory=TrainerSection)
-
-
-class ConfigError(ValueError):
-    pass
+    logger: LoggerSection = field(default_factory=LoggerSection)
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -305,6 +315,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "grpo.reduction": ("token", "sequence"),
     "search_e1.loss_normalization": ("trajectory", "token"),
     "megatron.dtype": ("auto", "bf16", "fp32"),
+    "logger.backends": ("console", "tensorboard", "wandb", "mlflow"),   # each entry of the list
+    "logger.wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 
 
@@ -322,7 +334,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(len(cfg.optim.betas) == 2, "optim.betas", f"must be two numbers, got {cfg.optim.betas!r}")
     for key, options in CHOICES.items():
         value = get_key(cfg, key)
-        _require(value in options, key, f"must be one of {', '.join(options)}, got {value!r}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        _require(all(v in options for v in values), key, f"must be one of {', '.join(options)}, got {value!r}")
     _require(not (cfg.trainer.resume and cfg.trainer.overwrite), "trainer.overwrite",
              "cannot be combined with trainer.resume=true (resume continues the run that overwrite deletes)")
     r = cfg.rollout
@@ -343,7 +356,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def config_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "conf"
+    """The shipped YAML configs: nemo_sdsearch/conf in an installed wheel, the repository's conf/ in a checkout
+    (and an editable install); pyproject.toml maps one to the other."""
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"
+    return installed if installed.is_dir() else here.parent / "conf"
 
 
 def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, directory: str | None = None) -> TrainConfig:

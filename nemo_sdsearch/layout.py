@@ -54,6 +54,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nemo_sdsearch.errors import ConfigError
+
 GIB = 1024 ** 3
 REFIT_BUCKET_BYTES = 1 << 30      # the refit's bucket of HF tensors (TRTLLMGenerator's refit_bucket_bytes default)
 CUDA_NCCL_OVERHEAD_GIB = 3.0      # two CUDA contexts (~0.5-1 GiB each), NCCL buffers, engine workspace
@@ -64,8 +66,6 @@ RESIDENT, GENERATION, TRAINING, INFO = "resident", "generation", "training", "in
 
 
 def _config_error(key: str, msg: str):
-    from nemo_sdsearch.config import ConfigError
-
     return ConfigError(f"config key {key}: {msg}")
 
 
@@ -328,6 +328,10 @@ def check_layout(cfg) -> None:
                                 f"{dp} data-parallel ranks")
         if cfg.trtllm.tensor_parallel > c.gpus_per_node:
             raise _config_error("trtllm.tensor_parallel", f"exceeds the {c.gpus_per_node} GPUs of one node")
+        if cfg.generator == "trtllm" and cfg.actor == "megatron" and cfg.trtllm.tensor_parallel > tp * pp:
+            raise _config_error("trtllm.tensor_parallel", f"{cfg.trtllm.tensor_parallel} engine GPUs do not fit in a "
+                                f"data-parallel replica of tp x pp = {tp * pp} GPUs: each replica runs its own engine "
+                                "on its own GPUs")
     if a.num_attention_heads:
         if a.num_attention_heads % tp:
             raise _config_error("megatron.tensor_parallel", f"{tp} does not divide the {a.num_attention_heads} "
@@ -355,10 +359,3 @@ def check_layout(cfg) -> None:
 
 
 DOC_RECIPES = ("qwen25_7b_sd_search", "qwen25_7b_search_e1", "qwen25_3b_sd_search", "qwen25_3b_search_e1")
-
-
-def recipes_markdown(names=DOC_RECIPES, overrides=()) -> str:
-    """The markdown table of docs/cluster.md: `markdown_table` over the named recipes (with overrides)."""
-    from nemo_sdsearch.config import load_config
-
-    return markdown_table({f"`{n}`": load_config(n, list(overrides)) for n in names})

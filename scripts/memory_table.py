@@ -8,7 +8,13 @@ Arguments with `=` are config overrides applied to every recipe; the others name
 
 import sys
 
-from nemo_sdsearch.layout import DOC_RECIPES, recipes_markdown
+from nemo_sdsearch.config import load_config
+from nemo_sdsearch.layout import DOC_RECIPES, markdown_table
+
+
+def recipes_markdown(names=DOC_RECIPES, overrides=()) -> str:
+    """The markdown table of docs/cluster.md: `markdown_table` over the named recipes (with overrides)."""
+    return markdown_table({f"`{n}`": load_config(n, list(overrides)) for n in names})
 
 
 def main(argv: list[str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nemo_sdsearch.config import ConfigError, load_config
-from nemo_sdsearch.layout import memory_estimate, parameter_count, recipes_markdown
+from nemo_sdsearch.layout import DOC_RECIPES, markdown_table, memory_estimate, parameter_count
 
 GIB = 2 ** 30
 
@@ -40,6 +40,7 @@ def test_parameter_count_matches_the_published_sizes():
     ("qwen25_7b_sd_search", ["trainer.questions_per_step=6"], "trainer.questions_per_step", "data-parallel"),
     ("qwen25_7b_sd_search", ["actor=hf"], "megatron.tensor_parallel", "actor=megatron"),
     ("qwen25_7b_sd_search", ["generator=vllm"], "generator", "one of torch, trtllm"),
+    ("qwen25_3b_sd_search", ["trtllm.tensor_parallel=4"], "trtllm.tensor_parallel", "do not fit in a data-parallel"),
 ])
 def test_impossible_layouts_fail_before_any_gpu(recipe, overrides, key, words):
     with pytest.raises(ConfigError) as e:
@@ -176,4 +177,4 @@ def test_a_layout_that_does_not_fit_names_the_key_to_change(overrides, key):
 def test_docs_table_is_generated_from_the_estimate():
     """docs/cluster.md holds `python scripts/memory_table.py`'s output verbatim: rerun it when this fails."""
     docs = (Path(__file__).resolve().parent.parent / "docs" / "cluster.md").read_text()
-    assert recipes_markdown() in docs
+    assert markdown_table({f"`{n}`": load_config(n) for n in DOC_RECIPES}) in docs  # scripts/memory_table.py

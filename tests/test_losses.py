@@ -8,7 +8,7 @@ import torch
 from nemo_sdsearch.losses.divergences import (clipped_forward_kl, clipped_forward_kl_dense, generalized_jsd,
                                               generalized_jsd_dense)
 from nemo_sdsearch.losses.policy import group_advantages, grpo_surrogate, k3_kl, k3_per_token
-from nemo_sdsearch.models.hf import token_logprobs
+from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 
 D = torch.float64
 

@@ -164,8 +164,7 @@ def test_megatron_resume_continues(runs, name):
 # the metric helpers on vocabulary shards (2 real processes, gloo WORLD group)
 # --------------------------------------------------------------------------------------------------
 def _metrics_worker(rank, world, cases):
-    from nemo_sdsearch.losses.vocab_parallel import shard_logits
-    from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_argmax, vocab_parallel_entropy
+    from nemo_sdsearch.losses.vocab_parallel import shard_logits, vocab_parallel_argmax, vocab_parallel_entropy
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:

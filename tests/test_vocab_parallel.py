@@ -30,12 +30,13 @@ from nemo_sdsearch.losses.divergences import (
 from nemo_sdsearch.losses.vocab_parallel import (
     pad_vocab_size,
     shard_logits,
+    token_logprobs,
+    vocab_parallel_argmax,
     vocab_parallel_clipped_forward_kl,
+    vocab_parallel_entropy,
     vocab_parallel_generalized_jsd,
     vocab_parallel_logprobs,
 )
-from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_entropy
-from nemo_sdsearch.models.hf import token_logprobs
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is unavailable")
@@ -105,6 +106,11 @@ def _expect_close(actual, expected, what: str, **tol) -> None:
         torch.testing.assert_close(actual, expected, **tol)
     except AssertionError as e:
         _FAILURES.append(f"{what}: {e}")
+
+
+def _dense_logprobs(x: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The plain torch reference: log_softmax(x / T)[target] per row (in x's dtype, fp64 here)."""
+    return torch.log_softmax(x / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def _pad_cols(x: torch.Tensor, v_pad: int) -> torch.Tensor:
@@ -195,7 +201,7 @@ def _large_checks(case, tp, group, r):
         logits, sh = (t, t_sh) if case == "teacher_offset" else (s, s_sh)
         x = logits[:, :vocab].double().requires_grad_()
         ld = torch.log_softmax(x / temp, -1)
-        ref = ld.gather(-1, targets[:, None]).squeeze(-1)
+        ref = _dense_logprobs(x, targets, temp)
         (ref * w).sum().backward()
         g_ref = shard_logits(_pad_cols(x.grad, v_pad), r, tp)
         a = sh.clone().requires_grad_()
@@ -208,7 +214,7 @@ def _large_checks(case, tp, group, r):
         ent = vocab_parallel_entropy(sh, group, vocab, temperature=temp, chunk_rows=5)
         err = _value_err(ent, -(ld.exp() * ld).sum(-1))
         _expect(err < LARGE_TOL, f"{case} T={temp} entropy: value error {err:.2e}")
-        if tp == 1:  # the dense log-probs (models.hf.token_logprobs) on the same fp32 logits
+        if tp == 1:  # token_logprobs (no group) on the full fp32 logits, inside the initialised WORLD
             y = logits[:, :vocab].clone().requires_grad_()
             out = token_logprobs(y, targets, temp)
             (out * w.float()).sum().backward()
@@ -252,7 +258,7 @@ def _correctness_checks(rank, groups):
                 def run(temp=temp, ci=ci, vocab=vocab, v_pad=v_pad, tp=tp, group=group, r=r):
                     s, _, targets, w = _data(300 + ci, vocab, v_pad)
                     s_ref = s[:, :vocab].clone().requires_grad_()
-                    ref = token_logprobs(s_ref, targets, temp)
+                    ref = _dense_logprobs(s_ref, targets, temp)
                     (ref * w).sum().backward()
                     g_ref = shard_logits(_pad_cols(s_ref.grad, v_pad), r, tp)
                     for chunk in (5, 1024):
@@ -296,7 +302,7 @@ def _correctness_checks(rank, groups):
             _expect(err(s_bf.grad) < err(triple), f"once-rounded {err(s_bf.grad)} vs triple {err(triple)}")
             lp = vocab_parallel_logprobs(shard_logits(s, r, tp), targets, group, vocab)
             _expect(lp.dtype == torch.float32, f"bf16 logprobs -> {lp.dtype}")
-            _expect_close(lp.double(), token_logprobs(s[:, :vocab].double(), targets), "bf16 logprobs",
+            _expect_close(lp.double(), _dense_logprobs(s[:, :vocab].double(), targets), "bf16 logprobs",
                           rtol=1e-5, atol=1e-4)
             s, t = s.double(), t.double()
             # inplace_grad: same gradient, written over the student logits during forward.
@@ -389,6 +395,20 @@ def _count_collectives(rank, groups):
                 loss.backward()
                 bwd = counter.take()
                 out[f"tp{tp}-{name}"] = {"forward": fwd, "backward": bwd}
+            s_sh = shard_logits(s, r, tp)
+            for name, metric in (("argmax", lambda: vocab_parallel_argmax(s_sh, group, vocab)),
+                                 ("entropy", lambda: vocab_parallel_entropy(s_sh, group, vocab, 1.5, chunk_rows=5))):
+                counter.take()
+                metric()
+                out[f"tp{tp}-{name}"] = counter.take()
+        vocab = 1001
+        s, _, targets, w = _data(601, vocab, vocab)
+        a = s.clone().requires_grad_()
+        counter.take()
+        loss = (token_logprobs(a, targets, 1.5, chunk_rows=5) * w).sum()
+        fwd = counter.take()
+        loss.backward()
+        out["token_logprobs"] = {"forward": fwd, "backward": counter.take()}
     finally:
         counter.restore()
     return out
@@ -497,6 +517,26 @@ def test_collectives_per_chunk(spawned, tp, op):
                 assert first[1:] == ["SUM", [tp, 4, rows]] and second[1:] == ["SUM", [k, rows]]
 
 
+@pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("op", ["argmax", "entropy"])
+def test_metric_collectives(spawned, tp, op):
+    """The metrics: one SUM all-reduce of the per-rank slots (per chunk for the entropy), none at tp=1."""
+    for r, res in enumerate(spawned):
+        calls = res["counts"][f"tp{tp}-{op}"]
+        if tp == 1:
+            assert calls == [], f"rank {r}: {calls}"
+        elif op == "argmax":
+            assert calls == [["all_reduce", "SUM", [tp, 2, ROWS]]], f"rank {r}: {calls}"
+        else:
+            assert calls == [["all_reduce", "SUM", [tp, 3, rows]] for rows in (5, 5, 2)], f"rank {r}: {calls}"
+
+
+def test_token_logprobs_communicates_nothing(spawned):
+    """token_logprobs on the full logits inside an initialised process group of 4: no collective at all."""
+    for r, res in enumerate(spawned):
+        assert res["counts"]["token_logprobs"] == {"forward": [], "backward": []}, f"rank {r}: {res['counts']}"
+
+
 def test_no_process_group_means_tp1():
     """Without an initialised process group the ops run on the full vocabulary and communicate nothing."""
     assert not dist.is_initialized()
@@ -505,7 +545,8 @@ def test_no_process_group_means_tp1():
     out = vocab_parallel_generalized_jsd(s, t, vocab_size=vocab, beta=0.5)
     torch.testing.assert_close(out, generalized_jsd_dense(s[:, :vocab], t[:, :vocab], 0.5), rtol=1e-10, atol=1e-9)
     lp = vocab_parallel_logprobs(s, targets, vocab_size=vocab)
-    torch.testing.assert_close(lp, token_logprobs(s[:, :vocab], targets), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(lp, _dense_logprobs(s[:, :vocab], targets), rtol=1e-10, atol=1e-9)
+    assert torch.equal(token_logprobs(s[:, :vocab], targets), lp)   # the same code, the single-device case
     with pytest.raises(ValueError, match="vocab_size"):
         vocab_parallel_logprobs(s, targets)
 

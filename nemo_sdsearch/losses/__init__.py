@@ -1,2 +1,3 @@
 """Loss functions: GRPO surrogate and KL to the reference (policy.py); distillation divergences
-(divergences.py: dense and chunked generalized JSD, pointwise-clipped forward KL)."""
+(divergences.py: dense and chunked generalized JSD, pointwise-clipped forward KL); all vocab-parallel math,
+log-probs, JSD, metrics (vocab_parallel.py); the GRPO + SD-Search loss of one micro-batch (grpo_sd_loss.py)."""

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, k3_per_token
-from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
-from nemo_sdsearch.losses.vocab_parallel_metrics import vocab_parallel_argmax, vocab_parallel_entropy
+from nemo_sdsearch.losses.vocab_parallel import (token_logprobs, vocab_parallel_argmax, vocab_parallel_entropy,
+                                                  vocab_parallel_logprobs)
 from nemo_sdsearch.models.base import SequenceBatch
 
 METRIC_SUMS = ("kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query")
@@ -75,8 +75,6 @@ class GRPOSDLoss:
                    cfg.sd if cfg.algorithm == "sd_search" else None, vocab_shard)
 
     def logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from nemo_sdsearch.models.hf import token_logprobs
-
         if self.vocab_shard is None:
             return token_logprobs(logits, targets, self.temperature)
         return vocab_parallel_logprobs(logits, targets.to(logits.device), temperature=self.temperature,

@@ -1,4 +1,4 @@
-"""Vocab-parallel (tensor-parallel) token log-probs and distillation divergences.
+"""All vocab-parallel (tensor-parallel) math: token log-probs, distillation divergences, monitoring metrics.
 
 Each tensor-parallel (TP) rank r of a group of size tp holds the logits of one vocabulary shard,
 `logits[:, r*Vp:(r+1)*Vp]` of a padded vocabulary V_pad = Vp * tp (megatron pads the real vocabulary V
@@ -9,10 +9,16 @@ normalisation nor in the loss, and their gradient is exactly zero. A rank may ho
 The functions here return, on every rank of the group, the same full per-row values as the dense
 functions on the gathered logits[:, :V]:
 
-    vocab_parallel_logprobs           == models.hf.token_logprobs         (log_softmax(x / T)[target])
+    vocab_parallel_logprobs           == log_softmax(x / T)[target]
     vocab_parallel_generalized_jsd    == divergences.generalized_jsd_dense (GKD/TRL convention: P = teacher,
                                          Q = student, beta = 0 forward KL(P||Q), beta = 1 reverse KL(Q||P))
     vocab_parallel_clipped_forward_kl == divergences.clipped_forward_kl_dense  (sum_v min(p_v log(p_v/q_v), tau))
+    vocab_parallel_argmax             == x.argmax(-1)           (first index among ties, like torch)
+    vocab_parallel_entropy            == -(softmax(x / T) * log_softmax(x / T)).sum(-1)
+
+`token_logprobs` is the single-device case of `vocab_parallel_logprobs`: the same code on the full logits
+[rows, V] with a group of one, which communicates nothing even inside an initialised process group (the
+dense log-probs of the HF actor, the loss without a vocab shard, and the megatron actor on gathered logits).
 
 Do NOT sum (or average) these values over the TP ranks: every TP rank holds the whole value, not a part of
 it. Each rank computes its loss from them as if it were alone; backward is purely local and writes the
@@ -64,6 +70,15 @@ group of size 1, or without an initialised process group, nothing is communicate
            clipped:             (q U - p [term < tau]) / T
     Backward multiplies it by the incoming per-row gradient in fp32 (fp64 for fp64) and rounds once to the
     student's dtype, chunk by chunk.
+
+    metrics (argmax, entropy; under no_grad, detached results): 1 all-reduce each, SUM.
+      argmax: [tp, 2, rows] fp64, an all-gather of each rank's (local max, global index of the local argmax);
+      the first rank attaining the global max holds the first global index (ranks are in vocabulary order).
+      entropy: [tp, 3, rows] of per-rank (m_r = max of the raw logits, and with d = (x - m_r) / T, the row
+      max subtracted BEFORE dividing by T: z_r = sum exp(d), s_r = sum exp(d) d) over the real columns,
+      combined locally relative to the global raw max M, so nothing of the size of the logits cancels:
+          M = max_r m_r,  c_r = (m_r - M) / T,  Z = sum_r z_r exp(c_r),  S = sum_r (s_r + c_r z_r) exp(c_r),
+          H = log Z - S / Z              (log-partition = M / T + log Z,  E_p[x / T] = M / T + S / Z)
 
 Memory: rows are processed `chunk_rows` at a time; the fp32 (fp64 for fp64 inputs) temporaries are a few
 buffers of chunk_rows x Vp, never all rows x vocab. The divergences keep one rows x Vp gradient buffer in the
@@ -225,6 +240,16 @@ class _VocabParallelLogprob(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+def _logprobs(logits, targets, temperature, chunk_rows, group, tp, rank, vocab_size) -> torch.Tensor:
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [rows, Vp] and targets [rows]; got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _VocabParallelLogprob.apply(logits, targets.long(), float(temperature), int(chunk_rows),
+                                       group, tp, rank, vocab_size)
+
+
 def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, group=None, vocab_size=None,
                             temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
     """log_softmax(logits / T)[target] per row from vocab-sharded logits [rows, Vp] and global target ids
@@ -233,14 +258,17 @@ def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, g
 
     group: default megatron's TP group when initialised, else WORLD. vocab_size: the real vocabulary size
     (required; columns at or beyond it are TP padding and are ignored)."""
-    if logits_shard.dim() != 2 or targets.shape != logits_shard.shape[:1]:
-        raise ValueError(f"logits must be [rows, Vp] and targets [rows]; got {tuple(logits_shard.shape)} "
-                         f"and {tuple(targets.shape)}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    group, tp, rank = _resolve_group(group)
-    return _VocabParallelLogprob.apply(logits_shard, targets.long(), float(temperature), int(chunk_rows),
-                                       group, tp, rank, vocab_size)
+    return _logprobs(logits_shard, targets, temperature, chunk_rows, *_resolve_group(group), vocab_size)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk_rows: int = 1024) -> torch.Tensor:
+    """log_softmax(logits / T)[target] per row from the full logits [rows, V] on one device, in fp32 (fp64
+    for fp64 logits): `vocab_parallel_logprobs` with a group of one, so nothing is communicated even inside
+    an initialised process group. d = (logits - row max) / T with the raw row max subtracted before dividing
+    by T and never added back, so a large common offset of the logits costs no precision; rows are processed
+    `chunk_rows` at a time, and backward recomputes the softmax from the logits."""
+    return _logprobs(logits, targets, temperature, chunk_rows, None, 1, 0, logits.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,10 +396,87 @@ def vocab_parallel_clipped_forward_kl(student_shard: torch.Tensor, teacher_shard
                                           bool(inplace_grad))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Monitoring metrics (no gradient): argmax and entropy per row
+# ---------------------------------------------------------------------------------------------------
+def _check_shard(shard: torch.Tensor, chunk_rows: int) -> None:
+    if shard.dim() != 2:
+        raise ValueError(f"logits must be [rows, Vp]; got {tuple(shard.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits_shard: torch.Tensor, group=None, vocab_size=None) -> torch.Tensor:
+    """Global argmax ids [rows] (long) of vocab-sharded logits [rows, Vp], the same on every rank of
+    `group`; among equal maxima the smallest global id wins (as `torch.argmax` on the gathered logits).
+    A row whose real logits are all NaN gives an unspecified id."""
+    _check_shard(logits_shard, 1)
+    group, tp, rank = _resolve_group(group)
+    lo, nr = _layout(logits_shard, tp, rank, vocab_size)
+    n = logits_shard.shape[0]
+    slots = torch.zeros(tp, 2, n, dtype=torch.float64, device=logits_shard.device)
+    if nr:
+        mx, idx = logits_shard[:, :nr].max(-1)
+        slots[rank, 0] = mx.double()
+        slots[rank, 1] = (idx + lo).double()
+    else:
+        slots[rank, 0] = float("-inf")
+    _all_reduce(slots, dist.ReduceOp.SUM, group, tp)
+    best = slots[:, 0].amax(0)
+    # ranks are in vocabulary order: the first rank attaining the maximum holds the first global index
+    first = (slots[:, 0] == best).to(torch.int64).argmax(0)
+    return slots[:, 1].gather(0, first[None]).squeeze(0).long()
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=None, temperature: float = 1.0,
+                           chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row [rows] (fp32, fp64 for fp64 logits) from vocab-sharded
+    logits [rows, Vp], the same full value on every rank of `group` (do not sum it over TP ranks).
+    Memory: one chunk_rows x Vp buffer in the compute dtype at a time."""
+    _check_shard(logits_shard, chunk_rows)
+    group, tp, rank = _resolve_group(group)
+    _, nr = _layout(logits_shard, tp, rank, vocab_size)
+    n = logits_shard.shape[0]
+    cdt = _compute_dtype(logits_shard.dtype)
+    out = torch.empty(n, dtype=cdt, device=logits_shard.device)
+    for i in range(0, n, chunk_rows):
+        x = logits_shard[i:i + chunk_rows, :nr].to(cdt)   # raw logits (may alias: read only)
+        rows = x.shape[0]
+        slots = torch.zeros(tp, 3, rows, dtype=cdt, device=x.device)
+        if nr:
+            m = x.amax(-1)
+            d = x - m[:, None]                            # shifted by the raw local max, then divided by T
+            if temperature != 1.0:
+                d = d.div_(temperature)
+            e = torch.exp(d)
+            slots[rank, 0] = m
+            slots[rank, 1] = e.sum(-1)
+            # no cancellation against M below; exp(-inf) * -inf would be NaN: entries with zero probability
+            # contribute nothing
+            slots[rank, 2] = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
+        else:
+            slots[rank, 0] = float("-inf")
+        _all_reduce(slots, dist.ReduceOp.SUM, group, tp)
+        m_all = slots[:, 0]
+        mx = m_all.amax(0)
+        real = torch.isfinite(m_all)   # a rank without real columns reports -inf
+        shift = torch.where(real, (m_all - mx) / temperature, torch.zeros_like(m_all))   # c_r
+        w = torch.where(real, torch.exp(shift), torch.zeros_like(m_all))
+        z = (slots[:, 1] * w).sum(0)
+        s = ((slots[:, 2] + shift * slots[:, 1]) * w).sum(0)   # sum_v exp((x_v - M) / T) (x_v - M) / T
+        out[i:i + chunk_rows] = torch.log(z) - s / z
+    return out
+
+
 __all__ = [
     "pad_vocab_size",
     "shard_logits",
+    "token_logprobs",
+    "vocab_parallel_argmax",
     "vocab_parallel_clipped_forward_kl",
+    "vocab_parallel_entropy",
     "vocab_parallel_generalized_jsd",
     "vocab_parallel_logprobs",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 from nemo_sdsearch.models.base import Actor
 
 
@@ -149,19 +150,3 @@ class HFActor(HFScorer, Actor):
     def export_weights(self):
         """The state dict (tied aliases included) as detached tensors sharing the parameters' memory."""
         return {k: v.detach() for k, v in self.model.state_dict().items()}
-
-
-def token_logprobs(logits, targets, temperature: float = 1.0):
-    """log_softmax(logits / T)[target] per row, in fp32 (or fp64 for fp64 logits).
-
-    Computed as d[target] - log(sum exp(d)) with d = (logits - row max) / T: the (detached) row max is
-    subtracted from the raw logits before dividing by T and never added back, so a large common offset of
-    the logits costs no precision. One rows x vocab buffer in the compute dtype."""
-    import torch
-
-    cdt = torch.promote_types(logits.dtype, torch.float32)
-    m = logits.detach().amax(-1, keepdim=True).to(cdt)
-    d = logits - m  # promoted to cdt: the bf16 logits are upcast exactly, then shifted
-    if temperature != 1.0:
-        d = d.div_(temperature)
-    return d.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(d, -1)

@@ -76,6 +76,42 @@ PY
     return 1
 }
 
+# The generator the run will use (the config's, after the key=value overrides), read by the project's own
+# config loader inside the container:  sdsearch_generator CONFIG [key=value ...]
+sdsearch_generator() {
+    sdsearch_srun --ntasks=1 --nodes=1 -- python -c \
+        'import sys; from nemo_sdsearch.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).generator)' \
+        "$@" | tail -n 1
+}
+
+# A Ray cluster for the TensorRT-LLM engines (one per data-parallel replica; their workers are Ray actors
+# placed on the replica's GPUs): a head on the first training node, a worker on every other training node,
+# each given all of its node's GPUs; exports RAY_ADDRESS for the trainer. The srun steps run in the
+# background until the job ends (ray start --block).  sdsearch_ray_cluster GPUS_PER_NODE
+sdsearch_ray_cluster() {
+    local gpus="$1" port="${RAY_PORT:-6379}" nodelist head node i
+    nodelist="${SLURM_JOB_NODELIST_HET_GROUP_0:-${SLURM_JOB_NODELIST:-localhost}}"
+    head="$(scontrol show hostnames "$nodelist" | head -n 1)"
+    RAY_ADDRESS="${head}:${port}"
+    export RAY_ADDRESS
+    sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- \
+        ray start --head --node-ip-address="$head" --port="$port" --num-gpus="$gpus" --disable-usage-stats --block \
+        > "$LOG_DIR/ray-head.log" 2>&1 &
+    for ((i = 0; i < 120; i++)); do
+        if sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- ray status --address="$RAY_ADDRESS" \
+            > /dev/null 2>&1; then
+            break
+        fi
+        sleep 2
+    done
+    for node in $(scontrol show hostnames "$nodelist" | tail -n +2); do
+        sdsearch_srun --nodes=1 --ntasks=1 -w "$node" --overlap -- \
+            ray start --address="$RAY_ADDRESS" --num-gpus="$gpus" --disable-usage-stats --block \
+            > "$LOG_DIR/ray-worker-${node}.log" 2>&1 &
+    done
+    echo "ray: head $RAY_ADDRESS, $(scontrol show hostnames "$nodelist" | wc -l) node(s) x $gpus GPUs"
+}
+
 # The GPU training job of slurm/train_{3b,7b}.sh: the retrieval service on het component 1 unless
 # RETRIEVAL_URL names one, torchrun over the training nodes, resume on requeue.
 #   sdsearch_train_gpu DEFAULT_CONFIG [--config NAME] [key=value ...]
@@ -84,16 +120,19 @@ sdsearch_train_gpu() {
     if [[ "${1:-}" == "--config" ]]; then config="$2"; shift 2; fi
     local gpus="${GPUS_PER_NODE:-8}" port="${RETRIEVAL_PORT:-8000}" host out
     if [[ -z "${RETRIEVAL_URL:-}" ]]; then
-        : "${INDEX_DIR:?set INDEX_DIR to the retrieval index (python -m retrieval build ...) or RETRIEVAL_URL}"
+        : "${INDEX_DIR:?set INDEX_DIR to the retrieval index (python -m nemo_sdsearch.retrieval build ...) or RETRIEVAL_URL}"
         host="$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_1}" | head -n 1)"
         sdsearch_srun --het-group=1 --ntasks=1 -- \
-            python -m retrieval serve --index "$INDEX_DIR" --host 0.0.0.0 --port "$port" \
+            python -m nemo_sdsearch.retrieval serve --index "$INDEX_DIR" --host 0.0.0.0 --port "$port" \
             > "$LOG_DIR/retrieval.log" 2>&1 &
         RETRIEVAL_URL="http://${host}:${port}"
     fi
     export RETRIEVAL_URL
     sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
     sdsearch_rendezvous
+    if [[ "$(sdsearch_generator "$config" "$@")" == "trtllm" ]]; then
+        sdsearch_ray_cluster "$gpus"
+    fi
     out="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
     local group=()
     [[ -n "${SLURM_HET_SIZE:-}" ]] && group=(--het-group=0)

@@ -149,8 +149,10 @@ class FakeResult:
 
 
 class FakeLLM:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, worker_uuids=(FAKE_UUID,)):
         self.model, self.tokenizer = model, tokenizer
+        self.worker_uuids = list(worker_uuids)
+        self.senders: list[dict] = []  # per update_weights bucket: {worker uuid: uuid of the rank that sent it}
         self.asleep: list | None = None
         self.calls: list[tuple] = []
         self.requests: list[FakeSamplingParams] = []
@@ -166,7 +168,7 @@ class FakeLLM:
     def _collective_rpc(self, method, args=(), kwargs=None):
         self.calls.append((method, args))
         if method == "report_device_id":
-            return [FAKE_UUID]
+            return list(self.worker_uuids)
         if method == "update_weights":
             (handles,) = args
             if handles is None:  # finalize: load everything received so far
@@ -176,7 +178,10 @@ class FakeLLM:
                 self._loading = {}
                 self._refit_open = False
                 return [None]
-            bucket = list(handles[FAKE_UUID])
+            if sorted(handles) != sorted(self.worker_uuids):  # every worker gets its own GPU's handles
+                raise KeyError(f"update_weights for GPUs {sorted(handles)}, the engine runs on {self.worker_uuids}")
+            self.senders.append({u: _sender(h, u) for u, h in handles.items()})
+            bucket = [(name, _unwrap(t)) for name, t in handles[self.worker_uuids[0]]]
             if not self._refit_open:
                 self.refits.append([])
                 self._refit_open = True
@@ -208,3 +213,106 @@ def fake_generator(model, tokenizer, **kwargs) -> FakeTRTLLMGenerator:
     kwargs.setdefault("refit_finalize", True)
     kwargs.setdefault("refit_bucket_bytes", 64 * 1024)  # several buckets for the micro model
     return FakeTRTLLMGenerator.from_llm(FakeLLM(model, tokenizer), tokenizer, FakeSamplingParams, **kwargs)
+
+
+# -- one engine per data-parallel replica: the TensorRT-LLM LLM constructor, Ray and CUDA IPC, faked ----------
+@dataclass
+class FakeIPCHandle:
+    """What `trtllm_placement.ipc_handles` makes in these tests: the tensor and the GPU of the rank that made it."""
+    sender: str
+    tensor: torch.Tensor
+
+
+def _unwrap(t):
+    return t.tensor if isinstance(t, FakeIPCHandle) else t
+
+
+def _sender(handles, uuid):
+    senders = {h.sender for _, h in handles if isinstance(h, FakeIPCHandle)}
+    if senders and senders != {uuid}:
+        raise ValueError(f"the handles for GPU {uuid} were made on {sorted(senders)}: a rank may only send its own GPU's")
+    return senders.pop() if senders else None
+
+
+@dataclass
+class FakeKvCacheConfig:
+    enable_block_reuse: bool = True
+    free_gpu_memory_fraction: float = 0.9
+
+
+@dataclass
+class FakeRayPlacementConfig:
+    placement_groups: list | None = None
+    placement_bundle_indices: list | None = None
+    per_worker_gpu_share: float | None = None
+
+
+class RecordingLLM(FakeLLM):
+    """`tensorrt_llm.LLM(**kwargs)`: records its arguments and the environment it was built in; its workers
+    sit on the GPUs of the placement bundles it was given (`bundle_uuid(pg, index)`)."""
+    built: list[dict] = []
+    bundle_uuid = staticmethod(lambda pg, index: f"GPU-fake-{index}")
+
+    def __init__(self, **kwargs):
+        import os
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        placement = kwargs.get("ray_placement_config")
+        if placement is not None:
+            (pg,), (bundles,) = placement.placement_groups, placement.placement_bundle_indices
+            uuids = [self.bundle_uuid(pg, i) for i in bundles]
+        else:
+            uuids = [FAKE_UUID]
+        if len(uuids) != kwargs.get("tensor_parallel_size", 1):
+            raise ValueError(f"{len(uuids)} placement bundles for tensor_parallel_size={kwargs.get('tensor_parallel_size')}")
+        tok = kwargs["tokenizer"]
+        if isinstance(tok, str):
+            tok = AutoTokenizer.from_pretrained(tok)
+        super().__init__(AutoModelForCausalLM.from_pretrained(kwargs["model"]), tok, uuids)
+        self.kwargs = kwargs
+        self.environ = dict(os.environ)
+        RecordingLLM.built.append({"llm": self, "kwargs": kwargs, "environ": self.environ})
+
+
+def fake_trtllm_api():
+    """A stand-in for `trtllm_generator.import_trtllm()`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(version="fake", LLM=RecordingLLM, SamplingParams=FakeSamplingParams,
+                           KvCacheConfig=FakeKvCacheConfig, TorchLlmArgs=None, SleepConfig=None,
+                           RayPlacementConfig=FakeRayPlacementConfig)
+
+
+class FakePlacementGroup:
+    def __init__(self, bundles, name):
+        self.bundle_specs, self.name = bundles, name
+
+    def ready(self):
+        return self
+
+
+def fake_ray_module(store):
+    """A stand-in for the `ray` module with what trtllm_placement uses: init / is_initialized / get,
+    util.placement_group and util.get_placement_group (named groups shared between processes through the
+    folder `store`) and util.get_node_ip_address."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    store = Path(store)
+    state = {"init": None}
+
+    def placement_group(bundles, strategy="PACK", name=""):
+        (store / f"{name}.json").write_text(json.dumps({"bundles": bundles, "strategy": strategy}))
+        return FakePlacementGroup(bundles, name)
+
+    def get_placement_group(name):
+        return FakePlacementGroup(json.loads((store / f"{name}.json").read_text())["bundles"], name)
+
+    util = SimpleNamespace(placement_group=placement_group, get_placement_group=get_placement_group,
+                           get_node_ip_address=lambda: "10.0.0.1")
+    return SimpleNamespace(util=util, init=lambda **kw: state.update(init=kw),
+                           is_initialized=lambda: state["init"] is not None, get=lambda x, timeout=None: x,
+                           state=state)
+

@@ -166,3 +166,42 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     assert state == "COMPLETED", f"{state}\n{log[-3000:]}"
     assert "resumed from step" in log, log[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+RAY_STUBS = r"""
+set -euo pipefail
+CALLS="$1"; export CALLS
+scontrol() { if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-n1\ngpu-n2\n'; fi; }
+srun() {  # record the step; run the command of the config probe (everything from `python` on)
+    echo "srun $*" >> "$CALLS"
+    local a=("$@") i
+    for i in "${!a[@]}"; do
+        if [[ "${a[$i]}" == python ]]; then "${a[@]:$i}"; return; fi
+    done
+}
+source slurm/common.sh
+LOG_DIR="$(dirname "$CALLS")"
+SLURM_JOB_NODELIST="gpu-n[1-2]"
+echo "generator 7b: $(sdsearch_generator qwen25_7b_sd_search)"
+echo "generator tiny: $(sdsearch_generator tiny_cpu)"
+sdsearch_ray_cluster 8
+wait
+echo "RAY_ADDRESS=$RAY_ADDRESS"
+"""
+
+
+def test_ray_cluster_commands_of_common_sh(tmp_path):
+    """`sdsearch_ray_cluster` (slurm/common.sh) with srun/scontrol stubbed: a head on the first training node,
+    a worker on every other one, all GPUs of each, RAY_ADDRESS exported; `sdsearch_generator` reads the
+    generator through the project's config loader (which decides whether the job starts Ray)."""
+    calls = tmp_path / "calls.txt"
+    p = subprocess.run(["bash", "-c", RAY_STUBS, "stub", str(calls)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "generator 7b: trtllm" in p.stdout and "generator tiny: torch" in p.stdout
+    assert "RAY_ADDRESS=gpu-n1:6379" in p.stdout
+    steps = [line for line in calls.read_text().splitlines() if " ray start" in line]
+    assert len(steps) == 2, steps
+    head, worker = steps
+    assert "-w gpu-n1" in head and "--head" in head and "--num-gpus=8" in head and "--block" in head
+    assert "-w gpu-n2" in worker and "--address=gpu-n1:6379" in worker and "--num-gpus=8" in worker

@@ -34,7 +34,7 @@ def rollout_budget(cfg) -> tuple[int, int]:
 def _test_em(cfg, model_dir: str) -> dict:
     from nemo_sdsearch.algorithms.setup import build_components, greedy_em
 
-    _, _, _, data, engines = build_components(
+    _, _, _, data, engines, _ = build_components(
         replace(cfg, model=replace(cfg.model, path=model_dir), grpo=replace(cfg.grpo, kl_coef=0.0)))
     return greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
 
@@ -181,7 +181,7 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     else:
         start_cfg = replace(cfg, model=replace(cfg.model, path=cfg.model.path or str(default_model_dir())),
                             grpo=replace(cfg.grpo, kl_coef=0.0))
-        _, _, _, data, engines = build_components(start_cfg)
+        _, _, _, data, engines, _ = build_components(start_cfg)
         start = {"test": greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size),
                  "dev": greedy_em(engines["dev"], data["dev"], cfg.trainer.eval_batch_size)["all"]["em"]}
         start_file.write_text(json.dumps(start, indent=1))

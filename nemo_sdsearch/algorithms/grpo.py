@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -155,17 +154,12 @@ def replica_rollouts(actor, engine, questions, group_size: int, seed: int) -> li
     return actor.broadcast_in_replica(trajs)
 
 
-def refit_generator(actor, generator) -> None:
-    """Bring the generator to the actor's weights, streamed tensor by tensor (the generator loads them in
-    buckets). Collective on a distributed actor: every rank of a replica takes part in the weight stream;
-    only the leader's generator keeps them. A torch generator that runs the actor's own model needs nothing."""
-    if generator is not None and getattr(generator, "model", None) is getattr(actor, "model", object()):
-        return
-    weights = actor.iter_weights()
-    if generator is not None:
-        generator.refit(weights)
-    else:
-        deque(weights, maxlen=0)
+def refit_generator(actor, sink) -> None:
+    """Bring the generator to the actor's weights, streamed tensor by tensor (`Components.weight_sink`: the
+    generator itself, a replica's collective TensorRT-LLM refit, or a rank that only drains the stream;
+    None where the generator runs the trained model itself). Collective on a distributed actor."""
+    if sink is not None:
+        sink.refit(actor.iter_weights())
 
 
 def save_final(actor, tok, out: Path, rank0: bool) -> None:
@@ -180,148 +174,190 @@ def save_final(actor, tok, out: Path, rank0: bool) -> None:
 # The recipe
 # ---------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-    from torch.utils.tensorboard import SummaryWriter
+    """`sdsearch train`: GRPO / SD-Search for cfg.trainer.steps steps (see the module docstring)."""
+    run = Run(cfg, console, progress)
+    with run.bar:
+        for step in range(run.start_step, cfg.trainer.steps):
+            run.record(rl_step(run, step))
+            run.evaluate_and_save(step + 1)
+    return run.finish()
 
-    out = Path(cfg.trainer.out_dir)
-    check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
-    actor, ref, tok, data, engines = build_components(cfg)      # distributed: every rank joined the groups
-    rank0 = is_rank0(cfg)
-    console = (console or Console()) if rank0 else Console(quiet=True)
-    G, B, dp = cfg.rollout.group_size, cfg.trainer.questions_per_step, actor.dp_size
-    if B % (dp * cfg.grpo.mini_batches):
-        raise ConfigError(f"config key trainer.questions_per_step: {B} questions do not split into {dp} "
-                          f"data-parallel replicas x {cfg.grpo.mini_batches} mini-batches of whole groups")
-    if rank0:
-        clear_out_dir(out, cfg.trainer.overwrite)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    prompts = make_prompt_format(cfg, tok)
-    engine = lambda name: engines[name] if engines is not None else None
-    generator = engines["train"].generator if engines is not None else None
-    encode = lambda s: tok.encode(s, add_special_tokens=False)
-    evaluate = lambda name, qs: sharded_greedy_em(actor, engine(name), qs, cfg.trainer.eval_batch_size)
-    sampler = QuestionSampler(len(data["train"]), cfg.trainer.seed)
-    history, evals, start_test, start_step = [], [], None, 0
 
-    state = load_latest_checkpoint(out) if cfg.trainer.resume else None
-    if state is not None:
+def rl_step(run: "Run", step: int) -> dict:
+    """One step of the recipe (numbers as in the module docstring); returns its metrics row."""
+    cfg, c = run.cfg, run.c
+    actor, G, dp = c.actor, cfg.rollout.group_size, c.actor.dp_size
+    t_step = time.perf_counter()
+    # 1. rollouts: this replica's share
+    questions = [c.data["train"][i] for i in run.sampler.take(cfg.trainer.questions_per_step)]
+    t0 = time.perf_counter()
+    trajs = replica_rollouts(actor, run.engine("train"), questions, G, cfg.trainer.seed * 1_000_003 + step)
+    gen_s = time.perf_counter() - t0
+    # 2. rewards and advantages (per group, inside the replica)
+    rewards = torch.tensor([t.exact_match for t in trajs])
+    adv = group_advantages(rewards, G, eps=cfg.grpo.adv_eps)
+    # 4. (SD-Search) hindsight blocks and teacher sequences
+    teacher = None
+    if cfg.algorithm == "sd_search":
+        blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(run.encode(s)))
+        teacher = sd_search.teacher_sequences(trajs, blocks, G, lambda q, b: run.encode(run.prompts.teacher(q, b)))
+    # 3 + 5. old/reference log-probs, then the update; the generator sleeps through it where it can
+    t_update = time.perf_counter()
+    generator = run.generator
+    sleeping = generator is not None and cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training
+    if sleeping:
+        generator.sleep(level=1)
+    m, stats = update_policy(actor, c.ref, trajs, adv, teacher, cfg, c.tok.pad_token_id)
+    update_s = time.perf_counter() - t_update - m["teacher_s"]
+    if sleeping:
+        generator.wake_up()
+    refit_generator(actor, c.weight_sink)  # (refit time counts in time_step_s)
+    # whole-batch rollout figures: sums over the replicas
+    n, reward_sum, searches, sampled, loss_sum = actor.all_reduce_dp(torch.tensor(
+        [len(trajs), float(rewards.sum()), sum(t.num_searches for t in trajs), sum(sum(t.from_policy) for t in trajs),
+         sum(s["loss"] for s in stats)], dtype=torch.float64)).tolist()
+    per_query = lambda v: v / max(m["n_query"], 1) if teacher is not None else float("nan")
+    per_token = lambda v: v / max(m["n_policy"], 1)
+    return {"step": step + 1, "reward": reward_sum / max(n, 1), "em": reward_sum / max(n, 1),
+            "searches_per_rollout": searches / max(n, 1), "jsd": per_query(m["jsd_sum"]),
+            "agreement": per_query(m["agree"]), "query_tokens": m["n_query"], "kl": per_token(m["kl_sum"]),
+            "clip_fraction": per_token(m["clip"]), "entropy": per_token(m["entropy_sum"]), "loss": loss_sum / dp,
+            "grad_norm": stats[-1]["grad_norm"], "skipped": any(s["skipped"] for s in stats),
+            "tokens_per_s": sampled / max(gen_s, 1e-9), "time_generation_s": gen_s,
+            "time_teacher_s": m["teacher_s"], "time_update_s": update_s, "time_step_s": time.perf_counter() - t_step}
+
+
+class Run:
+    """The state of one `sdsearch train` run around its steps: components, sampler, history and evaluations,
+    output directory (written by rank 0 only), TensorBoard, progress bar; resume and the final outputs."""
+
+    def __init__(self, cfg: TrainConfig, console=None, progress: bool = True):
+        from rich.console import Console
+
+        self.cfg, out = cfg, Path(cfg.trainer.out_dir)
+        self.out = out
+        check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
+        self.c = c = build_components(cfg)                          # distributed: every rank joined the groups
+        self.rank0 = is_rank0(cfg)
+        self.console = (console or Console()) if self.rank0 else Console(quiet=True)
+        B, dp = cfg.trainer.questions_per_step, c.actor.dp_size
+        if B % (dp * cfg.grpo.mini_batches):
+            raise ConfigError(f"config key trainer.questions_per_step: {B} questions do not split into {dp} "
+                              f"data-parallel replicas x {cfg.grpo.mini_batches} mini-batches of whole groups")
+        if self.rank0:
+            clear_out_dir(out, cfg.trainer.overwrite)
+            (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self.prompts = make_prompt_format(cfg, c.tok)
+        self.generator = c.engines["train"].generator if c.engines is not None else None
+        self.sampler = QuestionSampler(len(c.data["train"]), cfg.trainer.seed)
+        self.history, self.evals, self.start_test, self.start_step = [], [], None, 0
+        self._resume()
+        if cfg.trainer.final_test_eval and self.start_test is None:
+            self.console.print("evaluating the start weights on the test world ...")
+            self.start_test = self.greedy("test")
+            self.console.print(f"start test EM {self.start_test['all']['em']:.3f}")
+        self.writer = self._writer()
+        self.bar = self._progress_bar(progress)
+        self.task = self.bar.add_task(cfg.algorithm, total=cfg.trainer.steps, completed=self.start_step, info="")
+
+    # -- pieces the steps use ------------------------------------------------------------------------
+    def engine(self, name: str):
+        return self.c.engines[name] if self.c.engines is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.c.tok.encode(text, add_special_tokens=False)
+
+    def greedy(self, split: str) -> dict:
+        """Greedy EM of the current weights on a split (sharded over the replicas)."""
+        return sharded_greedy_em(self.c.actor, self.engine(split), self.c.data[split], self.cfg.trainer.eval_batch_size)
+
+    def _resume(self) -> None:
+        state = load_latest_checkpoint(self.out) if self.cfg.trainer.resume else None
+        if state is None:
+            if self.rank0 and (self.out / "metrics.jsonl").exists():
+                (self.out / "metrics.jsonl").unlink()
+            return
         set_rng_state(state["rng"])
-        actor.load_state(out / "checkpoints", state)  # a distributed actor restores its ranks' RNG too
-        refit_generator(actor, generator)
-        sampler.load(state["sampler"])
-        history, evals, start_test, start_step = state["history"], state["evals"], state["start_test"], state["step"]
-        if rank0:
-            truncate_jsonl(out / "metrics.jsonl", start_step)
-        console.print(f"resumed from step {start_step}")
-    elif rank0 and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    if cfg.trainer.final_test_eval and start_test is None:
-        console.print("evaluating the start weights on the test world ...")
-        start_test = evaluate("test", data["test"])
-        console.print(f"start test EM {start_test['all']['em']:.3f}")
+        self.c.actor.load_state(self.out / "checkpoints", state)  # a distributed actor restores its ranks' RNG too
+        refit_generator(self.c.actor, self.c.weight_sink)
+        self.sampler.load(state["sampler"])
+        self.history, self.evals, self.start_test, self.start_step = (state["history"], state["evals"],
+                                                                      state["start_test"], state["step"])
+        if self.rank0:
+            truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
+        self.console.print(f"resumed from step {self.start_step}")
 
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1) if rank0 else _NoWriter()
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=console, disable=not (progress and rank0))
-    with bar:
-        task = bar.add_task(cfg.algorithm, total=cfg.trainer.steps, completed=start_step, info="")
-        for step in range(start_step, cfg.trainer.steps):
-            t_step = time.perf_counter()
-            # 1. rollouts: this replica's share -------------------------------------------------------
-            questions = [data["train"][i] for i in sampler.take(B)]
-            t0 = time.perf_counter()
-            trajs = replica_rollouts(actor, engine("train"), questions, G, cfg.trainer.seed * 1_000_003 + step)
-            gen_s = time.perf_counter() - t0
-            # 2. rewards and advantages (per group, inside the replica) -------------------------------
-            rewards = torch.tensor([t.exact_match for t in trajs])
-            adv = group_advantages(rewards, G, eps=cfg.grpo.adv_eps)
-            # 4. (SD-Search) hindsight blocks and teacher sequences ------------------------------------
-            teacher = None
-            if cfg.algorithm == "sd_search":
-                blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(encode(s)))
-                teacher = sd_search.teacher_sequences(trajs, blocks, G, lambda q, b: encode(prompts.teacher(q, b)))
-            # 3 + 5. old/reference log-probs, then the update ------------------------------------------
-            t_update = time.perf_counter()
-            sleeping = generator is not None and cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training
-            if sleeping:  # release the generation KV cache while the update runs
-                generator.sleep(level=1)
-            m, stats = update_policy(actor, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
-            update_s = time.perf_counter() - t_update - m["teacher_s"]
-            if sleeping:
-                generator.wake_up()
-            refit_generator(actor, generator)  # (refit time counts in time_step_s)
-            step_s = time.perf_counter() - t_step
-            # whole-batch rollout figures: sums over the replicas
-            totals = actor.all_reduce_dp(torch.tensor(
-                [float(rewards.sum()), len(trajs), sum(t.num_searches for t in trajs),
-                 sum(sum(t.from_policy) for t in trajs), sum(s["loss"] for s in stats)], dtype=torch.float64)).tolist()
-            reward = totals[0] / max(totals[1], 1)
-            skipped = any(s["skipped"] for s in stats)
-            row = {
-                "step": step + 1,
-                "reward": reward,
-                "em": reward,
-                "searches_per_rollout": totals[2] / max(totals[1], 1),
-                "jsd": m["jsd_sum"] / max(m["n_query"], 1) if teacher is not None else float("nan"),
-                "agreement": m["agree"] / max(m["n_query"], 1) if teacher is not None else float("nan"),
-                "query_tokens": m["n_query"],
-                "kl": m["kl_sum"] / max(m["n_policy"], 1),
-                "clip_fraction": m["clip"] / max(m["n_policy"], 1),
-                "entropy": m["entropy_sum"] / max(m["n_policy"], 1),
-                "loss": totals[4] / dp,
-                "grad_norm": stats[-1]["grad_norm"],
-                "skipped": skipped,
-                "tokens_per_s": totals[3] / max(gen_s, 1e-9),
-                "time_generation_s": gen_s, "time_teacher_s": m["teacher_s"], "time_update_s": update_s,
-                "time_step_s": step_s,
-            }
-            if skipped:
-                console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, update skipped[/yellow]")
-            history.append(row)
-            if rank0:
-                append_jsonl(out / "metrics.jsonl", row)
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
-                    writer.add_scalar(f"train/{k}", v, step + 1)
-            # periodic evaluation and checkpoint ------------------------------------------------
-            if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
-                dev = evaluate("dev", data["dev"])
-                evals.append({"step": step + 1, "em": dev["all"]["em"], "f1": dev["all"]["f1"]})
-                writer.add_scalar("eval/dev_em", dev["all"]["em"], step + 1)
-            if cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0:
-                loop_state = {"sampler": sampler.state(), "rng": rng_state(), "step": step + 1, "history": history,
-                              "evals": evals, "start_test": start_test, "config": to_dict(cfg)}
-                actor.save_state(out / "checkpoints", step + 1,
-                                 lambda extra: save_checkpoint(out, step + 1, {**extra, **loop_state}))
-            info = f"reward {row['reward']:.2f} searches {row['searches_per_rollout']:.2f}"
-            if teacher is not None:
-                info += f" jsd {row['jsd']:.3f}"
-            if evals:
-                info += f" dev EM {evals[-1]['em']:.2f}"
-            bar.update(task, advance=1, info=info)
-    writer.flush()
+    def _writer(self):
+        if not self.rank0:
+            return _NoWriter()
+        from torch.utils.tensorboard import SummaryWriter
 
-    # final evaluation, weights, summary table, plot ------------------------------------------------
-    end_test = None
-    if cfg.trainer.final_test_eval:
-        end_test = evaluate("test", data["test"])
-        evals = [{"step": 0, "em": float("nan"), "test_em": start_test["all"]["em"]}] + evals
-        evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"], "test_em": end_test["all"]["em"]})
-        writer.add_scalar("eval/test_em", end_test["all"]["em"], cfg.trainer.steps)
-    writer.close()
-    summary = {"start_test": start_test, "end_test": end_test, "history": history, "evals": evals}
-    save_final(actor, tok, out, rank0)
-    if rank0:
-        plot_curves(history, evals, out / "curves.png", f"{cfg.algorithm} on the tiny world")
-        table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps")
-        table.add_column("metric")
-        table.add_column("start", justify="right")
-        table.add_column("end", justify="right")
-        for r in summary_rows(start_test, end_test, history):
-            table.add_row(*r)
-        console.print(table)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        console.print(f"wrote {out}/final (HF model), curves.png, metrics.jsonl, summary.json, tensorboard/")
-    return summary
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start_step + 1)
+
+    def _progress_bar(self, progress: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[info]}"), console=self.console, disable=not (progress and self.rank0))
+
+    # -- after each step -------------------------------------------------------------------------------
+    def record(self, row: dict) -> None:
+        """Keep, write (metrics.jsonl, TensorBoard) and show one step's row."""
+        if row["skipped"]:
+            self.console.print(f"[yellow]step {row['step']}: non-finite loss or gradient, update skipped[/yellow]")
+        self.history.append(row)
+        if self.rank0:
+            append_jsonl(self.out / "metrics.jsonl", row)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                self.writer.add_scalar(f"train/{k}", v, row["step"])
+        info = f"reward {row['reward']:.2f} searches {row['searches_per_rollout']:.2f}"
+        if not math.isnan(row["jsd"]):
+            info += f" jsd {row['jsd']:.3f}"
+        if self.evals:
+            info += f" dev EM {self.evals[-1]['em']:.2f}"
+        self.bar.update(self.task, advance=1, info=info)
+
+    def evaluate_and_save(self, step: int) -> None:
+        """The periodic greedy dev evaluation and training checkpoint after step `step`."""
+        t = self.cfg.trainer
+        if t.eval_every and step % t.eval_every == 0:
+            dev = self.greedy("dev")
+            self.evals.append({"step": step, "em": dev["all"]["em"], "f1": dev["all"]["f1"]})
+            self.writer.add_scalar("eval/dev_em", dev["all"]["em"], step)
+        if t.save_every and step % t.save_every == 0:
+            loop_state = {"sampler": self.sampler.state(), "rng": rng_state(), "step": step, "history": self.history,
+                          "evals": self.evals, "start_test": self.start_test, "config": to_dict(self.cfg)}
+            self.c.actor.save_state(self.out / "checkpoints", step,
+                                    lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
+
+    # -- the end ---------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Final test evaluation, final/ weights, the generator shut down; rank 0 writes the summary table,
+        curves.png and summary.json."""
+        cfg, out, evals = self.cfg, self.out, self.evals
+        self.writer.flush()
+        end_test = None
+        if cfg.trainer.final_test_eval:
+            end_test = self.greedy("test")
+            evals = [{"step": 0, "em": float("nan"), "test_em": self.start_test["all"]["em"]}] + evals
+            evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"], "test_em": end_test["all"]["em"]})
+            self.writer.add_scalar("eval/test_em", end_test["all"]["em"], cfg.trainer.steps)
+        self.writer.close()
+        summary = {"start_test": self.start_test, "end_test": end_test, "history": self.history, "evals": evals}
+        save_final(self.c.actor, self.c.tok, out, self.rank0)
+        if self.generator is not None and hasattr(self.generator, "shutdown"):
+            self.generator.shutdown()
+        if self.rank0:
+            from rich.table import Table
+
+            plot_curves(self.history, evals, out / "curves.png", f"{cfg.algorithm} on the tiny world")
+            table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps")
+            for col, justify in (("metric", "left"), ("start", "right"), ("end", "right")):
+                table.add_column(col, justify=justify)
+            for r in summary_rows(self.start_test, end_test, self.history):
+                table.add_row(*r)
+            self.console.print(table)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.console.print(f"wrote {out}/final (HF model), curves.png, metrics.jsonl, summary.json, tensorboard/")
+        return summary

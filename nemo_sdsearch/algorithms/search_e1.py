@@ -196,7 +196,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     from nemo_sdsearch.rollout.engine import RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
     from nemo_sdsearch.world.generator import build_bundle
-    from retrieval import build_retriever
+    from nemo_sdsearch.retrieval import build_retriever
 
     e1, r = cfg.search_e1, cfg.rollout
     out.mkdir(parents=True, exist_ok=True)
@@ -322,7 +322,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                     "dev_em": summary["evals"][-1]["em"] if summary["evals"] else None})
             save_state(out, state)
         # 2 + 3. Rollout pool and pair mining -------------------------------------------------------
-        actor, _, tok, data, engines = build_components(
+        actor, _, tok, data, engines, _ = build_components(
             replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
         pool_qs = random.Random(cfg.trainer.seed * 31 + cycle).sample(data["train"], min(e1.pool_questions, len(data["train"])))
         (cdir / "pool").mkdir(parents=True, exist_ok=True)
@@ -355,7 +355,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     # Final test evaluation of the last model.
     from nemo_sdsearch.algorithms.setup import greedy_em
 
-    _, _, _, data, engines = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
+    _, _, _, data, engines, _ = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
                                                       grpo=replace(cfg.grpo, kl_coef=0.0)))
     test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
     state["final_test"] = test

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import deque
+from typing import NamedTuple
 
 import torch
 
@@ -46,47 +48,132 @@ def is_rank0(cfg: TrainConfig) -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def build_components(cfg: TrainConfig):
-    """(actor, reference scorer or None, tokenizer, questions, rollout engines or None).
+class Components(NamedTuple):
+    """What `build_components` gives a recipe."""
+    actor: object           # models.base.Actor (this rank's shard on a distributed backend)
+    ref: object | None      # the frozen reference scorer of the k3 KL (None: kl_coef = 0)
+    tok: object
+    data: dict              # train / dev / test questions
+    engines: dict | None    # rollout engines "train" / "dev" / "test" (replica leaders only)
+    weight_sink: object | None  # what takes the actor's weight stream after an update (`.refit(weights)`), or
+                                # None where nothing needs it (the hf actor's generator runs the trained model)
+
+
+class DrainWeights:
+    """The weight sink of a rank that keeps nothing but must take part in the stream's collectives."""
+
+    @staticmethod
+    def refit(weights) -> None:
+        deque(weights, maxlen=0)
+
+
+def build_components(cfg: TrainConfig) -> Components:
+    """The actor, reference, tokenizer, questions, rollout engines and weight sink of this rank.
 
     hf: one process; the generator shares the actor's fp32 weights. megatron (under torchrun): the
     process groups come first (a wrong launch fails before anything is loaded); the actor and the frozen
-    reference are this rank's megatron-core shards; only a replica leader keeps a generation model and
-    engines (the other ranks of the replica receive the leader's trajectories), so no other rank holds
-    an unsharded model after setup."""
-    from nemo_sdsearch.config import rollout_config
+    reference are this rank's megatron-core shards, read tensor by tensor from the HF directory; only a
+    replica leader builds a generator (the other ranks receive its trajectories), and only a leader with the
+    torch generator loads a whole model (its generation copy, refitted from the weight stream). So no other
+    rank ever holds an unsharded model. generator=trtllm: one engine per replica on the replica's GPUs
+    (`rollout/trtllm_placement.py`)."""
+    from transformers import AutoTokenizer
+
     from nemo_sdsearch.models.hf import HFActor, HFScorer, load_model_and_tokenizer
-    from nemo_sdsearch.rollout.engine import RolloutEngine
     from nemo_sdsearch.world.assets import default_model_dir
-    from nemo_sdsearch.world.generator import build_bundle
-    from retrieval import build_retriever
 
     megatron = cfg.actor == "megatron"
     device = cfg.model.device
     if megatron:
-        from nemo_sdsearch.models.megatron.launch import build_megatron_actor, init_megatron_parallel
+        from nemo_sdsearch.models.megatron.launch import init_megatron_parallel
 
         device = init_megatron_parallel(cfg) or device
     torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.trainer.seed)
-    # hf: this model object is the trained one: fp32 master weights (bf16 autocast on CUDA). megatron: it is
-    # the source of the shards' weights and, on a replica leader, the generation copy.
     model_dir = cfg.model.path or default_model_dir()
-    model, tok = load_model_and_tokenizer(model_dir, device=device, training=not megatron)
-    if megatron:
-        actor = build_megatron_actor(model, cfg)
-        ref = build_megatron_actor(model, cfg, frozen=True) if cfg.grpo.kl_coef > 0 else None
-        torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
-    else:
-        ref = None
-        if cfg.grpo.kl_coef > 0:
-            ref = HFScorer(copy.deepcopy(model).eval().requires_grad_(False))
+    data = load_questions(cfg)
+    if not megatron:
+        # this model object is the trained one: fp32 master weights (bf16 autocast on CUDA)
+        model, tok = load_model_and_tokenizer(model_dir, device=device, training=True)
+        ref = HFScorer(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.grpo.kl_coef > 0 else None
         actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                         grad_clip=cfg.optim.grad_clip)
-    data = load_questions(cfg)
-    if not actor.is_replica_leader:
-        del model  # this rank trains its shards only; the replica leader generates
-        return actor, ref, tok, data, None
+        if cfg.generator == "trtllm":
+            generator = _trtllm_engine(cfg, actor, tok, model_dir)
+            return Components(actor, ref, tok, data, _engines(cfg, generator, tok), generator)
+        return Components(actor, ref, tok, data, _engines(cfg, _torch_generator(cfg, model, tok), tok), None)
+
+    from nemo_sdsearch.models.megatron.launch import build_megatron_actor, hf_tensor_reader
+
+    hf_config, read = hf_tensor_reader(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    actor = build_megatron_actor(hf_config, read, cfg)
+    ref = build_megatron_actor(hf_config, read, cfg, frozen=True) if cfg.grpo.kl_coef > 0 else None
+    del read
+    torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
+    if cfg.generator == "trtllm":
+        generator, sink = _replica_trtllm_engine(cfg, actor, tok, model_dir)
+    elif actor.is_replica_leader:
+        model, _ = load_model_and_tokenizer(model_dir, device=device)  # the replica's generation copy
+        generator = sink = _torch_generator(cfg, model, tok)
+    else:
+        generator, sink = None, DrainWeights()
+    engines = _engines(cfg, generator, tok) if generator is not None else None
+    return Components(actor, ref, tok, data, engines, sink)
+
+
+def _torch_generator(cfg: TrainConfig, model, tok):
+    from nemo_sdsearch.rollout.torch_generator import TorchGenerator
+
+    return TorchGenerator(model, tok, max_concurrent_rows=cfg.rollout.max_concurrent_rows)
+
+
+def _trtllm_engine(cfg: TrainConfig, actor, tok, model_dir, placement=None):
+    """A TensorRT-LLM engine over `model_dir` sized for the rollouts: a turn's prompt is a row's whole context,
+    so max_seq_len, max_input_len and max_num_tokens all cover rollout.max_context."""
+    from nemo_sdsearch.rollout.trtllm_generator import TRTLLMGenerator
+
+    ctx = cfg.rollout.max_context
+    return TRTLLMGenerator(model_dir, tok, tensor_parallel_size=cfg.trtllm.tensor_parallel,
+                           kv_cache_free_gpu_memory_fraction=cfg.trtllm.kv_cache_fraction, max_seq_len=ctx,
+                           max_input_len=ctx, max_num_tokens=max(ctx, 8192), placement=placement)
+
+
+def _replica_trtllm_engine(cfg: TrainConfig, actor, tok, model_dir):
+    """(the leader's engine or None, this rank's weight sink) of a replica that runs one TensorRT-LLM engine
+    on its own GPUs (collective over the world: every rank reports its GPU, rank 0 creates the job's
+    placement group; see rollout/trtllm_placement.py)."""
+    from nemo_sdsearch.rollout import trtllm_placement as tp
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        generator = _trtllm_engine(cfg, actor, tok, model_dir)
+        return generator, generator
+    slots = [None] * dist.get_world_size()
+    dist.all_gather_object(slots, tp.local_gpu_slot())
+    rank = dist.get_rank()
+    name = [f"sdsearch-{os.environ.get('SLURM_JOB_ID', 'job')}-{os.getpid()}"]
+    dist.broadcast_object_list(name, src=0)  # rank 0's: one placement group for the job
+    placement = tp.plan_replica_engines(slots, actor.replica_ranks, cfg.trtllm.tensor_parallel, rank,
+                                        dist.barrier, name[0])
+    generator = _trtllm_engine(cfg, actor, tok, model_dir, placement) if placement is not None else None
+    info = actor.broadcast_in_replica(
+        (placement.expected_uuids, generator.refit_bucket_bytes, generator.weight_dtype) if generator else None)
+    sink = tp.ReplicaRefit(slots[rank].uuid, *info, gather=actor.gather_in_replica,
+                           release=lambda: actor.broadcast_in_replica(None),
+                           rpc=generator._rpc if generator is not None else None)
+    if generator is not None:
+        generator.replica = sink
+    return generator, sink
+
+
+def _engines(cfg: TrainConfig, generator, tok) -> dict:
+    """The train (sampling), dev and test (greedy) rollout engines over one generator."""
+    from nemo_sdsearch.config import rollout_config
+    from nemo_sdsearch.rollout.engine import RolloutEngine
+    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.retrieval import build_retriever
+
     if cfg.data.train_files:  # the user's data: the retrieval service holds its corpus
         train_retriever = test_retriever = build_retriever("http", [], url=cfg.cluster.retrieval_url)
     else:
@@ -95,26 +182,13 @@ def build_components(cfg: TrainConfig):
                                           url=cfg.cluster.retrieval_url)
         test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages,
                                          url=cfg.cluster.retrieval_url)
-    # torch: hf shares the actor's weights (no refit on one device); megatron: the leader's own copy, refitted
-    # from the actor's weight stream. trtllm: the engine holds its own weights, refitted in place.
-    if cfg.generator == "trtllm":
-        from nemo_sdsearch.rollout.trtllm_generator import TRTLLMGenerator
-
-        generator = TRTLLMGenerator(model_dir, tok, tensor_parallel_size=cfg.trtllm.tensor_parallel,
-                                    kv_cache_free_gpu_memory_fraction=cfg.trtllm.kv_cache_fraction,
-                                    max_seq_len=cfg.rollout.max_context)
-    else:
-        from nemo_sdsearch.rollout.torch_generator import TorchGenerator
-
-        generator = TorchGenerator(model, tok, max_concurrent_rows=cfg.rollout.max_concurrent_rows)
     norm = cfg.reward.normalization
     sample_cfg = rollout_config(cfg.rollout, normalization=norm)
     greedy_cfg = rollout_config(cfg.rollout, temperature=0.0, normalization=norm)
     student = make_prompt_format(cfg, tok).student
-    engines = {"train": RolloutEngine(generator, train_retriever, sample_cfg, prompt_fn=student),
-               "dev": RolloutEngine(generator, train_retriever, greedy_cfg, prompt_fn=student),
-               "test": RolloutEngine(generator, test_retriever, greedy_cfg, prompt_fn=student)}
-    return actor, ref, tok, data, engines
+    return {"train": RolloutEngine(generator, train_retriever, sample_cfg, prompt_fn=student),
+            "dev": RolloutEngine(generator, train_retriever, greedy_cfg, prompt_fn=student),
+            "test": RolloutEngine(generator, test_retriever, greedy_cfg, prompt_fn=student)}
 
 
 def greedy_em(engine, questions, batch_size: int) -> dict:

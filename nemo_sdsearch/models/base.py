@@ -111,6 +111,16 @@ class Actor(ABC):
         """The replica leader's `obj` on every rank of its replica (others pass anything, e.g. None)."""
         return obj
 
+    def gather_in_replica(self, obj) -> list | None:
+        """Every rank's `obj` of this replica on its leader (in replica rank order, leader first); None on
+        the other ranks."""
+        return [obj]
+
+    @property
+    def replica_ranks(self) -> list[int]:
+        """The global ranks of this replica, leader first."""
+        return [0]
+
     def reduce_metric_sums(self, sums: torch.Tensor) -> torch.Tensor:
         """Metric sums taken where the loss runs (the last pipeline stage) made whole: on every rank of the
         replica, summed over replicas."""

@@ -6,103 +6,9 @@ Target: TensorRT-LLM 1.2.x as shipped in the NGC NeMo 26.04 container (`pip inst
 elsewhere). The conformance suite `tests/test_generator_conformance.py` runs the same checks on this
 backend as on the torch one wherever tensorrt_llm imports and a CUDA GPU exists.
 
-How the seam maps onto the LLM API
-----------------------------------
-* A session keeps each live row's whole token context (prompt, sampled turns, environment tokens). A
-  turn submits the row's context as the prompt of one request, `llm.generate_async(context_ids,
-  sampling_params, streaming=...)`. The KV cache is built with `KvCacheConfig(enable_block_reuse=True)`,
-  so the blocks of the previous turn (the prompt and the tokens generated so far) are matched by prefix
-  and only the new tokens (environment tokens and the last, partial block) are prefilled.
-* `run` drives every row on its own: each row's next turn is submitted as soon as `on_turn` returned
-  its environment tokens, while the other rows' requests keep decoding in TensorRT-LLM's in-flight
-  batcher (continuous batching). `on_turn` runs in the caller's thread; the requests live on an asyncio
-  loop in a background thread of the generator.
-* Stop strings go to TensorRT-LLM (`SamplingParams.stop`, with `include_stop_str_in_output=True` so the
-  turn ends WITH the tag, as the engine expects), and every returned token stream is re-checked with
-  our `StopChecker`, cutting after the first stop (or EOS) occurrence. TensorRT-LLM matches stop words
-  as token-id sequences (`tokenizer.encode(stop)`), so it misses a tag that the model spelled with other
-  tokens; in streaming mode (the default) our checker sees every token as it arrives and aborts the
-  request at the first occurrence, so the turn ends exactly where the torch backend ends it.
-* EOS ids are passed as `stop_token_ids` (kept in the output like a stop string). With the
-  TRTLLMSampler `end_id=-1` as in verl, so the end token is never dropped from the output.
-* Per-request seeds: `SamplingParams.seed = request_seed(session_seed, row, turn)`.
-* `refit(weights)` streams the weights in buckets into the engine in place through the Ray workers'
-  RL extension (no engine rebuild); `sleep()` / `wake_up()` release and re-materialise GPU memory by
-  tag while training runs.
-
-TensorRT-LLM API facts used here
---------------------------------
-V = verified by reading source through the code search tool (stored snapshots of NVIDIA/TensorRT-LLM
-and volcengine/verl; the index keeps files at assorted commits, so each fact names the commit read, and
-"1.2-era" marks the snapshots whose features match 1.2: `enable_sleep`, the dict-of-handles refit).
-A = assumed, not verified from source; the GPU run of the conformance suite is what checks these.
-
-V  `LLM(model, tokenizer, ..., backend="pytorch", **TorchLlmArgs)`; `LLM._collective_rpc(method, args)`
-   forwards to `executor.collective_rpc` (tensorrt_llm/llmapi/llm.py, a post-1.2 snapshot; its docstring
-   says only the Ray executor supports it). 1.2-era Ray executor:
-   `RayExecutor.collective_rpc(method, args=(), kwargs=None, non_block=False, unique_reply_rank=None)`,
-   falling back to `RayWorkerWrapper.call_worker_method` for extension methods
-   (tensorrt_llm/executor/ray_executor.py). `_rpc` uses the first, else the second.
-V  `orchestrator_type="ray"` with `ray_worker_extension_cls="tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"`:
-   tensorrt_llm/_torch/async_llm.py @0acd798d13e5 (1.2-era `AsyncLLM`) sets exactly these. verl's TRT-LLM
-   rollout, verl/workers/rollout/trtllm_rollout/trtllm_async_server.py @075abdbe1054, builds its LLM with
-   them plus `enable_sleep=True`, `sampler_type="TRTLLMSampler"`,
-   `KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=...)`, and samples with
-   `end_id=-1, stop_token_ids=[eos], include_stop_str_in_output=True, detokenize=False, logprobs=1`.
-V  Refit: `collective_rpc("update_weights", args=({device_uuid: [(hf_name, reduce_tensor(cuda_tensor))]},))`.
-   The worker rebuilds each tensor on its own device (`args[6] = device_id`) and loads it by HF name.
-   Earliest form (a search hit on tensorrt_llm/llmapi/rlhf_utils.py): `update_weights(ipc_handles: dict)`
-   calls `model.load_weights(weights)` and then `engine.reset_prefix_cache()`. Later form
-   (rlhf_utils.py @04762f3b82e2): `update_weights(ipc_handles: Optional[dict] = None)` loads each bucket
-   with `model_loader.reload(..., allow_partial_loading=True)`; a final call with None runs
-   `process_weights_after_loading` / `post_load_weights` and `engine.reset_prefix_cache()`.
-   `_refit_finalize()` picks by the signature: buckets + None, or one call with everything. verl sends
-   the buckets, then `update_weights(None)` (verl/workers/rollout/trtllm_rollout/trtllm_rollout.py
-   @075abdbe1054). Device match: the worker looks itself up with
-   `tensorrt_llm._torch.utils.get_device_uuid(device_id)`, and `RayWorkerWrapper.report_device_id()`
-   returns that UUID (tensorrt_llm/executor/ray_gpu_worker.py @0acd798d13e5).
-V  Sleep / wake: `RayGPUWorker.sleep(tags)` / `wakeup(tags)` release / re-materialise the virtual memory
-   of the tags, and refuse unless the LLM was built with `enable_sleep=True`
-   (ray_gpu_worker.py @0acd798d13e5). `AsyncLLM.release/resume(tags)` are exactly
-   `collective_rpc("sleep"/"wakeup", args=(tags,))` (async_llm.py @0acd798d13e5). Tags are the
-   `ExecutorMemoryType` values "sampler", "drafter", "guided_decoder", "spec_resource_manager",
-   "model_extra", "executor_extra", "kv_cache", "model", "draft_model"
-   (tensorrt_llm/_torch/virtual_memory.py, 1.2-era snapshot), which are the tags verl releases.
-   Newer releases replace `enable_sleep` with `sleep_config=SleepConfig()` and add `LLM.release/resume`.
-   `_fit_llm_kwargs` and `sleep` handle both.
-V  `SamplingParams` fields used: max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
-   include_stop_str_in_output, end_id, pad_id, logprobs, detokenize, return_generation_logits
-   (tensorrt_llm/sampling_params.py @000a01de66f0, 1.0rc4). `_setup` turns stop strings into stop words
-   with `tokenizer.encode(s)`. The Python decoder matches stop words as token-id suffixes
-   (tensorrt_llm/_torch/pyexecutor/sampler.py `_meet_stop_token_criteria`).
-V  Results (tensorrt_llm/executor/result.py @005bc848893f): `generate_async` returns a `GenerationResult`
-   that can be awaited (`__await__` -> `aresult()`), iterated with `async for` when streaming, and
-   aborted with `abort()`. It has a `finished` property. `outputs[0]` is a `CompletionOutput` with
-   cumulative `token_ids`, `logprobs` (a list of `{token_id: Logprob(logprob, rank)}`), and
-   `finish_reason` in {"stop", "length", "timeout", "cancelled"}: "stop" covers both the end id and
-   stop words, and `stop_reason` says which stop. `generation_logits` is [tokens, vocab].
-V  Sampled log-probs (TensorRT-LLM PR #12514, text of the PR): the C++ decoder behind the TRTLLMSampler
-   applies the temperature to the logits in place before sampling, so its log-probs are of the
-   temperature-adjusted distribution. The PyTorch TorchSampler returns raw log-probs by default
-   (`LogprobMode.RAW`, i.e. `log_softmax(logits)` before the temperature). A
-   `logprobs_mode="processed"` option (after temperature AND top-k/top-p; PR #9675, still in review in
-   January 2026) is used only when this SamplingParams has the field.
-V  Seeds: the TorchSampler honours per-request seeds only from PR #17172 (merged August 2026), so not
-   in 1.2. The C++ TRTLLMSampler takes `SamplingConfig.randomSeed`. Hence the default
-   `sampler_type="TRTLLMSampler"`.
-A  TRTLLMSampler log-probs come BEFORE top-p truncation: the top-p kernel reports the sampled token's
-   log-probability in the full temperature-scaled softmax. The greedy path (top_k=1, temperature left
-   at its default 1.0) reports `log_softmax(logits)[argmax]`. Both match this project's convention
-   (generator.py: `log_softmax(logits / T)` before top-p, T = 1 for greedy). If the GPU conformance run
-   disagrees, `logprobs_source="logits"` computes the convention exactly from the generation logits.
-   That path costs vocab floats per generated token.
-A  With `logprobs=1` the returned dict holds the sampled token; verl takes its only value as the
-   sampled token's log-prob. We look the sampled id up, and raise if it is missing.
-A  KV blocks of finished requests (prompt and generated tokens) stay available for reuse by the next
-   request with the same prefix. Only full blocks are reused.
-A  After `wakeup("kv_cache")` the prefix-reuse tree must be reset, because the memory content is gone.
-   We call the worker's `reset_prefix_cache` where the extension has it, and warn otherwise.
-A  The Qwen2 weight loader accepts the HF state-dict names of the actor, tied `lm_head.weight` included.
+See docs/trtllm.md for how the seam maps onto the LLM API (requests, continuous batching, stop strings,
+log-probs, seeds, refit, sleep) and for the research log: every TensorRT-LLM API fact this module relies
+on, where it was read, and which are still assumptions that only the GPU conformance run checks.
 """
 
 from __future__ import annotations
@@ -123,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from nemo_sdsearch.rollout.generator import (Completion, GenerationSession, Generator, SamplingParams, StopChecker,
                                              iter_buckets, mix_seed)
+from nemo_sdsearch.rollout.trtllm_placement import EnginePlacement, engine_environment
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +58,15 @@ def import_trtllm() -> SimpleNamespace:
         raise ImportError(f"{INSTALL_HINT} (importing tensorrt_llm failed: {type(e).__name__}: {e})") from e
     api = SimpleNamespace(version=getattr(tensorrt_llm, "__version__", "?"), LLM=LLM,
                           SamplingParams=TrtSamplingParams, KvCacheConfig=KvCacheConfig,
-                          TorchLlmArgs=None, SleepConfig=None)
+                          TorchLlmArgs=None, SleepConfig=None, RayPlacementConfig=None)
     try:
         from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
         api.TorchLlmArgs = TorchLlmArgs
+    except Exception:
+        pass
+    try:
+        from tensorrt_llm.llmapi.llm_args import RayPlacementConfig  # one engine per replica (placement groups)
+        api.RayPlacementConfig = RayPlacementConfig
     except Exception:
         pass
     try:
@@ -195,7 +107,18 @@ class TRTLLMGenerator(Generator):
                  max_batch_size: int = 256, max_num_tokens: int | None = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.5, sampler_type: str = "TRTLLMSampler",
                  logprobs_source: str = "auto", streaming: bool = True, enable_sleep: bool = True,
-                 refit_bucket_bytes: int = 1 << 30, llm_kwargs: Mapping[str, Any] | None = None):
+                 refit_bucket_bytes: int = 1 << 30, max_input_len: int | None = None,
+                 placement: "EnginePlacement | None" = None, llm_kwargs: Mapping[str, Any] | None = None):
+        with engine_environment():  # the launcher's SLURM/PMI/torchrun variables must not reach the workers
+            self._build(model_dir, tokenizer, eos_token_ids, tensor_parallel_size, dtype, max_seq_len, max_batch_size,
+                        max_num_tokens, kv_cache_free_gpu_memory_fraction, sampler_type, logprobs_source, streaming,
+                        enable_sleep, refit_bucket_bytes, max_input_len, placement, llm_kwargs)
+        if placement is not None:
+            placement.check(self.engine_uuids())
+
+    def _build(self, model_dir, tokenizer, eos_token_ids, tensor_parallel_size, dtype, max_seq_len, max_batch_size,
+               max_num_tokens, kv_cache_free_gpu_memory_fraction, sampler_type, logprobs_source, streaming,
+               enable_sleep, refit_bucket_bytes, max_input_len, placement, llm_kwargs):
         api = import_trtllm()  # raises ImportError(INSTALL_HINT) without TensorRT-LLM
         model_dir = Path(model_dir)
         llm_tokenizer = tokenizer if tokenizer is not None else str(model_dir)  # encodes the stop strings
@@ -217,8 +140,12 @@ class TRTLLMGenerator(Generator):
             kwargs["max_seq_len"] = max_seq_len
         if max_num_tokens is not None:
             kwargs["max_num_tokens"] = max_num_tokens
+        if max_input_len is not None:
+            kwargs["max_input_len"] = max_input_len
         if enable_sleep:
             kwargs["enable_sleep"] = True
+        if placement is not None:
+            kwargs.update(placement.llm_kwargs(api))
         kwargs.update(llm_kwargs or {})
         kwargs = _fit_llm_kwargs(api, kwargs)
         log.info("building TensorRT-LLM %s LLM from %s", api.version, model_dir)
@@ -262,6 +189,7 @@ class TRTLLMGenerator(Generator):
         self._refit_finalize_flag = refit_finalize
         self._asleep: list[str] | None = None
         self._needs_refit = False
+        self.replica = None  # a trtllm_placement.ReplicaRefit when the engine serves a replica of several ranks
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="trtllm-generator", daemon=True)
         self._thread.start()
@@ -293,6 +221,10 @@ class TRTLLMGenerator(Generator):
         old weights."""
         if self._asleep is not None and set(self._asleep) - set(KV_TAGS):
             raise RuntimeError("the weights are released (sleep(level=2)); call wake_up() before refit()")
+        if self.replica is not None:  # a data-parallel replica's engine: its ranks send their own GPU's handles
+            self.replica.refit(weights.items() if isinstance(weights, Mapping) else weights)
+            self._needs_refit = False
+            return
         items = weights.items() if isinstance(weights, Mapping) else weights
         items = ((k, v) for k, v in items if not k.endswith("rotary_emb.inv_freq"))
         finalize = self._refit_finalize()
@@ -485,6 +417,11 @@ class TRTLLMGenerator(Generator):
             except Exception:  # noqa: BLE001
                 self._refit_finalize_flag = False
         return self._refit_finalize_flag
+
+    def engine_uuids(self) -> list[str]:
+        """The device UUIDs of the engine's workers (TensorRT-LLM's report_device_id), in worker order."""
+        uuids = self._rpc("report_device_id")
+        return sorted(set(uuids), key=list(uuids).index)
 
     def _device_uuids(self) -> list[str]:
         try:

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nemo_sdsearch.models.base import Actor
-from nemo_sdsearch.models.hf import token_logprobs
+from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 
 
 @contextlib.contextmanager
@@ -399,6 +399,23 @@ class MegatronActor(Actor):
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0), group=group)
         return box[0]
+
+    def gather_in_replica(self, obj) -> list | None:
+        if self.tp * self.pp == 1:
+            return [obj]
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        leader = torch.distributed.get_global_rank(group, 0)
+        out = [None] * (self.tp * self.pp) if torch.distributed.get_rank() == leader else None
+        torch.distributed.gather_object(obj, out, dst=leader, group=group)
+        return out
+
+    @property
+    def replica_ranks(self) -> list[int]:
+        from megatron.core import parallel_state as ps
+
+        return list(torch.distributed.get_process_group_ranks(ps.get_model_parallel_group()))
 
     def reduce_metric_sums(self, sums: torch.Tensor) -> torch.Tensor:
         sums = self.broadcast_from_last_stage(sums, tuple(sums.shape), sums.dtype).cpu()

@@ -1,6 +1,6 @@
 """Launching the Megatron backend: process groups from the torchrun environment (a launch that cannot give
 them fails with a ConfigError naming the key), the actor and frozen reference shards built from a HF
-model, and the choice of parameter dtype. The recipe never sees any of it (algorithms/setup.py calls it)."""
+directory read tensor by tensor, and the choice of parameter dtype. The recipe never sees any of it (algorithms/setup.py calls it)."""
 
 from __future__ import annotations
 
@@ -50,9 +50,43 @@ def megatron_dtype(cfg) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[d]
 
 
-def build_megatron_actor(hf_model, cfg, frozen: bool = False):
-    """This rank's megatron-core shard of `hf_model` (its current weights) as a `MegatronActor`; frozen:
-    no gradient, no optimizer (the reference policy of the k3 KL)."""
+def hf_tensor_reader(model_dir):
+    """(HF config, get(name) -> tensor) of a local HF directory, reading one tensor at a time from its
+    safetensors files (sharded or not): a rank building its shard never holds the whole model."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    config = AutoConfig.from_pretrained(str(path))
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").exists():
+        where = None
+    elif index.exists():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json: actor=megatron "
+                                "reads its shards tensor by tensor from safetensors (convert .bin weights with "
+                                "transformers' save_pretrained(safe_serialization=True))")
+    handles: dict = {}
+
+    def get(name: str) -> torch.Tensor:
+        file = "model.safetensors" if where is None else where.get(name)
+        if file is None:
+            raise KeyError(f"{name} is not in {index}")
+        if file not in handles:
+            handles[file] = safe_open(str(path / file), framework="pt", device="cpu")
+        return handles[file].get_tensor(name)
+
+    return config, get
+
+
+def build_megatron_actor(hf_config, hf_weights, cfg, frozen: bool = False):
+    """This rank's megatron-core shard of a HF model as a `MegatronActor`. `hf_weights`: a state dict or a
+    `get(name)` reader (`hf_tensor_reader`: only this rank's tensors are read). frozen: no gradient, no
+    optimizer (the reference policy of the k3 KL)."""
     from nemo_sdsearch.models.megatron.actor import MegatronActor
     from nemo_sdsearch.models.megatron.builder import build_gpt_model
 
@@ -62,15 +96,15 @@ def build_megatron_actor(hf_model, cfg, frozen: bool = False):
         overrides["sequence_parallel"] = True
     if m.activation_checkpointing:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    model = build_gpt_model(hf_model.config, dtype=megatron_dtype(cfg), vocab_divisor=m.make_vocab_size_divisible_by,
+    model = build_gpt_model(hf_config, dtype=megatron_dtype(cfg), vocab_divisor=m.make_vocab_size_divisible_by,
                             **overrides)
     # auto: Megatron's mixed-precision optimizer on GPU (fp32 main weights; sharded over DP when
     # megatron.distributed_optimizer), torch AdamW over fp32 shards on CPU. The frozen reference needs none.
     optimizer = "torch" if frozen else "auto"
-    actor = MegatronActor(model, hf_model.config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    actor = MegatronActor(model, hf_config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                           betas=cfg.optim.betas, grad_clip=cfg.optim.grad_clip, optimizer=optimizer,
                           distributed_optimizer=m.distributed_optimizer)
-    actor.load_hf_weights(hf_model.state_dict())
+    actor.load_hf_weights(hf_weights)
     if frozen:
         model.requires_grad_(False)
         actor.optimizer = None

@@ -18,52 +18,82 @@ def _threads(n: int | None) -> None:
 
 def cmd_eval(args) -> int:
     from rich.console import Console
+    from rich.table import Table
 
     from nemo_sdsearch.core.prompts import prompt_format
     from nemo_sdsearch.core.qa import load_flashrag
+    from nemo_sdsearch.eval import run_config
     from nemo_sdsearch.eval.harness import evaluate
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
     from nemo_sdsearch.world.assets import default_datasets, default_model_dir
-    from retrieval import build_retriever, load_corpus
+    from nemo_sdsearch.retrieval import build_retriever, load_corpus
 
     console = Console()
     _threads(args.threads)
-    if args.data:
-        if not args.corpus and not args.no_retrieval and not args.retrieval_url:
-            raise SystemExit("--data needs --corpus CORPUS.jsonl (Search-R1 format), --retrieval-url URL "
-                             "or --no-retrieval")
-        datasets = {Path(p).stem: load_flashrag(p) for p in args.data}
-        corpus = load_corpus(args.corpus) if args.corpus else []
+    # every rollout setting: explicit flag > the trained run's config.json (--run) > the schema default
+    run = run_config.load_run(args.run) if args.run else None
+    flags = {s.name: getattr(args, s.name) for s in run_config.SPECS}
+    flags["no_retrieval"] = args.no_retrieval
+    settings = run_config.resolve(flags, run)
+    retriever_kind, url = settings["retriever"].value, settings["retrieval_url"].value
+    if args.model:
+        model_dir, model_source = Path(args.model), "--model"
+    elif run is not None:
+        if run.model is None:
+            raise run_config.RunDirError(
+                f"--run {run.directory}: no trained model (final/ is written when `sdsearch train` finishes); "
+                f"give --model MODEL_DIR (a Hugging Face model directory)")
+        model_dir, model_source = run.model, run.model_source
+    else:
+        model_dir, model_source = default_model_dir(), "default (the embedded model)"
+    data_files, data_source = (args.data, "--data") if args.data else \
+        (run.test_files, "run data.test_files") if run is not None and run.test_files else (None, None)
+    if data_files:
+        if not args.corpus and retriever_kind in ("bm25", "dense"):
+            raise SystemExit(f"questions from files ({data_source}) with the {retriever_kind} retriever need "
+                             "--corpus CORPUS.jsonl (Search-R1 format); or give --retrieval-url URL or "
+                             "--no-retrieval")
+        datasets = {Path(p).stem: load_flashrag(p) for p in data_files}
+        corpus = load_corpus(args.corpus) if args.corpus and retriever_kind in ("bm25", "dense") else []
     else:
         questions, corpus = default_datasets(args.split)
         datasets = {f"tiny-world-{args.split}": questions}
+        data_source = f"--split {args.split} (the bundled world)"
     if args.limit:
         datasets = {k: v[:args.limit] for k, v in datasets.items()}
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    cfg = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                        max_context=args.max_context, topk=args.topk, temperature=0.0,
-                        retrieval=not args.no_retrieval, normalization=args.em)
-    resolved = {"model": str(model_dir), "datasets": {k: len(v) for k, v in datasets.items()},
-                "retriever": None if args.no_retrieval else (args.retrieval_url or args.retriever),
-                "rollout": cfg.__dict__, "prompt": {"instruction": args.instruction,
-                                                     "chat_template": args.chat_template}}
-    console.print("[bold]sdsearch eval[/bold] resolved config:", json.dumps(resolved, indent=1))
+    value = {k: s.value for k, s in settings.items()}
+    cfg = RolloutConfig(max_turns=value["max_turns"], max_new_tokens=value["max_new_tokens"],
+                        max_context=value["max_context"], topk=value["topk"], temperature=0.0,
+                        retrieval=not args.no_retrieval, normalization=value["normalization"])
+    record = {"model": run_config.Setting(str(model_dir), model_source),
+              "data": run_config.Setting(", ".join(datasets), data_source), **settings,
+              "temperature": run_config.Setting(0.0, "greedy (as the run's own dev/test evaluation)")}
+    table = Table(title="sdsearch eval settings (flag > " + (f"run {run.directory}/config.json" if run else "run")
+                  + " > default)")
+    for col in ("setting", "value", "from"):
+        table.add_column(col)
+    for name, s in record.items():
+        table.add_row(name, str(s.value), s.source)
+    console.print(table)
     model, tokenizer = load_model_and_tokenizer(model_dir, device=args.device)
     if args.no_retrieval:
         retriever = None
-    elif args.retrieval_url:
-        retriever = build_retriever("http", [], url=args.retrieval_url)
+    elif retriever_kind == "http":
+        retriever = build_retriever("http", [], url=url)
     else:
-        retriever = build_retriever(args.retriever, corpus, args.encoder)
-    fmt = prompt_format(tokenizer, args.instruction, args.chat_template)
-    engine = RolloutEngine(TorchGenerator(model, tokenizer), retriever, cfg, prompt_fn=fmt.student)
+        retriever = build_retriever(retriever_kind, corpus, args.encoder)
+    fmt = prompt_format(tokenizer, value["instruction"], value["chat_template"])
+    engine = RolloutEngine(TorchGenerator(model, tokenizer, max_concurrent_rows=value["max_concurrent_rows"]),
+                           retriever, cfg, prompt_fn=fmt.student)
     t0 = time.time()
     report = evaluate(engine, datasets, batch_size=args.batch_size, progress=not args.quiet)
+    report.settings = run_config.as_record(record)
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     report.save(out)
     console.print(report.to_markdown())
+    console.print(run_config.budgets_line(settings), soft_wrap=True)  # one line, also in a SLURM log
     console.print(f"{time.time() - t0:.1f}s; wrote {out}/results.json and {out}/results.md")
     return 0
 
@@ -75,7 +105,7 @@ def cmd_warmstart(args) -> int:
     cfg = WarmstartConfig(out=args.out, model=args.model, max_steps=args.steps, max_minutes=args.minutes,
                           seed=args.seed, batch_size=args.batch_size, lr=args.lr, init=args.init,
                           world_seed_base=args.world_seed_base, warmup_steps=args.warmup_steps,
-                          bf16=args.bf16)
+                          bf16=args.bf16, vague_queries=args.vague_queries)
     print("sdsearch warmstart resolved config:", json.dumps(cfg.__dict__, indent=1))
     record = run_warmstart(cfg)
     print(f"trained {record['steps']} steps; final loss {record['history'][-1]['loss'] if record['history'] else 'n/a'}; "
@@ -131,10 +161,13 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from nemo_sdsearch.checkpoint.nemo_archive import convert
+    from nemo_sdsearch.checkpoint.convert import convert
 
     _threads(args.threads)
-    info = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp)
+    try:
+        info = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp)
+    except (NotImplementedError, KeyError) as err:  # an architecture or a key layout we do not convert
+        raise ValueError(str(err).strip("'\"")) from err
     print(f"sdsearch convert: {info['from']} {args.src} -> {info['to']} {info['out']} "
           f"({info['tensors']} HF tensors, tp={info['tp']} pp={info['pp']}, "
           f"tokenizer {'copied' if info['tokenizer'] else 'not found'})")
@@ -161,26 +194,45 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--config-dir")
     a.set_defaults(fn=cmd_ablate)
 
-    e = sub.add_parser("eval", help="greedy search rollouts; EM/F1 per dataset and question kind")
-    e.add_argument("--data", nargs="+", help="FlashRAG jsonl files (default: the bundled test world)")
+    e = sub.add_parser("eval", help="greedy search rollouts; EM/F1 per dataset and question kind",
+                       description="Greedy search rollouts; EM/F1 per dataset and question kind. With --run DIR "
+                                   "(a `sdsearch train` output directory) the rollout settings and the prompt "
+                                   "format are the trained run's (DIR/config.json) and the model is DIR/final; "
+                                   "every flag given explicitly overrides the run. Without --run, the defaults "
+                                   "are the training config's defaults (conf/tiny_cpu.yaml).")
+    e.add_argument("--run", metavar="DIR",
+                   help="a trained run's directory (trainer.out_dir): its rollout budgets, retriever, EM "
+                        "normalisation, prompt and test files; the model DIR/final")
+    e.add_argument("--data", nargs="+", help="FlashRAG jsonl files (default: the run's data.test_files, else "
+                                             "the bundled test world)")
     e.add_argument("--corpus", help="Search-R1 corpus jsonl for --data")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"], help="bundled split")
-    e.add_argument("--model", help="model directory (default: the embedded tiny model)")
-    e.add_argument("--retriever", default="bm25", choices=["bm25", "dense"])
+    e.add_argument("--model", help="model directory (default: the run's final/, else the embedded tiny model)")
+    e.add_argument("--retriever", dest="retriever", choices=["bm25", "dense"],
+                   help="in-process retriever (default: the run's rollout.retriever, else bm25)")
     e.add_argument("--encoder", help="encoder directory for --retriever dense (default: bundled MiniLM)")
-    e.add_argument("--retrieval-url", help="a running retrieval service (python -m retrieval serve); "
-                                            "its corpus is used instead of --corpus")
+    e.add_argument("--retrieval-url", dest="retrieval_url",
+                   help="a running retrieval service (python -m retrieval serve); its corpus is used instead "
+                        "of --corpus (default: the run's cluster.retrieval_url when its retriever is http)")
     e.add_argument("--no-retrieval", action="store_true", help="searches return nothing (ablation)")
-    e.add_argument("--topk", type=int, default=3)
-    e.add_argument("--max-turns", type=int, default=4)
-    e.add_argument("--max-new-tokens", type=int, default=96)
-    e.add_argument("--max-context", type=int, default=1024)
-    e.add_argument("--em", default="squad", choices=["squad", "unicode"],
-                   help="answer normalisation: squad (SQuAD / Search-R1, the papers' EM) or unicode (lenient)")
-    e.add_argument("--instruction", default="default", choices=["default", "search_r1"],
-                   help="prompt preset (search_r1: Search-R1's instruction verbatim)")
-    e.add_argument("--chat-template", default="auto", choices=["auto", "none"],
-                   help="auto: wrap the prompt in the tokenizer's chat template when it has one")
+    e.add_argument("--topk", type=int, help="passages per search (default: the run's rollout.topk, else 3)")
+    e.add_argument("--max-turns", type=int, help="searches allowed (default: the run's rollout.max_turns, else 4)")
+    e.add_argument("--max-new-tokens", type=int,
+                   help="tokens per turn (default: the run's rollout.max_new_tokens, else 96)")
+    e.add_argument("--max-context", type=int,
+                   help="context tokens (default: the run's rollout.max_context, else 1024)")
+    e.add_argument("--max-concurrent-rows", type=int,
+                   help="rollouts holding a KV slot at once (default: the run's rollout.max_concurrent_rows, "
+                        "else 256; 0 = all)")
+    e.add_argument("--em", dest="normalization", choices=["squad", "unicode"],
+                   help="answer normalisation: squad (SQuAD / Search-R1, the papers' EM) or unicode (lenient) "
+                        "(default: the run's reward.normalization, else squad)")
+    e.add_argument("--instruction", choices=["default", "search_r1"],
+                   help="prompt preset (search_r1: Search-R1's instruction verbatim) (default: the run's "
+                        "prompt.instruction, else default)")
+    e.add_argument("--chat-template", choices=["auto", "none"],
+                   help="auto: wrap the prompt in the tokenizer's chat template when it has one (default: the "
+                        "run's prompt.chat_template, else auto)")
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--limit", type=int, help="first N questions of each dataset")
     e.add_argument("--device")
@@ -204,19 +256,30 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the forward pass (fp32 weights, optimizer and loss); about 1.45x "
                         "faster on CPUs with AVX512-BF16/AMX, slower elsewhere")
+    w.add_argument("--vague-queries", type=float, default=0.7,
+                   help="rate at which student demonstrations of questions phrased with the vague-habit template "
+                        "search a hop with a vague query (the name without the relation keyword); 0: always "
+                        "precise. Leaves the policy room to improve its queries (default 0.7, as shipped)")
     w.set_defaults(fn=cmd_warmstart)
 
     x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files")
     x.add_argument("--out", default="runs/world")
     x.set_defaults(fn=cmd_world)
 
-    c = sub.add_parser("convert", help="convert between HF directories, .nemo archives, Megatron weight "
-                                       "directories and Megatron training checkpoints (Qwen2 family)")
-    c.add_argument("src", help="HF model directory, .nemo file, Megatron weight directory or training checkpoint")
-    c.add_argument("--to", required=True, choices=["hf", "megatron", "nemo"])
-    c.add_argument("out", help="output directory (hf, megatron) or .nemo file")
-    c.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron/nemo output")
-    c.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron/nemo output")
+    c = sub.add_parser("convert", help="convert between HF directories, NeMo checkpoints (1.x .nemo, 2.0 "
+                                       "directories; Qwen2 and Llama), Megatron weight directories, sdsearch "
+                                       "training archives and training checkpoints")
+    c.add_argument("src", help="HF model directory, NeMo 1.x .nemo file (or its unpacked directory), NeMo 2.0 "
+                               "checkpoint directory (context/ + weights/), Megatron weight directory, sdsearch "
+                               "training archive or training checkpoint")
+    c.add_argument("--to", required=True, choices=["hf", "megatron", "nemo", "sdsearch-archive"],
+                   help="hf: HF directory; nemo: a NeMo 1.x .nemo in NeMo's own layout and key names (a "
+                        "dist checkpoint, as NeMo's MegatronGPTModel saves it); megatron: this project's per-rank weight "
+                        "directory; sdsearch-archive: a tar of that directory (this project's format, not NeMo's)")
+    c.add_argument("out", help="output directory (hf, megatron) or file (nemo, sdsearch-archive)")
+    c.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron / sdsearch-archive output "
+                                                      "(nemo: the size recorded in model_config.yaml)")
+    c.add_argument("--pp", type=int, default=1, help="pipeline parallel size, likewise")
     c.add_argument("--threads", type=int)
     c.set_defaults(fn=cmd_convert)
 

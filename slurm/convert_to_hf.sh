@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Convert a training result (Megatron checkpoint or .nemo archive) to a Hugging Face directory that
-# transformers.AutoModelForCausalLM.from_pretrained loads.
+# Convert a checkpoint to a Hugging Face directory that transformers.AutoModelForCausalLM.from_pretrained
+# loads. SRC: a training result of this project (megatron_step_* training checkpoint, Megatron weight
+# directory, sdsearch training archive) or a NeMo checkpoint (NeMo 1.x .nemo file or its unpacked
+# directory, NeMo 2.0 checkpoint directory with context/ and weights/; Qwen2 and Llama families).
+# See docs/nemo.md.
 #
 #   sbatch slurm/convert_to_hf.sh SRC OUT_DIR
 #SBATCH --job-name=sdsearch-convert

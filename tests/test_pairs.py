@@ -1,5 +1,8 @@
 """Search-E1 pair mining: every rule, and the edit distance against a plain reference."""
 
+import random
+
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,10 +20,63 @@ def reference_levenshtein(a, b):
     return prev[-1]
 
 
+def numpy_levenshtein(a: str, b: str) -> int:
+    """The numpy implementation pair mining used before rapidfuzz, kept as the equality reference."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    bv = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
+    idx = np.arange(len(b) + 1)
+    row = idx.copy()
+    for i, ch in enumerate(np.frombuffer(a.encode("utf-32-le"), dtype=np.uint32), 1):
+        tmp = np.empty_like(row)
+        tmp[0] = i
+        tmp[1:] = np.minimum(row[1:] + 1, row[:-1] + (bv != ch))
+        row = idx + np.minimum.accumulate(tmp - idx)
+    return int(row[-1])
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="abcé ü", max_size=25), st.text(alphabet="abcé ü", max_size=25))
 def test_levenshtein_matches_reference(a, b):
-    assert levenshtein(a, b) == reference_levenshtein(a, b) == levenshtein(b, a)
+    assert levenshtein(a, b) == reference_levenshtein(a, b) == numpy_levenshtein(a, b) == levenshtein(b, a)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_levenshtein_any_code_points(a, b):
+    """Arbitrary code points (astral, combining, NUL): distance is per code point, as before."""
+    try:
+        ref = numpy_levenshtein(a, b)
+    except UnicodeEncodeError:  # lone surrogates: the numpy version could not encode them at all
+        ref = reference_levenshtein(a, b)
+    assert levenshtein(a, b) == ref == reference_levenshtein(a, b)
+
+
+def test_levenshtein_equals_numpy_version_on_long_random_rollout_texts():
+    """Rollout-length strings (hundreds to thousands of characters; rapidfuzz switches to its block
+    algorithm past 64 characters), from near-copies to unrelated texts."""
+    rng = random.Random(0)
+    words = ["<search>", "</search>", "<answer>", "</answer>", "<think>", "the", "Paris", "1889",
+             "é", "ü", "年", "🙂", " ", "\n", "who", "wrote"]
+    for trial in range(40):
+        a = "".join(rng.choice(words) for _ in range(rng.randint(0, 400)))
+        if trial % 2:  # a mutated copy: small distances on long strings
+            b = list(a)
+            for _ in range(rng.randint(0, 30)):
+                op, pos = rng.randrange(3), rng.randint(0, len(b))
+                if op == 0:
+                    b.insert(pos, rng.choice("xyzé🙂"))
+                elif b and pos < len(b):
+                    if op == 1:
+                        del b[pos]
+                    else:
+                        b[pos] = rng.choice("xyzé🙂")
+            b = "".join(b)
+        else:
+            b = "".join(rng.choice(words) for _ in range(rng.randint(0, 400)))
+        assert levenshtein(a, b) == numpy_levenshtein(a, b) == levenshtein(b, a), trial
 
 
 def test_levenshtein_examples():

@@ -217,3 +217,85 @@ def test_writer_records_the_weights_dtype_and_non_writers_keep_nothing(tmp_path)
                                           write=False) is None
     assert not (tmp_path / "no").exists()
     assert live.count == len(source.state_dict()) and live.peak == live.largest and live.alive == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the writer shards as save_pretrained does
+# --------------------------------------------------------------------------------------------------
+def _shard_layout(out):
+    """(the weight files, the index's weight map and metadata or None) of a HF directory."""
+    files = sorted(p.name for p in out.glob("model*.safetensors"))
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    return files, index
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("max_shard_size", ["100KB", "150KB", "60KiB"])
+def test_writer_shards_exactly_as_save_pretrained(tied, max_shard_size, tmp_path):
+    """Same files, same weight map, same metadata as `save_pretrained(max_shard_size=...)` on the same
+    model, the stream holding at most one shard plus one tensor; `from_pretrained` loads it to the same
+    logits. "100KB" puts the 256 KiB embedding (and untied lm_head) in shards of their own between
+    smaller ones, as huggingface_hub's splitter does."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_sdsearch.checkpoint.hf_writer import parse_shard_size, save_hf_checkpoint_from_stream
+
+    source = make_hf(tied, seed=5)
+    live = LiveBytes()
+    ours = save_hf_checkpoint_from_stream(live.wrap(fresh_stream(source)), tmp_path / "ours", source.config,
+                                          max_shard_size=max_shard_size)
+    limit = parse_shard_size(max_shard_size)
+    assert live.peak <= limit + live.largest < live.total and live.alive == 0
+    theirs = tmp_path / "theirs"
+    if max_shard_size.endswith("iB"):  # huggingface_hub's parser takes decimal units only: give it bytes
+        source.save_pretrained(str(theirs), max_shard_size=limit)
+    else:
+        source.save_pretrained(str(theirs), max_shard_size=max_shard_size)
+    files, index = _shard_layout(ours)
+    assert len(files) > 2 and index is not None
+    assert (files, index) == _shard_layout(theirs)
+    for f in files:  # each shard holds the same tensors, bit for bit
+        from safetensors.torch import load_file
+
+        a, b = load_file(str(ours / f)), load_file(str(theirs / f))
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = AutoModelForCausalLM.from_pretrained(str(ours)).eval()
+    batch = full_batch()
+    assert torch.equal(hf_logits(loaded, batch), hf_logits(source, batch))
+
+
+def test_writer_default_is_one_file_below_5GB_and_the_size_is_configurable(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nemo_sdsearch.checkpoint import hf_writer
+
+    source = make_hf(False, seed=6)
+    assert hf_writer.MAX_SHARD_SIZE == "5GB" and hf_writer.parse_shard_size(hf_writer.MAX_SHARD_SIZE) == 5 * 10**9
+    out = hf_writer.save_hf_checkpoint_from_stream(fresh_stream(source), tmp_path / "one", source.config)
+    assert _shard_layout(out) == (["model.safetensors"], None)
+    # a stored size as big as the whole model still fits one file; one byte less makes two
+    total = sum(t.numel() * t.element_size() for t in source.state_dict().values())
+    assert _shard_layout(hf_writer.save_hf_checkpoint_from_stream(
+        fresh_stream(source), tmp_path / "fits", source.config, max_shard_size=total))[0] == ["model.safetensors"]
+    files, index = _shard_layout(hf_writer.save_hf_checkpoint_from_stream(
+        fresh_stream(source), tmp_path / "two", source.config, max_shard_size=total - 1))
+    assert len(files) == 2 and index["metadata"]["total_size"] == total
+    # only the writer writes: a sharded save with write=False leaves nothing
+    assert hf_writer.save_hf_checkpoint_from_stream(fresh_stream(source), tmp_path / "none", source.config,
+                                                    max_shard_size="10KB", write=False) is None
+    assert not (tmp_path / "none").exists()
+    got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two")).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in source.state_dict().items())
+
+
+def test_parse_shard_size():
+    from nemo_sdsearch.checkpoint.hf_writer import parse_shard_size
+
+    assert parse_shard_size("5GB") == 5 * 10**9 and parse_shard_size("5gb") == 5 * 10**9
+    assert parse_shard_size("500MB") == 5 * 10**8 and parse_shard_size("1.5GB") == 15 * 10**8
+    assert parse_shard_size("2GiB") == 2 * 2**30 and parse_shard_size("64KiB") == 65536
+    assert parse_shard_size(" 10 KB ") == 10_000 and parse_shard_size(1234) == 1234 and parse_shard_size("77") == 77
+    for bad in ["", "GB", "5XB", "-1GB", "5 G B", 0, -3, True, "0MB"]:
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_shard_size(bad)

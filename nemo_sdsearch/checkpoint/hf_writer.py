@@ -1,14 +1,23 @@
 """A Hugging Face model directory written from a weight stream (`Actor.iter_weights`), one shard at a time.
 
-The output is what `save_pretrained(safe_serialization=True)` writes and `AutoModelForCausalLM.from_pretrained`
-loads: config.json (its dtype set to the weights' dtype), generation_config.json, the weights as
-`model.safetensors` or, when they exceed one shard, `model-0000i-of-0000N.safetensors` plus
-`model.safetensors.index.json` (total size, name -> file map), and the tokenizer when one is given.
+The output is what `save_pretrained(safe_serialization=True, max_shard_size=...)` writes and
+`AutoModelForCausalLM.from_pretrained` loads: config.json (its dtype set to the weights' dtype),
+generation_config.json, the weights as `model.safetensors` or, when they exceed `max_shard_size`,
+`model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json` (`metadata.total_size`,
+`metadata.total_parameters`, the name -> file `weight_map`), and the tokenizer when one is given.
 A tied `lm_head.weight` is left out (it is the embedding), as HF files do.
 
-Only the current shard is resident: each tensor is moved to the CPU as it arrives, a shard is written
-once the next tensor would not fit into `shard_bytes`, then dropped. The shard count is known only at
-the end, so shards are written under temporary names and renamed last; config.json is written last too.
+Shards are cut as `huggingface_hub.split_torch_state_dict_into_shards` (what `save_pretrained` calls) cuts
+them, in stream order: a tensor is added to the current shard unless that would take it past
+`max_shard_size`, which closes the shard; a tensor larger than `max_shard_size` on its own is a shard of
+its own (written at once; the current shard stays open). Given the stream in `state_dict` order (as
+`Actor.iter_weights` streams it), the files and the weight map are those `save_pretrained` writes.
+Default size "5GB" (5 * 10**9 bytes): the default of huggingface_hub's splitter and of transformers 4.x's
+`save_pretrained`, the shard size of most published checkpoints (transformers 5 raised its own to "50GB").
+
+Only the current shard (plus at most one oversized tensor) is resident: each tensor is moved to the CPU as
+it arrives and a shard is dropped once written. The shard count is known only at the end, so shards are
+written under temporary names and renamed last; config.json is written last too.
 """
 
 from __future__ import annotations
@@ -16,26 +25,53 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from nemo_sdsearch.rollout.generator import iter_buckets
-
-SHARD_BYTES = 5 << 30  # 5 GiB, the shard size of most published checkpoints
+MAX_SHARD_SIZE = "5GB"
+SHARD_BYTES = 5 * 10**9  # MAX_SHARD_SIZE in bytes
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None, shard_bytes: int = SHARD_BYTES,
-                                   write: bool | None = None) -> Path | None:
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes of a shard size: an int, or a number with a unit as `save_pretrained` takes it ("5GB" =
+    5 * 10**9, "500MB", "1.5GB"; also "2GiB" = 2 * 2**30). Case-insensitive; must be at least 1 byte."""
+    if isinstance(size, bool):
+        raise ValueError(f"max_shard_size must be a size such as '5GB' or a number of bytes, got {size!r}")
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else None
+        if unit not in _UNITS:
+            raise ValueError(f"max_shard_size {size!r} is not a size: use bytes or a number with a unit "
+                             f"({', '.join(u for u in ('KB', 'MB', 'GB', 'TB', 'KiB', 'MiB', 'GiB', 'TiB'))}), "
+                             f"e.g. '5GB'")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {size!r}")
+    return n
+
+
+def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None,
+                                   max_shard_size: int | str = MAX_SHARD_SIZE, write: bool | None = None, *,
+                                   shard_bytes: int | None = None) -> Path | None:
     """Write `weights` (a weight stream of (HF name, tensor) pairs, or a Mapping) as a HF model directory.
 
+    `max_shard_size`: as `save_pretrained`'s ("5GB", "500MB", "2GiB" or bytes); `shard_bytes` (bytes) is
+    the older spelling of the same and wins when given.
     `write`: whether this process writes; default: rank 0 of the default process group (or the only
     process). In a distributed run EVERY rank calls this with its stream (the stream is a collective);
     the other ranks drain it, keeping nothing, and return None. Returns the directory on the writer."""
+    limit = parse_shard_size(shard_bytes if shard_bytes is not None else max_shard_size)
     if write is None:
         write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     items = weights.items() if isinstance(weights, Mapping) else weights
@@ -51,20 +87,38 @@ def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None, 
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     on_cpu = ((name, t.detach().to("cpu").contiguous()) for name, t in items if not (tied and name == "lm_head.weight"))
     weight_map: dict[str, int] = {}
-    total_size = total_params = 0
+    totals = {"size": 0, "params": 0}
     dtypes: set[torch.dtype] = set()
     n_shards = 0
-    for shard in iter_buckets(on_cpu, shard_bytes):
+
+    def flush(shard: list) -> None:
+        nonlocal n_shards
         for name, numel, nbytes, dtype in _save_shard(shard, _temporary(out, n_shards), save_file):
             if name in weight_map:
                 raise ValueError(f"the weight stream repeats {name}")
             weight_map[name] = n_shards
-            total_size += nbytes
-            total_params += numel
+            totals["size"] += nbytes
+            totals["params"] += numel
             if dtype.is_floating_point:
                 dtypes.add(dtype)
         n_shards += 1
-        del shard  # only the current shard is resident
+
+    current: list = []
+    size = 0
+    for name, tensor in on_cpu:
+        n = tensor.numel() * tensor.element_size()
+        if n > limit:  # a shard of its own; the current shard stays open (as huggingface_hub splits)
+            flush([(name, tensor)])
+        else:
+            if current and size + n > limit:
+                flush(current)
+                current, size = [], 0  # only the current shard is resident
+            current.append((name, tensor))
+            size += n
+        del name, tensor
+    if current:
+        flush(current)
+        current = []
     if not n_shards:
         raise ValueError("the weight stream is empty: nothing to write")
     names = [SINGLE_FILE] if n_shards == 1 else \
@@ -72,7 +126,7 @@ def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None, 
     for i, name in enumerate(names):
         os.replace(_temporary(out, i), out / name)
     if n_shards > 1:
-        index = {"metadata": {"total_parameters": total_params, "total_size": total_size},
+        index = {"metadata": {"total_parameters": totals["params"], "total_size": totals["size"]},
                  "weight_map": {k: names[weight_map[k]] for k in sorted(weight_map)}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_configs(out, hf_config, dtypes)

@@ -36,6 +36,9 @@ class EvalReport:
     by_dataset: dict[str, dict[str, dict]] = field(default_factory=dict)  # dataset -> kind -> score
     predictions: dict[str, list[dict]] = field(default_factory=dict)
     normalization: str = "squad"  # the EM definition (core.reward): squad is the papers' one
+    # the settings the rollouts ran under and where each came from (`sdsearch eval`: flag, run config or
+    # default): name -> {"value": ..., "from": ...}; written to results.json and results.md
+    settings: dict[str, dict] = field(default_factory=dict)
 
     @property
     def em_definition(self) -> str:
@@ -65,9 +68,20 @@ class EvalReport:
         row = "| " + " | ".join(f"{100 * c:.1f}" for c in cells) + f" | {100 * sum(cells) / max(len(cells), 1):.1f} |"
         return "\n".join([head, rule, row])
 
+    def settings_markdown(self) -> str:
+        """The settings table (setting | value | from); empty when no settings were recorded."""
+        if not self.settings:
+            return ""
+        rows = ["| setting | value | from |", "|---|---|---|"]
+        rows += [f"| {name} | {s['value']} | {s['from']} |" for name, s in self.settings.items()]
+        return "\n".join(rows)
+
     def to_json(self) -> dict:
-        return {"scores": self.by_dataset, "predictions": self.predictions, "normalization": self.normalization,
-                "average_em": sum(d["all"]["em"] for d in self.by_dataset.values()) / max(len(self.by_dataset), 1)}
+        out = {"scores": self.by_dataset, "predictions": self.predictions, "normalization": self.normalization,
+               "average_em": sum(d["all"]["em"] for d in self.by_dataset.values()) / max(len(self.by_dataset), 1)}
+        if self.settings:
+            out["settings"] = self.settings
+        return out
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
@@ -76,6 +90,8 @@ class EvalReport:
         text = self.em_definition + "\n\n" + self.to_markdown() + "\n"
         if len(self.by_dataset) > 1:
             text = "EM x 100 (Table 1 layout)\n\n" + self.table1() + "\n\n" + text
+        if self.settings:
+            text += "\nSettings of the rollouts (greedy):\n\n" + self.settings_markdown() + "\n"
         (out / "results.md").write_text(text)
 
 

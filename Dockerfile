@@ -31,9 +31,11 @@ COPY slurm ./slurm
 COPY bench ./bench
 COPY scripts ./scripts
 
-RUN pip install -c /opt/image-constraints.txt "faiss-gpu-cu12>=1.8" \
-    && pip install -c /opt/image-constraints.txt -e ".[gpu]" \
-    && python -c "import nemo_sdsearch, retrieval, faiss; print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus())" \
+# The `gpu` extra brings faiss-gpu and no faiss-cpu (the two install the same `faiss` module, so the image must
+# hold exactly one: the check below fails the build otherwise); `data` brings pyarrow for Search-R1 parquet files.
+RUN pip install -c /opt/image-constraints.txt -e ".[gpu,data]" \
+    && python -c "import importlib.metadata as m; both = {'faiss-cpu', 'faiss-gpu-cu12'} <= {d.metadata['Name'].lower() for d in m.distributions()}; assert not both, 'faiss-cpu and faiss-gpu are both installed'" \
+    && python -c "import nemo_sdsearch.retrieval, faiss; print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus())" \
     && sdsearch --help > /dev/null
 
 # Nothing is downloaded at run time: mount models, indexes and data (see docs/cluster.md).

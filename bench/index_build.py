@@ -1,4 +1,4 @@
-"""Index build cost: wall time and peak memory of `python -m retrieval build` on a 100,000-passage corpus.
+"""Index build cost: wall time and peak memory of `python -m nemo_sdsearch.retrieval build` on a 100,000-passage corpus.
 
 The corpus is one synthetic world of exactly 100,000 entities (one passage each, Search-R1 format), so the
 passages look like the bundled world's. Each build runs in its own process; its peak resident memory is
@@ -43,7 +43,7 @@ def write_corpus(path: Path, n: int, seed: int = 7) -> None:
 def run_build(corpus: Path, out: Path, kind: str, index: str, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "retrieval", "build", "--corpus", str(corpus), "--out", str(out), "--kind", kind]
+    cmd = [sys.executable, "-m", "nemo_sdsearch.retrieval", "build", "--corpus", str(corpus), "--out", str(out), "--kind", kind]
     if kind == "dense":
         cmd += ["--index", index]
     t0 = time.perf_counter()

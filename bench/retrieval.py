@@ -119,7 +119,7 @@ async def load(url: str, queries: list[str], concurrency: int, n: int) -> dict:
 
 def main():
     from nemo_sdsearch.world.generator import build_bundle
-    from retrieval.build import build_index
+    from nemo_sdsearch.retrieval.build import build_index
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=600)
@@ -134,7 +134,7 @@ def main():
         index = Path(tmp) / "index"
         build_index(corpus, index, kind="dense", progress=False)
         results = {}
-        for name, script in (("ours", ["-m", "retrieval", "serve"]),
+        for name, script in (("ours", ["-m", "nemo_sdsearch.retrieval", "serve"]),
                              ("search_r1_style", [str(HERE / "search_r1_style_server.py")])):
             port = free_port()
             proc = start([sys.executable, *script, "--index", str(index), "--port", str(port)], port)

@@ -85,7 +85,7 @@ def search_r1_style(model, tok, retriever, questions, cfg: RolloutConfig):
 def main():
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.world.assets import default_datasets, default_model_dir
-    from retrieval import BM25Retriever
+    from nemo_sdsearch.retrieval import BM25Retriever
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")

@@ -16,7 +16,7 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from retrieval.index import IndexRetriever  # noqa: E402
+from nemo_sdsearch.retrieval.index import IndexRetriever  # noqa: E402
 
 
 class QueryRequest(BaseModel):

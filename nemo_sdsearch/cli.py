@@ -21,7 +21,7 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     from nemo_sdsearch.core.prompts import prompt_format
-    from nemo_sdsearch.core.qa import load_flashrag
+    from nemo_sdsearch.core.qa import load_benchmarks
     from nemo_sdsearch.eval import run_config
     from nemo_sdsearch.eval.harness import evaluate
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
@@ -55,7 +55,7 @@ def cmd_eval(args) -> int:
             raise SystemExit(f"questions from files ({data_source}) with the {retriever_kind} retriever need "
                              "--corpus CORPUS.jsonl (Search-R1 format); or give --retrieval-url URL or "
                              "--no-retrieval")
-        datasets = {Path(p).stem: load_flashrag(p) for p in data_files}
+        datasets = load_benchmarks(data_files)  # a Search-R1 file: one set per benchmark (data_source)
         corpus = load_corpus(args.corpus) if args.corpus and retriever_kind in ("bm25", "dense") else []
     else:
         questions, corpus = default_datasets(args.split)
@@ -117,6 +117,16 @@ def cmd_world(args) -> int:
     from nemo_sdsearch.world.generator import build_bundle
 
     b = build_bundle()
+    if args.audit:
+        from nemo_sdsearch.world.audit import audit_world
+
+        world, questions = (b.test_world, b.test) if args.split == "test" else (b.train_world, getattr(b, args.split))
+        print(f"auditing the {args.split} world: {len(world.passages)} passages, {len(questions)} questions, "
+              f"retrievers {', '.join(args.retrievers)}, top {args.topk}")
+        report = audit_world(world, questions, args.retrievers, args.topk, args.encoder)
+        print(report.to_markdown())
+        print("\n".join(report.target_lines()))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="GRPO / SD-Search training (Hydra-style key=value overrides)")
     t.add_argument("overrides", nargs="*", help="e.g. algorithm=grpo trainer.steps=10 sd.beta=0.3")
     t.add_argument("--config", default="tiny_cpu", help="config name in the config directory")
-    t.add_argument("--config-dir", help="directory of YAML configs (default: the repository's conf/)")
+    t.add_argument("--config-dir", help="directory of YAML configs (default: the shipped configs)")
     t.set_defaults(fn=cmd_train)
 
     a = sub.add_parser("ablate", help="GRPO vs SD-Search vs Search-E1 at equal rollout budget, several seeds; "
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="in-process retriever (default: the run's rollout.retriever, else bm25)")
     e.add_argument("--encoder", help="encoder directory for --retriever dense (default: bundled MiniLM)")
     e.add_argument("--retrieval-url", dest="retrieval_url",
-                   help="a running retrieval service (python -m retrieval serve); its corpus is used instead "
+                   help="a running retrieval service (python -m nemo_sdsearch.retrieval serve, or Search-R1's own); its corpus is used instead "
                         "of --corpus (default: the run's cluster.retrieval_url when its retriever is http)")
     e.add_argument("--no-retrieval", action="store_true", help="searches return nothing (ablation)")
     e.add_argument("--topk", type=int, help="passages per search (default: the run's rollout.topk, else 3)")
@@ -262,8 +272,18 @@ def main(argv: list[str] | None = None) -> int:
                         "precise. Leaves the policy room to improve its queries (default 0.7, as shipped)")
     w.set_defaults(fn=cmd_warmstart)
 
-    x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files")
+    x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files; --audit: "
+                                     "how often which query wording retrieves the evidence")
     x.add_argument("--out", default="runs/world")
+    x.add_argument("--audit", action="store_true",
+                   help="instead of writing files, print the top-k hit rate of each hop's evidence passage per "
+                        "question kind and retriever for the ideal query (entity + relation keyword), the entity "
+                        "alone, a wrong relation keyword and the question text, then one TARGET line per target")
+    x.add_argument("--split", default="test", choices=["train", "dev", "test"],
+                   help="questions (and their world) to audit (default test: the test world)")
+    x.add_argument("--retrievers", nargs="+", default=["bm25", "dense"], choices=["bm25", "dense"])
+    x.add_argument("--topk", type=int, default=3)
+    x.add_argument("--encoder", help="encoder directory for the dense retriever (default: bundled MiniLM)")
     x.set_defaults(fn=cmd_world)
 
     c = sub.add_parser("convert", help="convert between HF directories, NeMo checkpoints (1.x .nemo, 2.0 "

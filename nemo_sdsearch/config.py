@@ -110,6 +110,7 @@ class SearchE1Section:
     reference_information: bool = True
     max_reference_tokens: int = 384
     loss_normalization: str = "trajectory"  # trajectory (paper eq. 7) | token
+    adapter: str = "lora"                # lora (the paper; actor=hf) | full (full-parameter OPSD, any actor)
 
 
 @dataclass
@@ -124,6 +125,9 @@ class TrainerSection:
     overwrite: bool = False
     final_test_eval: bool = True
     eval_batch_size: int = 50
+    keep_last: int = 3                   # training checkpoints kept (the newest); 0 = keep all
+    keep_best: bool = True               # also keep the saved step with the best dev EM
+    min_free_disk_checkpoints: float = 1.0  # refuse to start unless the disk holds this many more checkpoints
 
 
 @dataclass
@@ -286,6 +290,8 @@ RANGES: dict[str, Range] = {
     "trainer.save_every": Range(0, why="0 = never"),
     "trainer.seed": _NONNEG,
     "trainer.eval_batch_size": _ONE,
+    "trainer.keep_last": Range(0, why="0 = keep all"),
+    "trainer.min_free_disk_checkpoints": Range(0, why="0 = no disk check"),
     "arch.hidden_size": Range(0, why="0 = unknown"),
     "arch.num_layers": Range(0, why="0 = unknown"),
     "arch.num_attention_heads": Range(0, why="0 = unknown"),
@@ -314,6 +320,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.retriever": ("bm25", "dense", "http"),
     "grpo.reduction": ("token", "sequence"),
     "search_e1.loss_normalization": ("trajectory", "token"),
+    "search_e1.adapter": ("lora", "full"),
     "megatron.dtype": ("auto", "bf16", "fp32"),
     "logger.backends": ("console", "tensorboard", "wandb", "mlflow"),   # each entry of the list
     "logger.wandb_mode": ("auto", "online", "offline", "disabled"),
@@ -342,6 +349,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(r.retriever != "http" or bool(cfg.cluster.retrieval_url), "cluster.retrieval_url",
              "rollout.retriever=http needs the retrieval service URL")
     _require(r.max_context > r.max_new_tokens, "rollout.max_context", "must exceed rollout.max_new_tokens")
+    _require(cfg.actor == "hf" or cfg.algorithm != "search_e1" or cfg.search_e1.adapter == "full",
+             "search_e1.adapter", "actor=megatron has no LoRA: use search_e1.adapter=full (full-parameter OPSD "
+             "against the frozen copy of the round's start weights)")
     _require(cfg.trainer.questions_per_step % cfg.grpo.mini_batches == 0, "trainer.questions_per_step",
              "must be a multiple of grpo.mini_batches")
     d = cfg.data

@@ -36,9 +36,23 @@ class CorpusError(ValueError):
     pass
 
 
-def parse_corpus_line(line: bytes | str, where: str) -> dict:
+def import_faiss():
+    """The `faiss` module, or an error that says which extra installs it (dense retrieval only: BM25 and the
+    HTTP client work without it)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("dense retrieval needs FAISS: pip install 'nemo-sdsearch[cpu]' (faiss-cpu), or "
+                          "'nemo-sdsearch[gpu]' (faiss-gpu) on GPU nodes; never both (they install the same module)"
+                          ) from None
+    return faiss
+
+
+def parse_corpus_line(line: bytes | str, where: str, number: int) -> dict:
     """One corpus line (raw bytes, decoded here as UTF-8, or text) as `{"id", "contents"}`; any problem, bad
-    encoding included, raises a `CorpusError` naming `where` (file:line)."""
+    encoding included, raises a `CorpusError` naming `where` (file:line). A line without an "id" gets `number`, its
+    row number (0-based, counting non-empty lines): the number of its vector in a FAISS index built over the file, and
+    what Search-R1's server looks a hit up by."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
@@ -52,18 +66,18 @@ def parse_corpus_line(line: bytes | str, where: str) -> dict:
                           '{"id": ..., "contents": "\\"Title\\"\\ntext"}') from None
     if not isinstance(row, dict) or "contents" not in row or not isinstance(row["contents"], str):
         raise CorpusError(f'{where}: a corpus line needs a string field "contents" ("Title"\\ntext)')
-    if "id" not in row:
-        raise CorpusError(f'{where}: a corpus line needs an "id" field')
-    return {"id": str(row["id"]), "contents": row["contents"]}
+    doc_id = row.get("id")
+    return {"id": str(number if doc_id is None else doc_id), "contents": row["contents"]}
 
 
 def load_corpus(path: str | Path) -> list[dict]:
-    """Read a Search-R1 corpus jsonl; a malformed line raises a `CorpusError` naming file and line."""
+    """Read a Search-R1 corpus jsonl (a line without "id" gets its row number); a malformed line raises a
+    `CorpusError` naming file and line."""
     rows = []
     with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
         for i, line in enumerate(f, start=1):
             if line.strip():
-                rows.append(parse_corpus_line(line, f"{path}:{i}"))
+                rows.append(parse_corpus_line(line, f"{path}:{i}", len(rows)))
     if not rows:
         raise CorpusError(f"{path}: the corpus is empty")
     return rows

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval.base import Document, Retriever
+from .base import Document, Retriever
 
 
 class BM25Retriever(Retriever):

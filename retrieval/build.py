@@ -1,4 +1,4 @@
-"""Index building: `python -m retrieval build --corpus corpus.jsonl --out DIR [--kind dense|bm25]
+"""Index building: `python -m nemo_sdsearch.retrieval build --corpus corpus.jsonl --out DIR [--kind dense|bm25]
 [--encoder PATH] [--index flat|hnsw|ivfpq]`.
 
 A build never touches DIR until it has finished: it runs in the sibling staging directory
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.base import CorpusError
-from retrieval.index import CorpusStore, atomic_save_npy, read_meta_file, scan_offsets, serving_files, staging_dir
+from .base import CorpusError, import_faiss
+from .index import CorpusStore, atomic_save_npy, read_meta_file, scan_offsets, serving_files, staging_dir
 
 
 def _write_meta(out: Path, meta: dict) -> None:
@@ -97,7 +97,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str = "dense", encode
     t0 = time.perf_counter()
     wanted = {"kind": kind}
     if kind == "dense":
-        from retrieval.encoder import default_encoder_path
+        from .encoder import default_encoder_path
 
         wanted.update(encoder=str(Path(encoder).resolve()) if encoder else str(default_encoder_path()),
                       index_type=index_type, query_prefix=query_prefix, passage_prefix=passage_prefix,
@@ -144,7 +144,7 @@ def _build_in(stage: Path, corpus: Path, meta: dict, batch_size: int, progress: 
         shutil.rmtree(stage / "bm25", ignore_errors=True)
         tmp.rename(stage / "bm25")
     else:
-        from retrieval.encoder import TextEncoder
+        from .encoder import TextEncoder
 
         shard_size = meta["shard_size"]
         enc = TextEncoder(meta["encoder"], meta["query_prefix"], meta["passage_prefix"], meta["max_length"],
@@ -234,7 +234,7 @@ def _build_lock(out: Path):
 
 
 def _build_faiss(out: Path, n_shards: int, dim: int, index_type: str, n: int) -> None:
-    import faiss
+    faiss = import_faiss()
 
     shard = lambda s: np.ascontiguousarray(np.load(out / "emb" / f"shard_{s:05d}.npy"), dtype=np.float32)
     if index_type == "flat":

@@ -4,6 +4,10 @@ Async and connection-pooled (httpx), with a per-request timeout and retries with
 on connection errors, timeouts and 5xx answers, up to `max_wait_s` in all: a rollout survives a
 retrieval server restart in the middle of a batch. A 4xx answer is the caller's error and is raised
 at once with the server's message.
+
+`url` is the service's base URL or its `/retrieve` endpoint (how Search-R1 and verl write it): both name the same
+service. Answers are read as Search-R1's server writes them too: a document without "id" (Search-R1's BM25
+answers) gets "", and one with "title"/"text" but no "contents" is put together as `"title"\\ntext`.
 """
 
 from __future__ import annotations
@@ -12,17 +16,38 @@ import asyncio
 import threading
 from typing import Sequence
 
-from retrieval.base import Document, Retriever
+from .base import Document, Retriever
 
 
 class RetrievalError(RuntimeError):
     pass
 
 
+def service_url(url: str) -> str:
+    """The base URL of a retrieval service given as `http://host:port` or `http://host:port/retrieve` (a trailing
+    slash either way)."""
+    base = url.strip().rstrip("/")
+    if base.endswith("/retrieve"):
+        base = base[: -len("/retrieve")].rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"retrieval URL {url!r} must start with http:// or https:// (e.g. http://host:8000 or "
+                         "http://host:8000/retrieve)")
+    return base
+
+
+def _document(x: dict) -> Document:
+    """One hit of an answer: `{"document": {...}, "score": s}` (with scores) or the document itself."""
+    doc, score = (x["document"], x.get("score", 0.0)) if "document" in x else (x, 0.0)
+    contents = doc.get("contents")
+    if contents is None:  # Search-R1's BM25 answers carry title and text besides contents; some servers only those
+        contents = f'"{doc.get("title", "")}"\n{doc.get("text", "")}'
+    return Document(str(doc.get("id", "")), contents, float(score))
+
+
 class RetrievalClient(Retriever):
     def __init__(self, url: str, timeout_s: float = 30.0, max_wait_s: float = 120.0, backoff_s: float = 0.2,
                  max_backoff_s: float = 5.0, max_connections: int = 64):
-        self.url = url.rstrip("/")
+        self.url = service_url(url)
         self.timeout_s, self.max_wait_s = timeout_s, max_wait_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_connections = max_connections
@@ -55,8 +80,7 @@ class RetrievalClient(Retriever):
             try:
                 r = await client.post(f"{self.url}/retrieve", json=body)
                 if r.status_code < 400:
-                    return [[Document(str(x["document"]["id"]), x["document"]["contents"], float(x["score"]))
-                             for x in row] for row in r.json()["result"]]
+                    return [[_document(x) for x in row] for row in r.json()["result"]]
                 if r.status_code < 500:
                     msg = r.json().get("error", r.text) if "json" in r.headers.get("content-type", "") else r.text
                     raise RetrievalError(f"retrieval server rejected the request ({r.status_code}): {msg}")
@@ -65,7 +89,8 @@ class RetrievalClient(Retriever):
                 problem = f"{type(e).__name__}: {e}"
             if loop.time() + delay > deadline:
                 raise RetrievalError(f"retrieval server {self.url} unreachable for {self.max_wait_s:.0f}s "
-                                     f"(last problem: {problem}); is `python -m retrieval serve` running?")
+                                     f"(last problem: {problem}); is `python -m {__package__} serve` (or "
+                                     "Search-R1's retrieval_server.py) running there?")
             self.retries += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)

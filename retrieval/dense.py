@@ -14,14 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval.base import Document, Retriever
-from retrieval.encoder import TextEncoder
+from .base import Document, Retriever, import_faiss
+from .encoder import TextEncoder
 
 
 class DenseRetriever(Retriever):
     def __init__(self, corpus: Sequence[dict], encoder: TextEncoder | None = None,
                  embeddings: np.ndarray | None = None, cache_dir: str | Path | None = "default"):
-        import faiss
+        faiss = import_faiss()
 
         self.corpus = list(corpus)
         self.encoder = encoder or TextEncoder()

@@ -8,6 +8,9 @@ DIR/
   emb/shard_NNNNN.npy   passage embeddings (float32, L2-normalised), one file per shard (dense)
   index.faiss           the FAISS index (dense), memory-mapped at load when the index type allows
   bm25/                 the bm25s index (bm25), memory-mapped at load
+
+`FaissFileRetriever` serves an index that was not built here, as it is: a FAISS index file and the corpus jsonl
+its vectors were made from (Search-R1's `e5_Flat.index` + `wiki-18.jsonl`; vector i is the i-th corpus line).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval.base import CorpusError, Document, Retriever, parse_corpus_line
+from .base import CorpusError, Document, Retriever, import_faiss, parse_corpus_line
 
 
 class CorpusStore:
@@ -35,7 +38,7 @@ class CorpusStore:
 
     def get(self, i: int) -> dict:
         self._fh.seek(int(self.offsets[i]))
-        return parse_corpus_line(self._fh.readline(), f"{self.path}:{i + 1}")
+        return parse_corpus_line(self._fh.readline(), f"{self.path}:{i + 1}", i)
 
     def get_many(self, ids: Sequence[int]) -> list[dict]:
         return [self.get(i) for i in ids]
@@ -48,7 +51,7 @@ def scan_offsets(corpus: str | Path) -> np.ndarray:
         pos = 0
         for n, line in enumerate(f, start=1):
             if line.strip():
-                parse_corpus_line(line, f"{corpus}:{n}")
+                parse_corpus_line(line, f"{corpus}:{n}", len(offsets))
                 offsets.append(pos)
             pos += len(line)
     if not offsets:
@@ -79,11 +82,12 @@ def serving_files(meta: dict) -> dict[str, int | None]:
 
 
 def rebuild_command(index_dir: str | Path, meta: dict | None) -> str:
-    """The `python -m retrieval build` command that (re)builds `index_dir` as its meta.json describes it."""
+    """The `python -m nemo_sdsearch.retrieval build` command that (re)builds `index_dir` as its meta.json describes
+    it."""
     import shlex
 
     meta = meta or {}
-    cmd = ["python", "-m", "retrieval", "build", "--corpus", (meta.get("corpus") or {}).get("path", "CORPUS.jsonl"),
+    cmd = ["python", "-m", __package__, "build", "--corpus", (meta.get("corpus") or {}).get("path", "CORPUS.jsonl"),
            "--out", str(index_dir), "--kind", meta.get("kind", "dense")]
     if meta.get("kind") == "dense":
         flags = {"--encoder": "encoder", "--index": "index_type", "--query-prefix": "query_prefix",
@@ -132,22 +136,11 @@ class IndexRetriever(Retriever):
         self.store = CorpusStore(self.dir / "corpus.jsonl", np.load(self.dir / "corpus.offsets.npy", mmap_mode="r"))
         self.kind = self.meta["kind"]
         if self.kind == "dense":
-            import faiss
-
-            from retrieval.encoder import TextEncoder
+            from .encoder import TextEncoder
 
             self.encoder = TextEncoder(self.meta["encoder"], self.meta["query_prefix"], self.meta["passage_prefix"],
                                        self.meta["max_length"], device=device)
-            flags = faiss.IO_FLAG_MMAP if self.meta["index_type"] in ("flat", "ivfpq") else 0
-            try:
-                self.index = faiss.read_index(str(self.dir / "index.faiss"), flags)
-            except RuntimeError:  # index types without mmap support load into memory
-                self.index = faiss.read_index(str(self.dir / "index.faiss"))
-            if self.meta["index_type"] == "hnsw":
-                self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, 128)
-            if self.meta["index_type"] == "ivfpq":
-                self.index.nprobe = min(64, self.index.nlist)
-            self.index = _maybe_to_gpus(self.index, use_gpu)
+            self.index = read_faiss_index(self.dir / "index.faiss", use_gpu)
         elif self.kind == "bm25":
             import bm25s
 
@@ -169,18 +162,108 @@ class IndexRetriever(Retriever):
         else:
             tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
             ids, scores = self.bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        out = []
-        for row_ids, row_scores in zip(np.asarray(ids), np.asarray(scores)):
-            keep = [(int(i), float(s)) for i, s in zip(row_ids, row_scores)
-                    if i >= 0 and (self.kind == "dense" or s > 0)]
-            docs = self.store.get_many([i for i, _ in keep])
-            out.append([Document(d["id"], d["contents"], s) for d, (_, s) in zip(docs, keep)])
-        return out
+        return _documents(self.store, ids, scores, keep_zero=self.kind == "dense")
+
+
+class FaissFileRetriever(Retriever):
+    """A FAISS index file served with the corpus jsonl its vectors were made from, neither rebuilt nor copied:
+    vector i is the i-th non-empty line of the corpus (how Search-R1's index_builder.py writes `e5_Flat.index`
+    from `wiki-18.jsonl`). The queries are encoded as the passages were: same encoder, pooling and query prefix
+    (E5: mean pooling, "query: "), L2-normalised. The corpus is indexed by a newline scan at start (disk speed,
+    no parsing); a line is parsed when a search returns it."""
+
+    def __init__(self, faiss_index: str | Path, corpus: str | Path, encoder: str | Path, query_prefix: str = "",
+                 pooling: str = "mean", max_length: int = 256, device: str | None = None,
+                 use_gpu: bool | None = None, progress: bool = False):
+        import time
+
+        from .encoder import TextEncoder
+
+        t0 = time.perf_counter()
+        faiss_index, corpus = Path(faiss_index), Path(corpus)
+        for flag, path in (("--faiss-index", faiss_index), ("--corpus", corpus)):
+            if not path.is_file():
+                raise FileNotFoundError(f"{flag} {path} not found")
+        if corpus.suffix in (".gz", ".bz2", ".xz", ".zst"):
+            raise ValueError(f"--corpus {corpus} is compressed: decompress it first (e.g. gzip -d {corpus}); the "
+                             "server reads lines by byte offset")
+        self.encoder = TextEncoder(encoder, query_prefix, "", max_length, device=device, pooling=pooling)
+        self.index = read_faiss_index(faiss_index, use_gpu=False)
+        if self.index.d != self.encoder.dim:
+            raise ValueError(f"--faiss-index {faiss_index} holds {self.index.d}-dimensional vectors but the encoder "
+                             f"{encoder} makes {self.encoder.dim}-dimensional ones: give the encoder the index was "
+                             "built with (Search-R1's e5_Flat.index: intfloat/e5-base-v2, 768)")
+        offsets = line_offsets(corpus, progress)
+        if len(offsets) != self.index.ntotal:
+            raise ValueError(f"--faiss-index {faiss_index} holds {self.index.ntotal} vectors but --corpus {corpus} has "
+                             f"{len(offsets)} non-empty lines: they are not an index and the corpus it was built "
+                             "from (vector i must be line i)")
+        self.store = CorpusStore(corpus, offsets)
+        for i in {0, len(offsets) - 1}:  # a wrong file (not jsonl, not UTF-8) fails now, not at the first search
+            self.store.get(i)
+        self.index = _maybe_to_gpus(self.index, use_gpu)
+        self.kind = "dense"
+        self.startup_s = time.perf_counter() - t0
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def search(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
+        if not queries:
+            return []
+        scores, ids = self.index.search(self.encoder.encode_queries(list(queries)), min(topk, len(self.store)))
+        return _documents(self.store, ids, scores, keep_zero=True)
+
+
+def _documents(store: CorpusStore, ids, scores, keep_zero: bool) -> list[list[Document]]:
+    """One ranked Document list per query from a search's (ids, scores); FAISS pads missing hits with id -1, and
+    a BM25 score of 0 matched nothing (keep_zero=False drops those)."""
+    out = []
+    for row_ids, row_scores in zip(np.asarray(ids), np.asarray(scores)):
+        keep = [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0 and (keep_zero or s > 0)]
+        docs = store.get_many([i for i, _ in keep])
+        out.append([Document(d["id"], d["contents"], s) for d, (_, s) in zip(docs, keep)])
+    return out
+
+
+def line_offsets(corpus: str | Path, progress: bool = False) -> np.ndarray:
+    """Byte offsets of the non-empty lines of a text file, from a newline scan (no parsing: about disk speed, some
+    seconds for the 14 GB wiki-18.jsonl); 8 bytes per line."""
+    from tqdm import tqdm
+
+    corpus = Path(corpus)
+    size = corpus.stat().st_size
+    newlines, pos = [], 0
+    with open(corpus, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing lines of {corpus.name}",
+                                       disable=not progress or size < 2**28) as bar:
+        while chunk := f.read(2**26):
+            newlines.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + pos)
+            pos += len(chunk)
+            bar.update(len(chunk))
+    ends = np.concatenate(newlines + [np.asarray([size], dtype=np.int64)]).astype(np.int64)
+    starts = np.concatenate([np.zeros(1, dtype=np.int64), ends[:-1] + 1])
+    return starts[ends > starts]  # empty lines (and the end of a file that ends with a newline) hold no document
+
+
+def read_faiss_index(path: str | Path, use_gpu: bool | None = None):
+    """A FAISS index file, memory-mapped where its type allows (flat, IVF), with search-time settings for
+    approximate types (HNSW efSearch >= 128, IVF nprobe <= 64), on the GPUs when asked or available."""
+    faiss = import_faiss()
+
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    except RuntimeError:  # index types without mmap support load into memory
+        index = faiss.read_index(str(path))
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(index.hnsw.efSearch, 128)
+    if hasattr(index, "nprobe"):
+        index.nprobe = min(64, index.nlist)
+    return _maybe_to_gpus(index, use_gpu)
 
 
 def _maybe_to_gpus(index, use_gpu: bool | None):
     """Shard the index over all GPUs when faiss-gpu is installed (use_gpu=None: when available)."""
-    import faiss
+    faiss = import_faiss()
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu is False or n == 0:

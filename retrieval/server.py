@@ -1,8 +1,9 @@
-"""The retrieval HTTP service: `python -m retrieval serve --index DIR --port 8000`.
+"""The retrieval HTTP service: `python -m nemo_sdsearch.retrieval serve --index DIR --port 8000`.
 
 Search-R1 wire format: `POST /retrieve {"queries": [...], "topk": k, "return_scores": bool}` answers
 `{"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}` (with scores) or
-`{"result": [[{"id", "contents"}, ...], ...]}` (without). `GET /health` reports readiness.
+`{"result": [[{"id", "contents"}, ...], ...]}` (without). As in Search-R1's server, `topk` may be left out or
+null (the server's `--topk` applies) and `return_scores` defaults to false. `GET /health` reports readiness.
 
 Concurrent requests are coalesced: a batcher collects requests for up to `batch_window_ms` (or
 `max_batch_queries` queries), runs one batched encode + search in a worker thread, and hands each
@@ -14,7 +15,7 @@ deadlines): the request head must arrive within `header_timeout_s` of connecting
 answer), the body within `body_timeout_s` of the head, a body over `max_request_bytes` is refused with
 413 before it is read, and beyond `max_connections` open connections a new one gets 503. Idle, slowloris
 and short-body clients are closed on time, so a handful of them cannot exhaust the file descriptors.
-All limits live in `Limits`; each is a `python -m retrieval serve` flag and a row in docs/retrieval.md.
+All limits live in `Limits`; each is a `serve` flag and a row in docs/retrieval.md.
 """
 
 
@@ -24,7 +25,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-log = logging.getLogger("retrieval.server")
+log = logging.getLogger(__name__)
 
 
 def _dumps(obj) -> bytes:
@@ -43,8 +44,8 @@ def _limit(default, help: str):
 
 @dataclass(frozen=True)
 class Limits:
-    """Every limit the server enforces. Each field is a `python -m retrieval serve` flag (`max_queries` is
-    `--max-queries`) and a row of the limits table in docs/retrieval.md."""
+    """Every limit the server enforces. Each field is a `serve` flag (`max_queries` is `--max-queries`) and a row
+    of the limits table in docs/retrieval.md."""
 
     # Per request, checked on the parsed body: a violation is a 400 that names the field.
     max_queries: int = _limit(512, "queries in one request (400 beyond)")
@@ -314,7 +315,8 @@ class Batcher:
                     p.future.set_result(rows)
 
 
-def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, max_batch_queries: int = 256):
+def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, max_batch_queries: int = 256,
+               default_topk: int = 3):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -331,7 +333,7 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
     class RetrieveRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         queries: list[StrictStr] = Field(min_length=1, max_length=limits.max_queries)
-        topk: StrictInt = Field(default=3, ge=1, le=limits.max_topk)
+        topk: StrictInt | None = Field(default=None, ge=1, le=limits.max_topk)  # None: default_topk
         return_scores: StrictBool = False
 
         @field_validator("queries")
@@ -357,7 +359,7 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
         first = errors[0] if errors else {"where": "body", "problem": "invalid request"}
         return JSONResponse(status_code=400, content={
             "error": f"{first['where']}: {first['problem']}", "errors": errors,
-            "expected": '{"queries": ["..."], "topk": 3, "return_scores": false}'})
+            "expected": '{"queries": ["..."], "topk": 3 (or null), "return_scores": false}'})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -371,7 +373,7 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
 
     @app.post("/retrieve", response_class=Response)
     async def retrieve(req: RetrieveRequest):
-        rows = await batcher.search(req.queries, req.topk)
+        rows = await batcher.search(req.queries, default_topk if req.topk is None else req.topk)
         # Serialised here in one pass (FastAPI's generic encoder walks every value first).
         body = _dumps({"result": [[d.to_wire(req.return_scores) for d in row] for row in rows]})
         return Response(body, media_type="application/json")
@@ -387,20 +389,13 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
     return app
 
 
-def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, window_ms: float = 4.0,
-          max_batch_queries: int = 256, use_gpu: bool | None = None, limits: Limits | None = None) -> None:
+def serve(retriever, host: str = "127.0.0.1", port: int = 8000, window_ms: float = 4.0,
+          max_batch_queries: int = 256, limits: Limits | None = None, default_topk: int = 3) -> None:
+    """Serve a loaded retriever (`index.IndexRetriever`, `index.FaissFileRetriever`) until interrupted."""
     import uvicorn
 
-    from retrieval.index import IndexRetriever
-
-    limits = limits or Limits()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    limits = _fit_file_limit(limits)
-    t0 = time.perf_counter()
-    retriever = IndexRetriever(index_dir, use_gpu=use_gpu)
-    log.info("loaded %s index of %d passages from %s in %.2fs", retriever.kind, len(retriever), index_dir,
-             time.perf_counter() - t0)
-    app = create_app(retriever, limits, window_ms, max_batch_queries)
+    limits = _fit_file_limit(limits or Limits())
+    app = create_app(retriever, limits, window_ms, max_batch_queries, default_topk)
     server = uvicorn.Server(uvicorn_config(app, host, port, limits))
     try:
         server.run()

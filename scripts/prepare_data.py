@@ -1,5 +1,7 @@
-"""Convert question files you have downloaded into the FlashRAG jsonl that `sdsearch train` and
-`sdsearch eval` read (`{"id", "question", "golden_answers", "metadata"}`). Nothing is downloaded.
+"""Convert question files you have downloaded into FlashRAG jsonl (`{"id", "question", "golden_answers",
+"metadata"}`): merge several into one, or split a Search-R1 file into one file per benchmark. Nothing is
+downloaded. `sdsearch train` (data.train_files, ...) and `sdsearch eval --data` read both formats directly
+(nemo_sdsearch.core.qa.load_questions); this script is for merging, splitting and checking.
 
 Inputs, recognised per file:
 - FlashRAG jsonl (`{"id", "question", "golden_answers", ...}`): checked, normalised, passed through.
@@ -19,77 +21,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-QUESTION = re.compile(r"Question:\s*(.+?)\s*$", re.DOTALL)
-
-
-def _rows(path: Path):
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
-        return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-
-
-def _as_list(x) -> list[str]:
-    if isinstance(x, str):
-        return [x]
-    return [str(a) for a in (x or [])]
+from nemo_sdsearch.core.qa import QA, is_search_r1_row, load_questions, read_rows
 
 
 def convert_row(row: dict, where: str, source: str) -> tuple[str, dict]:
-    """(dataset name, FlashRAG row) for one input row of either format."""
-    if "question" in row and "golden_answers" in row:  # FlashRAG
-        answers = _as_list(row["golden_answers"])
-        out = {"id": str(row.get("id", where)), "question": str(row["question"]).strip(), "golden_answers": answers,
-               "metadata": dict(row.get("metadata") or {})}
+    """(dataset name, FlashRAG row) for one input row of either format (the trainer's own readers,
+    nemo_sdsearch.core.qa, decide; blank answers are dropped here too)."""
+    if is_search_r1_row(row):
+        qa = QA.from_search_r1(row, where)
+        name = qa.metadata["data_source"]
+    elif isinstance(row, dict) and "question" in row and "golden_answers" in row:  # FlashRAG
+        answers = [row["golden_answers"]] if isinstance(row["golden_answers"], str) else row["golden_answers"]
+        row = {**row, "id": row.get("id", where), "question": str(row["question"]).strip(),
+               "golden_answers": [str(a) for a in answers or [] if str(a).strip()]}
+        qa = QA.from_flashrag(row, where)
         name = source
-    elif "prompt" in row and "reward_model" in row:  # Search-R1
-        messages = row["prompt"]
-        text = messages if isinstance(messages, str) else next(
-            (m.get("content", "") for m in reversed(list(messages)) if m.get("role") == "user"), "")
-        m = QUESTION.search(text or "")
-        if not m:
-            raise ValueError(f"{where}: no 'Question: ...' in the Search-R1 prompt")
-        question = m.group(1).strip()
-        truth = (row.get("reward_model") or {}).get("ground_truth") or {}
-        answers = _as_list(truth.get("target") if isinstance(truth, dict) else truth)
-        extra = row.get("extra_info") or {}
-        name = str(row.get("data_source") or source)
-        out = {"id": f"{name}_{extra.get('split', 'x')}_{extra.get('index', where)}", "question": question,
-               "golden_answers": answers, "metadata": {"data_source": name}}
     else:
         raise ValueError(f"{where}: neither FlashRAG ({{question, golden_answers}}) nor Search-R1 "
                          "({prompt, reward_model}) fields")
-    if not out["question"]:
-        raise ValueError(f"{where}: empty question")
-    if not out["golden_answers"] or not all(a.strip() for a in out["golden_answers"]):
-        raise ValueError(f"{where}: no usable golden answer")
-    return name, out
+    return name, {"id": qa.id, "question": qa.question, "golden_answers": qa.golden_answers, "metadata": qa.metadata}
 
 
 def convert(paths: list[Path], out_dir: Path, split_by_source: bool = False, merge: str | None = None) -> dict:
-    from nemo_sdsearch.core.qa import load_flashrag
-
     out_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[dict]] = {}
     for path in paths:
         rows = []
-        for i, row in _rows(path):
-            name, converted = convert_row(row, f"{path}:{i}", path.parent.name or path.stem)
+        for where, row in read_rows(path):
+            name, converted = convert_row(row, where, path.parent.name or path.stem)
             rows.append((name if split_by_source else path.stem if merge is None else "merged", converted))
         for name, converted in rows:
             groups.setdefault(name if not merge else "merged", []).append(converted)
@@ -107,7 +69,7 @@ def convert(paths: list[Path], out_dir: Path, split_by_source: bool = False, mer
             unique.append(r)
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique), encoding="utf-8")
-        load_flashrag(tmp)  # the trainer's own loader accepts every line
+        load_questions(tmp)  # the trainer's own loader accepts every line
         tmp.replace(target)
         written[str(target)] = len(unique)
     return written

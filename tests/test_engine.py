@@ -8,7 +8,7 @@ from nemo_sdsearch.core.spans import SpanType
 from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine, parse_action
 from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator
 from nemo_sdsearch.rollout.torch_generator import TorchGenerator
-from retrieval import BM25Retriever
+from nemo_sdsearch.retrieval import BM25Retriever
 
 
 class Spy(Generator):

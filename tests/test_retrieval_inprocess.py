@@ -5,8 +5,8 @@ import json
 import pytest
 
 from nemo_sdsearch.core.prompts import format_passages, information_block
-from retrieval import BM25Retriever, Document, load_corpus
-from retrieval.base import CorpusError
+from nemo_sdsearch.retrieval import BM25Retriever, Document, load_corpus
+from nemo_sdsearch.retrieval.base import CorpusError
 
 
 def recall_at(retriever, questions, k):
@@ -27,12 +27,12 @@ def test_bm25_finds_the_entity_passage(bundle):
 def test_dense_minilm_faiss(bundle, tmp_path):
     import numpy as np
 
-    from retrieval import DenseRetriever, TextEncoder
+    from nemo_sdsearch.retrieval import DenseRetriever, TextEncoder
 
-    corpus = bundle.test_world.passages[:200]
-    titles = {p["contents"].partition("\n")[0].strip('"') for p in corpus}
-    questions = [q for q in bundle.test if all(h.entity in titles for h in q.hops)]
-    assert questions
+    from test_retrieval_service import evidence_corpus
+
+    questions = bundle.test[:20]
+    corpus = evidence_corpus(bundle.test_world.passages, questions, 200)
     encoder = TextEncoder()
     r = DenseRetriever(corpus, encoder, cache_dir=tmp_path)
     cached = list(tmp_path.glob("*.npy"))
@@ -55,7 +55,7 @@ def faiss_vectors(r):
 def test_encoder_is_mean_pooled_and_normalised():
     import numpy as np
 
-    from retrieval import TextEncoder
+    from nemo_sdsearch.retrieval import TextEncoder
 
     enc = TextEncoder()
     e = enc.encode_queries(["a city in the north", "a painter born in 1843", "a city in the north"])
@@ -95,8 +95,8 @@ def test_encoder_matches_sentence_transformers():
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from retrieval import TextEncoder
-    from retrieval.encoder import default_encoder_path
+    from nemo_sdsearch.retrieval import TextEncoder
+    from nemo_sdsearch.retrieval.encoder import default_encoder_path
 
     texts = ['"Oskar"\nOskar is a city in Kiasiia.', "who founded Velora Works", "a b c " * 30]
     ours = TextEncoder().encode_passages(texts)

@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-from retrieval.build import build_index
-from retrieval.client import RetrievalClient, RetrievalError
-from retrieval.index import IndexRetriever
+from nemo_sdsearch.retrieval.build import build_index
+from nemo_sdsearch.retrieval.client import RetrievalClient, RetrievalError
+from nemo_sdsearch.retrieval.index import IndexRetriever
 
 
 def free_port() -> int:
@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m retrieval serve` in a child process; `flags` are extra serve flags (e.g. limits)."""
+    """`python -m nemo_sdsearch.retrieval serve` in a child process; `flags` are extra serve flags (e.g. limits;
+    with index_dir=None, the flags name what to serve)."""
 
     def __init__(self, index_dir, port=None, flags=()):
         self.index_dir, self.port = index_dir, port or free_port()
@@ -33,7 +34,8 @@ class Server:
         self.proc = None
 
     def start(self, timeout=60):
-        self.proc = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", "--index", str(self.index_dir),
+        source = ["--index", str(self.index_dir)] if self.index_dir is not None else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.retrieval", "serve", *source,
                                       "--port", str(self.port), *self.flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
@@ -54,6 +56,27 @@ class Server:
                 self.proc.kill()
 
 
+def evidence_corpus(passages, questions, n):
+    """`n` passages of a world in its order, holding the evidence of every hop of `questions` (for dense tests:
+    a corpus that is small enough to encode on CPU and still answers those questions, whatever the world's
+    size)."""
+    needed = {next(i for i, p in enumerate(passages) if h.evidence in p["contents"]) for q in questions for h in q.hops}
+    assert len(needed) <= n
+    fill = [i for i in range(len(passages)) if i not in needed][:n - len(needed)]
+    return [passages[i] for i in sorted(needed | set(fill))]
+
+
+DENSE_QUESTIONS, DENSE_PASSAGES = 40, 1030
+
+
+@pytest.fixture(scope="module")
+def dense_corpus_file(tmp_path_factory, bundle):
+    path = tmp_path_factory.mktemp("corpus") / "dense_corpus.jsonl"
+    corpus = evidence_corpus(bundle.test_world.passages, bundle.test[:DENSE_QUESTIONS], DENSE_PASSAGES)
+    path.write_text("".join(json.dumps(p) + "\n" for p in corpus))
+    return path
+
+
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory, bundle):
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
@@ -71,9 +94,9 @@ def bm25_server(corpus_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dense_index(corpus_file, tmp_path_factory):
+def dense_index(dense_corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "dense"
-    build_index(corpus_file, out, kind="dense", shard_size=300, progress=False)
+    build_index(dense_corpus_file, out, kind="dense", shard_size=300, progress=False)
     return out
 
 
@@ -205,9 +228,9 @@ def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):
         dead.search(["x"], 3)
 
 
-def test_dense_index_build_resume_and_search(dense_index, corpus_file, bundle):
+def test_dense_index_build_resume_and_search(dense_index, dense_corpus_file, bundle):
     meta = json.loads((dense_index / "meta.json").read_text())
-    assert meta["complete"] and meta["num_passages"] == 1030 and meta["dim"] == 384
+    assert meta["complete"] and meta["num_passages"] == DENSE_PASSAGES and meta["dim"] == 384
     shards = sorted((dense_index / "emb").glob("shard_*.npy"))
     assert len(shards) == 4
     # Interrupt a build: the last shard is gone and meta is not complete. Resuming encodes only it.
@@ -217,10 +240,10 @@ def test_dense_index_build_resume_and_search(dense_index, corpus_file, bundle):
     (dense_index / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="did not finish"):
         IndexRetriever(dense_index)
-    build_index(corpus_file, dense_index, kind="dense", shard_size=300, progress=False)
+    build_index(dense_corpus_file, dense_index, kind="dense", shard_size=300, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in sorted((dense_index / "emb").glob("shard_*.npy"))[:-1]} == mtimes
     r = IndexRetriever(dense_index)
-    hops = [h for q in bundle.test[:40] for h in q.hops]
+    hops = [h for q in bundle.test[:DENSE_QUESTIONS] for h in q.hops]
     res = r.search([h.query for h in hops], 3)
     assert sum(any(h.evidence in d.contents for d in docs) for h, docs in zip(hops, res)) / len(hops) >= 0.95
 
@@ -232,7 +255,7 @@ def test_bad_index_dir_and_corpus(tmp_path):
     bad.write_text('{"id": 1, "contents": "\\"T\\"\\nx"}\n{"id": 2}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         build_index(bad, tmp_path / "out", kind="bm25", progress=False)
-    from retrieval.__main__ import main
+    from nemo_sdsearch.retrieval.__main__ import main
 
     assert main(["serve", "--index", str(tmp_path / "nope")]) == 2
 

@@ -91,7 +91,7 @@ def test_reference_text_omits_information_by_default(char_tokenizer):
 def test_pool_is_appended_and_resumed(micro_model, tokenizer, bundle, tmp_path):
     from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
-    from retrieval import BM25Retriever
+    from nemo_sdsearch.retrieval import BM25Retriever
 
     engine = RolloutEngine(TorchGenerator(micro_model, tokenizer), BM25Retriever(bundle.train_world.passages),
                            RolloutConfig(max_turns=1, max_new_tokens=8, max_context=400))

@@ -48,7 +48,7 @@ def test_bf16_autocast_loss_tracks_fp32(bundle, tokenizer):
     from nemo_sdsearch.world.demos import DemoBuilder
     from nemo_sdsearch.world.model_config import qwen2_config
     from nemo_sdsearch.world.warmstart import collate, demo_loss
-    from retrieval import BM25Retriever
+    from nemo_sdsearch.retrieval import BM25Retriever
 
     builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names))
     rng = random.Random(0)
@@ -69,7 +69,7 @@ def test_demonstrations_cover_both_formats(bundle, tokenizer):
     import random
 
     from nemo_sdsearch.world.demos import DemoBuilder
-    from retrieval import BM25Retriever
+    from nemo_sdsearch.retrieval import BM25Retriever
 
     builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
                           teacher_fraction=0.5)
@@ -122,7 +122,7 @@ def test_cli_eval_bad_input(tmp_path, capsys, warm_dir):
 def test_cli_world_export(tmp_path):
     assert main(["world", "--out", str(tmp_path)]) == 0
     from nemo_sdsearch.core.qa import load_flashrag
-    from retrieval import load_corpus
+    from nemo_sdsearch.retrieval import load_corpus
 
     assert len(load_corpus(tmp_path / "test_corpus.jsonl")) >= 1000
     assert len(load_flashrag(tmp_path / "test.jsonl")) == 300

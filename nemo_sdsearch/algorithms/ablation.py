@@ -71,7 +71,7 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
         summary = grpo.train(rcfg, console, progress=False)
         model_dir = str(run_dir / "final")
         test = _test_em(rcfg, model_dir)
-        curve = [(e["step"] * per_step, e["em"]) for e in summary["evals"] if e["em"] == e["em"]]
+        curve = [(e["step"] * per_step, e["val/dev_em"]) for e in summary["evals"] if "val/dev_em" in e]
     result = {"algorithm": algorithm, "seed": seed, "rollouts": budget if algorithm == "search_e1" else steps * per_step,
               "test": test, "curve": curve, "seconds": time.perf_counter() - t0, "model": model_dir}
     done.write_text(json.dumps(result, indent=1))

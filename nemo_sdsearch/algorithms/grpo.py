@@ -9,9 +9,11 @@ One step:
   4. [sd_search] a hindsight block per group; teacher sequences; teacher logits at query positions
   5. update: `GRPOSDLoss` (clipped surrogate + kl_coef * k3 KL [+ sd.coef * JSD at query positions]),
      normalised by the counts of the whole batch over all replicas, so any split trains like one process
-Periodic greedy dev evaluation (sharded over replicas), checkpoints, TensorBoard and metrics.jsonl every
-step, and at the end a summary table, a PNG of the curves and test-world EM. Metrics are whole-batch
-sums over the replicas; only rank 0 prints and writes files.
+Periodic greedy dev evaluation (sharded over replicas), checkpoints, metrics.jsonl and the `logger.backends`
+(console line or progress bar, TensorBoard, W&B, MLflow: nemo_sdsearch/logger.py) every step, and at the end
+a summary table, a PNG of the curves and test-world EM. Metric names follow verl / Search-R1
+(`critic/score/mean`, `actor/pg_loss`, `env/number_of_valid_search`, ...; the README's Metrics section);
+they are whole-batch figures over the replicas; only rank 0 prints and writes files.
 
 The recipe sees one `Actor` interface whatever the backend and layout (`algorithms/setup.py` builds it:
 `actor=hf` in one process, `actor=megatron` under torchrun with tp x pp x dp ranks).
@@ -20,36 +22,25 @@ The recipe sees one `Actor` interface whatever the backend and layout (`algorith
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from nemo_sdsearch.algorithms import sd_search
-from nemo_sdsearch.algorithms.report import plot_curves, summary_rows
+from nemo_sdsearch.algorithms.report import SUMMARY_CAPTION, plot_curves, summary_rows
 from nemo_sdsearch.algorithms.setup import build_components, is_rank0, make_prompt_format, sharded_greedy_em
-from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_out_dir, clear_out_dir,
-                                            load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state,
+from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, Preempted, StopRequest
+from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_free_disk, check_out_dir,
+                                            checkpoint_bytes, clear_out_dir, load_latest_checkpoint,
+                                            rotate_checkpoints, rng_state, save_checkpoint, set_rng_state,
                                             truncate_jsonl)
 from nemo_sdsearch.config import ConfigError, TrainConfig, to_dict
 from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.logger import build_loggers, check_backends
 from nemo_sdsearch.losses.grpo_sd_loss import METRIC_SUMS, GRPOSDLoss, PolicyMicroBatch, token_weights
 from nemo_sdsearch.losses.policy import group_advantages
 from nemo_sdsearch.models.base import SequenceBatch
-
-
-class _NoWriter:
-    """The TensorBoard writer of ranks other than 0."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,11 +167,21 @@ def save_final(actor, tok, out: Path, rank0: bool) -> None:
 def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     """`sdsearch train`: GRPO / SD-Search for cfg.trainer.steps steps (see the module docstring)."""
     run = Run(cfg, console, progress)
-    with run.bar:
-        for step in range(run.start_step, cfg.trainer.steps):
-            run.record(rl_step(run, step))
-            run.evaluate_and_save(step + 1)
-    return run.finish()
+    stop = StopRequest()  # SIGUSR1 / SIGTERM: finish the step, checkpoint it, exit for a requeue
+    try:
+        with run.loggers:  # the progress bar on a terminal; every backend closed at the end, also on an error
+            for step in range(run.start_step, cfg.trainer.steps):
+                row = rl_step(run, step)
+                run.record({**row, **run.evaluate(step + 1)})  # the dev evaluation (if due) joins the step's row
+                if stop.agreed(run.c.actor):
+                    run.save(step + 1, force=True)
+                    run.console.print(f"preempted (signal {stop.signum}): step {step + 1} checkpointed; exiting "
+                                      f"with status {EXIT_REQUEUE} for a requeue (trainer.resume=true continues)")
+                    raise Preempted(step + 1)
+                run.save(step + 1)
+            return run.finish()
+    finally:
+        stop.close()
 
 
 def rl_step(run: "Run", step: int) -> dict:
@@ -211,25 +212,67 @@ def rl_step(run: "Run", step: int) -> dict:
     update_s = time.perf_counter() - t_update - m["teacher_s"]
     if sleeping:
         generator.wake_up()
-    refit_generator(actor, c.weight_sink)  # (refit time counts in time_step_s)
-    # whole-batch rollout figures: sums over the replicas
-    n, reward_sum, searches, sampled, loss_sum = actor.all_reduce_dp(torch.tensor(
-        [len(trajs), float(rewards.sum()), sum(t.num_searches for t in trajs), sum(sum(t.from_policy) for t in trajs),
-         sum(s["loss"] for s in stats)], dtype=torch.float64)).tolist()
-    per_query = lambda v: v / max(m["n_query"], 1) if teacher is not None else float("nan")
-    per_token = lambda v: v / max(m["n_policy"], 1)
-    return {"step": step + 1, "reward": reward_sum / max(n, 1), "em": reward_sum / max(n, 1),
-            "searches_per_rollout": searches / max(n, 1), "jsd": per_query(m["jsd_sum"]),
-            "agreement": per_query(m["agree"]), "query_tokens": m["n_query"], "kl": per_token(m["kl_sum"]),
-            "clip_fraction": per_token(m["clip"]), "entropy": per_token(m["entropy_sum"]), "loss": loss_sum / dp,
-            "grad_norm": stats[-1]["grad_norm"], "skipped": any(s["skipped"] for s in stats),
-            "tokens_per_s": sampled / max(gen_s, 1e-9), "time_generation_s": gen_s,
-            "time_teacher_s": m["teacher_s"], "time_update_s": update_s, "time_step_s": time.perf_counter() - t_step}
+    refit_generator(actor, c.weight_sink)  # (refit time counts in timing_s/step)
+    rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv)
+    n_policy, n_query = m["n_policy"], m["n_query"]
+    per_token = lambda v: v / max(n_policy, 1)
+    per_query = lambda v: v / n_query if teacher is not None and n_query else float("nan")  # no query: no JSD
+    loss_sum = float(actor.all_reduce_dp(torch.tensor([sum(s["loss"] for s in stats)], dtype=torch.float64)))
+    step_s = time.perf_counter() - t_step
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {
+        "step": step + 1, **rollout,
+        "actor/pg_loss": per_token(m["pg_sum"]), "actor/kl_loss": per_token(m["kl_sum"]),
+        "actor/entropy": per_token(m["entropy_sum"]), "actor/pg_clipfrac": per_token(m["clip"]),
+        "actor/loss": loss_sum / (dp * len(stats)),
+        "actor/grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
+        "actor/lr": learning_rate(actor, cfg), "actor/update_skipped": any(s["skipped"] for s in stats),
+        "sd/jsd": per_query(m["jsd_sum"]), "sd/agreement": per_query(m["agree"]), "sd/query_tokens": n_query,
+        "timing_s/gen": gen_s, "timing_s/retrieval": sum(t.retrieval_s for t in trajs),
+        "timing_s/teacher": m["teacher_s"], "timing_s/update_actor": update_s, "timing_s/step": step_s,
+        "timing_per_token_ms/gen": 1000 * gen_s / max(resp_tokens, 1),
+        "perf/throughput": all_tokens / (step_s * world),
+    }
+
+
+def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor) -> tuple[dict, float, float]:
+    """The rollout side of a step's row over the whole batch (sums over the replicas; the extremes from each
+    replica's own, gathered as a [dp, 4] sum with one row per replica), and the batch's generated and total
+    token counts."""
+    dp = actor.dp_size
+    n_pol = torch.tensor([sum(t.policy_mask()) for t in trajs], dtype=torch.float64)
+    resp = torch.tensor([t.num_sampled_tokens for t in trajs], dtype=torch.float64)
+    adv = adv.to(torch.float64)
+    sums = torch.tensor([
+        len(trajs), sum(t.exact_match for t in trajs), float((adv * n_pol).sum()), float(n_pol.sum()),
+        float(resp.sum()), sum(t.truncated for t in trajs), sum(t.num_turns for t in trajs),
+        sum(t.num_searches for t in trajs), sum(t.finish_reason == "answer" for t in trajs),
+        sum(1 - t.invalid_actions / max(t.num_turns, 1) for t in trajs), sum(len(t.token_ids) for t in trajs)],
+        dtype=torch.float64)
+    extremes = torch.zeros(dp, 4, dtype=torch.float64)
+    extremes[actor.dp_rank] = torch.stack([adv.max(), adv.min(), resp.max(), resp.min()])
+    total = actor.all_reduce_dp(torch.cat([sums, extremes.flatten()]))
+    (n, score, adv_tok, n_tok, resp_sum, truncated, turns, searches, answered, valid,
+     tokens), ext = total[:len(sums)].tolist(), total[len(sums):].view(dp, 4)
+    n = max(n, 1)
+    return {"critic/score/mean": score / n,
+            "critic/advantages/mean": adv_tok / max(n_tok, 1), "critic/advantages/max": float(ext[:, 0].max()),
+            "critic/advantages/min": float(ext[:, 1].min()),
+            "response_length/mean": resp_sum / n, "response_length/max": float(ext[:, 2].max()),
+            "response_length/min": float(ext[:, 3].min()), "response_length/clip_ratio": truncated / n,
+            "env/number_of_actions/mean": turns / n, "env/number_of_valid_search": searches / n,
+            "env/finish_ratio": answered / n, "env/ratio_of_valid_action": valid / n}, resp_sum, tokens
+
+
+def learning_rate(actor, cfg: TrainConfig) -> float:
+    """The optimizer's current learning rate (optim.lr where the actor exposes no param_groups)."""
+    groups = getattr(getattr(actor, "optimizer", None), "param_groups", None)
+    return float(groups[0]["lr"]) if groups else float(cfg.optim.lr)
 
 
 class Run:
     """The state of one `sdsearch train` run around its steps: components, sampler, history and evaluations,
-    output directory (written by rank 0 only), TensorBoard, progress bar; resume and the final outputs."""
+    output directory (written by rank 0 only), the metrics loggers; resume and the final outputs."""
 
     def __init__(self, cfg: TrainConfig, console=None, progress: bool = True):
         from rich.console import Console
@@ -237,6 +280,7 @@ class Run:
         self.cfg, out = cfg, Path(cfg.trainer.out_dir)
         self.out = out
         check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
+        check_backends(cfg.logger.backends)                          # a missing wandb / mlflow, before any model
         self.c = c = build_components(cfg)                          # distributed: every rank joined the groups
         self.rank0 = is_rank0(cfg)
         self.console = (console or Console()) if self.rank0 else Console(quiet=True)
@@ -250,15 +294,17 @@ class Run:
         self.prompts = make_prompt_format(cfg, c.tok)
         self.generator = c.engines["train"].generator if c.engines is not None else None
         self.sampler = QuestionSampler(len(c.data["train"]), cfg.trainer.seed)
-        self.history, self.evals, self.start_test, self.start_step = [], [], None, 0
+        self.history, self.evals, self.start_test, self.start_step, self.best = [], [], None, 0, None
+        if cfg.trainer.save_every or cfg.trainer.keep_last:
+            check_free_disk(out, checkpoint_bytes(c.actor.hf_config, cfg.actor == "megatron"),
+                            cfg.trainer.min_free_disk_checkpoints)
         self._resume()
+        self.loggers = build_loggers(cfg, out, self.console, rank0=self.rank0, live=progress,
+                                     start_step=self.start_step)
         if cfg.trainer.final_test_eval and self.start_test is None:
             self.console.print("evaluating the start weights on the test world ...")
             self.start_test = self.greedy("test")
-            self.console.print(f"start test EM {self.start_test['all']['em']:.3f}")
-        self.writer = self._writer()
-        self.bar = self._progress_bar(progress)
-        self.task = self.bar.add_task(cfg.algorithm, total=cfg.trainer.steps, completed=self.start_step, info="")
+            self.loggers.log_eval(0, {"val/test_em": self.start_test["all"]["em"]})
 
     # -- pieces the steps use ------------------------------------------------------------------------
     def engine(self, name: str):
@@ -283,67 +329,66 @@ class Run:
         self.sampler.load(state["sampler"])
         self.history, self.evals, self.start_test, self.start_step = (state["history"], state["evals"],
                                                                       state["start_test"], state["step"])
+        self.best = state.get("best")
         if self.rank0:
             truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
         self.console.print(f"resumed from step {self.start_step}")
 
-    def _writer(self):
-        if not self.rank0:
-            return _NoWriter()
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start_step + 1)
-
-    def _progress_bar(self, progress: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[info]}"), console=self.console, disable=not (progress and self.rank0))
-
     # -- after each step -------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict:
+        """The periodic greedy dev evaluation after step `step`: {"val/dev_em", "val/dev_f1"}, or {} when
+        none is due."""
+        t = self.cfg.trainer
+        if not (t.eval_every and step % t.eval_every == 0):
+            return {}
+        dev = self.greedy("dev")["all"]
+        val = {"val/dev_em": dev["em"], "val/dev_f1": dev["f1"]}
+        self.evals.append({"step": step, **val})
+        return val
+
     def record(self, row: dict) -> None:
-        """Keep, write (metrics.jsonl, TensorBoard) and show one step's row."""
-        if row["skipped"]:
+        """Keep one step's row (the history), write it to metrics.jsonl and hand it to the loggers: its
+        training metrics as the step, its `val/*` metrics (an evaluation after the step) as an evaluation."""
+        if row["actor/update_skipped"]:
             self.console.print(f"[yellow]step {row['step']}: non-finite loss or gradient, update skipped[/yellow]")
         self.history.append(row)
         if self.rank0:
             append_jsonl(self.out / "metrics.jsonl", row)
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
-                self.writer.add_scalar(f"train/{k}", v, row["step"])
-        info = f"reward {row['reward']:.2f} searches {row['searches_per_rollout']:.2f}"
-        if not math.isnan(row["jsd"]):
-            info += f" jsd {row['jsd']:.3f}"
-        if self.evals:
-            info += f" dev EM {self.evals[-1]['em']:.2f}"
-        self.bar.update(self.task, advance=1, info=info)
+        self.loggers.log(row["step"], {k: v for k, v in row.items() if not k.startswith("val/")})
+        val = {k: v for k, v in row.items() if k.startswith("val/")}
+        if val:
+            self.loggers.log_eval(row["step"], val)
 
-    def evaluate_and_save(self, step: int) -> None:
-        """The periodic greedy dev evaluation and training checkpoint after step `step`."""
+    def save(self, step: int, force: bool = False) -> None:
+        """The training checkpoint after step `step`, when one is due (or `force`d: a preemption); then rank 0
+        keeps the newest trainer.keep_last checkpoints and, with trainer.keep_best, the saved step with the
+        best dev EM (evaluated at that step)."""
         t = self.cfg.trainer
-        if t.eval_every and step % t.eval_every == 0:
-            dev = self.greedy("dev")
-            self.evals.append({"step": step, "em": dev["all"]["em"], "f1": dev["all"]["f1"]})
-            self.writer.add_scalar("eval/dev_em", dev["all"]["em"], step)
-        if t.save_every and step % t.save_every == 0:
-            loop_state = {"sampler": self.sampler.state(), "rng": rng_state(), "step": step, "history": self.history,
-                          "evals": self.evals, "start_test": self.start_test, "config": to_dict(self.cfg)}
-            self.c.actor.save_state(self.out / "checkpoints", step,
-                                    lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
+        if not (force or (t.save_every and step % t.save_every == 0)):
+            return
+        if self.evals and self.evals[-1]["step"] == step and (self.best is None or
+                                                              self.evals[-1]["val/dev_em"] > self.best["val/dev_em"]):
+            self.best = {"step": step, "val/dev_em": self.evals[-1]["val/dev_em"]}
+        loop_state = {"sampler": self.sampler.state(), "rng": rng_state(), "step": step, "history": self.history,
+                      "evals": self.evals, "start_test": self.start_test, "config": to_dict(self.cfg),
+                      "best": self.best}
+        self.c.actor.save_state(self.out / "checkpoints", step,
+                                lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
+        if self.rank0:
+            rotate_checkpoints(self.out, t.keep_last, self.best["step"] if t.keep_best and self.best else None)
 
     # -- the end ---------------------------------------------------------------------------------------
     def finish(self) -> dict:
         """Final test evaluation, final/ weights, the generator shut down; rank 0 writes the summary table,
         curves.png and summary.json."""
         cfg, out, evals = self.cfg, self.out, self.evals
-        self.writer.flush()
         end_test = None
         if cfg.trainer.final_test_eval:
             end_test = self.greedy("test")
-            evals = [{"step": 0, "em": float("nan"), "test_em": self.start_test["all"]["em"]}] + evals
-            evals.append({"step": cfg.trainer.steps, "em": evals[-1]["em"], "test_em": end_test["all"]["em"]})
-            self.writer.add_scalar("eval/test_em", end_test["all"]["em"], cfg.trainer.steps)
-        self.writer.close()
+            evals = [{"step": 0, "val/test_em": self.start_test["all"]["em"]}, *evals,
+                     {"step": cfg.trainer.steps, "val/test_em": end_test["all"]["em"]}]
+            self.loggers.log_eval(cfg.trainer.steps, {"val/test_em": end_test["all"]["em"]})
+        self.loggers.close()  # the progress bar ends before the table; the backends are flushed and finished
         summary = {"start_test": self.start_test, "end_test": end_test, "history": self.history, "evals": evals}
         save_final(self.c.actor, self.c.tok, out, self.rank0)
         if self.generator is not None and hasattr(self.generator, "shutdown"):
@@ -352,12 +397,14 @@ class Run:
             from rich.table import Table
 
             plot_curves(self.history, evals, out / "curves.png", f"{cfg.algorithm} on the tiny world")
-            table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps")
+            table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps", caption=SUMMARY_CAPTION)
             for col, justify in (("metric", "left"), ("start", "right"), ("end", "right")):
                 table.add_column(col, justify=justify)
             for r in summary_rows(self.start_test, end_test, self.history):
                 table.add_row(*r)
             self.console.print(table)
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
-            self.console.print(f"wrote {out}/final (HF model), curves.png, metrics.jsonl, summary.json, tensorboard/")
+            extra = "".join(f", {b}" for b in ("tensorboard/", "wandb/", "mlruns/") if (out / b.rstrip("/")).exists())
+            self.console.print(f"wrote {out}/final (HF model), curves.png, metrics.jsonl, summary.json{extra}",
+                               soft_wrap=True)
         return summary

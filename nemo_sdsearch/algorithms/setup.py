@@ -17,12 +17,12 @@ from nemo_sdsearch.config import TrainConfig
 
 def load_questions(cfg: TrainConfig) -> dict:
     """train / dev / test questions: the user's FlashRAG files when given, else the bundled world."""
-    from nemo_sdsearch.core.qa import QA, load_flashrag
+    from nemo_sdsearch.core.qa import QA, load_questions as read_questions
     from nemo_sdsearch.world.generator import build_bundle
 
     d = cfg.data
     if d.train_files:
-        read = lambda files: [q for f in files for q in load_flashrag(f)]
+        read = lambda files: [q for f in files for q in read_questions(f)]  # FlashRAG jsonl / Search-R1 parquet
         train, dev, test = read(d.train_files), read(d.dev_files), read(d.test_files)
     else:
         bundle = build_bundle()
@@ -67,7 +67,29 @@ class DrainWeights:
         deque(weights, maxlen=0)
 
 
-def build_components(cfg: TrainConfig) -> Components:
+def init_distributed(cfg: TrainConfig) -> None:
+    """The process groups of a distributed actor (a no-op for the hf actor); safe to call again."""
+    if cfg.actor == "megatron":
+        from nemo_sdsearch.models.megatron.launch import init_megatron_parallel
+
+        init_megatron_parallel(cfg)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def close_components(c: Components) -> None:
+    """Shut the generator down (TensorRT-LLM releases its GPUs and Ray workers) before a stage builds the
+    next one."""
+    generator = c.engines["train"].generator if c.engines is not None else None
+    if generator is not None and hasattr(generator, "shutdown"):
+        generator.shutdown()
+
+
+def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Components:
     """The actor, reference, tokenizer, questions, rollout engines and weight sink of this rank.
 
     hf: one process; the generator shares the actor's fp32 weights. megatron (under torchrun): the
@@ -76,7 +98,8 @@ def build_components(cfg: TrainConfig) -> Components:
     replica leader builds a generator (the other ranks receive its trajectories), and only a leader with the
     torch generator loads a whole model (its generation copy, refitted from the weight stream). So no other
     rank ever holds an unsharded model. generator=trtllm: one engine per replica on the replica's GPUs
-    (`rollout/trtllm_placement.py`)."""
+    (`rollout/trtllm_placement.py`). `with_reference`: build the frozen reference copy (default: when the
+    k3 KL needs it, grpo.kl_coef > 0; Search-E1's full-parameter OPSD uses it as the frozen teacher)."""
     from transformers import AutoTokenizer
 
     from nemo_sdsearch.models.hf import HFActor, HFScorer, load_model_and_tokenizer
@@ -92,10 +115,11 @@ def build_components(cfg: TrainConfig) -> Components:
     torch.manual_seed(cfg.trainer.seed)
     model_dir = cfg.model.path or default_model_dir()
     data = load_questions(cfg)
+    with_reference = cfg.grpo.kl_coef > 0 if with_reference is None else with_reference
     if not megatron:
         # this model object is the trained one: fp32 master weights (bf16 autocast on CUDA)
         model, tok = load_model_and_tokenizer(model_dir, device=device, training=True)
-        ref = HFScorer(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.grpo.kl_coef > 0 else None
+        ref = HFScorer(copy.deepcopy(model).eval().requires_grad_(False)) if with_reference else None
         actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                         grad_clip=cfg.optim.grad_clip)
         if cfg.generator == "trtllm":
@@ -108,7 +132,7 @@ def build_components(cfg: TrainConfig) -> Components:
     hf_config, read = hf_tensor_reader(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     actor = build_megatron_actor(hf_config, read, cfg)
-    ref = build_megatron_actor(hf_config, read, cfg, frozen=True) if cfg.grpo.kl_coef > 0 else None
+    ref = build_megatron_actor(hf_config, read, cfg, frozen=True) if with_reference else None
     del read
     torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
     if cfg.generator == "trtllm":

@@ -105,6 +105,57 @@ def save_checkpoint(out_dir: Path, step: int, payload: dict) -> Path:
     return final
 
 
+def rotate_checkpoints(out_dir: Path, keep_last: int, keep_step: int | None = None) -> list[int]:
+    """Rank 0, after a checkpoint is complete: delete every training checkpoint (`step_N/` and the
+    distributed actor's `megatron_step_N/`) except the newest `keep_last` (0 = keep all), the one `latest`
+    points at, and `keep_step` (the best by dev EM). Returns the steps deleted."""
+    root = out_dir / "checkpoints"
+    if keep_last <= 0 or not root.is_dir():
+        return []
+    steps = sorted(int(p.name.split("_")[-1]) for p in root.glob("step_*") if p.is_dir())
+    keep = set(steps[-keep_last:])
+    if (root / "latest").exists():
+        keep.add(int((root / "latest").read_text().strip().split("_")[-1]))
+    if keep_step is not None:
+        keep.add(int(keep_step))
+    gone = [s for s in steps if s not in keep]
+    for s in gone:
+        for d in (root / f"step_{s:06d}", root / f"megatron_step_{s:06d}"):
+            if d.exists():
+                shutil.rmtree(d)
+    return gone
+
+
+def checkpoint_bytes(hf_config, distributed: bool) -> int:
+    """An upper estimate of one training checkpoint's size: per parameter fp32 weights and Adam's two fp32
+    moments (12 bytes; the distributed actor's Megatron checkpoint adds its bf16 model weights: 14), plus 1%
+    for the loop state. Counted from the HF config (Qwen2 family: embeddings, attention with biases, SwiGLU
+    MLP, norms; an untied output layer)."""
+    c = hf_config
+    h, L, V, f = c.hidden_size, c.num_hidden_layers, c.vocab_size, c.intermediate_size
+    hd = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    kv = c.num_key_value_heads * hd
+    layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+    params = V * h * (1 if getattr(c, "tie_word_embeddings", False) else 2) + L * layer + h
+    return int(params * (14 if distributed else 12) * 1.01)
+
+
+def check_free_disk(out_dir: Path, need_bytes: int, count: float) -> None:
+    """Refuse to start a run whose disk cannot hold `count` more checkpoints of `need_bytes` each."""
+    if count <= 0:
+        return
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes * count:
+        gib = 2 ** 30
+        raise ConfigError(f"config key trainer.out_dir: {out_dir} has {free / gib:.1f} GiB free, but one training "
+                          f"checkpoint takes about {need_bytes / gib:.1f} GiB (x trainer.min_free_disk_checkpoints="
+                          f"{count:g}); free space, choose another trainer.out_dir, lower trainer.keep_last, or set "
+                          "trainer.min_free_disk_checkpoints=0 to skip this check")
+
+
 def load_latest_checkpoint(out_dir: Path) -> dict | None:
     pointer = out_dir / "checkpoints" / "latest"
     if not pointer.exists():

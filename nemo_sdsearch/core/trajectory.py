@@ -33,6 +33,11 @@ class Trajectory:
     finish_reason: str = "running"
     num_turns: int = 0
     normalization: str = "squad"  # answer normalisation of exact_match / f1 (core.reward)
+    # what the rollout engine measured (the training metrics: env/*, response_length/*, timing_s/retrieval)
+    invalid_actions: int = 0      # turns holding no valid action (no search or answer tag, an empty query)
+    truncated_turns: int = 0      # turns the token budget (rollout.max_new_tokens) cut off
+    retrieval_s: float = 0.0      # this rollout's share of the retriever calls' wall time (a batched call's
+                                  # time split evenly over the rows it served)
     _parse_state: str = OUTSIDE
 
     # -- building -------------------------------------------------------------------------------
@@ -91,6 +96,16 @@ class Trajectory:
     def num_searches(self) -> int:
         return len(self.queries)
 
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Tokens the policy generated (every turn; environment text not counted)."""
+        return sum(self.from_policy)
+
+    @property
+    def truncated(self) -> bool:
+        """A length budget cut this rollout: a turn hit rollout.max_new_tokens, or the context guard ended it."""
+        return self.truncated_turns > 0 or self.finish_reason == "context"
+
     # -- storage -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-serialisable record (NaN log-probs of environment tokens become null)."""
@@ -101,7 +116,8 @@ class Trajectory:
             "sampled_logprobs": [None if math.isnan(x) else x for x in self.sampled_logprobs],
             "prompt_length": self.prompt_length, "queries": self.queries, "policy_texts": self.policy_texts,
             "answer": self.answer, "finish_reason": self.finish_reason, "num_turns": self.num_turns,
-            "normalization": self.normalization,
+            "normalization": self.normalization, "invalid_actions": self.invalid_actions,
+            "truncated_turns": self.truncated_turns, "retrieval_s": self.retrieval_s,
         }
 
     @classmethod
@@ -114,6 +130,9 @@ class Trajectory:
         t.sampled_logprobs = [math.nan if x is None else x for x in d["sampled_logprobs"]]
         t.prompt_length, t.queries, t.policy_texts = d["prompt_length"], list(d["queries"]), list(d["policy_texts"])
         t.answer, t.finish_reason, t.num_turns = d["answer"], d["finish_reason"], d["num_turns"]
+        # records written before these fields existed read as "nothing measured"
+        t.invalid_actions, t.truncated_turns = d.get("invalid_actions", 0), d.get("truncated_turns", 0)
+        t.retrieval_s = d.get("retrieval_s", 0.0)
         n = len(t.token_ids)
         if not (len(t.span_types) == len(t.is_query) == len(t.from_policy) == len(t.sampled_logprobs) == n):
             raise ValueError(f"trajectory record for {t.question_id!r} has per-token fields of unequal length")

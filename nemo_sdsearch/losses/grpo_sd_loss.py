@@ -10,8 +10,8 @@ shard [N, V/tp] when `vocab_shard` is given); `micro_batch` is a `PolicyMicroBat
 with per-token weights w_i and the query weight fixed by the caller from GLOBAL counts (every token of
 the whole rollout batch over all data-parallel replicas, see `token_weights`), so that the sum of the
 micro-batch losses of all replicas is the loss of the whole batch, whatever its split. `sums` are
-detached metric sums (kl_sum, entropy_sum, clip, n_policy, jsd_sum, agree, n_query) to be added over
-micro-batches and replicas and divided by their counts at the end.
+detached metric sums (pg_sum of the clipped surrogate, kl_sum, entropy_sum, clip, n_policy, jsd_sum, agree,
+n_query) to be added over micro-batches and replicas and divided by their counts at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from nemo_sdsearch.losses.vocab_parallel import (token_logprobs, vocab_parallel_
                                                   vocab_parallel_logprobs)
 from nemo_sdsearch.models.base import SequenceBatch
 
-METRIC_SUMS = ("kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query")
+METRIC_SUMS = ("pg_sum", "kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query")
 
 
 @dataclass
@@ -100,6 +100,7 @@ class GRPOSDLoss:
                 sums["entropy_sum"] = float(-(lsm.exp() * lsm).sum())
             else:
                 sums["entropy_sum"] = float(vocab_parallel_entropy(logits.detach(), **shard).sum())
+        sums["pg_sum"] = float(surr.detach().sum())
         sums["clip"], sums["n_policy"] = float(clipped.sum()), int(mb.rows.numel())
         teacher = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits
         if self.sd is not None and teacher is not None:

@@ -107,6 +107,14 @@ class Actor(ABC):
         """SUM of `tensor` over the data-parallel replicas (in place, returned)."""
         return tensor
 
+    def all_gather_dp(self, obj) -> list:
+        """Every data-parallel replica's `obj` (picklable), in replica order, on every rank."""
+        return [obj]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank of the job (all replicas)."""
+        return flag
+
     def broadcast_in_replica(self, obj):
         """The replica leader's `obj` on every rank of its replica (others pass anything, e.g. None)."""
         return obj

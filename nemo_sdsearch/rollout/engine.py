@@ -138,7 +138,9 @@ class RolloutEngine:
                 stats.turns += 1
                 text = t.add_policy(c.token_ids, c.logprobs, self.decode)
                 stats.generated_tokens += len(c.token_ids)
+                t.truncated_turns += int(c.finish_reason == "length")
                 action, content = parse_action(text)
+                t.invalid_actions += int(action == "invalid")
                 if action == "answer":
                     t.finish_reason = "answer"
                     env[row] = None
@@ -159,7 +161,10 @@ class RolloutEngine:
                     results = self.retriever.search([searches[r] for r in rows], cfg.topk)
                 else:
                     results = [[] for _ in rows]
-                stats.retrieval_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                stats.retrieval_s += dt
+                for r in rows:  # one batched call served these rows: each carries its share of the time
+                    trajs[r].retrieval_s += dt / len(rows)
                 stats.searches += len(rows)
                 passages = {r: [d.contents for d in docs] for r, docs in zip(rows, results)}
             for row in [*passages, *invalid]:

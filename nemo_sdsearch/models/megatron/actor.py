@@ -390,6 +390,20 @@ class MegatronActor(Actor):
             torch.distributed.all_reduce(tensor, group=ps.get_data_parallel_group())
         return tensor
 
+    def all_gather_dp(self, obj) -> list:
+        if self.dp == 1:
+            return [obj]
+        from megatron.core import parallel_state as ps
+
+        out = [None] * self.dp
+        torch.distributed.all_gather_object(out, obj, group=ps.get_data_parallel_group())
+        return out
+
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def broadcast_in_replica(self, obj):
         if self.tp * self.pp == 1:
             return obj

@@ -153,6 +153,7 @@ class MegatronSection:
     activation_checkpointing: bool = False
     dtype: str = "auto"                  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     make_vocab_size_divisible_by: int = 128
+    dist_timeout_minutes: Optional[float] = None  # collective timeout; null: $SDSEARCH_DIST_TIMEOUT_MINUTES, else 30
 
 
 @dataclass
@@ -301,6 +302,7 @@ RANGES: dict[str, Range] = {
     "megatron.tensor_parallel": _ONE,
     "megatron.pipeline_parallel": _ONE,
     "megatron.make_vocab_size_divisible_by": _ONE,
+    "megatron.dist_timeout_minutes": Range(0, lo_open=True, null=True, why="null = $SDSEARCH_DIST_TIMEOUT_MINUTES or 30"),
     "trtllm.tensor_parallel": _ONE,
     "trtllm.kv_cache_fraction": Range(0, 1, lo_open=True),
     "cluster.nodes": _ONE,

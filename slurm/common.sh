@@ -7,6 +7,11 @@
 #   CONTAINER_MOUNTS  pyxis mounts (default: the submit directory at the same path)
 #   SDSEARCH_VENV     a virtualenv to activate on the host when no container is named
 #   SDSEARCH_LOGS     root of the per-job log folders (default: ./logs)
+#   SDSEARCH_DIST_TIMEOUT_MINUTES  how long a rank waits in a collective before the job fails (default 30)
+#
+# Everything that runs the project's code or its python (training, the retrieval service, the readiness
+# probe, the config probe, Ray) is an srun step, so it runs in the container when one is named; only the
+# SLURM clients (scontrol) and the shell's own bookkeeping run on the batch host.
 
 # Per-job log folder: logs/<job name>-<job id>/ (array tasks and requeues share it).
 sdsearch_log_dir() {
@@ -18,10 +23,27 @@ sdsearch_log_dir() {
 
 # srun, inside the container when CONTAINER_IMAGE is set. Extra srun options first, then "--", then
 # the command:  sdsearch_srun --ntasks=1 -- sdsearch eval ...
+# In a heterogeneous job the step goes to component 0 (the training nodes) unless the options name a
+# --het-group: a step without one would span every component. Without --cpus-per-task the step gets its
+# component's (SLURM 22.05 to 23.02 steps do not inherit it: one CPU per task, bound to one core).
 sdsearch_srun() {
-    local opts=()
+    local opts=() group=0 cpus
     while [[ $# -gt 0 && "$1" != "--" ]]; do opts+=("$1"); shift; done
     [[ "${1:-}" == "--" ]] && shift
+    if [[ -n "${SLURM_HET_SIZE:-}" ]]; then
+        if [[ " ${opts[*]} " == *" --het-group="* ]]; then
+            group="${opts[*]##*--het-group=}"; group="${group%% *}"
+        else
+            opts=(--het-group=0 "${opts[@]}")
+        fi
+        cpus="SLURM_CPUS_PER_TASK_HET_GROUP_${group}"
+        cpus="${!cpus:-}"
+    else
+        cpus="${SLURM_CPUS_PER_TASK:-}"
+    fi
+    if [[ -n "$cpus" && " ${opts[*]} " != *" --cpus-per-task="* ]]; then
+        opts+=(--cpus-per-task="$cpus")
+    fi
     if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
         srun "${opts[@]}" --container-image="$CONTAINER_IMAGE" \
             --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}" --container-workdir="$PWD" "$@"
@@ -50,30 +72,119 @@ sdsearch_rendezvous() {
     echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s)"
 }
 
-# Requeue on preemption or time limit: sbatch --signal=B:USR1@<s> sends USR1 to this shell shortly
-# before the end; the job goes back to the queue and, with trainer.resume=true, continues from its
-# last checkpoint. The step must run in the background (`... & wait`) for the trap to fire.
-sdsearch_requeue_on_signal() {
-    trap 'echo "$(date -Is) caught the end-of-allocation signal: requeueing ${SLURM_JOB_ID}";
-          scontrol requeue "${SLURM_JOB_ID}"; exit 0' USR1
-    echo "restart count: ${SLURM_RESTART_COUNT:-0}"
+# torchrun on every training node (one agent per node, NPROC_PER_NODE processes each), joined by the c10d
+# rendezvous of sdsearch_rendezvous (call it first); a node that fails ends the step on all of them. Each
+# process says where the rendezvous placed it ("rank 1 of 16 on node-b ...") before it runs the command.
+#   sdsearch_torchrun NPROC_PER_NODE COMMAND [ARG ...]
+sdsearch_torchrun() {
+    local nproc="$1"; shift
+    # torchrun forwards USR1 (the end-of-allocation signal) to every rank, and gives the ranks time to finish
+    # their step and write its checkpoint before it kills them (torch >= 2.8 reads these; older ones ignore them)
+    export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SDSEARCH_SHUTDOWN_TIMEOUT:-900}"
+    # shellcheck disable=SC2016  # expanded by each worker's bash, not here
+    local announce='echo "rank $RANK of $WORLD_SIZE on $(uname -n) (node rank $GROUP_RANK, local rank $LOCAL_RANK)"; exec "$@"'
+    sdsearch_srun --ntasks-per-node=1 --kill-on-bad-exit=1 -- \
+        torchrun --nnodes="$NNODES" --nproc-per-node="$nproc" \
+            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${SLURM_JOB_ID:-0}" \
+            --no-python bash -c "$announce" sdsearch-rank "$@"
 }
 
-# Wait for a retrieval service to answer /health (the het component or an external URL).
+# Preemption without loss. sbatch --signal=B:USR1@<s> sends USR1 to this shell shortly before the time limit
+# (and SLURM sends TERM on preemption): the trap passes it to the training step (srun forwards it to its
+# tasks, torchrun to every rank), the trainer finishes the step it is in, checkpoints it and exits with
+# status 75, and `sdsearch_train_step` requeues the job, which resumes there (trainer.resume=true). A signal
+# before the trainer started requeues at once.
+sdsearch_requeue_on_signal() {
+    trap 'sdsearch_forward_signal USR1' USR1
+    trap 'sdsearch_forward_signal TERM' TERM
+    echo "restart count: ${SLURM_RESTART_COUNT:-0}"
+}
+sdsearch_forward_signal() {
+    SDSEARCH_PREEMPTED=1
+    if [[ -n "${SDSEARCH_STEP_PID:-}" ]] && kill -0 "$SDSEARCH_STEP_PID" 2> /dev/null; then
+        echo "$(date -Is) caught SIG$1: asking the trainer to checkpoint its step and stop"
+        pkill -"$1" -P "$SDSEARCH_STEP_PID" 2> /dev/null || true  # the step's srun (it forwards to its tasks)
+    else
+        echo "$(date -Is) caught SIG$1 before training started: requeueing ${SLURM_JOB_ID}"
+        scontrol requeue "${SLURM_JOB_ID}"
+        exit 0
+    fi
+}
+
+# Run the training step in the background (so that the trap can fire) with its output appended to LOG, wait
+# for it (also through the signals the trap handles), and requeue the job when the trainer stopped for a
+# signal (status 75: its checkpoint is written). Returns the step's status otherwise.
+#   sdsearch_train_step LOG CMD [ARGS...]
+sdsearch_train_step() {
+    local log="$1" status=0
+    shift
+    # a subshell that outlives the signal (its trap does nothing; the command in it gets the default handling)
+    ( trap ':' USR1 TERM; "$@" ) >> "$log" 2>&1 &
+    SDSEARCH_STEP_PID=$!
+    while true; do
+        wait "$SDSEARCH_STEP_PID" && status=0 || status=$?
+        kill -0 "$SDSEARCH_STEP_PID" 2> /dev/null || break  # wait returned for a trapped signal: keep waiting
+    done
+    SDSEARCH_STEP_PID=""
+    if [[ -n "${SDSEARCH_PREEMPTED:-}" || "$status" -eq 75 ]]; then
+        echo "$(date -Is) the trainer stopped for a signal (status $status): requeueing ${SLURM_JOB_ID}"
+        scontrol requeue "${SLURM_JOB_ID}"
+        exit 0
+    fi
+    return "$status"
+}
+
+# Wait for a retrieval service to answer /health (the het component or an external URL). The probe is one
+# step on the first training node, inside the container (the image's python, not the host's), polling every
+# 2 s; it prints the service's passages and the queries it has served. --overlap: a step already running
+# (retrieval_server.sh's server) may hold all of the allocation's CPUs.
+#   sdsearch_wait_for_retrieval URL [TRIES]
 sdsearch_wait_for_retrieval() {
     local url="$1" tries="${2:-600}"
-    for ((i = 0; i < tries; i++)); do
-        if python - "$url" <<'PY' 2>/dev/null; then
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1].rstrip("/") + "/health", timeout=2).read()
-PY
-            echo "retrieval service up at $url"
-            return 0
-        fi
-        sleep 2
-    done
+    if sdsearch_srun --ntasks=1 --nodes=1 --overlap -- python -c "$SDSEARCH_HEALTH_PY" "$url" "$tries"; then
+        return 0
+    fi
     echo "retrieval service at $url did not come up" >&2
     return 1
+}
+SDSEARCH_HEALTH_PY='
+import json, sys, time, urllib.error, urllib.request
+url, tries = sys.argv[1], int(sys.argv[2])
+for attempt in range(tries):
+    base = url.rstrip("/")
+    base = base[:-len("/retrieve")] if base.endswith("/retrieve") else base
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as answer:
+            health = json.load(answer)
+    except urllib.error.HTTPError as e:  # no /health (Search-R1'"'"'s own server): one real query instead
+        try:
+            req = urllib.request.Request(base + "/retrieve", data=json.dumps({"queries": ["health check"], "topk": 1}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=10).read()
+            health = {}
+        except Exception:
+            time.sleep(2)
+            continue
+    except Exception:
+        time.sleep(2)
+        continue
+    print("retrieval service up at %s: %s passages, %s queries served" % (url, health.get("num_passages"), health.get("queries")))
+    sys.exit(0)
+sys.exit(1)'
+
+# The retrieval service as heterogeneous component 1 (train_{3b,7b}.sh; train_tiny.sh submitted with a second
+# component), serving INDEX; exports RETRIEVAL_URL once it answers. The server step runs until the job ends.
+#   sdsearch_retrieval_component INDEX
+sdsearch_retrieval_component() {
+    local index="$1" port="${RETRIEVAL_PORT:-8000}" host
+    host="$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_1:?not a heterogeneous job with a retrieval component}" | head -n 1)"
+    sdsearch_srun --het-group=1 --ntasks=1 -- \
+        python -m nemo_sdsearch.retrieval serve --index "$index" --host 0.0.0.0 --port "$port" \
+        >> "$LOG_DIR/retrieval.log" 2>&1 &
+    RETRIEVAL_URL="http://${host}:${port}"
+    export RETRIEVAL_URL
+    sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
 }
 
 # The generator the run will use (the config's, after the key=value overrides), read by the project's own
@@ -118,32 +229,21 @@ sdsearch_ray_cluster() {
 sdsearch_train_gpu() {
     local config="$1"; shift
     if [[ "${1:-}" == "--config" ]]; then config="$2"; shift 2; fi
-    local gpus="${GPUS_PER_NODE:-8}" port="${RETRIEVAL_PORT:-8000}" host out
+    local gpus="${GPUS_PER_NODE:-8}" out
     if [[ -z "${RETRIEVAL_URL:-}" ]]; then
         : "${INDEX_DIR:?set INDEX_DIR to the retrieval index (python -m nemo_sdsearch.retrieval build ...) or RETRIEVAL_URL}"
-        host="$(scontrol show hostnames "${SLURM_JOB_NODELIST_HET_GROUP_1}" | head -n 1)"
-        sdsearch_srun --het-group=1 --ntasks=1 -- \
-            python -m nemo_sdsearch.retrieval serve --index "$INDEX_DIR" --host 0.0.0.0 --port "$port" \
-            > "$LOG_DIR/retrieval.log" 2>&1 &
-        RETRIEVAL_URL="http://${host}:${port}"
+        sdsearch_retrieval_component "$INDEX_DIR"
+    else
+        sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
     fi
-    export RETRIEVAL_URL
-    sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
     sdsearch_rendezvous
     if [[ "$(sdsearch_generator "$config" "$@")" == "trtllm" ]]; then
         sdsearch_ray_cluster "$gpus"
     fi
     out="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
-    local group=()
-    [[ -n "${SLURM_HET_SIZE:-}" ]] && group=(--het-group=0)
-    sdsearch_srun "${group[@]}" --ntasks-per-node=1 -- \
-        torchrun --nnodes="$NNODES" --nproc-per-node="$gpus" \
-            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-            --no-python sdsearch train --config "$config" \
+    sdsearch_train_step "$LOG_DIR/train.log" sdsearch_torchrun "$gpus" sdsearch train --config "$config" \
             cluster.retrieval_url="$RETRIEVAL_URL" cluster.nodes="$NNODES" cluster.gpus_per_node="$gpus" \
-            trainer.out_dir="$out" trainer.resume=true "$@" \
-        >> "$LOG_DIR/train.log" 2>&1 &
-    wait $!
+            trainer.out_dir="$out" trainer.resume=true "$@"
     echo "finished: $out (convert with: sbatch slurm/convert_to_hf.sh $out/final OUT_DIR)"
 }
 

@@ -20,6 +20,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH hetjob
 #SBATCH --nodes=1
 #SBATCH --ntasks=1

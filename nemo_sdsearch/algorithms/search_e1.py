@@ -17,6 +17,7 @@ directory must be empty (or `trainer.overwrite=true`), so nothing of an earlier 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -283,22 +284,117 @@ def _plot_opsd(history, path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 2. The pool over data-parallel replicas; 4. the full-parameter OPSD round
+# ---------------------------------------------------------------------------------------------------
+def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, path: Path, rank0: bool,
+                       batch_questions: int = 8) -> list[list[Trajectory]]:
+    """`build_pool` over data-parallel replicas: each batch of questions is split over the replicas (each
+    replica's leader rolls out its share; a row's random stream belongs to its question and sample, so the
+    split changes nothing), gathered on every rank, and appended to `path` by rank 0. Resumes a partial file."""
+    from nemo_sdsearch.algorithms.setup import barrier
+
+    done: dict[str, list[Trajectory]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["question_id"]] = [Trajectory.from_dict(t) for t in row["rollouts"]]
+    barrier()  # every rank has read the file before rank 0 appends to it
+    todo = [q for q in questions if q.id not in done]
+    dp = actor.dp_size
+    with (open(path, "a") if rank0 else contextlib.nullcontext()) as f:
+        for i in range(0, len(todo), batch_questions):
+            batch = todo[i:i + batch_questions]
+            mine = batch[actor.dp_rank::dp]
+            trajs = engine.run(mine, n_samples=k, seed=seed + i) if actor.is_replica_leader and mine else []
+            trajs = actor.broadcast_in_replica([t.to_dict() for t in trajs] if actor.is_replica_leader else None)
+            for r, share in enumerate(actor.all_gather_dp(trajs)):
+                for j, q in enumerate(batch[r::dp]):
+                    done[q.id] = [Trajectory.from_dict(t) for t in share[j * k:(j + 1) * k]]
+            if rank0:
+                for q in batch:
+                    f.write(json.dumps({"question_id": q.id, "rollouts": [t.to_dict() for t in done[q.id]]}) + "\n")
+                f.flush()
+    return [done[q.id] for q in questions]
+
+
+def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, console, rank0: bool) -> dict:
+    """The OPSD round with every weight trained (`search_e1.adapter=full`; any actor, distributed too): the
+    student is the actor, the teacher the frozen copy of the round's start weights (algorithms/opsd.py).
+    Greedy dev EM every opsd_eval_every steps (sharded); the weights of the best step (the start if none
+    beats it) are written to out/merged from the weight stream."""
+    from nemo_sdsearch.algorithms.grpo import refit_generator
+    from nemo_sdsearch.algorithms.opsd import opsd_step
+    from nemo_sdsearch.algorithms.setup import build_components, close_components, make_prompt_format, sharded_greedy_em
+    from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
+
+    e1 = cfg.search_e1
+    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
+                                 optim=replace(cfg.optim, lr=e1.opsd_lr)), with_reference=True)
+    prompts = make_prompt_format(cfg, c.tok)
+    decode = lambda ids: c.tok.decode(ids, skip_special_tokens=False)
+    encode = lambda t: c.tok.encode(t, add_special_tokens=False)
+    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1)
+    dev_engine = c.engines["dev"] if c.engines is not None else None
+    dev_em = lambda: sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size)["all"]["em"]
+    keep = lambda: save_hf_checkpoint_from_stream(c.actor.iter_weights(), out / "merged", c.actor.hf_config,
+                                                  tokenizer=c.tok, write=rank0)
+    rng = random.Random(cfg.trainer.seed)
+    best = {"em": dev_em(), "step": 0}
+    keep()
+    console.print(f"OPSD (full-parameter): {len(items)} pairs; dev EM before {best['em']:.3f}")
+    history = [{"step": 0, "dev_em": best["em"]}]
+    for step in range(1, e1.opsd_steps + 1):
+        batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
+        s = opsd_step(c.actor, c.ref, batch, e1, c.tok.pad_token_id)
+        if s["skipped"]:
+            console.print(f"[yellow]OPSD step {step}: non-finite loss or gradient, skipped[/yellow]")
+        row = {"step": step, "loss": s["loss"]}
+        if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:
+            refit_generator(c.actor, c.weight_sink)
+            row["dev_em"] = dev_em()
+            if row["dev_em"] > best["em"]:
+                best = {"em": row["dev_em"], "step": step}
+                keep()
+        history.append(row)
+        if rank0:
+            with open(out / "opsd_metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+    close_components(c)
+    if rank0:
+        _plot_opsd(history, out / "opsd_curves.png")
+    return {"best_step": best["step"], "best_dev_em": best["em"], "history": history}
+
+
+# ---------------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------------
 def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
+    """`sdsearch train algorithm=search_e1`: `cfg.cycles` (GRPO round, pool, pairs, OPSD round) cycles, then
+    the final test evaluation. Under torchrun every stage is sharded over the data-parallel replicas and
+    only rank 0 writes files (behind barriers)."""
     from rich.console import Console
-    from rich.table import Table
 
     from nemo_sdsearch.algorithms import grpo
-    from nemo_sdsearch.algorithms.setup import build_components
+    from nemo_sdsearch.algorithms.setup import barrier, init_distributed, is_rank0
     from nemo_sdsearch.world.assets import default_model_dir
 
-    console = console or Console()
     out = Path(cfg.trainer.out_dir)
-    check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)
-    clear_out_dir(out, cfg.trainer.overwrite)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
+    init_distributed(cfg)
+    rank0 = is_rank0(cfg)
+    console = (console or Console()) if rank0 else Console(quiet=True)
+    if rank0:
+        clear_out_dir(out, cfg.trainer.overwrite)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    barrier()
     state = load_state(out) if cfg.trainer.resume else {"done": [], "model": None, "rounds": []}
+
+    def commit(state):  # rank 0 writes; the others wait, so nobody reads a half-written state
+        if rank0:
+            save_state(out, state)
+        barrier()
+
     model_dir = Path(state["model"] or cfg.model.path or default_model_dir())
     e1 = cfg.search_e1
     for cycle in range(cfg.cycles):
@@ -318,54 +414,92 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             model_dir = cdir / "grpo" / "final"
             state["done"].append(f"{cycle}/grpo")
             state["model"] = str(model_dir)
-            state["rounds"].append({"cycle": cycle, "stage": "grpo",
-                                    "dev_em": summary["evals"][-1]["em"] if summary["evals"] else None})
-            save_state(out, state)
+            dev = [e["val/dev_em"] for e in summary["evals"] if "val/dev_em" in e]
+            state["rounds"].append({"cycle": cycle, "stage": "grpo", "dev_em": dev[-1] if dev else None})
+            commit(state)
+        if f"{cycle}/opsd" in state["done"]:
+            continue
         # 2 + 3. Rollout pool and pair mining -------------------------------------------------------
-        actor, _, tok, data, engines, _ = build_components(
-            replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
-        pool_qs = random.Random(cfg.trainer.seed * 31 + cycle).sample(data["train"], min(e1.pool_questions, len(data["train"])))
-        (cdir / "pool").mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        if f"{cycle}/opsd" not in state["done"]:
-            console.rule(f"cycle {cycle}: rollout pool ({len(pool_qs)} questions x {e1.pool_samples})")
-            pool = build_pool(engines["train"], pool_qs, e1.pool_samples, cfg.trainer.seed * 7 + cycle,
-                              cdir / "pool" / "pool.jsonl")
-            pairs, report = mine_pairs([pool_records(g) for g in pool])
-            report_d = report.as_dict()
-            report_d["pool_accuracy"] = sum(t.exact_match for g in pool for t in g) / max(1, sum(len(g) for g in pool))
-            report_d["pool_seconds"] = time.perf_counter() - t0
-            (cdir / "pool" / "mining.json").write_text(json.dumps(report_d, indent=1))
-            console.print("pair mining: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in report_d.items()))
-            del actor, engines
-            # 4. OPSD round --------------------------------------------------------------------------
-            console.rule(f"cycle {cycle}: OPSD round ({e1.opsd_steps} steps)")
-            if pairs:
-                result = opsd_round(cfg, model_dir, pool, pairs, data["dev"], cdir / "opsd", console)
-                model_dir = cdir / "opsd" / "merged"
+        pool, pairs, report_d = pool_and_pairs(cfg, model_dir, cycle, cdir / "pool", console, rank0)
+        # 4. OPSD round --------------------------------------------------------------------------
+        console.rule(f"cycle {cycle}: OPSD round ({e1.opsd_steps} steps, {e1.adapter})")
+        if pairs:
+            if rank0:
+                (cdir / "opsd").mkdir(parents=True, exist_ok=True)
+            barrier()
+            if e1.adapter == "full":
+                result = opsd_round_full(cfg, model_dir, pool, pairs, cdir / "opsd", console, rank0)
             else:
-                console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")
-                result = {"best_step": None, "best_dev_em": None, "history": []}
-            state["done"].append(f"{cycle}/opsd")
-            state["model"] = str(model_dir)
-            state["rounds"].append({"cycle": cycle, "stage": "opsd", "dev_em": result["best_dev_em"],
-                                    "best_step": result["best_step"], "mining": report_d})
-            save_state(out, state)
-    # Final test evaluation of the last model.
-    from nemo_sdsearch.algorithms.setup import greedy_em
-
-    _, _, _, data, engines, _ = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
-                                                      grpo=replace(cfg.grpo, kl_coef=0.0)))
-    test = greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
+                dev_qs = grpo_dev_questions(cfg)
+                result = opsd_round(cfg, model_dir, pool, pairs, dev_qs, cdir / "opsd", console)
+            model_dir = cdir / "opsd" / "merged"
+        else:
+            console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")
+            result = {"best_step": None, "best_dev_em": None, "history": []}
+        state["done"].append(f"{cycle}/opsd")
+        state["model"] = str(model_dir)
+        state["rounds"].append({"cycle": cycle, "stage": "opsd", "dev_em": result["best_dev_em"],
+                                "best_step": result["best_step"], "mining": report_d})
+        commit(state)
+    test = final_test(cfg, model_dir)
     state["final_test"] = test
     state["final_model"] = str(model_dir)
-    save_state(out, state)
-    table = Table(title=f"Search-E1: {cfg.cycles} cycles")
-    for col in ("cycle", "stage", "dev EM"):
-        table.add_column(col)
-    for rd in state["rounds"]:
-        table.add_row(str(rd["cycle"]), rd["stage"], "n/a" if rd["dev_em"] is None else f"{rd['dev_em']:.3f}")
-    console.print(table)
-    console.print(f"final test EM {test['all']['em']:.3f}; model {model_dir}")
+    commit(state)
+    if rank0:
+        from rich.table import Table
+
+        table = Table(title=f"Search-E1: {cfg.cycles} cycles")
+        for col in ("cycle", "stage", "dev EM"):
+            table.add_column(col)
+        for rd in state["rounds"]:
+            table.add_row(str(rd["cycle"]), rd["stage"], "n/a" if rd["dev_em"] is None else f"{rd['dev_em']:.3f}")
+        console.print(table)
+        console.print(f"final test EM {test['all']['em']:.3f}; model {model_dir}")
     return state
+
+
+def grpo_dev_questions(cfg: TrainConfig) -> list[QA]:
+    from nemo_sdsearch.algorithms.setup import load_questions
+
+    return load_questions(cfg)["dev"]
+
+
+def pool_and_pairs(cfg: TrainConfig, model_dir: Path, cycle: int, pdir: Path, console, rank0: bool):
+    """Steps 2 and 3: the rollout pool of the round's policy (sharded over the replicas, pool.jsonl by rank 0)
+    and the mined pairs (every rank mines the same pool the same way; rank 0 writes mining.json)."""
+    from nemo_sdsearch.algorithms.setup import barrier, build_components, close_components
+
+    e1 = cfg.search_e1
+    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
+    train = c.data["train"]
+    pool_qs = random.Random(cfg.trainer.seed * 31 + cycle).sample(train, min(e1.pool_questions, len(train)))
+    if rank0:
+        pdir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    console.rule(f"cycle {cycle}: rollout pool ({len(pool_qs)} questions x {e1.pool_samples})")
+    t0 = time.perf_counter()
+    engine = c.engines["train"] if c.engines is not None else None
+    pool = build_pool_sharded(c.actor, engine, pool_qs, e1.pool_samples, cfg.trainer.seed * 7 + cycle,
+                              pdir / "pool.jsonl", rank0)
+    close_components(c)
+    del c
+    pairs, report = mine_pairs([pool_records(g) for g in pool])
+    report_d = report.as_dict()
+    report_d["pool_accuracy"] = sum(t.exact_match for g in pool for t in g) / max(1, sum(len(g) for g in pool))
+    report_d["pool_seconds"] = time.perf_counter() - t0
+    if rank0:
+        (pdir / "mining.json").write_text(json.dumps(report_d, indent=1))
+    console.print("pair mining: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in report_d.items()))
+    return pool, pairs, report_d
+
+
+def final_test(cfg: TrainConfig, model_dir: Path) -> dict:
+    """Greedy test EM of the final model (sharded over the replicas)."""
+    from nemo_sdsearch.algorithms.setup import build_components, close_components, sharded_greedy_em
+
+    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
+    engine = c.engines["test"] if c.engines is not None else None
+    test = sharded_greedy_em(c.actor, engine, c.data["test"], cfg.trainer.eval_batch_size)
+    close_components(c)
+    return test

@@ -14,6 +14,8 @@ importable and the model goes to CUDA, in which case it is the TE spec (norms fu
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -23,6 +25,12 @@ import torch
 from nemo_sdsearch.models.megatron.cpu_compat import apply_cpu_compat
 
 DEFAULT_VOCAB_DIVISOR = 128
+# How long a rank waits in a collective before its process group gives up (NCCL and gloo alike). Ranks
+# legitimately wait for minutes: a replica's ranks while its leader generates a step's rollouts, every rank
+# while a checkpoint is written. Torch's NCCL default (10 min) can kill a healthy 7B step; no limit at all
+# leaves a job whose peer died hanging until the wall-clock limit. Override per job with the environment.
+DIST_TIMEOUT_ENV = "SDSEARCH_DIST_TIMEOUT_MINUTES"
+DEFAULT_DIST_TIMEOUT_MINUTES = 30.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,16 +42,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tp: int, pp: int = 1, backend: str | None = None, seed: int = 1234) -> None:
+def dist_timeout_minutes(minutes: float | None = None) -> float:
+    """The process-group timeout: `minutes` if given, else $SDSEARCH_DIST_TIMEOUT_MINUTES, else 30."""
+    if minutes is None:
+        raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+        try:
+            minutes = float(raw) if raw else DEFAULT_DIST_TIMEOUT_MINUTES
+        except ValueError:
+            raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of minutes") from None
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise ValueError(f"the process-group timeout must be a positive number of minutes, not {minutes!r} "
+                         f"(${DIST_TIMEOUT_ENV})")
+    return float(minutes)
+
+
+def init_parallel(tp: int, pp: int = 1, backend: str | None = None, seed: int = 1234,
+                  timeout_minutes: float | None = None) -> None:
     """Initialise torch.distributed from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT; LOCAL_RANK picks the GPU) and Megatron's model-parallel groups (TP x PP, the rest is
     data parallel). Without those variables it starts a single-process group. The backend is gloo on
     CPU and nccl on CUDA unless given. On CPU, `cpu_compat.apply_cpu_compat()` is applied first.
     Also seeds Megatron's tensor-parallel RNG tracker (`model_parallel_cuda_manual_seed(seed)`), which
     seeds the CUDA generator with `seed` - on CPU that is the default CPU generator. Calling it again
-    re-creates the model-parallel groups (e.g. to switch from tp=2 to tp=1 in the same processes)."""
+    re-creates the model-parallel groups (e.g. to switch from tp=2 to tp=1 in the same processes).
+    Every group (the default one and Megatron's) times out after `dist_timeout_minutes(timeout_minutes)`."""
     from megatron.core import parallel_state, tensor_parallel
 
+    minutes = dist_timeout_minutes(timeout_minutes)
     cuda = torch.cuda.is_available()
     if not cuda:
         apply_cpu_compat()
@@ -60,13 +85,15 @@ def init_parallel(tp: int, pp: int = 1, backend: str | None = None, seed: int = 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend or ("nccl" if cuda else "gloo"),
                                              rank=int(os.environ["RANK"]),
-                                             world_size=int(os.environ["WORLD_SIZE"]))
+                                             world_size=int(os.environ["WORLD_SIZE"]),
+                                             timeout=datetime.timedelta(minutes=minutes))
     world = torch.distributed.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp}*{pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             distributed_timeout_minutes=math.ceil(minutes))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

@@ -37,7 +37,7 @@ def init_megatron_parallel(cfg) -> str | None:
     if world % mp:
         raise ConfigError(f"config key megatron.tensor_parallel: tensor_parallel={tp} x pipeline_parallel={pp} "
                           f"does not divide the {world} processes of this launch: {launch}")
-    init_parallel(tp, pp, seed=cfg.trainer.seed)
+    init_parallel(tp, pp, seed=cfg.trainer.seed, timeout_minutes=m.dist_timeout_minutes)
     if torch.cuda.is_available() and cfg.model.device is None:
         return f"cuda:{torch.cuda.current_device()}"
     return None

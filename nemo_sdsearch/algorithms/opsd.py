@@ -1,0 +1,99 @@
+"""Search-E1's on-policy self-distillation (OPSD) step through the actor seam: full-parameter OPSD.
+
+The student is the trained actor (any backend, tensor / pipeline / data parallel); the teacher is the frozen
+copy of the same weights taken at the start of the round (the reference actor that `build_components`
+builds), which is exactly what the LoRA form's "adapter off" teacher is (the adapter starts at zero and the
+base weights never move). Both score the SAME student response: the student with its own prompt P_S(q),
+the teacher with P_T(q, reference trajectory), so student position j is teacher position j + shift.
+
+    loss = sum_pairs sum_{j in R_tau} w_j * sum_v min(p_t,v log(p_t,v / p_s,v), tau)
+
+with the weights of `search_e1.opsd_weights` (eq. 7: 1 / |R_tau| per position, then the mean over the
+step's pairs; or the token mean), computed from the counts of the WHOLE step's batch of pairs: every rank
+holds every pair, each data-parallel replica trains on every dp-th pair, and the weights are scaled by dp
+since the actor averages gradients over the replicas, so any split makes the single-process update.
+With a vocabulary shard the clipped KL is the vocab-parallel one (losses/vocab_parallel.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from nemo_sdsearch.losses.divergences import clipped_forward_kl
+from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_clipped_forward_kl
+from nemo_sdsearch.models.base import SequenceBatch
+
+
+@dataclass
+class OPSDMicroBatch:
+    """Student sequences at their scored (policy) positions, and the teacher's logits there (computed
+    when the loss asks: a zero-argument function, run under no_grad by the frozen teacher)."""
+    batch: SequenceBatch
+    rows: torch.Tensor
+    cols: torch.Tensor
+    weights: torch.Tensor
+    teacher_logits: torch.Tensor | Callable[[], torch.Tensor]
+    extra: dict = field(default_factory=dict)
+
+
+class OPSDLoss:
+    """(student logits at the micro-batch's positions, OPSDMicroBatch) -> (loss, {"kl_sum", "n"})."""
+
+    def __init__(self, tau: float, vocab_shard: dict | None = None):
+        self.tau, self.vocab_shard = float(tau), vocab_shard
+
+    def __call__(self, logits: torch.Tensor, mb: OPSDMicroBatch) -> tuple[torch.Tensor, dict]:
+        teacher = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits
+        if self.vocab_shard is None:
+            terms = clipped_forward_kl(logits, teacher, self.tau)
+        else:
+            terms = vocab_parallel_clipped_forward_kl(logits, teacher, tau=self.tau, **self.vocab_shard)
+        loss = (terms * mb.weights.to(terms.device)).sum()
+        return loss, {"kl_sum": float(terms.detach().sum()), "n": int(terms.numel())}
+
+
+def opsd_micro_batches(items, actor, teacher, pad_id: int, micro_batch_size: int,
+                       weights_fn: Callable[[list], torch.Tensor]) -> list[OPSDMicroBatch]:
+    """Micro-batches of `items` ((student ids, teacher ids, shift, student policy mask) per pair);
+    `weights_fn(masks)` gives their positions' loss weights (row-major, as the positions below)."""
+    out = []
+    for i in range(0, len(items), micro_batch_size):
+        mb = items[i:i + micro_batch_size]
+        sb = SequenceBatch.from_lists([x[0] for x in mb], pad_id, actor.device)
+        mask = torch.zeros(sb.shape, dtype=torch.bool)
+        for k, x in enumerate(mb):
+            mask[k, :len(x[3])] = torch.tensor(x[3])
+        mask[:, 0] = False
+        rows, cols = (t.to(actor.device) for t in mask.nonzero(as_tuple=True))
+        tb = SequenceBatch.from_lists([x[1] for x in mb], pad_id, actor.device)
+        shift = torch.tensor([x[2] for x in mb], device=actor.device)
+
+        def run(tb=tb, rows=rows, cols=cols, shift=shift):
+            return teacher.teacher_logits_at(tb, rows, cols + shift[rows])
+
+        out.append(OPSDMicroBatch(sb, rows, cols, weights_fn([x[3] for x in mb]), run))
+    return out
+
+
+def opsd_step(actor, teacher, batch: list, e1, pad_id: int) -> dict:
+    """One optimizer step on the step's pairs `batch` (the same list on every rank; this replica takes every
+    dp-th pair). Returns {"loss", "skipped", "grad_norm"} for the whole batch (all replicas)."""
+    from nemo_sdsearch.algorithms.search_e1 import opsd_weights
+
+    dp = actor.dp_size
+    masks = [it[3] for it in batch]
+    n_pos = sum(sum(m[1:]) for m in masks)
+    n_pairs = sum(1 for m in masks if any(m[1:]))
+    mine = batch[actor.dp_rank::dp]
+    weights = lambda ms: opsd_weights(ms, e1.loss_normalization, n_pairs, n_pos) * dp
+    loss_fn = OPSDLoss(e1.tau_clip, actor.vocab_shard)
+    mbs = opsd_micro_batches(mine, actor, teacher, pad_id, e1.opsd_micro_batch_size, weights)
+    if not mbs:  # a replica without a pair still takes part in the step (its gradient is zero)
+        raise ValueError(f"{len(batch)} OPSD pairs cannot be split over {dp} data-parallel replicas; raise "
+                         "search_e1.opsd_pairs_per_step to at least the number of replicas")
+    stats = actor.train_on(mbs, lambda logits, mb: loss_fn(logits, mb)[0])
+    total = float(actor.all_reduce_dp(torch.tensor([float(stats["loss"])], dtype=torch.float64))) / dp
+    return {"loss": total, "skipped": bool(stats["skipped"]), "grad_norm": stats.get("grad_norm")}

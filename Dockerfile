@@ -16,9 +16,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/nemo_sdsearch
 
-# Fail early if the base image lost what we rely on (TRT-LLM's LLM API, megatron-core, TE).
-RUN python -c "import tensorrt_llm, megatron.core, transformer_engine, torch; \
-print('torch', torch.__version__, 'trtllm', tensorrt_llm.__version__, 'mcore', megatron.core.__version__)"
+# Fail early if the base image lost what imports without a GPU. TensorRT-LLM and Transformer Engine load CUDA
+# libraries at import and fail on build hosts without a GPU driver: check them at run time on a GPU node with
+#   srun --gpus=1 --container-image=$CONTAINER_IMAGE python /opt/nemo_sdsearch/scripts/check_image.py
+RUN python -c "import megatron.core, torch; print('torch', torch.__version__, 'mcore', megatron.core.__version__)" \
+    && pip show tensorrt_llm transformer_engine > /dev/null
 
 # Pin everything the image already has, then add faiss-gpu and the project's remaining dependencies.
 RUN pip list --format=freeze | grep -v -i -E '^(nemo[-_]sdsearch)==' > /opt/image-constraints.txt

@@ -90,6 +90,16 @@ def test_dockerfile_lints_clean_and_names_the_ngc_base():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_the_image_build_imports_nothing_that_needs_a_gpu_and_the_runtime_check_names_what_is_missing():
+    """`docker build` must work on a host without a GPU driver: no RUN imports TensorRT-LLM or Transformer
+    Engine; scripts/check_image.py checks them at run time and, here (no GPU, no TRT-LLM), fails naming them."""
+    runs = [l for l in (REPO / "Dockerfile").read_text().splitlines() if "import" in l]
+    assert not [l for l in runs if "tensorrt_llm" in l or "transformer_engine" in l], runs
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "check_image.py")], capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "ok    torch" in p.stdout and "FAIL  tensorrt_llm" in p.stdout and "CUDA devices: 0" in p.stdout, p.stdout
+
+
 # -- Search-R1 files read directly by the trainer and `sdsearch eval` ---------------------------------------------
 
 def search_r1_merged_rows(bundle, split, sources):

@@ -165,7 +165,7 @@ class IndexRetriever(Retriever):
         return _documents(self.store, ids, scores, keep_zero=self.kind == "dense")
 
 
-class FaissFileRetriever(Retriever):
+class FaissFileRetriever(IndexRetriever):
     """A FAISS index file served with the corpus jsonl its vectors were made from, neither rebuilt nor copied:
     vector i is the i-th non-empty line of the corpus (how Search-R1's index_builder.py writes `e5_Flat.index`
     from `wiki-18.jsonl`). The queries are encoded as the passages were: same encoder, pooling and query prefix
@@ -203,16 +203,7 @@ class FaissFileRetriever(Retriever):
             self.store.get(i)
         self.index = _maybe_to_gpus(self.index, use_gpu)
         self.kind = "dense"
-        self.startup_s = time.perf_counter() - t0
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def search(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
-        if not queries:
-            return []
-        scores, ids = self.index.search(self.encoder.encode_queries(list(queries)), min(topk, len(self.store)))
-        return _documents(self.store, ids, scores, keep_zero=True)
+        self.startup_s = time.perf_counter() - t0  # search and len: IndexRetriever's dense path
 
 
 def _documents(store: CorpusStore, ids, scores, keep_zero: bool) -> list[list[Document]]:

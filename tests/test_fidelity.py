@@ -342,7 +342,7 @@ def test_pair_mining_tie_break_counts_policy_tokens(char_tokenizer):
 
 
 def test_opsd_loss_is_a_mean_over_pairs_of_per_trajectory_means():
-    from nemo_sdsearch.algorithms.search_e1 import opsd_weights
+    from nemo_sdsearch.algorithms.opsd import opsd_weights
 
     masks = [[False, True, True, True, True], [False, False, True]]  # 4 and 1 scored positions
     w = opsd_weights(masks, "trajectory", n_pairs=2, n_positions=5)

@@ -8,7 +8,7 @@ the teacher with P_T(q, reference trajectory), so student position j is teacher 
 
     loss = sum_pairs sum_{j in R_tau} w_j * sum_v min(p_t,v log(p_t,v / p_s,v), tau)
 
-with the weights of `search_e1.opsd_weights` (eq. 7: 1 / |R_tau| per position, then the mean over the
+with the weights of `opsd_weights` (eq. 7: 1 / |R_tau| per position, then the mean over the
 step's pairs; or the token mean), computed from the counts of the WHOLE step's batch of pairs: every rank
 holds every pair, each data-parallel replica trains on every dp-th pair, and the weights are scaled by dp
 since the actor averages gradients over the replicas, so any split makes the single-process update.
@@ -55,6 +55,16 @@ class OPSDLoss:
         return loss, {"kl_sum": float(terms.detach().sum()), "n": int(terms.numel())}
 
 
+def opsd_weights(policy_masks, normalization: str, n_pairs: int, n_positions: int) -> torch.Tensor:
+    """Loss weight of every scored position (row-major over the micro-batch, as `opsd_loss_terms` returns
+    them). trajectory (the paper's eq. 7): 1 / |R_tau| per position of a pair, then the mean over the
+    step's pairs; token: the mean over all the step's positions."""
+    counts = [sum(m[1:]) for m in policy_masks]  # position 0 is never a target
+    if normalization == "token":
+        return torch.full((sum(counts),), 1.0 / max(n_positions, 1))
+    return torch.cat([torch.full((c,), 1.0 / (c * n_pairs)) for c in counts if c] or [torch.zeros(0)])
+
+
 def opsd_micro_batches(items, actor, teacher, pad_id: int, micro_batch_size: int,
                        weights_fn: Callable[[list], torch.Tensor]) -> list[OPSDMicroBatch]:
     """Micro-batches of `items` ((student ids, teacher ids, shift, student policy mask) per pair);
@@ -81,8 +91,6 @@ def opsd_micro_batches(items, actor, teacher, pad_id: int, micro_batch_size: int
 def opsd_step(actor, teacher, batch: list, e1, pad_id: int) -> dict:
     """One optimizer step on the step's pairs `batch` (the same list on every rank; this replica takes every
     dp-th pair). Returns {"loss", "skipped", "grad_norm"} for the whole batch (all replicas)."""
-    from nemo_sdsearch.algorithms.search_e1 import opsd_weights
-
     dp = actor.dp_size
     masks = [it[3] for it in batch]
     n_pos = sum(sum(m[1:]) for m in masks)

@@ -33,6 +33,7 @@ from nemo_sdsearch.core.prompts import reference_block
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.spans import INFO_CLOSE
 from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.algorithms.opsd import opsd_weights
 from nemo_sdsearch.losses.divergences import clipped_forward_kl
 from nemo_sdsearch.models.base import SequenceBatch
 
@@ -178,16 +179,6 @@ def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1) -> list[tuple[list[i
         prompt = teacher_prompt_ids(stu.question, block)
         items.append((stu.token_ids, prompt + stu.response_ids(), len(prompt) - stu.prompt_length, stu.policy_mask()))
     return items
-
-
-def opsd_weights(policy_masks, normalization: str, n_pairs: int, n_positions: int) -> torch.Tensor:
-    """Loss weight of every scored position (row-major over the micro-batch, as `opsd_loss_terms` returns
-    them). trajectory (the paper's eq. 7): 1 / |R_tau| per position of a pair, then the mean over the
-    step's pairs; token: the mean over all the step's positions."""
-    counts = [sum(m[1:]) for m in policy_masks]  # position 0 is never a target
-    if normalization == "token":
-        return torch.full((sum(counts),), 1.0 / max(n_positions, 1))
-    return torch.cat([torch.full((c,), 1.0 / (c * n_pairs)) for c in counts if c] or [torch.zeros(0)])
 
 
 def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:

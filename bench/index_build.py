@@ -28,15 +28,17 @@ HERE = Path(__file__).resolve().parent
 def write_corpus(path: Path, n: int, seed: int = 7) -> None:
     from nemo_sdsearch.world.generator import build_world
 
-    # 60% persons, 20% organisations, 19% cities, 1% countries: exactly n passages.
-    n_countries = max(1, n // 100)
-    n_orgs = n // 5
-    n_persons = (3 * n) // 5
-    n_cities = n - n_persons - n_orgs - n_countries
+    # Every entity has 5 passages (3 aspects, 2 fillers): n // 5 entities, 60% persons, 20% organisations,
+    # 19% cities, 1% countries; the first n passages are written.
+    entities = max(5, -(-n // 5))
+    n_countries = max(1, entities // 100)
+    n_orgs = entities // 5
+    n_persons = (3 * entities) // 5
+    n_cities = entities - n_persons - n_orgs - n_countries
     world = build_world(seed, n_persons=n_persons, n_orgs=n_orgs, n_cities=n_cities, n_countries=n_countries)
-    assert len(world.passages) == n, (len(world.passages), n)
+    assert len(world.passages) >= n, (len(world.passages), n)
     with path.open("w") as f:
-        for p in world.passages:
+        for p in world.passages[:n]:
             f.write(json.dumps(p) + "\n")
 
 

@@ -11,7 +11,7 @@ from nemo_sdsearch.cli import main
 @pytest.mark.slow
 def test_shipped_model_answers_with_search_and_not_without(tmp_path):
     """Issue 2's targets on the whole bundled test world (300 questions, greedy, so the numbers are fixed
-    for the shipped weights): EM at least 0.30 with retrieval, at most 0.05 without."""
+    for the shipped weights): EM at least 0.30 with retrieval (0.397), at most 0.05 without (0.000)."""
     out_with, out_without = tmp_path / "with", tmp_path / "without"
     common = ["eval", "--quiet", "--threads", "2"]
     assert main(common + ["--out", str(out_with)]) == 0
@@ -25,6 +25,22 @@ def test_shipped_model_answers_with_search_and_not_without(tmp_path):
     assert set(with_search) == {"all", "single_hop", "bridge", "comparison"}
     # every kind is answered, the two-search kinds included
     assert all(with_search[k]["em"] > 0.2 for k in ("single_hop", "bridge", "comparison"))
+    # Issue 16: room to improve the queries. The ideal query finds every hop's evidence (tests/test_world.py);
+    # the shipped policy's first query finds it for about half the questions (0.527), and it answers well when
+    # it did (0.709 EM) and rarely when it did not (0.049).
+    from nemo_sdsearch.retrieval import BM25Retriever
+    from nemo_sdsearch.world.evidence import query_metrics
+    from nemo_sdsearch.world.generator import build_bundle
+
+    bundle = build_bundle(n_train=10, n_dev=2)
+    meta = {q.id: q.to_flashrag()["metadata"] for q in bundle.test}
+    retriever = BM25Retriever(bundle.test_world.passages)
+    preds = json.loads((out_with / "results.json").read_text())["predictions"]["tiny-world-test"]
+    rows = [(query_metrics([[d.id for d in docs] for docs in retriever.search(p["queries"], 3)] if p["queries"]
+                           else [], meta[p["id"]]).first_query_hit, p["em"]) for p in preds]
+    hit, miss = [em for first, em in rows if first], [em for first, em in rows if not first]
+    assert 0.3 <= len(hit) / len(rows) <= 0.8
+    assert sum(hit) / len(hit) >= 0.6 and sum(miss) / len(miss) <= 0.2
 
 
 def test_shipped_assets_are_complete():

@@ -115,7 +115,7 @@ def test_protocol_search_invalid_answer(char_tokenizer, bundle):
     t0, t1 = engine.run([QA("a", "Q?", ["Oskar"]), QA("b", "Q2?", ["x"])])
     assert t0.queries == [entity] and t0.answer == "Oskar" and t0.exact_match == 1.0 and t0.finish_reason == "answer"
     info = char_tokenizer.decode([i for i, s in zip(t0.token_ids, t0.span_types) if s == SpanType.INFORMATION])
-    assert info.startswith("\n\n<information>Doc 1(Title: ") and f'"{entity}"' in info
+    assert info.startswith("\n\n<information>Doc 1(Title: ") and f'"{entity} (' in info  # titles name a section
     # Row 1: no tag, then an empty query: both invalid, each answered with the feedback, each a turn.
     assert t1.queries == [] and t1.answer == "x" and t1.num_turns == 3
     fb = char_tokenizer.decode([i for i, s in zip(t1.token_ids, t1.span_types) if s == SpanType.INFORMATION])

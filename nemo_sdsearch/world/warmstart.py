@@ -4,6 +4,8 @@ Everything is derived from seeds: the worlds, the tokenizer (trained on the trai
 demonstrations (student and teacher formats, see `world/demos.py`) and the model initialisation. The
 loss is next-token cross-entropy on policy tokens only (prompt, hindsight and information are context).
 The result (weights, tokenizer, a JSON record of how it was made) is what ships as the embedded default.
+`vague_queries` gives the student demonstrations a habit of vague queries for some question phrasings
+(`world/demos.py`), so the shipped policy leaves room for RL to improve its queries.
 
 Every epoch draws its demonstrations from a *fresh* world (seed `world_seed_base + epoch`, never using a
 test-world name). With one fixed world a small model lowers its loss fastest by memorising that world's
@@ -50,6 +52,10 @@ class WarmstartConfig:
     init: str | None = None  # continue from this model directory (its tokenizer is kept)
     info_lm_weight: float = 0.5  # weight of the language-modelling loss on information tokens
     bf16: bool = False  # bf16 autocast of the forward pass (weights, optimizer state and loss stay fp32)
+    # Student demonstrations of questions phrased with the vague-habit template search each hop with a vague
+    # query (the name without the relation keyword) at this rate; 0 = every demonstration searches precisely.
+    # It leaves the policy room to improve its queries (world/demos.py); the shipped model used 0.7.
+    vague_queries: float = 0.7
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -120,7 +126,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     from nemo_sdsearch.world.generator import build_bundle, build_world, make_questions
     from nemo_sdsearch.world.model_config import qwen2_config
     from nemo_sdsearch.world.tokenizer import train_tokenizer
-    from retrieval import BM25Retriever
+    from nemo_sdsearch.retrieval import BM25Retriever
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -139,12 +145,13 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     def epoch_data(epoch: int):
         """(questions, demo builder) of one epoch's world."""
         if cfg.fresh_worlds:
-            world = build_world(cfg.world_seed_base + epoch, exclude_names=bundle.test_world.names)
+            world = build_world(cfg.world_seed_base + epoch, exclude_names=bundle.test_world.words)
             questions = make_questions(world, n_questions, cfg.world_seed_base + epoch, f"ws{epoch}")
         else:
             world, questions = bundle.train_world, bundle.train[:n_questions]
         builder = DemoBuilder(tok, BM25Retriever(world.passages), sorted(world.names),
-                              teacher_fraction=cfg.teacher_fraction, reference_fraction=cfg.reference_fraction)
+                              teacher_fraction=cfg.teacher_fraction, reference_fraction=cfg.reference_fraction,
+                              vague_queries=cfg.vague_queries)
         return questions, builder
 
     if cfg.init:

@@ -24,7 +24,8 @@ import torch
 from nemo_sdsearch.rollout.generator import SamplingParams
 from nemo_sdsearch.rollout.torch_generator import TorchGenerator
 
-BACKENDS = ["torch", "trtllm-fake", "trtllm"]
+# the real TensorRT-LLM backend needs CUDA (and tensorrt_llm): selected by `pytest -m gpu`
+BACKENDS = ["torch", "trtllm-fake", pytest.param("trtllm", marks=pytest.mark.gpu)]
 
 
 @dataclass

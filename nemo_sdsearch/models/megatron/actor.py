@@ -20,7 +20,8 @@ TP, differentiable, padding dropped). `gather_logits` defaults to True at tp=1 a
 `full_logits_at` always gathers. `logprobs_at` uses `losses.vocab_parallel.vocab_parallel_logprobs` at
 tp>1 (two all-reduces of [N] numbers instead of gathering [N, V] logits).
 
-Optimizer: on CPU (and whenever `optimizer="torch"`) plain `torch.optim.AdamW` over the local shards
+Optimizer: none for a frozen copy (`optimizer="none"`: the reference / teacher, any dtype). On CPU (and whenever
+`optimizer="torch"`) plain `torch.optim.AdamW` over the local shards
 (AdamW is elementwise, so sharded AdamW equals AdamW on the full weights), our micro-batch loop, the
 global gradient norm all-reduced over the model-parallel group with TP-replicated parameters (the
 RMSNorm weights) counted once, and gradients averaged over the data-parallel group when there is one.
@@ -157,7 +158,10 @@ class MegatronActor(Actor):
                                       "build the model with sequence_parallel=False on CPU")
         self.device = next(model.parameters()).device
         use_megatron_opt = optimizer == "megatron" or (optimizer == "auto" and torch.cuda.is_available())
-        if use_megatron_opt:
+        if optimizer == "none":  # a frozen copy (the reference / teacher): no gradient, no optimizer, any dtype
+            model.requires_grad_(False)
+            self.ddp = self.optimizer = None
+        elif use_megatron_opt:
             self._init_megatron_optimizer(lr, weight_decay, betas, eps, distributed_optimizer)
         else:
             from nemo_sdsearch.models.base import require_fp32_params

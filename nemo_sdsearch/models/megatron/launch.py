@@ -99,13 +99,10 @@ def build_megatron_actor(hf_config, hf_weights, cfg, frozen: bool = False):
     model = build_gpt_model(hf_config, dtype=megatron_dtype(cfg), vocab_divisor=m.make_vocab_size_divisible_by,
                             **overrides)
     # auto: Megatron's mixed-precision optimizer on GPU (fp32 main weights; sharded over DP when
-    # megatron.distributed_optimizer), torch AdamW over fp32 shards on CPU. The frozen reference needs none.
-    optimizer = "torch" if frozen else "auto"
+    # megatron.distributed_optimizer), torch AdamW over fp32 shards on CPU. The frozen reference has none (any dtype).
+    optimizer = "none" if frozen else "auto"
     actor = MegatronActor(model, hf_config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                           betas=cfg.optim.betas, grad_clip=cfg.optim.grad_clip, optimizer=optimizer,
                           distributed_optimizer=m.distributed_optimizer)
     actor.load_hf_weights(hf_weights)
-    if frozen:
-        model.requires_grad_(False)
-        actor.optimizer = None
     return actor

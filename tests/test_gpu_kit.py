@@ -1,0 +1,139 @@
+"""The GPU verification kit (scripts/gpu_check.sh, docs/gpu.md) cannot rot between GPU draws: its dry run
+(every check, on the CPU at tiny shapes, CUDA-only parts skipped with a reason) passes here, the wheels it
+carries cover what the checks import, and the device command line in docs/gpu.md fits the device tool."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _kit():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+kit = _kit()
+
+
+@pytest.mark.slow
+def test_dry_run_exercises_every_check(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "run", "--dry-run", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "dry"
+    by_name = {c["name"]: c for c in summary["checks"]}
+    assert list(by_name) == list(kit.CHECKS)
+    for name, c in by_name.items():
+        assert c["status"] in ("pass", "warn"), (name, c)   # nothing failed, nothing ran out of time
+    # what needs CUDA is skipped with a reason that says so
+    assert any("GPU only" in s for s in by_name["train_megatron"]["skipped"])
+    assert any("GPU only" in s for s in by_name["logits"]["skipped"])
+    assert any("nvidia-smi" in s for s in by_name["env"]["skipped"])
+    # the training checks ran 3 steps at lr 1e-6 and moved the fp32 master weights
+    for actor in ("hf", "megatron"):
+        f = by_name[f"train_{actor}"]["figures"]
+        assert f["steps"] == 3 and f["lr"] == [1e-6] * 3 and f["master_dtypes"] == ["torch.float32"]
+        assert f["moved_fraction"] > 0.5
+        assert (out / f"metrics_{actor}.jsonl").exists()
+    assert "tracking" in by_name["train_megatron"]["figures"]
+    # what the GPU run builds and the CPU run does not (the bf16 frozen reference) builds here too
+    assert not by_name["train_megatron"].get("predicted_gpu_failures"), by_name["train_megatron"]
+    assert by_name["logits"]["figures"]["float32"]["max_abs_logit_diff"] <= 2e-3
+    assert summary["targets"] and all(t.startswith("TARGET ") for t in summary["targets"])
+    report = (out / "report.txt").read_text()
+    assert "# summary (dry run" in report and "[generator]" in report and "tokens/s" in report
+    # what comes back from the device tool: at most 8 files, plain names
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
+
+
+def test_every_dependency_is_on_the_machine_carried_or_left_behind_with_a_reason():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {kit.norm_name(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0]) for d in deps}
+    machine = {kit.norm_name(n) for n in kit.MACHINE_PACKAGES}
+    carried = {kit.norm_name(n) for n, _, _ in kit.WHEELS}
+    assert not (carried & machine)
+    assert names - machine - carried - set(kit.LEFT_BEHIND) == set()
+    # one version per carried distribution, inside the project's own bounds for megatron-core
+    assert len(carried) == len(kit.WHEELS)
+    assert dict((kit.norm_name(n), v) for n, v, _ in kit.WHEELS)["megatron-core"].startswith("0.16.")
+
+
+def test_wheel_tags_for_cpython_312_manylinux_x86_64():
+    ok = ["megatron_core-0.16.1-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+          "omegaconf-2.3.1-py3-none-any.whl", "rapidfuzz-3.14.6-cp312-cp312-manylinux2014_x86_64.whl"]
+    bad = ["megatron_core-0.16.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+           "rapidfuzz-3.14.6-cp312-cp312-manylinux_2_28_aarch64.whl",
+           "x-1.0-cp312-cp312-win_amd64.whl"]
+    assert all(kit.fits_machine(kit.wheel_info(Path(n))) is None for n in ok)
+    assert all(kit.fits_machine(kit.wheel_info(Path(n))) is not None for n in bad)
+
+
+def test_gpu_doc_holds_the_device_command_and_the_wheel_folder_is_ignored():
+    doc = (REPO / "docs" / "gpu.md").read_text()
+    block = re.search(r"```device-run\n(.*?)\n```", doc, re.S)
+    assert block, "docs/gpu.md must hold the device call in a ```device-run block"
+    call = json.loads(block.group(1))
+    assert len(call["command"]) < 2000 and "scripts/gpu_check.sh run" in call["command"]
+    assert call["carry"] == [".gpu_wheels"] and call["timeout_s"] <= 600
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".gpu_wheels/x.whl"], cwd=REPO)
+    assert ignored.returncode == 0
+    for name in kit.CHECKS:
+        assert f"`{name}`" in doc
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_wrapper_passes_shellcheck():
+    p = subprocess.run(["shellcheck", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
+
+
+def test_install_wheels_into_a_private_folder(tmp_path):
+    """What `run` does first on the machine: the carried wheels into a folder that PYTHONPATH then names."""
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "kitprobe-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("kitprobe/__init__.py", "VALUE = 42\n")
+        z.writestr("kitprobe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: kitprobe\nVersion: 1.0\n")
+        z.writestr("kitprobe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                    "Tag: py3-none-any\n")
+        z.writestr("kitprobe-1.0.dist-info/RECORD", "")
+    site = tmp_path / "site"
+    kit.install_wheels(wheels, site)
+    p = subprocess.run([sys.executable, "-c", "import kitprobe; print(kitprobe.VALUE)"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(site)})
+    assert p.stdout.strip() == "42", p.stderr
+    with pytest.raises(SystemExit, match="prepare"):
+        kit.install_wheels(tmp_path / "nothing", site)
+
+
+def test_gpu_mode_without_a_gpu_fails_cleanly(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "run", "--no-install", "--only",
+                        "env", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    (env,) = json.loads((out / "summary.json").read_text())["checks"]
+    assert env["status"] == "fail" and "CUDA" in env["reason"]

@@ -28,7 +28,11 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-STEPS = 3
+# Two steps: step 1 from identical weights, step 2 from the refitted generator (weights equal to float noise).
+# A third step has been seen to flip one sampled token on the PP2xDP2 and DP2 layouts (the weights then
+# differ by ~1e-5 after 4 Adam steps, and one temperature-1 draw landed on a CDF boundary): rollouts can only
+# be compared token for token while the weights are equal to float noise.
+STEPS = 2
 LOSS_KEYS = ("sd/jsd", "sd/agreement", "actor/kl_loss", "actor/pg_loss", "actor/pg_clipfrac", "actor/entropy",
              "actor/loss", "actor/grad_norm")
 # counts over identical rollouts: equal; ROLLOUT_SUMS add fractions, in another order over replicas
@@ -120,7 +124,7 @@ def test_megatron_tracks_hf(runs, name):
         for k in ROLLOUT_SUMS:
             assert math.isclose(mg[step][k], hf["history"][step][k], rel_tol=1e-12, abs_tol=1e-15), (step + 1, k)
     worst = {}
-    for step, rtol in ((0, 5e-5), (1, 1e-4), (2, 1e-4)):
+    for step, rtol in ((0, 5e-5), (1, 1e-4), (2, 1e-4))[:STEPS]:
         h, m = hf["history"][step], mg[step]
         for k in LOSS_KEYS:
             if math.isnan(h[k]):                                   # sd/*: a batch without query tokens
@@ -133,7 +137,7 @@ def test_megatron_tracks_hf(runs, name):
     wh, wm = weights(root / "hf"), weights(root / name)
     assert wh.keys() == wm.keys()
     # AdamW divides by sqrt(v): float noise in a near-zero gradient becomes an lr-sized (1e-4) step on that
-    # element, so the max elementwise difference is a few 1e-5 after 6 optimizer steps (the norm check
+    # element, so the max elementwise difference is a few 1e-5 after 4 optimizer steps (the norm check
     # below is the meaningful one)
     max_abs = max((wh[k] - wm[k]).abs().max().item() for k in wh)
     print(name, "final weights max abs difference", max_abs)
@@ -156,17 +160,18 @@ def test_megatron_tracks_hf(runs, name):
 
 @pytest.mark.parametrize("name", ["dp2", "pp2dp2"])
 def test_megatron_resume_continues(runs, name):
-    """Resume from the step-2 checkpoint of the straight run: step 3 and the final weights are the same."""
+    """Resume from the next-to-last checkpoint of the straight run: the last step and the final weights are
+    the same, bit for bit."""
     root, _, _ = runs
     src, dst = root / name, root / f"{name}_resume"
     shutil.copytree(src / "checkpoints", dst / "checkpoints")
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
-    (dst / "checkpoints" / "latest").write_text("step_000002")
+    (dst / "checkpoints" / "latest").write_text(f"step_{STEPS - 1:06d}")
     torchrun(overrides(dst, **LAYOUTS[name], **{"trainer.resume": True}), nproc=NPROC[name])
     straight, resumed = metrics(src), metrics(dst)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     strip = lambda r: json.dumps({k: v for k, v in r.items() if not k.startswith(TIMING)})  # NaN equals NaN
-    assert strip(resumed[2]) == strip(straight[2])
+    assert strip(resumed[-1]) == strip(straight[-1])
     ws, wr = weights(src), weights(dst)
     assert all(torch.equal(ws[k], wr[k]) for k in ws)
 

@@ -467,15 +467,27 @@ class MegatronActor(Actor):
     def train_on(self, micro_batches, loss_fn) -> dict:
         if self.pp == 1:
             return super().train_on(micro_batches, loss_fn)
-        # pp > 1: megatron's schedule; the loss runs on the last stage from its decoder output. Lazy teacher
-        # passes are forward-only schedules that need every stage: they run first, in step.
-        for mb in micro_batches:
-            if callable(mb.teacher_logits):
-                mb.teacher_logits = mb.teacher_logits()
+        # pp > 1: megatron's schedule; the loss runs on the last stage from its decoder output. A lazy teacher
+        # pass is a forward-only schedule that needs every stage, so it cannot run inside the training
+        # schedule: with teacher passes, each micro-batch gets its own schedule call right after its teacher
+        # pass, and its teacher logits are dropped after its backward (one micro-batch of teacher logits
+        # resident instead of a mini-batch: ~15 GiB at 7B; the price is a pipeline bubble per micro-batch).
         batches = [PipelineMicroBatch(mb.batch, mb.rows, mb.cols, {"k": k}) for k, mb in enumerate(micro_batches)]
-        return self.train_step_pipeline(batches, lambda out, pmb: loss_fn(out.logits(), micro_batches[pmb.extra["k"]]))
+        step_loss = lambda out, pmb: loss_fn(out.logits(), micro_batches[pmb.extra["k"]])
+        if not any(callable(mb.teacher_logits) for mb in micro_batches):
+            return self.train_step_pipeline(batches, step_loss)
 
-    def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None) -> dict:
+        def prepare(k):
+            if callable(micro_batches[k].teacher_logits):
+                micro_batches[k].teacher_logits = micro_batches[k].teacher_logits()
+
+        def release(k):
+            micro_batches[k].teacher_logits = None
+
+        return self.train_step_pipeline(batches, step_loss, per_micro_batch=(prepare, release))
+
+    def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None,
+                            per_micro_batch=None) -> dict:
         """One optimizer step over `n_micro` micro-batches driven by megatron's forward/backward schedule.
 
         `batches[i]`: a `PipelineMicroBatch` (the same list on every rank). `loss_fn(outputs, batches[i])`
@@ -483,6 +495,8 @@ class MegatronActor(Actor):
         scalar loss; the step back-propagates the SUM of the micro-batch losses, like `train_step`.
         Returns the same stats as `train_step` on every rank. `use_schedule` (default: pp > 1 or CUDA)
         picks the schedule at pp == 1; without it pp == 1 runs the `train_step` loop with the same loss.
+        `per_micro_batch=(prepare, release)`: one schedule call per micro-batch (gradients accumulate over the
+        calls), `prepare(i)` before micro-batch i's call (collective: e.g. its teacher pass), `release(i)` after.
         """
         n_micro = len(batches) if n_micro is None else n_micro
         if use_schedule is None:
@@ -500,14 +514,23 @@ class MegatronActor(Actor):
         self._zero()
         losses: list[torch.Tensor] = []
 
+        per_call = n_micro if per_micro_batch is None else 1
+
         def loss_func_for(hidden, mb):
             loss = loss_fn(LastStageOutputs(self, hidden, mb), mb)
             losses.append(loss.detach().reshape(()).double())
             # the schedule divides the loss by num_microbatches before its backward; undo that so that the
             # micro-batch losses are summed as in train_step
-            return loss * n_micro, {"loss": loss.detach()}
+            return loss * per_call, {"loss": loss.detach()}
 
-        self._run_schedule(batches, n_micro, False, loss_func_for)
+        if per_micro_batch is None:
+            self._run_schedule(batches, n_micro, False, loss_func_for)
+        else:
+            prepare, release = per_micro_batch
+            for i in range(n_micro):
+                prepare(i)
+                self._run_schedule(batches[i:i + 1], 1, False, loss_func_for)
+                release(i)
         vec = torch.stack(losses).to(self.device) if self.is_last_stage else None
         vals = self.broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
         bad = [v for v in vals if not math.isfinite(v)]

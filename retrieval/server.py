@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0  # after a refusal, how long input is read and dropped before the socket closes (see _close_after_answer)
+
 
 def _dumps(obj) -> bytes:
     try:
@@ -122,7 +124,7 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
                 transport.write(_error_response(
                     503, f"the server holds its limit of {limits.max_connections} open connections "
                          "(--max-connections); retry shortly", "retry-after: 1\r\n"))
-                transport.close()
+                self._close_after_answer()
                 return
             self._accepted = True
             stats.open += 1
@@ -242,7 +244,21 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
                     self.transport.close()
                     return
             self.transport.write(_error_response(status, message))
-            self.transport.close()
+            self._close_after_answer()
+
+        def _close_after_answer(self) -> None:
+            """Lingering close (nginx's lingering_close): send the answer and FIN, then read and drop what the
+            client still sends until it closes or LINGER_S pass. Closing a socket whose input was not read
+            makes the kernel answer with RST, which can destroy our answer in the client's receive buffer
+            before the client reads it (a slowloris client keeps writing header lines while we answer)."""
+            transport = self.transport
+            if not transport.can_write_eof():
+                transport.close()
+                return
+            if getattr(self, "flow", None) is not None:
+                self.flow.resume_reading()  # data_received drops everything now that we have refused
+            transport.write_eof()  # the client's read sees the answer, then end of stream; its close ends ours
+            self.loop.call_later(LINGER_S, transport.close)
 
     return GuardedHttpProtocol
 

@@ -145,6 +145,49 @@ def test_idle_and_slowloris_connections_are_closed_at_the_header_timeout(guarded
     assert after["open"] == 1  # the /health request itself
 
 
+def test_a_client_still_writing_when_refused_reads_the_whole_answer(guarded):
+    """The server half-closes after a refusal and drops what still arrives (lingering close): closing a
+    socket with unread input sends RST, which can destroy the 408 in the client's buffer before it is read.
+    These clients write a header line every 10 ms, so input is always pending when the deadline fires."""
+    def stubborn() -> bytes:
+        with socket.create_connection(("127.0.0.1", guarded.port)) as s:
+            s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\n")
+            s.settimeout(0.01)
+            data, i = b"", 0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < HEADER_TIMEOUT_S + 3:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    chunk = None
+                if chunk == b"":
+                    return data  # end of stream after the answer
+                if chunk:
+                    data += chunk
+                try:
+                    s.sendall(b"X-Slow-%d: %s\r\n" % (i, b"y" * 200))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # our writes may be refused once the server has closed; the answer must still be read
+                i += 1
+            raise AssertionError(f"no end of stream after {HEADER_TIMEOUT_S + 3}s; read {data[:80]!r}")
+
+    results: list = [None] * 8
+    def run(k):
+        try:
+            results[k] = stubborn()
+        except Exception as e:  # noqa: BLE001 - reported below, with which client
+            results[k] = e
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert isinstance(r, bytes), f"{type(r).__name__}: {r}"
+        assert r.startswith(b"HTTP/1.1 408 "), r[:80]
+        assert status_and_error(r)[1].startswith("the request line and headers did not arrive within")
+
+
 def test_short_body_gets_408_at_the_body_timeout(guarded):
     """A body shorter than its Content-Length: 408 naming what arrived, within the body timeout (+ slack)."""
     before = health(guarded)["connections"]

@@ -81,11 +81,12 @@ class MetricsLogger:
 
 class ConsoleLogger(MetricsLogger):
     # the metrics of a step line, in this order (those a row holds as finite numbers)
-    LINE_KEYS = ("critic/score/mean", "env/number_of_valid_search", "env/finish_ratio", "response_length/mean",
-                 "actor/pg_loss", "actor/kl_loss", "actor/entropy", "sd/jsd", "sd/agreement", "actor/grad_norm",
-                 "timing_s/step")
+    LINE_KEYS = ("critic/score/mean", "env/number_of_valid_search", "env/first_query_hit", "env/finish_ratio",
+                 "response_length/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "sd/jsd", "sd/agreement",
+                 "actor/grad_norm", "timing_s/step")
     # the short labels of the progress bar's info column
-    BAR_KEYS = (("critic/score/mean", "score"), ("env/number_of_valid_search", "searches"), ("sd/jsd", "jsd"))
+    BAR_KEYS = (("critic/score/mean", "score"), ("env/number_of_valid_search", "searches"),
+                ("env/first_query_hit", "first-query hit"), ("sd/jsd", "jsd"))
 
     def __init__(self, console, total_steps: int, description: str, start_step: int = 0, live: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

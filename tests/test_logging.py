@@ -66,11 +66,20 @@ def logged_run(micro_model_dir, tmp_path_factory):
             "summary": json.loads((out / "summary.json").read_text())}
 
 
+TEST_KEYS = ("val/test_em", "val/test_first_query_hit", "val/test_evidence_hit_per_search", "val/test_evidence_recall")
+QUERY_RATES = ("first_query_hit", "evidence_hit_per_search", "evidence_recall")
+
+
+def val_test_metrics(result: dict) -> dict:
+    """The val/test_* metrics of a start_test / end_test record of summary.json."""
+    return {"val/test_em": result["all"]["em"], **{f"val/test_{k}": result["all"][k] for k in QUERY_RATES}}
+
+
 def expected_scalars(run) -> dict[int, dict[str, float]]:
-    """What every scalar backend must hold: each row's finite numbers, and the test EM at 0 and STEPS."""
+    """What every scalar backend must hold: each row's finite numbers, and the test metrics at 0 and STEPS."""
     want = {r["step"]: scalars(r) for r in run["rows"]}
-    want[0] = {"val/test_em": run["summary"]["start_test"]["all"]["em"]}
-    want[STEPS]["val/test_em"] = run["summary"]["end_test"]["all"]["em"]
+    want[0] = scalars(val_test_metrics(run["summary"]["start_test"]))
+    want[STEPS].update(scalars(val_test_metrics(run["summary"]["end_test"])))
     return want
 
 
@@ -101,17 +110,19 @@ def test_metrics_jsonl_keys_are_the_documented_ones(logged_run):
     assert len(documented) == len(set(documented))
     rows = logged_run["rows"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    logged = {k for r in rows for k in r} | {"val/test_em"}
+    logged = {k for r in rows for k in r} | set(TEST_KEYS)
     assert logged == set(documented), (sorted(logged - set(documented)), sorted(set(documented) - logged))
     assert "val/dev_em" in rows[-1] and "val/dev_em" not in rows[0]
     evals = logged_run["summary"]["evals"]
-    assert evals == [{"step": 0, "val/test_em": logged_run["summary"]["start_test"]["all"]["em"]},
-                     {"step": STEPS, "val/dev_em": rows[-1]["val/dev_em"], "val/dev_f1": rows[-1]["val/dev_f1"]},
-                     {"step": STEPS, "val/test_em": logged_run["summary"]["end_test"]["all"]["em"]}]
+    dev = {k: rows[-1][k] for k in ("val/dev_em", "val/dev_f1", *(f"val/dev_{q}" for q in QUERY_RATES))}
+    same = lambda a, b: json.dumps(a) == json.dumps(b)  # (NaN equals NaN)
+    assert same(evals, [{"step": 0, **val_test_metrics(logged_run["summary"]["start_test"])},
+                        {"step": STEPS, **dev}, {"step": STEPS, **val_test_metrics(logged_run["summary"]["end_test"])}])
     for r in rows:   # the rollout figures hold together
         assert r["response_length/min"] <= r["response_length/mean"] <= r["response_length/max"]
         assert r["critic/advantages/min"] <= r["critic/advantages/max"]
-        for k in ("critic/score/mean", "env/finish_ratio", "env/ratio_of_valid_action", "response_length/clip_ratio"):
+        for k in ("critic/score/mean", "env/finish_ratio", "env/ratio_of_valid_action", "response_length/clip_ratio",
+                  "env/first_query_hit", "env/evidence_recall"):
             assert 0.0 <= r[k] <= 1.0, k
         assert 0.0 <= r["timing_s/retrieval"] <= r["timing_s/gen"] <= r["timing_s/step"]
 

@@ -11,7 +11,10 @@ One step:
      normalised by the counts of the whole batch over all replicas, so any split trains like one process
 Periodic greedy dev evaluation (sharded over replicas), checkpoints, metrics.jsonl and the `logger.backends`
 (console line or progress bar, TensorBoard, W&B, MLflow: nemo_sdsearch/logger.py) every step, and at the end
-a summary table, a PNG of the curves and test-world EM. Metric names follow verl / Search-R1
+a summary table (test EM and first-query hit rate, start -> end, with standard errors), a PNG of the curves and
+the test-world results. Where the questions record their evidence passages (the bundled world), rollouts and
+evaluations also get the query-level metrics of world/evidence.py (first-query hit, evidence hit per search,
+evidence recall). Metric names follow verl / Search-R1
 (`critic/score/mean`, `actor/pg_loss`, `env/number_of_valid_search`, ...; the README's Metrics section);
 they are whole-batch figures over the replicas; only rank 0 prints and writes files.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -41,6 +45,8 @@ from nemo_sdsearch.logger import build_loggers, check_backends
 from nemo_sdsearch.losses.grpo_sd_loss import METRIC_SUMS, GRPOSDLoss, PolicyMicroBatch, token_weights
 from nemo_sdsearch.losses.policy import group_advantages
 from nemo_sdsearch.models.base import SequenceBatch
+from nemo_sdsearch.world.evidence import RATES as QUERY_RATES
+from nemo_sdsearch.world.evidence import metric_sums, rates as query_rates, trajectory_query_metrics
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def rl_step(run: "Run", step: int) -> dict:
     if sleeping:
         generator.wake_up()
     refit_generator(actor, c.weight_sink)  # (refit time counts in timing_s/step)
-    rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv)
+    rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv, {q.id: q.metadata for q in questions})
     n_policy, n_query = m["n_policy"], m["n_query"]
     per_token = lambda v: v / max(n_policy, 1)
     per_query = lambda v: v / n_query if teacher is not None and n_query else float("nan")  # no query: no JSD
@@ -235,25 +241,31 @@ def rl_step(run: "Run", step: int) -> dict:
     }
 
 
-def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor) -> tuple[dict, float, float]:
+def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor,
+                    metadata: Mapping[str, Mapping] | None = None) -> tuple[dict, float, float]:
     """The rollout side of a step's row over the whole batch (sums over the replicas; the extremes from each
     replica's own, gathered as a [dp, 4] sum with one row per replica), and the batch's generated and total
-    token counts."""
+    token counts. With `metadata` (question id -> its FlashRAG metadata) the query-level metrics of the rollouts
+    whose question records evidence passages (world/evidence.py): `env/first_query_hit`,
+    `env/evidence_hit_per_search`, `env/evidence_recall`; left out of the row when no rollout of the whole batch
+    has evidence (the all-reduced count decides, the same on every rank)."""
     dp = actor.dp_size
     n_pol = torch.tensor([sum(t.policy_mask()) for t in trajs], dtype=torch.float64)
     resp = torch.tensor([t.num_sampled_tokens for t in trajs], dtype=torch.float64)
     adv = adv.to(torch.float64)
+    query = metric_sums(trajectory_query_metrics(t, (metadata or {}).get(t.question_id)) for t in trajs)
     sums = torch.tensor([
         len(trajs), sum(t.exact_match for t in trajs), float((adv * n_pol).sum()), float(n_pol.sum()),
         float(resp.sum()), sum(t.truncated for t in trajs), sum(t.num_turns for t in trajs),
         sum(t.num_searches for t in trajs), sum(t.finish_reason == "answer" for t in trajs),
-        sum(1 - t.invalid_actions / max(t.num_turns, 1) for t in trajs), sum(len(t.token_ids) for t in trajs)],
-        dtype=torch.float64)
+        sum(1 - t.invalid_actions / max(t.num_turns, 1) for t in trajs), sum(len(t.token_ids) for t in trajs),
+        *query], dtype=torch.float64)
     extremes = torch.zeros(dp, 4, dtype=torch.float64)
     extremes[actor.dp_rank] = torch.stack([adv.max(), adv.min(), resp.max(), resp.min()])
     total = actor.all_reduce_dp(torch.cat([sums, extremes.flatten()]))
+    head, ext = total[:len(sums)].tolist(), total[len(sums):].view(dp, 4)
     (n, score, adv_tok, n_tok, resp_sum, truncated, turns, searches, answered, valid,
-     tokens), ext = total[:len(sums)].tolist(), total[len(sums):].view(dp, 4)
+     tokens), query = head[:-len(query)], head[-len(query):]
     n = max(n, 1)
     return {"critic/score/mean": score / n,
             "critic/advantages/mean": adv_tok / max(n_tok, 1), "critic/advantages/max": float(ext[:, 0].max()),
@@ -261,7 +273,18 @@ def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor) -> tuple[
             "response_length/mean": resp_sum / n, "response_length/max": float(ext[:, 2].max()),
             "response_length/min": float(ext[:, 3].min()), "response_length/clip_ratio": truncated / n,
             "env/number_of_actions/mean": turns / n, "env/number_of_valid_search": searches / n,
-            "env/finish_ratio": answered / n, "env/ratio_of_valid_action": valid / n}, resp_sum, tokens
+            "env/finish_ratio": answered / n, "env/ratio_of_valid_action": valid / n,
+            **{f"env/{k}": v for k, v in query_rates(query).items()}}, resp_sum, tokens
+
+
+def eval_metrics(split: str, result: dict) -> dict:
+    """The `val/*` metrics of a greedy evaluation (`sharded_greedy_em`'s result) of split "dev" or "test":
+    `val/<split>_em` (and `val/dev_f1`), and the query-level `val/<split>_first_query_hit`,
+    `val/<split>_evidence_hit_per_search`, `val/<split>_evidence_recall` when its questions record evidence."""
+    a = result["all"]
+    out = {f"val/{split}_em": a["em"], **({"val/dev_f1": a["f1"]} if split == "dev" else {})}
+    out.update({f"val/{split}_{k}": a[k] for k in QUERY_RATES if k in a})
+    return out
 
 
 def learning_rate(actor, cfg: TrainConfig) -> float:
@@ -304,7 +327,7 @@ class Run:
         if cfg.trainer.final_test_eval and self.start_test is None:
             self.console.print("evaluating the start weights on the test world ...")
             self.start_test = self.greedy("test")
-            self.loggers.log_eval(0, {"val/test_em": self.start_test["all"]["em"]})
+            self.loggers.log_eval(0, eval_metrics("test", self.start_test))
 
     # -- pieces the steps use ------------------------------------------------------------------------
     def engine(self, name: str):
@@ -336,13 +359,13 @@ class Run:
 
     # -- after each step -------------------------------------------------------------------------------
     def evaluate(self, step: int) -> dict:
-        """The periodic greedy dev evaluation after step `step`: {"val/dev_em", "val/dev_f1"}, or {} when
-        none is due."""
+        """The periodic greedy dev evaluation after step `step`: {"val/dev_em", "val/dev_f1"} and, when the
+        dev questions record evidence passages, the query-level `val/dev_*` (`eval_metrics`); {} when none
+        is due."""
         t = self.cfg.trainer
         if not (t.eval_every and step % t.eval_every == 0):
             return {}
-        dev = self.greedy("dev")["all"]
-        val = {"val/dev_em": dev["em"], "val/dev_f1": dev["f1"]}
+        val = eval_metrics("dev", self.greedy("dev"))
         self.evals.append({"step": step, **val})
         return val
 
@@ -385,9 +408,9 @@ class Run:
         end_test = None
         if cfg.trainer.final_test_eval:
             end_test = self.greedy("test")
-            evals = [{"step": 0, "val/test_em": self.start_test["all"]["em"]}, *evals,
-                     {"step": cfg.trainer.steps, "val/test_em": end_test["all"]["em"]}]
-            self.loggers.log_eval(cfg.trainer.steps, {"val/test_em": end_test["all"]["em"]})
+            evals = [{"step": 0, **eval_metrics("test", self.start_test)}, *evals,
+                     {"step": cfg.trainer.steps, **eval_metrics("test", end_test)}]
+            self.loggers.log_eval(cfg.trainer.steps, eval_metrics("test", end_test))
         self.loggers.close()  # the progress bar ends before the table; the backends are flushed and finished
         summary = {"start_test": self.start_test, "end_test": end_test, "history": self.history, "evals": evals}
         save_final(self.c.actor, self.c.tok, out, self.rank0)
@@ -398,7 +421,7 @@ class Run:
 
             plot_curves(self.history, evals, out / "curves.png", f"{cfg.algorithm} on the tiny world")
             table = Table(title=f"{cfg.algorithm}: {cfg.trainer.steps} steps", caption=SUMMARY_CAPTION)
-            for col, justify in (("metric", "left"), ("start", "right"), ("end", "right")):
+            for col, justify in (("metric", "left"), ("start", "right"), ("end", "right"), ("gain", "right")):
                 table.add_column(col, justify=justify)
             for r in summary_rows(self.start_test, end_test, self.history):
                 table.add_row(*r)

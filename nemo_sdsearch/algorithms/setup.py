@@ -216,35 +216,42 @@ def _engines(cfg: TrainConfig, generator, tok) -> dict:
 
 
 def greedy_em(engine, questions, batch_size: int) -> dict:
-    """Greedy EM / F1 / searches per question kind ("all" included) of one engine on `questions`."""
+    """Greedy EM / F1 / searches per question kind ("all" included) of one engine on `questions`, and the
+    query-level metrics where the questions record evidence passages (`eval.harness.Score.mean`)."""
+    from nemo_sdsearch.eval.harness import Score
+
+    return {k: Score.from_sums(s).mean() for k, s in greedy_sums(engine, questions, batch_size).items()}
+
+
+def greedy_sums(engine, questions, batch_size: int) -> dict[str, list[float]]:
+    """`greedy_em` as the sums behind it, per kind (`eval.harness.Score.sums`): shards add up."""
     from nemo_sdsearch.eval.harness import evaluate
 
     report = evaluate(engine, {"x": questions}, batch_size=batch_size, progress=False)
-    return report.by_dataset["x"]
+    return report.sums["x"]
 
 
 def sharded_greedy_em(actor, engine, questions, batch_size: int) -> dict:
     """`greedy_em` over all `questions`, each data-parallel replica evaluating its share `questions[r::dp]`
     (its leader generates, then shares the result in the replica); the per-kind sums are all-reduced over
     the replicas, so every rank returns the whole result (exactly `greedy_em`'s at dp = 1)."""
+    from nemo_sdsearch.eval.harness import Score
+
     local = None
     if actor.is_replica_leader:
         share = questions[actor.dp_rank::actor.dp_size]
-        local = greedy_em(engine, share, batch_size) if share else {}
+        local = greedy_sums(engine, share, batch_size) if share else {}
     local = actor.broadcast_in_replica(local)
     if actor.dp_size == 1:
-        return local
+        return {k: Score.from_sums(s).mean() for k, s in local.items()}
     kinds = ["all"] + sorted({q.kind for q in questions if q.kind is not None})
-    fields = ("em", "f1", "searches")
-    sums = torch.zeros(len(kinds), 1 + len(fields), dtype=torch.float64)
+    sums = torch.zeros(len(kinds), len(Score.SUMS), dtype=torch.float64)  # n, em, f1, ... summed (Score.SUMS)
     for i, k in enumerate(kinds):
-        if k in local and local[k]["n"]:
-            n = local[k]["n"]
-            sums[i] = torch.tensor([n] + [local[k][f] * n for f in fields], dtype=torch.float64)
+        if k in local:
+            sums[i] = torch.tensor(local[k], dtype=torch.float64)
     sums = actor.all_reduce_dp(sums)
     out = {}
     for i, k in enumerate(kinds):
-        n = int(round(float(sums[i, 0])))
-        if n:
-            out[k] = {"n": n, **{f: float(sums[i, 1 + j]) / n for j, f in enumerate(fields)}}
+        if int(round(float(sums[i, 0]))):
+            out[k] = Score.from_sums(sums[i].tolist()).mean()
     return out

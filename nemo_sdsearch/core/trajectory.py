@@ -38,6 +38,10 @@ class Trajectory:
     truncated_turns: int = 0      # turns the token budget (rollout.max_new_tokens) cut off
     retrieval_s: float = 0.0      # this rollout's share of the retriever calls' wall time (a batched call's
                                   # time split evenly over the rows it served)
+    # the ids of the passages each search retrieved, in rank order: one list per entry of `queries` (an empty
+    # list when retrieval is off); fewer lists than queries means not recorded (a record written before the
+    # field existed): world/evidence.py then re-runs the queries
+    retrieved_ids: list[list[str]] = field(default_factory=list)
     _parse_state: str = OUTSIDE
 
     # -- building -------------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class Trajectory:
             "answer": self.answer, "finish_reason": self.finish_reason, "num_turns": self.num_turns,
             "normalization": self.normalization, "invalid_actions": self.invalid_actions,
             "truncated_turns": self.truncated_turns, "retrieval_s": self.retrieval_s,
+            "retrieved_ids": self.retrieved_ids,
         }
 
     @classmethod
@@ -133,6 +138,7 @@ class Trajectory:
         # records written before these fields existed read as "nothing measured"
         t.invalid_actions, t.truncated_turns = d.get("invalid_actions", 0), d.get("truncated_turns", 0)
         t.retrieval_s = d.get("retrieval_s", 0.0)
+        t.retrieved_ids = [[str(x) for x in ids] for ids in d.get("retrieved_ids", [])]
         n = len(t.token_ids)
         if not (len(t.span_types) == len(t.is_query) == len(t.from_policy) == len(t.sampled_logprobs) == n):
             raise ValueError(f"trajectory record for {t.question_id!r} has per-token fields of unequal length")

@@ -1,5 +1,7 @@
 """Evaluation harness: greedy search rollouts over FlashRAG-format datasets, EM and F1 per dataset and
-per question kind, a markdown table and a JSON record."""
+per question kind (and, for questions that record their evidence passages, the query-level metrics of
+world/evidence.py: first-query hit, evidence hit per search, evidence recall), a markdown table and a JSON
+record."""
 
 from __future__ import annotations
 
@@ -11,29 +13,61 @@ from typing import Sequence
 
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.rollout.engine import RolloutEngine
+from nemo_sdsearch.world import evidence
 
 
 @dataclass
 class Score:
+    """Sums over the questions of one dataset and kind. `mean()` is the per-kind record of results.json: n, em,
+    f1, searches (per question) and, when some question records its evidence passages (the bundled world's
+    FlashRAG `metadata.evidence`; world/evidence.py), n_evidence (those questions), evidence_searches (their
+    searches), first_query_hit (fraction of them whose first search retrieved the evidence of a hop searchable
+    first), evidence_hit_per_search (fraction of their searches, pooled, that retrieved evidence of any hop; NaN
+    without searches) and evidence_recall (fraction of a question's hops whose evidence any search retrieved,
+    mean). `sums()` / `from_sums()` add shards up (the sharded evaluation during training)."""
     n: int = 0
     em: float = 0.0
     f1: float = 0.0
     searches: float = 0.0
+    query: list[float] = field(default_factory=lambda: [0.0] * len(evidence.SUMS))  # evidence.SUMS
 
-    def add(self, em: float, f1: float, searches: int) -> None:
+    SUMS = ("n", "em", "f1", "searches", *evidence.SUMS)
+    _COUNTS = {"n", "searches", "n_evidence", "first_query_hits", "evidence_hits", "evidence_searches"}
+
+    def add(self, em: float, f1: float, searches: int, query: "evidence.QueryMetrics | None" = None) -> None:
         self.n += 1
         self.em += em
         self.f1 += f1
         self.searches += searches
+        if query is not None:
+            self.query = [a + b for a, b in zip(self.query, evidence.metric_sums([query]))]
 
     def mean(self) -> dict:
         d = max(self.n, 1)
-        return {"n": self.n, "em": self.em / d, "f1": self.f1 / d, "searches": self.searches / d}
+        out = {"n": self.n, "em": self.em / d, "f1": self.f1 / d, "searches": self.searches / d}
+        rates = evidence.rates(self.query)
+        if rates:
+            out.update(n_evidence=int(round(self.query[0])), evidence_searches=int(round(self.query[3])), **rates)
+        return out
+
+    def sums(self) -> list[float]:
+        return [float(self.n), self.em, self.f1, self.searches, *self.query]
+
+    @classmethod
+    def from_sums(cls, sums) -> "Score":
+        v = [round(x) if k in cls._COUNTS else float(x) for k, x in zip(cls.SUMS, sums)]
+        return cls(int(v[0]), v[1], v[2], v[3], [float(x) for x in v[4:]])
+
+
+def _rate(x: float) -> str:
+    return "n/a" if x != x else f"{x:.3f}"
 
 
 @dataclass
 class EvalReport:
     by_dataset: dict[str, dict[str, dict]] = field(default_factory=dict)  # dataset -> kind -> score
+    # dataset -> kind -> `Score.sums()` (not written: what shards of an evaluation add up, exactly)
+    sums: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     predictions: dict[str, list[dict]] = field(default_factory=dict)
     normalization: str = "squad"  # the EM definition (core.reward): squad is the papers' one
     # the settings the rollouts ran under and where each came from (`sdsearch eval`: flag, run config or
@@ -49,12 +83,29 @@ class EvalReport:
     def overall(self, dataset: str) -> dict:
         return self.by_dataset[dataset]["all"]
 
+    @property
+    def has_evidence(self) -> bool:
+        """Whether some dataset records evidence passages (then the query-level columns are shown)."""
+        return any("first_query_hit" in s for kinds in self.by_dataset.values() for s in kinds.values())
+
     def to_markdown(self) -> str:
-        lines = ["| dataset | kind | n | EM | F1 | searches/question |", "|---|---|---:|---:|---:|---:|"]
+        """One row per dataset and question kind: n, EM, F1, searches per question and, when some dataset
+        records evidence passages, first-query hit, evidence hit per search and evidence recall (a dataset
+        without evidence metadata shows "-" there)."""
+        head, rule = "| dataset | kind | n | EM | F1 | searches/question |", "|---|---|---:|---:|---:|---:|"
+        query = self.has_evidence
+        if query:
+            head += " first-query hit | evidence hit/search | evidence recall |"
+            rule += "---:|---:|---:|"
+        lines = [head, rule]
         for name, kinds in self.by_dataset.items():
             for kind, s in kinds.items():
                 label = f"**{kind}**" if kind == "all" else kind
-                lines.append(f"| {name} | {label} | {s['n']} | {s['em']:.3f} | {s['f1']:.3f} | {s['searches']:.2f} |")
+                line = f"| {name} | {label} | {s['n']} | {s['em']:.3f} | {s['f1']:.3f} | {s['searches']:.2f} |"
+                if query:
+                    line += (" " + " | ".join(_rate(s[k]) for k in evidence.RATES) + " |" if "first_query_hit" in s
+                             else " - | - | - |")
+                lines.append(line)
         return "\n".join(lines)
 
     def table1(self) -> str:
@@ -143,12 +194,19 @@ def evaluate(engine: RolloutEngine, datasets: dict[str, Sequence[QA]], batch_siz
                                    progress=lambda n: bar.advance(task, n))
                 for q, t in zip(batch, trajs):
                     em, f1 = t.exact_match, t.f1
-                    scores["all"].add(em, f1, t.num_searches)
+                    qm = evidence.trajectory_query_metrics(t, q.metadata, engine.retriever, engine.cfg.topk)
+                    scores["all"].add(em, f1, t.num_searches, qm)
                     if q.kind is not None:
-                        scores[q.kind].add(em, f1, t.num_searches)
-                    preds.append({"id": q.id, "kind": q.kind, "prediction": t.answer, "golden_answers": q.golden_answers,
-                                  "em": em, "f1": f1, "queries": t.queries, "finish_reason": t.finish_reason})
+                        scores[q.kind].add(em, f1, t.num_searches, qm)
+                    pred = {"id": q.id, "kind": q.kind, "prediction": t.answer, "golden_answers": q.golden_answers,
+                            "em": em, "f1": f1, "queries": t.queries, "retrieved_ids": t.retrieved_ids,
+                            "finish_reason": t.finish_reason}
+                    if qm is not None:  # the question records its evidence passages
+                        pred.update(first_query_hit=qm.first_query_hit, evidence_hits=list(qm.evidence_hits),
+                                    evidence_recall=qm.evidence_recall)
+                    preds.append(pred)
             kinds = ["all"] + sorted(k for k in scores if k != "all")
             report.by_dataset[name] = {k: scores[k].mean() for k in kinds}
+            report.sums[name] = {k: scores[k].sums() for k in kinds}
             report.predictions[name] = preds
     return report

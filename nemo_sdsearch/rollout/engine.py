@@ -2,7 +2,8 @@
 
 Every row generates a turn until `</search>`, `</answer>` or EOS. A completed search is run (one
 batched retriever call for all rows whose turn ended at the same step), its passages are appended as an
-information block and the row continues from its KV cache. Rows run independently when the backend
+information block (their ids recorded in `Trajectory.retrieved_ids`, one list per search: the query-level
+metrics of world/evidence.py) and the row continues from its KV cache. Rows run independently when the backend
 supports it (`GenerationSession.run`): a row never waits for the slowest row of a turn. A turn without a valid action (no tag, an empty query, the token
 limit) gets Search-R1's invalid-action feedback and costs a turn. After `max_turns` turns the final
 turn stops only at `</answer>`: no further retrieval. The context guard keeps every row within
@@ -167,6 +168,8 @@ class RolloutEngine:
                     trajs[r].retrieval_s += dt / len(rows)
                 stats.searches += len(rows)
                 passages = {r: [d.contents for d in docs] for r, docs in zip(rows, results)}
+                for r, docs in zip(rows, results):  # what each search retrieved (the query-level metrics)
+                    trajs[r].retrieved_ids.append([str(d.id) for d in docs])
             for row in [*passages, *invalid]:
                 t = trajs[row]
                 room = cfg.max_context - len(t.token_ids) - cfg.max_new_tokens

@@ -15,6 +15,12 @@ Questions without evidence metadata (user files) get None: callers omit the metr
 entry of `queries`) if the rollout engine recorded them, else re-runs the recorded queries through the
 retriever the rollout used (exact for deterministic retrievers such as BM25 and dense FAISS over a fixed
 corpus).
+
+Aggregates over rollouts, used by the training metrics (`env/first_query_hit`, ...), the evaluation harness
+and the greedy evaluations during training: `metric_sums` gives the five sums (`SUMS`) that add up over
+shards and data-parallel replicas, `rates` turns (all-reduced) sums into `first_query_hit` (fraction of
+rollouts), `evidence_hit_per_search` (over all searches pooled; NaN when none searched) and `evidence_recall`
+(mean over rollouts), or {} when no rollout had evidence metadata.
 """
 
 from __future__ import annotations
@@ -83,3 +89,27 @@ def summarize(metrics: Iterable[QueryMetrics | None]) -> dict[str, float]:
         "searches_per_question": searches / len(rows),
         "n": len(rows),
     }
+
+
+# the sums behind `rates`: rollouts with evidence metadata, first-query hits, searches that retrieved evidence,
+# searches (of those rollouts), and the sum of their evidence recalls
+SUMS = ("n_evidence", "first_query_hits", "evidence_hits", "evidence_searches", "evidence_recall_sum")
+RATES = ("first_query_hit", "evidence_hit_per_search", "evidence_recall")
+
+
+def metric_sums(metrics: Iterable[QueryMetrics | None]) -> list[float]:
+    """The `SUMS` of some rollouts' metrics (those without evidence metadata, None, left out)."""
+    rows = [m for m in metrics if m is not None]
+    return [float(len(rows)), float(sum(m.first_query_hit for m in rows)),
+            float(sum(sum(m.evidence_hits) for m in rows)), float(sum(m.searches for m in rows)),
+            float(sum(m.evidence_recall for m in rows))]
+
+
+def rates(sums: Sequence[float]) -> dict[str, float]:
+    """`RATES` from `SUMS` (summed over any number of shards); {} when no rollout had evidence metadata."""
+    n, first, hits, searches, recall = (float(x) for x in sums)
+    if n < 0.5:
+        return {}
+    return {"first_query_hit": first / n,
+            "evidence_hit_per_search": hits / searches if searches > 0 else math.nan,
+            "evidence_recall": recall / n}

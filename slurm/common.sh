@@ -107,9 +107,23 @@ sdsearch_forward_signal() {
         pkill -"$1" -P "$SDSEARCH_STEP_PID" 2> /dev/null || true  # the step's srun (it forwards to its tasks)
     else
         echo "$(date -Is) caught SIG$1 before training started: requeueing ${SLURM_JOB_ID}"
-        scontrol requeue "${SLURM_JOB_ID}"
-        exit 0
+        sdsearch_requeue
     fi
+}
+# Requeue this job and end the batch script. slurmctld can refuse a requeue for a moment (a job still
+# completing a step, a busy controller): retry, saying why; if it never takes, end with status 75 (the
+# checkpoint is written: `sbatch` the same script with trainer.resume=true to continue).
+sdsearch_requeue() {
+    local try err
+    for try in 1 2 3 4 5 6; do
+        if err="$(scontrol requeue "${SLURM_JOB_ID}" 2>&1)"; then
+            exit 0
+        fi
+        echo "$(date -Is) scontrol requeue ${SLURM_JOB_ID} failed (try ${try}/6): ${err}"
+        sleep 5
+    done
+    echo "$(date -Is) could not requeue ${SLURM_JOB_ID}: resubmit with trainer.resume=true to continue"
+    exit 75
 }
 
 # Run the training step in the background (so that the trap can fire) with its output appended to LOG, wait
@@ -129,8 +143,7 @@ sdsearch_train_step() {
     SDSEARCH_STEP_PID=""
     if [[ -n "${SDSEARCH_PREEMPTED:-}" || "$status" -eq 75 ]]; then
         echo "$(date -Is) the trainer stopped for a signal (status $status): requeueing ${SLURM_JOB_ID}"
-        scontrol requeue "${SLURM_JOB_ID}"
-        exit 0
+        sdsearch_requeue
     fi
     return "$status"
 }

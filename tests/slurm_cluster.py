@@ -55,7 +55,9 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={base}/munge.socket
+# cred_expire: how long a requeued job waits before it may start again (default 120 s; a node refuses to
+# launch a job whose credential it revoked until then): 10 s keeps the requeue tests short, and honest
+AuthInfo=socket={base}/munge.socket,cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -52,9 +52,8 @@ def _sbatch(args: list[str], env: dict) -> str:
 
 def _requeue_when_checkpointed(cluster, job: str, run: Path, timeout_s: int = 600) -> None:
     """`scontrol requeue` (what preemption does) once the run's first checkpoint is complete (its atomic
-    `latest` pointer exists), then release the requeued job at once. SLURM holds a requeued job for
-    cred_expire (120 s) and, once it is eligible, it waits for the scheduler's next pass (a heterogeneous job:
-    the backfill scheduler's next job or node event): minutes of a test spent idle, nothing the scripts do."""
+    `latest` pointer exists). The requeued job starts again on its own: after the credential lifetime
+    (cred_expire, 10 s on the test cluster) at the backfill scheduler's next pass (every second there)."""
     latest = run / "checkpoints" / "latest"
     t0 = time.time()
     while not latest.exists():
@@ -63,27 +62,29 @@ def _requeue_when_checkpointed(cluster, job: str, run: Path, timeout_s: int = 60
         assert time.time() - t0 < timeout_s, f"no checkpoint after {timeout_s} s"
         time.sleep(1)
     sh(f"scontrol requeue {job}")
-    _release_requeued(job)
+    _start_requeued(job)
 
 
-def _release_requeued(job: str) -> None:
-    """Release a job that was just requeued (by the test or by its own script)."""
-    # The requeue completes once the job's processes are gone; only then is the begin time set (every
-    # component of a heterogeneous job), so release it after that, and again if a component was late.
-    t0 = time.time()
-    while time.time() - t0 < 120:
+def _start_requeued(job: str, timeout_s: int = 120) -> None:
+    """Start a requeued job (requeued by the test or by its own script) as soon as SLURM allows. It may
+    start once its credential lifetime has passed (its EligibleTime; cred_expire is 10 s on the test
+    cluster): a node refuses a job whose credential it revoked until then, and the job fails. After that it
+    waits for a scheduler pass, minutes for a heterogeneous job; touching its begin time once EligibleTime
+    has passed runs that pass at once, and never moves the start before the credential expired."""
+    t0, pending = time.time(), False
+    while time.time() - t0 < timeout_s:
         info = sh(f"scontrol show job {job}", check=False).stdout
         states = re.findall(r"JobState=(\S+)", info)
-        if states and any(s != "PENDING" for s in states):
-            if "RUNNING" in states and "Restarts=1" in info:
-                return  # already started again
-            time.sleep(0.5)
-            continue
-        eligible = re.findall(r"EligibleTime=(\S+)", info)
-        now = time.strftime("%Y-%m-%dT%H:%M:%S")
-        if states and eligible and all(e != "Unknown" and e <= now for e in eligible):
-            return
-        sh(f"scontrol update JobId={job} StartTime=now", check=False)
+        requeued = max(map(int, re.findall(r"Restarts=(\d+)", info)), default=0) >= 1  # (the het leader's)
+        if requeued and states and all(s == "PENDING" for s in states):
+            pending = True
+            eligible = re.findall(r"EligibleTime=(\S+)", info)
+            now = time.strftime("%Y-%m-%dT%H:%M:%S")
+            if eligible and all(e != "Unknown" and e < now for e in eligible):
+                sh(f"scontrol update JobId={job} StartTime=now", check=False)
+                return
+        elif pending:
+            return  # it started again (or ended) on its own
         time.sleep(0.5)
 
 
@@ -109,15 +110,45 @@ def test_sbatch_train_tiny_finishes_and_checkpoints(slurm_cluster, tmp_path):
     assert list((tmp_path / "run" / "checkpoints").iterdir()), detail
 
 
-def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
-    """A job requeued after its first checkpoint (what preemption does) continues from that step."""
-    overrides = [o if not o.startswith("trainer.steps") else "trainer.steps=4" for o in TINY]
+def test_end_of_allocation_signal_checkpoints_the_running_step_and_the_job_resumes(slurm_cluster, tmp_path):
+    """SIGUSR1 to the batch shell (what `#SBATCH --signal=B:USR1@60` sends before the time limit), with no
+    periodic checkpoint at all (save_every=0): the trap passes it to the training step, the trainer
+    checkpoints the step it was in and exits with status 75, the script requeues the job, and the requeued
+    job resumes from that step and completes."""
+    overrides = [o for o in TINY if not o.startswith(("trainer.steps", "trainer.save_every"))]
+    overrides += ["trainer.steps=4", "trainer.save_every=0"]
     job = _sbatch([f"--output={tmp_path}/slurm-%j.out", "slurm/train_tiny.sh", *overrides], _env(tmp_path))
-    _requeue_when_checkpointed(slurm_cluster, job, tmp_path / "run")
+    out_file = tmp_path / f"slurm-{job}.out"
+
+    def detail() -> str:  # the batch output, the trainer's log and the daemons' logs: a post-mortem
+        out = out_file.read_text() if out_file.exists() else ""
+        logs = list((tmp_path / "logs").glob("*/train.log"))
+        return (out[-2000:] + (logs[0].read_text()[-3000:] if logs else "") + "\n"
+                + sh(f"scontrol show job {job}", check=False).stdout + slurm_cluster.daemon_logs(40))
+
+    metrics, t0 = tmp_path / "run" / "metrics.jsonl", time.time()
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), f"ended before step 1\n{detail()}"
+        assert time.time() - t0 < 600, f"no step after 600 s\n{detail()}"
+        time.sleep(0.5)
+    sh(f"scancel --batch --signal=USR1 {job}")
+
+    t0 = time.time()
+    while "Restarts=1" not in sh(f"scontrol show job {job}", check=False).stdout:
+        assert time.time() - t0 < 300, f"the job was not requeued after the signal\n{detail()}"
+        time.sleep(0.5)
+    _start_requeued(job)
     state = slurm_cluster.wait(job, 900)
+    out = out_file.read_text() if out_file.exists() else ""
     log = next((tmp_path / "logs").glob("*/train.log")).read_text()
-    assert state == "COMPLETED", f"{state}\n{log[-3000:]}"
-    assert "resumed from step" in log, log[-3000:]
+    assert state == "COMPLETED", f"{state}\n{detail()}"
+    tail = out[-2000:] + log[-3000:]
+    assert "caught SIGUSR1: asking the trainer to checkpoint" in out, tail
+    assert "stopped for a signal (status 75): requeueing" in out, tail
+    stopped = int(re.search(r"preempted \(signal \d+\): step (\d+) checkpointed", log).group(1))
+    assert 1 <= stopped < 4 and f"resumed from step {stopped}" in log, tail
+    rows = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip()]
+    assert rows == [1, 2, 3, 4], tail
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
@@ -216,7 +247,9 @@ def test_ray_cluster_commands_of_common_sh(tmp_path):
     generator through the project's config loader (which decides whether the job starts Ray)."""
     calls = tmp_path / "calls.txt"
     p = subprocess.run(["bash", "-c", RAY_STUBS, "stub", str(calls)], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                       env={**os.environ, "PYTHONPATH": str(REPO),  # the job's python: this venv's
+                            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                       timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "generator 7b: trtllm" in p.stdout and "generator tiny: torch" in p.stdout
     assert "RAY_ADDRESS=gpu-n1:6379" in p.stdout

@@ -1,7 +1,13 @@
-"""The ablation command: equal rollout budgets, per-run results that survive a re-run, the results file."""
+"""The ablation command: equal rollout budgets, per-run results that survive a re-run, the results file, and its
+statistics (t and binomial intervals, seed- and question-paired comparisons against GRPO)."""
 
 import json
+import math
+import sys
 
+import pytest
+
+from nemo_sdsearch.algorithms import ablation
 from nemo_sdsearch.algorithms.ablation import ALGORITHMS, rollout_budget, run_ablation
 from nemo_sdsearch.config import load_config
 
@@ -35,11 +41,28 @@ def test_ablation_writes_results_and_reuses_finished_runs(micro_model_dir, tmp_p
     for r in first["results"]:
         assert r["rollouts"] == (budget if r["algorithm"] == "search_e1" else steps * 4)
         assert 0.0 <= r["test"]["all"]["em"] <= 1.0 and r["test"]["all"]["n"] == 5
-        assert (tmp_path / "abl" / r["algorithm"] / f"seed_{r['seed']}" / "result.json").exists()
+        saved = json.loads((tmp_path / "abl" / r["algorithm"] / f"seed_{r['seed']}" / "result.json").read_text())
+        # every test question's outcome, consistent with the per-kind scores
+        qs = saved["questions"]
+        assert len(qs) == 5 and all(set(q) >= {"em", "first_query_hit", "kind"} for q in qs.values())
+        assert sum(q["em"] for q in qs.values()) / 5 == pytest.approx(saved["test"]["all"]["em"])
+        assert sum(q["first_query_hit"] for q in qs.values()) / 5 == pytest.approx(saved["test"]["all"]["first_query_hit"])
+        assert r["curve"] and all(len(p) == 3 and p[2] is not None for p in r["curve"])  # dev first-query hit too
+    start = json.loads((tmp_path / "abl" / "start.json").read_text())
+    assert len(start["questions"]) == 5 and start["dev_first_query_hit"] is not None
     text = results.read_text()
     for label in ("warm start", "GRPO", "SD-Search", "Search-E1"):
         assert f"| {label} |" in text
     assert text.count("±") >= 12 and "sdsearch ablate --seeds 0 1" in text
+    assert "| method | runs | test EM (95% CI) | test first-query hit (95% CI) | minutes per run |" in text
+    assert "min wall time" in text and "t_{0.975,k−1}" in text and "1.96·√(p(1−p)/n)" in text
+    assert "## Paired comparison against GRPO" in text
+    for method in ("SD-Search", "Search-E1"):
+        for metric in ("EM", "first-query hit"):
+            assert f"| {method} − GRPO | {metric} | seeds 0, 1 | 2 |" in text
+            assert f"| {method} − GRPO | {metric} | questions (seeds 0, 1) | 5 |" in text
+    assert "Comparisons whose 95% CI excludes 0:" in text or "No comparison's 95% CI excludes 0" in text
+    assert "left out of the question-paired" not in text.lower()
     assert (tmp_path / "docs" / "results_curves.png").stat().st_size > 5_000
     # A hand-written analysis survives a re-run, and finished runs are reused, not retrained.
     results.write_text(text + "\n## Analysis\n\nOur reading of the numbers.\n")
@@ -51,3 +74,79 @@ def test_ablation_writes_results_and_reuses_finished_runs(micro_model_dir, tmp_p
     assert (tmp_path / "abl" / "grpo" / "seed_0" / "result.json").stat().st_mtime_ns == stamp
     assert json.dumps(second["results"], sort_keys=True) == json.dumps(first["results"], sort_keys=True)
     assert "Our reading of the numbers." in results.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The statistics, on hand-computed numbers
+# ---------------------------------------------------------------------------------------------------
+def _run(alg, seed, em, fqh=None, questions=None):
+    test = {"all": {"n": 3, "em": em, **({"first_query_hit": fqh} if fqh is not None else {})}}
+    r = {"algorithm": alg, "seed": seed, "rollouts": 8, "test": test, "curve": [[4, 0.5]], "seconds": 60.0}
+    if questions is not None:
+        r["questions"] = {q: {"kind": "single_hop", **v} for q, v in questions.items()}
+    return r
+
+
+def _hand_runs():
+    """Seeds 0 and 1 keep per-question outcomes; seed 2 is an older result.json (per-kind scores only).
+    Question c records no evidence passages (no first-query hit)."""
+    g0 = {"a": {"em": 1.0, "first_query_hit": 0.0}, "b": {"em": 0.0, "first_query_hit": 0.0}, "c": {"em": 0.0}}
+    g1 = {"a": {"em": 1.0, "first_query_hit": 0.0}, "b": {"em": 1.0, "first_query_hit": 0.0}, "c": {"em": 0.0}}
+    m0 = {"a": {"em": 1.0, "first_query_hit": 1.0}, "b": {"em": 1.0, "first_query_hit": 1.0}, "c": {"em": 1.0}}
+    m1 = {"a": {"em": 0.0, "first_query_hit": 1.0}, "b": {"em": 1.0, "first_query_hit": 1.0}, "c": {"em": 0.0}}
+    return [_run("grpo", 0, 1 / 3, 0.0, g0), _run("grpo", 1, 2 / 3, 0.0, g1), _run("grpo", 2, 0.5, 0.5),
+            _run("sd_search", 0, 1.0, 1.0, m0), _run("sd_search", 1, 1 / 3, 1.0, m1), _run("sd_search", 2, 0.5, 0.5)]
+
+
+@pytest.mark.parametrize("scipy", [True, False])
+def test_t_interval_of_three_values(monkeypatch, scipy):
+    if not scipy:  # the fallback table of t quantiles
+        monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    assert ablation.t_quantile(2) == pytest.approx(4.302653, abs=1e-4)
+    assert ablation.t_quantile(30) == pytest.approx(2.042272, abs=1e-4)
+    mean, half = ablation.t_interval([0.1, 0.2, 0.3])  # sd 0.1: half = 4.302653 * 0.1 / sqrt(3)
+    assert mean == pytest.approx(0.2) and half == pytest.approx(0.248414, abs=1e-4)
+    mean, half = ablation.t_interval([0.4])
+    assert mean == 0.4 and math.isnan(half)
+
+
+def test_binomial_interval():
+    assert ablation.binomial_interval(0.4, 100) == pytest.approx(0.096020, abs=1e-5)  # 1.96 * sqrt(0.24 / 100)
+    assert ablation.binomial_interval(0.0, 50) == 0.0
+
+
+def test_seed_and_question_paired_differences():
+    runs = _hand_runs()
+    sd, gr = [r for r in runs if r["algorithm"] == "sd_search"], [r for r in runs if r["algorithm"] == "grpo"]
+    # seed-paired EM: per-seed differences +2/3, -1/3, 0 -> mean 1/9, sd sqrt(21/81), half 4.302653 * sd / sqrt(3)
+    s = ablation.seed_paired(sd, gr, "em")
+    assert s["n"] == 3 and s["seeds"] == [0, 1, 2]
+    assert s["mean"] == pytest.approx(1 / 9) and s["half"] == pytest.approx(1.264859, abs=1e-4)
+    assert (s["better"], s["worse"], s["excludes_zero"]) == (1, 1, False)
+    # question-paired EM over seeds 0 and 1 (seed 2 keeps no outcomes): per question the mean over seeds of
+    # (SD-Search - GRPO): a (0 - 1) / 2 = -0.5, b (1 + 0) / 2 = 0.5, c (1 + 0) / 2 = 0.5
+    # -> mean 1/6, sd sqrt(1/3), half 1.96 * sqrt(1/3) / sqrt(3) = 0.65332
+    q = ablation.question_paired(sd, gr, "em")
+    assert q["n"] == 3 and q["seeds"] == [0, 1]
+    assert q["mean"] == pytest.approx(1 / 6) and q["half"] == pytest.approx(0.653321, abs=1e-5)
+    assert (q["better"], q["worse"], q["same"], q["excludes_zero"]) == (2, 1, 0, False)
+    # first-query hit: questions a and b only (c records no evidence); +1 on both -> sd 0, interval [1, 1]
+    f = ablation.question_paired(sd, gr, "first_query_hit")
+    assert (f["n"], f["mean"], f["half"], f["better"], f["excludes_zero"]) == (2, 1.0, 0.0, 2, True)
+
+
+def test_results_markdown_states_the_comparisons(tmp_path):
+    runs = _hand_runs()
+    start = {"all": {"n": 100, "em": 0.4, "f1": 0.5, "searches": 1.0, "n_evidence": 100, "first_query_hit": 0.5},
+             "single_hop": {"n": 100, "em": 0.4}}
+    text = ablation.results_markdown(start, runs, 8, "sdsearch ablate --seeds 0 1 2", "test machine", wall_s=600.0)
+    assert "| warm start | 1 | 0.400 ± 0.096 | 0.500 ± 0.098 | |" in text  # binomial intervals
+    assert "| GRPO | 3 | 0.500 ± 0.414 |" in text  # sd 1/6, t 4.302653 / sqrt(3)
+    assert "| SD-Search − GRPO | EM | seeds 0, 1, 2 | 3 | +0.111 [-1.154, +1.376] | no | 1 / 1 / 1 seeds |" in text
+    assert "| SD-Search − GRPO | EM | questions (seeds 0, 1) | 3 | +0.167 [-0.487, +0.820] | no | 2 / 1 / 0 questions |" in text
+    assert "Comparisons whose 95% CI excludes 0:" in text
+    assert "- SD-Search vs GRPO, first-query hit, question-paired: +1.000 [+1.000, +1.000]: SD-Search is better" in text
+    assert "GRPO seed 2, SD-Search seed 2" in text  # the runs without per-question outcomes, named
+    assert "10.0 min wall time" in text and "Stale" not in text
+    ablation.plot_curves(runs, 0.4, tmp_path / "c.png", 0.5)  # old 2-element curve points: EM panel only
+    assert (tmp_path / "c.png").stat().st_size > 5_000

@@ -7,13 +7,20 @@ The budget is Search-E1's: `cycles x (grpo_steps x B x G + pool_questions x pool
 GRPO and SD-Search get `round(budget / (B x G))` steps of B x G rollouts. Dev evaluations are not
 counted (all three spend the same on them). Every run lives in `OUT/<algorithm>/seed_<s>`. A new
 ablation needs an empty OUT (or `trainer.overwrite=true`); with `trainer.resume=true` a killed ablation
-continues where it stopped: finished runs (their `result.json` exists) are kept, interrupted ones resumed. At the end: a mean +- std test-EM table per question kind, written to the
-results file with the command and the wall time, and a PNG of dev EM against rollouts consumed.
+continues where it stopped: finished runs (their `result.json` exists) are kept, interrupted ones resumed.
+
+Every run's final model (and the warm start) is evaluated greedily on the test questions; its result.json
+(OUT/start.json) keeps the per-kind scores and every question's outcome (id -> EM, first-query hit). At the
+end the results file gets, per method, test EM and first-query hit as mean over seeds with a 95% Student-t
+interval (the warm start: its value with a binomial interval), test EM per question kind, a paired comparison
+of SD-Search and Search-E1 against GRPO (seed-paired and question-paired, `paired_comparisons`), the command,
+machine and wall time, and a PNG of dev EM and dev first-query hit against rollouts consumed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -22,6 +29,12 @@ from pathlib import Path
 ALGORITHMS = ("grpo", "sd_search", "search_e1")
 LABELS = {"grpo": "GRPO", "sd_search": "SD-Search", "search_e1": "Search-E1", "start": "warm start"}
 KINDS = ("all", "single_hop", "bridge", "comparison")
+METRICS = {"em": "EM", "first_query_hit": "first-query hit"}  # the compared test metrics (per question: 0/1)
+Z95 = 1.959963984540054  # the normal 0.975 quantile
+# Student t 0.975 quantiles for 1..30 degrees of freedom (used when scipy is not installed)
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+        2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+        2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 
 
 def rollout_budget(cfg) -> tuple[int, int]:
@@ -31,12 +44,37 @@ def rollout_budget(cfg) -> tuple[int, int]:
     return budget, max(1, round(budget / per_step))
 
 
-def _test_em(cfg, model_dir: str) -> dict:
-    from nemo_sdsearch.algorithms.setup import build_components, greedy_em
+# ---------------------------------------------------------------------------------------------------
+# Evaluation with per-question outcomes
+# ---------------------------------------------------------------------------------------------------
+def question_outcomes(predictions: list[dict]) -> dict[str, dict]:
+    """question id -> {"kind", "em" and, when the question records evidence passages, "first_query_hit"}
+    (0.0 / 1.0), from an `eval.harness.EvalReport`'s predictions of one dataset."""
+    out = {}
+    for p in predictions:
+        row = {"kind": p["kind"], "em": float(p["em"])}
+        if "first_query_hit" in p:
+            row["first_query_hit"] = float(p["first_query_hit"])
+        out[str(p["id"])] = row
+    return out
 
-    _, _, _, data, engines, _ = build_components(
-        replace(cfg, model=replace(cfg.model, path=model_dir), grpo=replace(cfg.grpo, kl_coef=0.0)))
-    return greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size)
+
+def greedy_eval(engine, questions, batch_size: int) -> tuple[dict, dict]:
+    """(per-kind scores as `setup.greedy_em` gives them, per-question outcomes `question_outcomes`)."""
+    from nemo_sdsearch.eval.harness import evaluate
+
+    report = evaluate(engine, {"x": questions}, batch_size=batch_size, progress=False)
+    return report.by_dataset["x"], question_outcomes(report.predictions["x"])
+
+
+def _test_eval(cfg, model_dir: str) -> tuple[dict, dict]:
+    from nemo_sdsearch.algorithms.setup import build_components, close_components
+
+    c = build_components(replace(cfg, model=replace(cfg.model, path=model_dir), grpo=replace(cfg.grpo, kl_coef=0.0)))
+    try:
+        return greedy_eval(c.engines["test"], c.data["test"], cfg.trainer.eval_batch_size)
+    finally:
+        close_components(c)
 
 
 def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
@@ -55,10 +93,10 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
                                    steps=steps if algorithm != "search_e1" else cfg.trainer.steps))
     console.rule(f"ablation: {LABELS[algorithm]}, seed {seed}")
     t0 = time.perf_counter()
-    curve = []  # (rollouts consumed, dev EM)
+    curve = []  # [rollouts consumed, dev EM, dev first-query hit or None]
     if algorithm == "search_e1":
         state = search_e1.run(rcfg, console, progress=False)
-        test, model_dir = state["final_test"], state["final_model"]
+        model_dir = state["final_model"]
         e1 = cfg.search_e1
         round_rollouts = e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples
         for rd in state["rounds"]:
@@ -66,23 +104,147 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
             if rd["stage"] == "opsd":
                 used = (rd["cycle"] + 1) * round_rollouts
             if rd["dev_em"] is not None:
-                curve.append((used, rd["dev_em"]))
+                curve.append([used, rd["dev_em"], rd.get("dev_first_query_hit")])
     else:
         summary = grpo.train(rcfg, console, progress=False)
         model_dir = str(run_dir / "final")
-        test = _test_em(rcfg, model_dir)
-        curve = [(e["step"] * per_step, e["val/dev_em"]) for e in summary["evals"] if "val/dev_em" in e]
+        curve = [[e["step"] * per_step, e["val/dev_em"], e.get("val/dev_first_query_hit")]
+                 for e in summary["evals"] if "val/dev_em" in e]
+    # Search-E1's own final test evaluation (state["final_test"]) keeps no per-question outcomes: every
+    # method's final model is evaluated here the same way.
+    test, questions = _test_eval(rcfg, model_dir)
     result = {"algorithm": algorithm, "seed": seed, "rollouts": budget if algorithm == "search_e1" else steps * per_step,
-              "test": test, "curve": curve, "seconds": time.perf_counter() - t0, "model": model_dir}
+              "test": test, "questions": questions, "curve": curve, "seconds": time.perf_counter() - t0,
+              "model": model_dir}
     done.write_text(json.dumps(result, indent=1))
     return result
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------
+def t_quantile(df: int) -> float:
+    """The Student t 0.975 quantile with `df` degrees of freedom (scipy when installed, else `T975`; beyond
+    30 degrees of freedom without scipy, the 30 one: slightly conservative)."""
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return T975[min(df, len(T975)) - 1]
+    return float(t.ppf(0.975, df))
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half width of the 95% interval mean ± t_{0.975,k-1} sd / sqrt(k)) of k values (sd with k - 1);
+    the half width is NaN for fewer than 2 values."""
+    k = len(values)
+    if k == 0:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if k < 2:
+        return mean, math.nan
+    return mean, t_quantile(k - 1) * statistics.stdev(values) / math.sqrt(k)
+
+
+def binomial_interval(p: float, n: int) -> float:
+    """Half width of the normal-approximation 95% interval of a proportion p over n trials: 1.96 sqrt(p(1-p)/n)."""
+    return Z95 * math.sqrt(p * (1 - p) / n) if n > 0 else math.nan
+
+
+def _excludes_zero(mean: float, half: float) -> bool:
+    return half == half and (mean - half > 0 or mean + half < 0)
+
+
+def _run_value(r: dict, metric: str) -> float | None:
+    return r["test"].get("all", {}).get(metric)
+
+
+def seed_paired(method: list[dict], base: list[dict], metric: str) -> dict:
+    """Difference of the per-seed test means (method - base) of the runs with the same seed: mean and 95% t
+    interval over those seeds. Seeds where either run lacks the metric are left out."""
+    b = {r["seed"]: _run_value(r, metric) for r in base}
+    diffs = {r["seed"]: _run_value(r, metric) - b[r["seed"]] for r in method
+             if _run_value(r, metric) is not None and b.get(r["seed"]) is not None}
+    mean, half = t_interval(list(diffs.values()))
+    return {"pairing": "seeds", "n": len(diffs), "seeds": sorted(diffs), "mean": mean, "half": half,
+            "excludes_zero": _excludes_zero(mean, half), "better": sum(d > 0 for d in diffs.values()),
+            "worse": sum(d < 0 for d in diffs.values()), "diffs": diffs}
+
+
+def question_paired(method: list[dict], base: list[dict], metric: str) -> dict:
+    """Per test question, the mean over the shared seeds of (method - base) outcome (0/1 each); the mean of
+    those differences over the questions with a 95% interval of 1.96 standard errors (sd over questions /
+    sqrt(n), normal approximation), and how many questions the method does better / worse / the same on.
+    Shared seeds: both runs of the seed keep per-question outcomes; questions: those every one of those runs
+    has the metric for (first-query hit: the questions recording evidence passages)."""
+    b = {r["seed"]: r for r in base if r.get("questions")}
+    pairs = [(r["questions"], b[r["seed"]]["questions"]) for r in sorted(method, key=lambda r: r["seed"])
+             if r.get("questions") and r["seed"] in b]
+    seeds = sorted(r["seed"] for r in method if r.get("questions") and r["seed"] in b)
+    ids = None
+    for m, g in pairs:
+        have = {q for q in m if metric in m[q]} & {q for q in g if metric in g[q]}
+        ids = have if ids is None else ids & have
+    ids = sorted(ids or ())
+    diffs = [statistics.fmean(m[q][metric] - g[q][metric] for m, g in pairs) for q in ids]
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    half = Z95 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    eps = 1e-12
+    return {"pairing": "questions", "n": len(diffs), "seeds": seeds, "mean": mean, "half": half,
+            "excludes_zero": _excludes_zero(mean, half), "better": sum(d > eps for d in diffs),
+            "worse": sum(d < -eps for d in diffs), "same": sum(abs(d) <= eps for d in diffs)}
+
+
+def paired_comparisons(results: list[dict], base: str = "grpo") -> list[dict]:
+    """Seed-paired and question-paired differences against `base` of every other method, for each metric in
+    `METRICS` (comparisons with nothing to pair are left out)."""
+    base_runs = [r for r in results if r["algorithm"] == base]
+    out = []
+    for alg in ALGORITHMS:
+        runs = [r for r in results if r["algorithm"] == alg]
+        if alg == base or not runs or not base_runs:
+            continue
+        for metric in METRICS:
+            for fn in (seed_paired, question_paired):
+                c = fn(runs, base_runs, metric)
+                if c["n"]:
+                    out.append({"method": alg, "base": base, "metric": metric, **c})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The results file
+# ---------------------------------------------------------------------------------------------------
+def _pm(mean: float | None, half: float) -> str:
+    if mean is None or mean != mean:
         return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    return f"{mean:.3f} ± {half:.3f}" if half == half else f"{mean:.3f} (one seed: no CI)"
+
+
+def _seed_cell(rs: list[dict], metric: str, kind: str = "all") -> str:
+    vals = [r["test"][kind][metric] for r in rs if metric in r["test"].get(kind, {})]
+    return _pm(*t_interval(vals)) if vals else "n/a"
+
+
+def _start_cell(start: dict, metric: str) -> str:
+    a = start.get("all", {})
+    if metric not in a:
+        return "n/a"
+    n = a["n_evidence"] if metric == "first_query_hit" else a["n"]
+    return _pm(a[metric], binomial_interval(a[metric], n))
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _ci(c: dict) -> str:
+    if c["half"] != c["half"]:
+        return f"{_signed(c['mean'])} (no CI: {c['n']} pair{'s' if c['n'] != 1 else ''})"
+    return f"{_signed(c['mean'])} [{_signed(c['mean'] - c['half'])}, {_signed(c['mean'] + c['half'])}]"
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds))
 
 
 EM_DEFINITIONS = {
@@ -91,35 +253,122 @@ EM_DEFINITIONS = {
     "unicode": "EM uses the lenient Unicode normalisation (reward.normalization=unicode: NFKC, all Unicode "
                "punctuation removed); not comparable with the papers' tables.",
 }
+FIRST_QUERY_HIT = ("First-query hit: the fraction of test questions whose first search retrieved the evidence "
+                   "passage of a hop that can be searched first (the first hop; either hop of a comparison); a "
+                   "rollout that never searched misses (`world/evidence.py`).")
+
+
+def paired_markdown(results: list[dict]) -> list[str]:
+    """The `## Paired comparison against GRPO` section: the table, the comparisons whose 95% interval
+    excludes 0 (in words), and the runs left out."""
+    comps = paired_comparisons(results)
+    lines = ["## Paired comparison against GRPO", "",
+             "Difference = method − GRPO on the test questions (positive: the method is better than GRPO).",
+             "- Seed-paired: per seed, the method's test mean minus GRPO's with the same seed; the mean over "
+             "seeds ± t_{0.975,k−1}·sd/√k (k seeds). Its interval reflects the training randomness.",
+             "- Question-paired: per test question, the mean over the seeds of (method − GRPO) outcome (0/1 "
+             "each); the mean over the n questions ± 1.96·sd/√n (normal approximation), and the number of "
+             "questions the method does better / worse / the same on. Its interval reflects which test "
+             "questions were drawn, for these trained models (not the seed-to-seed spread).",
+             ""]
+    if not comps:
+        return lines + ["No comparison: GRPO or the other methods have no runs to pair.", ""]
+    lines += ["| comparison | metric | pairing | pairs | difference [95% CI] | CI excludes 0 | better / worse / same |",
+              "|---|---|---|---:|---|---|---|"]
+    for c in comps:
+        name = f"{LABELS[c['method']]} − {LABELS[c['base']]}"
+        if c["pairing"] == "seeds":
+            pairing, counts = f"seeds {_seeds(c['seeds'])}", f"{c['better']} / {c['worse']} / {c['n'] - c['better'] - c['worse']} seeds"
+        else:
+            pairing, counts = f"questions (seeds {_seeds(c['seeds'])})", f"{c['better']} / {c['worse']} / {c['same']} questions"
+        excl = "n/a" if c["half"] != c["half"] else ("**yes**" if c["excludes_zero"] else "no")
+        lines.append(f"| {name} | {METRICS[c['metric']]} | {pairing} | {c['n']} | {_ci(c)} | {excl} | {counts} |")
+    lines.append("")
+    hits = [c for c in comps if c["excludes_zero"]]
+    if hits:
+        lines.append("Comparisons whose 95% CI excludes 0:")
+        for c in hits:
+            side = "better" if c["mean"] > 0 else "worse"
+            lines.append(f"- {LABELS[c['method']]} vs GRPO, {METRICS[c['metric']]}, {c['pairing'][:-1]}-paired: "
+                         f"{_ci(c)}: {LABELS[c['method']]} is {side} than GRPO.")
+        rest = len(comps) - len(hits)
+        if rest:
+            lines.append(f"- The other {rest} comparison{'s' if rest != 1 else ''} include{'s' if rest == 1 else ''} 0: "
+                         "no difference from GRPO shown there.")
+    else:
+        lines.append("No comparison's 95% CI excludes 0: neither SD-Search nor Search-E1 is distinguishable "
+                     "from GRPO on test EM or first-query hit in this run.")
+    lines.append("")
+    missing = [r for r in results if not r.get("questions")]
+    if missing:
+        lines.append("Left out of the question-paired comparison (an older result.json without per-question "
+                     "outcomes): " + ", ".join(f"{LABELS[r['algorithm']]} seed {r['seed']}" for r in missing)
+                     + "; a seed is paired only where both runs keep them.")
+        lines.append("")
+    return lines
 
 
 def results_markdown(start: dict, results: list[dict], budget: int, command: str, machine: str,
-                     analysis: str = "", normalization: str = "squad") -> str:
+                     analysis: str = "", normalization: str = "squad", wall_s: float | None = None,
+                     reused: int = 0) -> str:
+    """The results file. `start`: the warm start's test scores per kind; `wall_s`: this invocation's wall
+    time; `reused`: how many of the runs finished in an earlier invocation (not in `wall_s`)."""
     seeds = sorted({r["seed"] for r in results})
     total_min = sum(r["seconds"] for r in results) / 60
+    wall = "" if wall_s is None else f"{wall_s / 60:.1f} min wall time"
+    if wall and reused:
+        wall += f" (this invocation; {reused} of the runs finished in an earlier one)"
+    n_test = start.get("all", {}).get("n")
     lines = [
         "# Ablation: GRPO vs SD-Search vs Search-E1 on the tiny world",
         "",
-        f"Written by `{command}` on {machine}: {len(results)} runs, {total_min:.1f} min of training in all.",
-        f"Seeds {seeds}; equal rollout budget of about {budget} training rollouts per run; test EM is greedy,",
-        "on the whole bundled test world (a different world from training), BM25 top-3.",
+        f"Written by `{command}` on {machine}: {len(results)} runs, {total_min:.1f} min of training in all"
+        + (f", {wall}." if wall else "."),
+        f"Seeds {seeds}; equal rollout budget of about {budget} training rollouts per run; test metrics are greedy,",
+        f"on {'the ' + str(n_test) + ' questions of ' if n_test else ''}the bundled test world (a different world "
+        "from training), BM25 top-3.",
         EM_DEFINITIONS[normalization],
+        FIRST_QUERY_HIT,
+        "95% confidence intervals: a method over k seeds shows mean ± t_{0.975,k−1}·sd/√k over its seeds "
+        "(Student t); the warm start (one model) shows its value ± 1.96·√(p(1−p)/n) over the n test questions "
+        "(binomial, normal approximation).",
         "",
-        "| method | " + " | ".join(KINDS) + " | runs | minutes per run |",
-        "|---|" + "---|" * (len(KINDS) + 2),
-        f"| {LABELS['start']} | " + " | ".join(f"{start[k]['em']:.3f}" for k in KINDS) + " | 1 | |",
+        "| method | runs | test EM (95% CI) | test first-query hit (95% CI) | minutes per run |",
+        "|---|---:|---|---|---:|",
+        f"| {LABELS['start']} | 1 | {_start_cell(start, 'em')} | {_start_cell(start, 'first_query_hit')} | |",
     ]
     for alg in ALGORITHMS:
         rs = [r for r in results if r["algorithm"] == alg]
         if not rs:
             continue
-        cells = [_mean_std([r["test"][k]["em"] for r in rs]) for k in KINDS]
         minutes = statistics.mean(r["seconds"] for r in rs) / 60
-        lines.append(f"| {LABELS[alg]} | " + " | ".join(cells) + f" | {len(rs)} | {minutes:.1f} |")
-    lines += ["", "Per run (test EM, all questions):", ""]
-    lines += [f"- {LABELS[r['algorithm']]} seed {r['seed']}: {r['test']['all']['em']:.3f} "
-              f"({r['rollouts']} rollouts, {r['seconds'] / 60:.1f} min)" for r in results]
-    lines += ["", "![dev EM against rollouts](results_curves.png)", ""]
+        lines.append(f"| {LABELS[alg]} | {len(rs)} | {_seed_cell(rs, 'em')} | {_seed_cell(rs, 'first_query_hit')} "
+                     f"| {minutes:.1f} |")
+    lines += ["", "Test EM per question kind (methods: mean ± 95% t CI over seeds; warm start: its value):", "",
+              "| method | " + " | ".join(KINDS) + " |",
+              "|---|" + "---|" * len(KINDS),
+              f"| {LABELS['start']} | " + " | ".join(f"{start[k]['em']:.3f}" if k in start else "n/a" for k in KINDS)
+              + " |"]
+    for alg in ALGORITHMS:
+        rs = [r for r in results if r["algorithm"] == alg]
+        if rs:
+            lines.append(f"| {LABELS[alg]} | " + " | ".join(_seed_cell(rs, "em", k) for k in KINDS) + " |")
+    lines += [""] + paired_markdown(results)
+    lines += ["Per run (test, all questions):", ""]
+    for r in results:
+        fqh = _run_value(r, "first_query_hit")
+        lines.append(f"- {LABELS[r['algorithm']]} seed {r['seed']}: EM {r['test']['all']['em']:.3f}"
+                     + (f", first-query hit {fqh:.3f}" if fqh is not None else "")
+                     + f" ({r['rollouts']} rollouts, {r['seconds'] / 60:.1f} min)")
+    lines += ["", "![dev EM and dev first-query hit against rollouts](results_curves.png)", "",
+              "Left: greedy dev EM; right: greedy dev first-query hit; against the training rollouts a run had "
+              "consumed (one line per run; the first point is the warm start). Search-E1's points are its rounds: "
+              "the last dev evaluation of each GRPO round and the best one of each OPSD round."]
+    no_fqh = [r for r in results if r["curve"] and all(len(p) < 3 or p[2] is None for p in r["curve"])]
+    if no_fqh:
+        lines.append("Without dev first-query hit (not recorded by that run), so in the left panel only: "
+                     + ", ".join(f"{LABELS[r['algorithm']]} seed {r['seed']}" for r in no_fqh) + ".")
+    lines.append("")
     if analysis:
         lines += [analysis.rstrip(), ""]
     return "\n".join(lines)
@@ -134,37 +383,58 @@ def kept_analysis(path: Path) -> str:
     return text[i:] if i >= 0 else ""
 
 
-def plot_curves(results: list[dict], start_dev: float | None, path: Path) -> None:
+def plot_curves(results: list[dict], start_dev: float | None, path: Path,
+                start_dev_fqh: float | None = None) -> None:
+    """Two panels against training rollouts consumed: dev EM and dev first-query hit (runs that recorded it),
+    one line per run, the warm start's dev value as the first point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, alg in enumerate(ALGORITHMS):
-        for j, r in enumerate(r for r in results if r["algorithm"] == alg):
-            pts = ([(0, start_dev)] if start_dev is not None else []) + [tuple(p) for p in r["curve"]]
-            if pts:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for col, (ax, start, ylabel) in enumerate(zip(axes, (start_dev, start_dev_fqh),
+                                                  ("dev EM (greedy)", "dev first-query hit (greedy)"))):
+        for i, alg in enumerate(ALGORITHMS):
+            labelled = False
+            for r in (r for r in results if r["algorithm"] == alg):
+                pts = [(p[0], p[1 + col]) for p in r["curve"] if len(p) > 1 + col and p[1 + col] is not None]
+                if not pts:
+                    continue
+                pts = ([(0, start)] if start is not None else []) + pts
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.8, marker=".",
-                        label=LABELS[alg] if j == 0 else None)
-    ax.set_xlabel("training rollouts")
-    ax.set_ylabel("dev EM (greedy)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+                        label=None if labelled else LABELS[alg])
+                labelled = True
+        ax.set_xlabel("training rollouts")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: str, console=None,
-                 algorithms=ALGORITHMS) -> dict:
+def describe_machine(cfg) -> str:
+    """The machine the runs trained on, in words: the GPU when the model runs on one, else the CPU."""
+    import os
     import platform
 
+    import torch
+
+    threads = f"{cfg.model.threads} thread{'s' if cfg.model.threads != 1 else ''}"
+    device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} GPU ({platform.machine()}, {threads})"
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores), {threads}"
+
+
+def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: str, console=None,
+                 algorithms=ALGORITHMS) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from nemo_sdsearch.algorithms.setup import build_components, greedy_em
+    from nemo_sdsearch.algorithms.setup import build_components, close_components, greedy_em
     from nemo_sdsearch.algorithms.state import check_out_dir, clear_out_dir
     from nemo_sdsearch.world.assets import default_model_dir
 
@@ -176,30 +446,37 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     console.print(f"rollout budget {budget} per run: GRPO / SD-Search {steps} steps; "
                   f"Search-E1 {cfg.cycles} cycles of {cfg.search_e1.grpo_steps} GRPO steps + pools")
     start_file = out / "start.json"
-    if start_file.exists():
+    if start_file.exists():  # an older start.json may lack "questions" and "dev_first_query_hit"
         start = json.loads(start_file.read_text())
     else:
         start_cfg = replace(cfg, model=replace(cfg.model, path=cfg.model.path or str(default_model_dir())),
                             grpo=replace(cfg.grpo, kl_coef=0.0))
-        _, _, _, data, engines, _ = build_components(start_cfg)
-        start = {"test": greedy_em(engines["test"], data["test"], cfg.trainer.eval_batch_size),
-                 "dev": greedy_em(engines["dev"], data["dev"], cfg.trainer.eval_batch_size)["all"]["em"]}
+        c = build_components(start_cfg)
+        test, questions = greedy_eval(c.engines["test"], c.data["test"], cfg.trainer.eval_batch_size)
+        dev = greedy_em(c.engines["dev"], c.data["dev"], cfg.trainer.eval_batch_size)["all"]
+        close_components(c)
+        start = {"test": test, "questions": questions, "dev": dev["em"],
+                 "dev_first_query_hit": dev.get("first_query_hit")}
         start_file.write_text(json.dumps(start, indent=1))
     # Seed-major order: an ablation stopped early (and re-run with fewer --seeds) has whole seeds.
-    results = [run_one(cfg, alg, s, out, console) for s in seeds for alg in algorithms]
+    todo = [(alg, s) for s in seeds for alg in algorithms]
+    reused = sum((out / alg / f"seed_{s}" / "result.json").exists() for alg, s in todo)
+    results = [run_one(cfg, alg, s, out, console) for alg, s in todo]
     wall = time.perf_counter() - t0
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, start["dev"], results_path.parent / "results_curves.png")
-    machine = f"{platform.machine()} CPU, {cfg.model.threads} threads"
-    results_path.write_text(results_markdown(start["test"], results, budget, command, machine,
-                                             kept_analysis(results_path), cfg.reward.normalization))
-    table = Table(title="test EM (mean ± std over seeds)")
-    for col in ("method", *KINDS):
+    plot_curves(results, start["dev"], results_path.parent / "results_curves.png", start.get("dev_first_query_hit"))
+    results_path.write_text(results_markdown(start["test"], results, budget, command, describe_machine(cfg),
+                                             kept_analysis(results_path), cfg.reward.normalization, wall, reused))
+    table = Table(title="test metrics (methods: mean ± 95% t CI over seeds; warm start: ± binomial 95% CI)")
+    for col in ("method", "runs", "EM", "first-query hit"):
         table.add_column(col)
-    table.add_row(LABELS["start"], *(f"{start['test'][k]['em']:.3f}" for k in KINDS))
+    table.add_row(LABELS["start"], "1", _start_cell(start["test"], "em"), _start_cell(start["test"], "first_query_hit"))
     for alg in algorithms:
         rs = [r for r in results if r["algorithm"] == alg]
-        table.add_row(LABELS[alg], *(_mean_std([r["test"][k]["em"] for r in rs]) for k in KINDS))
+        table.add_row(LABELS[alg], str(len(rs)), _seed_cell(rs, "em"), _seed_cell(rs, "first_query_hit"))
     console.print(table)
+    for c in paired_comparisons(results):
+        console.print(f"{LABELS[c['method']]} − GRPO, {METRICS[c['metric']]}, {c['pairing'][:-1]}-paired (n={c['n']}): "
+                      f"{_ci(c)}{'  CI excludes 0' if c['excludes_zero'] else ''}")
     console.print(f"wrote {results_path} and {results_path.parent / 'results_curves.png'} ({wall / 60:.1f} min)")
     return {"start": start, "results": results, "wall_s": wall}

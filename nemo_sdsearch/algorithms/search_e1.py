@@ -208,10 +208,10 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1)
     rng = random.Random(cfg.trainer.seed)
     lora_state = lambda: {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
-    best = {"em": greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size)["all"]["em"], "step": 0,
-            "state": lora_state()}
+    dev = lambda: _dev_row(greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size))
+    best = {**dev(), "step": 0, "state": lora_state()}
     console.print(f"OPSD: {len(items)} pairs; dev EM before {best['em']:.3f}")
-    history = [{"step": 0, "dev_em": best["em"]}]
+    history = [{"step": 0, **_dev_history(best)}]
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
         n_pos = sum(sum(it[3][1:]) for it in batch)
@@ -239,9 +239,10 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
             opt.step()
         row = {"step": step, "loss": total}
         if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:
-            row["dev_em"] = greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size)["all"]["em"]
-            if row["dev_em"] > best["em"]:
-                best = {"em": row["dev_em"], "step": step, "state": lora_state()}
+            scores = dev()
+            row.update(_dev_history(scores))
+            if scores["em"] > best["em"]:
+                best = {**scores, "step": step, "state": lora_state()}
         history.append(row)
         with open(out / "opsd_metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -251,7 +252,22 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     merged.save_pretrained(out / "merged", safe_serialization=True)
     tok.save_pretrained(out / "merged")
     _plot_opsd(history, out / "opsd_curves.png")
-    return {"best_step": best["step"], "best_dev_em": best["em"], "history": history}
+    return {"best_step": best["step"], "best_dev_em": best["em"], "best_dev_first_query_hit": best["fqh"],
+            "history": history}
+
+
+def _dev_row(result: dict) -> dict:
+    """{"em", "fqh"} of a greedy dev evaluation (`greedy_em`'s result); fqh (first-query hit) is None when the
+    dev questions record no evidence passages."""
+    return {"em": result["all"]["em"], "fqh": result["all"].get("first_query_hit")}
+
+
+def _dev_history(scores: dict) -> dict:
+    """A history row's dev metrics: dev_em and, when measured, dev_first_query_hit."""
+    out = {"dev_em": scores["em"]}
+    if scores["fqh"] is not None:
+        out["dev_first_query_hit"] = scores["fqh"]
+    return out
 
 
 def _plot_opsd(history, path):
@@ -327,14 +343,14 @@ def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, c
     encode = lambda t: c.tok.encode(t, add_special_tokens=False)
     items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1)
     dev_engine = c.engines["dev"] if c.engines is not None else None
-    dev_em = lambda: sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size)["all"]["em"]
+    dev = lambda: _dev_row(sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size))
     keep = lambda: save_hf_checkpoint_from_stream(c.actor.iter_weights(), out / "merged", c.actor.hf_config,
                                                   tokenizer=c.tok, write=rank0)
     rng = random.Random(cfg.trainer.seed)
-    best = {"em": dev_em(), "step": 0}
+    best = {**dev(), "step": 0}
     keep()
     console.print(f"OPSD (full-parameter): {len(items)} pairs; dev EM before {best['em']:.3f}")
-    history = [{"step": 0, "dev_em": best["em"]}]
+    history = [{"step": 0, **_dev_history(best)}]
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
         s = opsd_step(c.actor, c.ref, batch, e1, c.tok.pad_token_id)
@@ -343,9 +359,10 @@ def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, c
         row = {"step": step, "loss": s["loss"]}
         if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:
             refit_generator(c.actor, c.weight_sink)
-            row["dev_em"] = dev_em()
-            if row["dev_em"] > best["em"]:
-                best = {"em": row["dev_em"], "step": step}
+            scores = dev()
+            row.update(_dev_history(scores))
+            if scores["em"] > best["em"]:
+                best = {**scores, "step": step}
                 keep()
         history.append(row)
         if rank0:
@@ -354,7 +371,8 @@ def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, c
     close_components(c)
     if rank0:
         _plot_opsd(history, out / "opsd_curves.png")
-    return {"best_step": best["step"], "best_dev_em": best["em"], "history": history}
+    return {"best_step": best["step"], "best_dev_em": best["em"], "best_dev_first_query_hit": best["fqh"],
+            "history": history}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,8 +423,9 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             model_dir = cdir / "grpo" / "final"
             state["done"].append(f"{cycle}/grpo")
             state["model"] = str(model_dir)
-            dev = [e["val/dev_em"] for e in summary["evals"] if "val/dev_em" in e]
-            state["rounds"].append({"cycle": cycle, "stage": "grpo", "dev_em": dev[-1] if dev else None})
+            dev = [e for e in summary["evals"] if "val/dev_em" in e]  # the round's last dev evaluation
+            state["rounds"].append({"cycle": cycle, "stage": "grpo", "dev_em": dev[-1]["val/dev_em"] if dev else None,
+                                    "dev_first_query_hit": dev[-1].get("val/dev_first_query_hit") if dev else None})
             commit(state)
         if f"{cycle}/opsd" in state["done"]:
             continue
@@ -426,10 +445,11 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             model_dir = cdir / "opsd" / "merged"
         else:
             console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")
-            result = {"best_step": None, "best_dev_em": None, "history": []}
+            result = {"best_step": None, "best_dev_em": None, "best_dev_first_query_hit": None, "history": []}
         state["done"].append(f"{cycle}/opsd")
         state["model"] = str(model_dir)
         state["rounds"].append({"cycle": cycle, "stage": "opsd", "dev_em": result["best_dev_em"],
+                                "dev_first_query_hit": result["best_dev_first_query_hit"],
                                 "best_step": result["best_step"], "mining": report_d})
         commit(state)
     test = final_test(cfg, model_dir)

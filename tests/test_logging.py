@@ -21,6 +21,7 @@ import pytest
 
 from nemo_sdsearch.config import ConfigError, load_config
 from nemo_sdsearch.logger import ConsoleLogger, check_backends, scalars
+from scripted import Replica, ScriptedTurns
 
 STEPS = 2
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -253,51 +254,6 @@ def test_logger_keys_are_checked(override, key):
         load_config("tiny_cpu", [override])
 
 
-class _Turns:
-    """A generator double replaying fixed turn texts per row; a turn longer than max_new_tokens is cut and
-    reported with finish reason "length", as a real generator does."""
-
-    def __init__(self, tokenizer, turns_by_row):
-        self.tokenizer, self.turns = tokenizer, turns_by_row
-
-    def open(self, prompts, seed=None, row_seeds=None):
-        from nemo_sdsearch.rollout.generator import Completion, GenerationSession
-
-        gen = self
-
-        class Session(GenerationSession):
-            def __init__(self):
-                self.live, self.turn = list(range(len(prompts))), [0] * len(prompts)
-                self.lens = [len(p) for p in prompts]
-
-            @property
-            def rows(self):
-                return list(self.live)
-
-            def length(self, row):
-                return self.lens[row]
-
-            def generate(self, params):
-                out = {}
-                for r in self.live:
-                    ids = gen.tokenizer.encode(gen.turns[r][min(self.turn[r], len(gen.turns[r]) - 1)])
-                    cut = len(ids) > params.max_new_tokens
-                    ids = ids[:params.max_new_tokens]
-                    out[r] = Completion(ids, [-1.0] * len(ids), "length" if cut else "stop")
-                    self.turn[r] += 1
-                    self.lens[r] += len(ids)
-                return out
-
-            def extend(self, tokens):
-                for r, t in tokens.items():
-                    self.lens[r] += len(t)
-
-            def release(self, rows):
-                self.live = [r for r in self.live if r not in set(rows)]
-
-        return Session()
-
-
 class _SlowRetriever:
     """Sleeps `delay` seconds per call, whatever the number of queries."""
 
@@ -312,17 +268,6 @@ class _SlowRetriever:
         self.calls.append(len(queries))
         time.sleep(self.delay)
         return [[Document(id="d", contents="\"T\"\nsome text")] for _ in queries]
-
-
-class _Replica:
-    """An actor's data-parallel view: `all_reduce_dp` adds what the other replicas contributed."""
-
-    def __init__(self, dp_rank, dp_size, others=None):
-        self.dp_rank, self.dp_size, self.others, self.sent = dp_rank, dp_size, others, None
-
-    def all_reduce_dp(self, t):
-        self.sent = t.clone()
-        return t if self.others is None else t + self.others
 
 
 def test_rollout_figures_from_the_engine(char_tokenizer):
@@ -342,7 +287,7 @@ def test_rollout_figures_from_the_engine(char_tokenizer):
              2: ["<search> b </search>", long_turn, long_turn],          # search, cut, final cut
              3: ["<search> c </search>", "<search> d </search>", "<answer> yes </answer>"]}
     retriever = _SlowRetriever(0.05)
-    engine = RolloutEngine(_Turns(char_tokenizer, turns), retriever,
+    engine = RolloutEngine(ScriptedTurns(char_tokenizer, lambda row, question: turns[row]), retriever,
                            RolloutConfig(max_turns=2, max_new_tokens=40, max_context=4000))
     trajs = engine.run([QA("q1", "Q1?", ["yes"]), QA("q2", "Q2?", ["yes"])], n_samples=2)
     assert [t.invalid_actions for t in trajs] == [0, 1, 2, 0]
@@ -353,7 +298,7 @@ def test_rollout_figures_from_the_engine(char_tokenizer):
     assert share[1] == 0.0 and share[0] == share[2] and share[3] > share[0] >= 0.05 / 3
     assert sum(share) == pytest.approx(engine.stats.retrieval_s, rel=1e-9)
     adv = group_advantages(torch.tensor([t.exact_match for t in trajs]), 2, eps=1e-6)
-    one, resp, total = rollout_metrics(_Replica(0, 1), trajs, adv)
+    one, resp, total = rollout_metrics(Replica(0, 1), trajs, adv)
     n_pol = torch.tensor([sum(t.policy_mask()) for t in trajs], dtype=torch.float64)
     assert one["critic/score/mean"] == 0.5 and one["env/finish_ratio"] == 0.75
     assert one["env/number_of_valid_search"] == 1.0 and one["env/number_of_actions/mean"] == 2.5
@@ -366,9 +311,9 @@ def test_rollout_figures_from_the_engine(char_tokenizer):
     assert (one["critic/advantages/max"], one["critic/advantages/min"]) == (float(adv.max()), float(adv.min()))
     assert total == sum(len(t.token_ids) for t in trajs)
     # two replicas, one question group each: the same figures
-    second = _Replica(1, 2)
+    second = Replica(1, 2)
     rollout_metrics(second, trajs[2:], adv[2:])
-    two, resp2, total2 = rollout_metrics(_Replica(0, 2, others=second.sent), trajs[:2], adv[:2])
+    two, resp2, total2 = rollout_metrics(Replica(0, 2, others=second.sent), trajs[:2], adv[:2])
     assert two.keys() == one.keys() and (resp2, total2) == (resp, total)
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-12), k

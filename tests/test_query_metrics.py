@@ -15,51 +15,14 @@ from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.retrieval import BM25Retriever
 from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
-from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator
+from scripted import Replica, ScriptedTurns
 
 QUERY_KEYS = ("env/first_query_hit", "env/evidence_hit_per_search", "env/evidence_recall")
 
 
-class ByQuestion(Generator):
+def ByQuestion(tokenizer, turns):
     """Replays fixed turn texts per question (found in the row's prompt): `turns(question) -> [text, ...]`."""
-
-    def __init__(self, tokenizer, turns):
-        self.tokenizer, self.turns = tokenizer, turns
-
-    def open(self, prompts, seed=None, row_seeds=None):
-        gen = self
-        texts = [gen.turns(gen.tokenizer.decode(p).rpartition("Question: ")[2].strip()) for p in prompts]
-
-        class Session(GenerationSession):
-            def __init__(self):
-                self.live, self.turn = list(range(len(prompts))), [0] * len(prompts)
-                self.lens = [len(p) for p in prompts]
-
-            @property
-            def rows(self):
-                return list(self.live)
-
-            def length(self, row):
-                return self.lens[row]
-
-            def generate(self, params):
-                out = {}
-                for r in self.live:
-                    t = texts[r]
-                    ids = gen.tokenizer.encode(t[min(self.turn[r], len(t) - 1)])[:params.max_new_tokens]
-                    out[r] = Completion(ids, [-1.0] * len(ids), "stop")
-                    self.turn[r] += 1
-                    self.lens[r] += len(ids)
-                return out
-
-            def extend(self, tokens):
-                for r, t in tokens.items():
-                    self.lens[r] += len(t)
-
-            def release(self, rows):
-                self.live = [r for r in self.live if r not in set(rows)]
-
-        return Session()
+    return ScriptedTurns(tokenizer, lambda row, question: turns(question))
 
 
 @pytest.fixture(scope="module")
@@ -139,48 +102,33 @@ def _hand_batch():
             _traj("user", [["10"], ["30"]])]          # no evidence metadata: left out
 
 
-class _Replica:
-    """An actor's data-parallel view: `all_reduce_dp` adds what the other replicas contributed."""
-
-    def __init__(self, dp_rank, dp_size, others=None):
-        self.dp_rank, self.dp_size, self.others, self.sent = dp_rank, dp_size, others, None
-        self.is_replica_leader = True
-
-    def all_reduce_dp(self, t):
-        self.sent = t.clone()
-        return t if self.others is None else t + self.others
-
-    def broadcast_in_replica(self, obj):
-        return obj
-
-
 def test_rollout_metrics_of_hand_built_trajectories():
     from nemo_sdsearch.algorithms.grpo import rollout_metrics
 
     trajs = _hand_batch()
     adv = torch.zeros(len(trajs))
-    one, *_ = rollout_metrics(_Replica(0, 1), trajs, adv, HAND_META)
+    one, *_ = rollout_metrics(Replica(0, 1), trajs, adv, HAND_META)
     assert one["env/first_query_hit"] == 2 / 4
     assert one["env/evidence_hit_per_search"] == 4 / 5       # (2 + 1 + 1 + 0) hits over (2 + 2 + 1 + 0) searches
     assert one["env/evidence_recall"] == (1 + 0.5 + 0.5 + 0) / 4
     assert one["env/number_of_valid_search"] == 7 / 5         # the other figures still cover every rollout
     # two replicas, one holding only the question without evidence: both get the whole batch's figures
     a, b = trajs[4:], trajs[:4]
-    ra, rb = _Replica(0, 2), _Replica(1, 2)
+    ra, rb = Replica(0, 2), Replica(1, 2)
     rollout_metrics(ra, a, adv[4:], HAND_META)
     rollout_metrics(rb, b, adv[:4], HAND_META)
-    two_a, *_ = rollout_metrics(_Replica(0, 2, others=rb.sent), a, adv[4:], HAND_META)
-    two_b, *_ = rollout_metrics(_Replica(1, 2, others=ra.sent), b, adv[:4], HAND_META)
+    two_a, *_ = rollout_metrics(Replica(0, 2, others=rb.sent), a, adv[4:], HAND_META)
+    two_b, *_ = rollout_metrics(Replica(1, 2, others=ra.sent), b, adv[:4], HAND_META)
     for got in (two_a, two_b):
         assert got.keys() == one.keys()
         for k in one:
             assert got[k] == pytest.approx(one[k], rel=1e-12), k
     # no rollout of the batch has evidence (or no metadata given): the keys are left out, not NaN
     for meta in (HAND_META, None):
-        none, *_ = rollout_metrics(_Replica(0, 1), trajs[4:], adv[4:], meta)
+        none, *_ = rollout_metrics(Replica(0, 1), trajs[4:], adv[4:], meta)
         assert not set(QUERY_KEYS) & set(none) and "critic/score/mean" in none
     # evidence but not one search: the per-search rate is NaN, the others are 0
-    empty, *_ = rollout_metrics(_Replica(0, 1), [trajs[3]], adv[:1], HAND_META)
+    empty, *_ = rollout_metrics(Replica(0, 1), [trajs[3]], adv[:1], HAND_META)
     assert empty["env/first_query_hit"] == 0.0 and empty["env/evidence_recall"] == 0.0
     assert math.isnan(empty["env/evidence_hit_per_search"])
 
@@ -230,9 +178,9 @@ def test_sharded_greedy_evaluation_sums_the_query_metrics(char_tokenizer, world)
                            world["retriever"], RolloutConfig(max_turns=3, max_new_tokens=120, max_context=20000))
     qas = world["qas"]
     whole = greedy_em(engine, qas, 4)
-    r1 = _Replica(1, 2)
+    r1 = Replica(1, 2)
     sharded_greedy_em(r1, engine, qas, 4)
-    got = sharded_greedy_em(_Replica(0, 2, others=r1.sent), engine, qas, 4)
+    got = sharded_greedy_em(Replica(0, 2, others=r1.sent), engine, qas, 4)
     assert got.keys() == whole.keys() and "single_hop" in got
     assert all("first_query_hit" in got[kind] for kind in got)
     assert json.dumps(got) == json.dumps(whole)  # the sums themselves are all-reduced: exactly the same figures

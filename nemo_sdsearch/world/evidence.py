@@ -78,17 +78,13 @@ def summarize(metrics: Iterable[QueryMetrics | None]) -> dict[str, float]:
     """Means over rollouts (those without evidence metadata left out): `first_query_hit_rate`,
     `evidence_hit_rate` (over all searches pooled), `evidence_recall`, `searches_per_question`, `n`.
     Empty when no rollout has evidence metadata."""
-    rows = [m for m in metrics if m is not None]
-    if not rows:
+    sums = metric_sums(metrics)  # the same sums the training metrics and evaluations all-reduce
+    r = rates(sums)
+    if not r:
         return {}
-    searches = sum(m.searches for m in rows)
-    return {
-        "first_query_hit_rate": sum(m.first_query_hit for m in rows) / len(rows),
-        "evidence_hit_rate": sum(sum(m.evidence_hits) for m in rows) / searches if searches else math.nan,
-        "evidence_recall": sum(m.evidence_recall for m in rows) / len(rows),
-        "searches_per_question": searches / len(rows),
-        "n": len(rows),
-    }
+    n = int(sums[0])
+    return {"first_query_hit_rate": r["first_query_hit"], "evidence_hit_rate": r["evidence_hit_per_search"],
+            "evidence_recall": r["evidence_recall"], "searches_per_question": sums[3] / n, "n": n}
 
 
 # the sums behind `rates`: rollouts with evidence metadata, first-query hits, searches that retrieved evidence,

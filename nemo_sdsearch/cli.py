@@ -163,9 +163,19 @@ def cmd_ablate(args) -> int:
     from nemo_sdsearch.algorithms.ablation import run_ablation
     from nemo_sdsearch.config import load_config
 
+    overrides = list(args.overrides) + [w for w in args.seeds if "=" in w]
+    try:
+        seeds = [int(w) for w in args.seeds if "=" not in w]
+    except ValueError:
+        raise SystemExit(f"sdsearch ablate: --seeds takes integers (and key=value overrides), got {args.seeds}")
+    if not seeds:
+        raise SystemExit("sdsearch ablate: --seeds needs at least one integer seed")
+    args.seeds, args.overrides = seeds, overrides
     cfg = load_config(args.config, args.overrides, args.config_dir)
+    # the command that reproduces the results: resuming (reusing finished runs) changes none of them
     command = "sdsearch ablate " + " ".join(
-        [f"--seeds {' '.join(map(str, args.seeds))}", *(f"{o}" for o in args.overrides)])
+        [f"--seeds {' '.join(map(str, args.seeds))}",
+         *(o for o in args.overrides if not o.lstrip("+").startswith("trainer.resume="))])
     run_ablation(cfg, args.seeds, Path(args.out), Path(args.results), command.strip(), Console())
     return 0
 
@@ -197,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("ablate", help="GRPO vs SD-Search vs Search-E1 at equal rollout budget, several seeds; "
                                       "writes a results table and a plot")
     a.add_argument("overrides", nargs="*", help="config overrides applied to every run, e.g. cycles=1")
-    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    # `--seeds 0 1 2 cycles=1`: argparse gives --seeds every word after it, so the key=value ones are
+    # overrides (sorted out in cmd_ablate)
+    a.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED")
     a.add_argument("--out", default="runs/ablation", help="run directories (finished runs are kept and reused)")
     a.add_argument("--results", default="docs/results.md", help="markdown results file (its PNG goes next to it)")
     a.add_argument("--config", default="tiny_cpu")

@@ -74,6 +74,9 @@ def test_ablation_writes_results_and_reuses_finished_runs(micro_model_dir, tmp_p
     assert (tmp_path / "abl" / "grpo" / "seed_0" / "result.json").stat().st_mtime_ns == stamp
     assert json.dumps(second["results"], sort_keys=True) == json.dumps(first["results"], sort_keys=True)
     assert "Our reading of the numbers." in results.read_text()
+    spent = json.loads((tmp_path / "abl" / "wall_time.json").read_text())
+    assert spent["invocations"] == 2 and spent["seconds"] >= first["wall_s"] + second["wall_s"] - 1e-6
+    assert f"{spent['seconds'] / 60:.1f} min wall time over 2 invocations" in results.read_text()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,3 +153,46 @@ def test_results_markdown_states_the_comparisons(tmp_path):
     assert "10.0 min wall time" in text and "Stale" not in text
     ablation.plot_curves(runs, 0.4, tmp_path / "c.png", 0.5)  # old 2-element curve points: EM panel only
     assert (tmp_path / "c.png").stat().st_size > 5_000
+
+
+def test_search_e1_curve_places_rounds_where_they_measured(tmp_path):
+    """A GRPO round's dev evaluation sits at the step it was taken (the state's dev_step, else the round's
+    summary.json); an OPSD round shows its start and the adapter it kept at the rollouts consumed up to its
+    pool, one above the other."""
+    cfg = load_config("tiny_cpu", ["search_e1.grpo_steps=15", "trainer.questions_per_step=8", "rollout.group_size=5",
+                                   "search_e1.pool_questions=48", "search_e1.pool_samples=5"])
+    per_step, round_rollouts = 40, 15 * 40 + 48 * 5
+    (tmp_path / "cycle_1" / "grpo").mkdir(parents=True)
+    (tmp_path / "cycle_1" / "grpo" / "summary.json").write_text(json.dumps(
+        {"evals": [{"step": 5, "val/dev_em": 0.55}, {"step": 10, "val/dev_em": 0.6}, {"step": 10, "test_em": 0.1}]}))
+    rounds = [
+        {"cycle": 0, "stage": "grpo", "dev_em": 0.5, "dev_first_query_hit": 0.7, "dev_step": 10},
+        {"cycle": 0, "stage": "opsd", "dev_em": 0.65, "dev_first_query_hit": 0.98, "dev_em_before": 0.6,
+         "dev_first_query_hit_before": 0.95, "best_step": 10},
+        {"cycle": 1, "stage": "grpo", "dev_em": 0.6, "dev_first_query_hit": 0.9},   # older state: no dev_step
+        {"cycle": 1, "stage": "opsd", "dev_em": 0.6, "dev_first_query_hit": 0.9, "best_step": 0},  # no "before"
+    ]
+    assert ablation.search_e1_curve(cfg, rounds, tmp_path) == [
+        [10 * per_step, 0.5, 0.7],
+        [round_rollouts, 0.6, 0.95], [round_rollouts, 0.65, 0.98],
+        [round_rollouts + 10 * per_step, 0.6, 0.9],
+        [2 * round_rollouts, 0.6, 0.9],
+    ]
+
+
+def test_ablate_command_line_takes_overrides_after_the_seeds(monkeypatch, tmp_path):
+    """`sdsearch ablate --seeds 0 1 cycles=1`: the key=value words after --seeds are overrides; the command
+    recorded in the results is the one that reproduces them (resuming changes nothing, so it is left out)."""
+    from nemo_sdsearch import cli
+
+    calls = []
+    monkeypatch.setattr(ablation, "run_ablation", lambda cfg, seeds, out, results, command, console: calls.append(
+        (cfg, seeds, command)))
+    assert cli.main(["ablate", "--seeds", "0", "1", "cycles=1", "trainer.resume=true", "--out", str(tmp_path)]) == 0
+    cfg, seeds, command = calls[0]
+    assert seeds == [0, 1] and cfg.cycles == 1 and cfg.trainer.resume
+    assert command == "sdsearch ablate --seeds 0 1 cycles=1"
+    assert cli.main(["ablate", "trainer.eval_every=7", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert calls[1][1] == [2] and calls[1][0].trainer.eval_every == 7
+    with pytest.raises(SystemExit, match="integers"):
+        cli.main(["ablate", "--seeds", "zero", "--out", str(tmp_path)])

@@ -84,7 +84,11 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
     done = run_dir / "result.json"
     if done.exists():
         console.print(f"[dim]{algorithm} seed {seed}: done earlier, kept ({done})[/dim]")
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        state_file = run_dir / "search_e1_state.json"
+        if algorithm == "search_e1" and state_file.exists():  # the curve as this version draws it
+            result["curve"] = search_e1_curve(cfg, json.loads(state_file.read_text())["rounds"], run_dir)
+        return result
     budget, steps = rollout_budget(cfg)
     per_step = cfg.trainer.questions_per_step * cfg.rollout.group_size
     rcfg = replace(cfg, algorithm=algorithm,
@@ -97,14 +101,7 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
     if algorithm == "search_e1":
         state = search_e1.run(rcfg, console, progress=False)
         model_dir = state["final_model"]
-        e1 = cfg.search_e1
-        round_rollouts = e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples
-        for rd in state["rounds"]:
-            used = rd["cycle"] * round_rollouts + e1.grpo_steps * per_step
-            if rd["stage"] == "opsd":
-                used = (rd["cycle"] + 1) * round_rollouts
-            if rd["dev_em"] is not None:
-                curve.append([used, rd["dev_em"], rd.get("dev_first_query_hit")])
+        curve = search_e1_curve(cfg, state["rounds"], run_dir)
     else:
         summary = grpo.train(rcfg, console, progress=False)
         model_dir = str(run_dir / "final")
@@ -118,6 +115,32 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
               "model": model_dir}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def search_e1_curve(cfg, rounds: list[dict], run_dir: Path) -> list[list]:
+    """[rollouts consumed, dev EM, dev first-query hit] of a Search-E1 run's rounds: a GRPO round's last dev
+    evaluation at the step it measured (`dev_step`; older state files: read from the round's summary.json,
+    else the round's end); an OPSD round (which samples nothing: its pool came before it) at the rollouts
+    consumed up to its pool, first its start (`dev_em_before`, the GRPO round's end weights, where recorded),
+    then the adapter it kept, so a vertical step is what the OPSD round itself changed."""
+    e1, per_step = cfg.search_e1, cfg.trainer.questions_per_step * cfg.rollout.group_size
+    round_rollouts = e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples
+    curve = []
+    for rd in rounds:
+        start = rd["cycle"] * round_rollouts
+        if rd["stage"] == "grpo":
+            step = rd.get("dev_step")
+            summary = run_dir / f"cycle_{rd['cycle']}" / "grpo" / "summary.json"
+            if step is None and summary.exists():
+                evals = [e for e in json.loads(summary.read_text()).get("evals", []) if "val/dev_em" in e]
+                step = evals[-1]["step"] if evals else None
+            points = [(start + (e1.grpo_steps if step is None else step) * per_step, rd["dev_em"],
+                       rd.get("dev_first_query_hit"))]
+        else:
+            points = [(start + round_rollouts, rd.get("dev_em_before"), rd.get("dev_first_query_hit_before")),
+                      (start + round_rollouts, rd["dev_em"], rd.get("dev_first_query_hit"))]
+        curve += [list(p) for p in points if p[1] is not None]
+    return curve
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,14 +333,14 @@ def paired_markdown(results: list[dict]) -> list[str]:
 
 def results_markdown(start: dict, results: list[dict], budget: int, command: str, machine: str,
                      analysis: str = "", normalization: str = "squad", wall_s: float | None = None,
-                     reused: int = 0) -> str:
-    """The results file. `start`: the warm start's test scores per kind; `wall_s`: this invocation's wall
-    time; `reused`: how many of the runs finished in an earlier invocation (not in `wall_s`)."""
+                     invocations: int = 1) -> str:
+    """The results file. `start`: the warm start's test scores per kind; `wall_s`: the wall time of the
+    `invocations` that produced the runs (an invocation reuses the runs earlier ones finished)."""
     seeds = sorted({r["seed"] for r in results})
     total_min = sum(r["seconds"] for r in results) / 60
     wall = "" if wall_s is None else f"{wall_s / 60:.1f} min wall time"
-    if wall and reused:
-        wall += f" (this invocation; {reused} of the runs finished in an earlier one)"
+    if wall and invocations > 1:
+        wall += f" over {invocations} invocations (each reuses the runs the earlier ones finished)"
     n_test = start.get("all", {}).get("n")
     lines = [
         "# Ablation: GRPO vs SD-Search vs Search-E1 on the tiny world",
@@ -363,7 +386,8 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
     lines += ["", "![dev EM and dev first-query hit against rollouts](results_curves.png)", "",
               "Left: greedy dev EM; right: greedy dev first-query hit; against the training rollouts a run had "
               "consumed (one line per run; the first point is the warm start). Search-E1's points are its rounds: "
-              "the last dev evaluation of each GRPO round and the best one of each OPSD round."]
+              "the last dev evaluation of each GRPO round (at the step it was taken) and, for each OPSD round, its start "
+              "and the adapter it kept (one above the other: a vertical step is the OPSD round's own change)."]
     no_fqh = [r for r in results if r["curve"] and all(len(p) < 3 or p[2] is None for p in r["curve"])]
     if no_fqh:
         lines.append("Without dev first-query hit (not recorded by that run), so in the left panel only: "
@@ -460,13 +484,18 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
         start_file.write_text(json.dumps(start, indent=1))
     # Seed-major order: an ablation stopped early (and re-run with fewer --seeds) has whole seeds.
     todo = [(alg, s) for s in seeds for alg in algorithms]
-    reused = sum((out / alg / f"seed_{s}" / "result.json").exists() for alg, s in todo)
     results = [run_one(cfg, alg, s, out, console) for alg, s in todo]
     wall = time.perf_counter() - t0
+    # the wall time of every invocation that worked on these runs, kept next to them
+    wall_file = out / "wall_time.json"
+    spent = json.loads(wall_file.read_text()) if wall_file.exists() else {"seconds": 0.0, "invocations": 0}
+    spent = {"seconds": spent["seconds"] + wall, "invocations": spent["invocations"] + 1}
+    wall_file.write_text(json.dumps(spent))
     results_path.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, start["dev"], results_path.parent / "results_curves.png", start.get("dev_first_query_hit"))
     results_path.write_text(results_markdown(start["test"], results, budget, command, describe_machine(cfg),
-                                             kept_analysis(results_path), cfg.reward.normalization, wall, reused))
+                                             kept_analysis(results_path), cfg.reward.normalization, spent["seconds"],
+                                             spent["invocations"]))
     table = Table(title="test metrics (methods: mean ± 95% t CI over seeds; warm start: ± binomial 95% CI)")
     for col in ("method", "runs", "EM", "first-query hit"):
         table.add_column(col)

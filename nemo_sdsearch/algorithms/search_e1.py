@@ -425,7 +425,8 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             state["model"] = str(model_dir)
             dev = [e for e in summary["evals"] if "val/dev_em" in e]  # the round's last dev evaluation
             state["rounds"].append({"cycle": cycle, "stage": "grpo", "dev_em": dev[-1]["val/dev_em"] if dev else None,
-                                    "dev_first_query_hit": dev[-1].get("val/dev_first_query_hit") if dev else None})
+                                    "dev_first_query_hit": dev[-1].get("val/dev_first_query_hit") if dev else None,
+                                    "dev_step": dev[-1]["step"] if dev else None})  # the step it measured
             commit(state)
         if f"{cycle}/opsd" in state["done"]:
             continue
@@ -448,8 +449,11 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             result = {"best_step": None, "best_dev_em": None, "best_dev_first_query_hit": None, "history": []}
         state["done"].append(f"{cycle}/opsd")
         state["model"] = str(model_dir)
+        before = result["history"][0] if result["history"] else {}  # step 0: the GRPO round's end weights
         state["rounds"].append({"cycle": cycle, "stage": "opsd", "dev_em": result["best_dev_em"],
                                 "dev_first_query_hit": result["best_dev_first_query_hit"],
+                                "dev_em_before": before.get("dev_em"),
+                                "dev_first_query_hit_before": before.get("dev_first_query_hit"),
                                 "best_step": result["best_step"], "mining": report_d})
         commit(state)
     test = final_test(cfg, model_dir)

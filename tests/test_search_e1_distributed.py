@@ -16,7 +16,7 @@ pytest.importorskip("megatron.core")
 
 BASE = {"algorithm": "search_e1", "search_e1.adapter": "full", "cycles": 1, "model.threads": 1, "trainer.seed": 3,
         "trainer.questions_per_step": 4, "rollout.group_size": 2, "rollout.max_new_tokens": 40,
-        "rollout.max_turns": 2, "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.final_test_eval": False,
+        "rollout.max_turns": 2, "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.final_test_eval": True,
         "grpo.micro_batch_size": 2, "optim.lr": 2e-5, "search_e1.grpo_steps": 1, "search_e1.pool_questions": 6,
         "search_e1.pool_samples": 3, "search_e1.opsd_steps": 2, "search_e1.opsd_pairs_per_step": 2,
         "search_e1.opsd_micro_batch_size": 1, "search_e1.opsd_eval_every": 2, "search_e1.opsd_lr": 2e-5,

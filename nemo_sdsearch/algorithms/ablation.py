@@ -107,8 +107,8 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
         model_dir = str(run_dir / "final")
         curve = [[e["step"] * per_step, e["val/dev_em"], e.get("val/dev_first_query_hit")]
                  for e in summary["evals"] if "val/dev_em" in e]
-    # Search-E1's own final test evaluation (state["final_test"]) keeps no per-question outcomes: every
-    # method's final model is evaluated here the same way.
+    # every method's final model is evaluated here the same way, with per-question outcomes (the runs
+    # themselves skip their final test evaluation: trainer.final_test_eval=false above)
     test, questions = _test_eval(rcfg, model_dir)
     result = {"algorithm": algorithm, "seed": seed, "rollouts": budget if algorithm == "search_e1" else steps * per_step,
               "test": test, "questions": questions, "curve": curve, "seconds": time.perf_counter() - t0,
@@ -483,8 +483,7 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
                  "dev_first_query_hit": dev.get("first_query_hit")}
         start_file.write_text(json.dumps(start, indent=1))
     # Seed-major order: an ablation stopped early (and re-run with fewer --seeds) has whole seeds.
-    todo = [(alg, s) for s in seeds for alg in algorithms]
-    results = [run_one(cfg, alg, s, out, console) for alg, s in todo]
+    results = [run_one(cfg, alg, s, out, console) for s in seeds for alg in algorithms]
     wall = time.perf_counter() - t0
     # the wall time of every invocation that worked on these runs, kept next to them
     wall_file = out / "wall_time.json"

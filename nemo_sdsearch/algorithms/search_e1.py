@@ -456,7 +456,8 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                 "dev_first_query_hit_before": before.get("dev_first_query_hit"),
                                 "best_step": result["best_step"], "mining": report_d})
         commit(state)
-    test = final_test(cfg, model_dir)
+    # trainer.final_test_eval=false (the ablation, which evaluates every method's final model itself): none
+    test = final_test(cfg, model_dir) if cfg.trainer.final_test_eval else None
     state["final_test"] = test
     state["final_model"] = str(model_dir)
     commit(state)
@@ -469,7 +470,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
         for rd in state["rounds"]:
             table.add_row(str(rd["cycle"]), rd["stage"], "n/a" if rd["dev_em"] is None else f"{rd['dev_em']:.3f}")
         console.print(table)
-        console.print(f"final test EM {test['all']['em']:.3f}; model {model_dir}")
+        console.print((f"final test EM {test['all']['em']:.3f}; " if test is not None else "") + f"model {model_dir}")
     return state
 
 

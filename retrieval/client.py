@@ -1,9 +1,15 @@
 """Client of the retrieval service, used by the rollout engine as a `Retriever`.
 
-Async and connection-pooled (httpx), with a per-request timeout and retries with exponential backoff
-on connection errors, timeouts and 5xx answers, up to `max_wait_s` in all: a rollout survives a
-retrieval server restart in the middle of a batch. A 4xx answer is the caller's error and is raised
-at once with the server's message.
+Async and connection-pooled (httpx), with a per-request timeout and retries with jittered exponential
+backoff on connection errors, timeouts and 5xx answers, up to `max_wait_s` in all: a rollout survives a
+retrieval server restart in the middle of a batch (the jitter keeps a cluster's many clients from retrying in
+lock-step). A 4xx answer is the caller's error and is raised at once with the server's message.
+
+A turn's searches can be many more than one request may carry: a TensorRT-LLM replica hands hundreds of finished
+rows to one turn, and the service refuses more than its `--max-queries` (512 by default) queries per request. So
+`search` splits the queries into requests of at most `max_queries_per_request` queries (lowered to the limit the
+service reports in `/health` when it reports one) and about `max_request_bytes` of JSON, sends them concurrently
+over the pool, and returns the rows in the order of the queries.
 
 `url` is the service's base URL or its `/retrieve` endpoint (how Search-R1 and verl write it): both name the same
 service. Answers are read as Search-R1's server writes them too: a document without "id" (Search-R1's BM25
@@ -13,6 +19,8 @@ answers) gets "", and one with "title"/"text" but no "contents" is put together 
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import threading
 from typing import Sequence
 
@@ -46,12 +54,18 @@ def _document(x: dict) -> Document:
 
 class RetrievalClient(Retriever):
     def __init__(self, url: str, timeout_s: float = 30.0, max_wait_s: float = 120.0, backoff_s: float = 0.2,
-                 max_backoff_s: float = 5.0, max_connections: int = 64):
+                 max_backoff_s: float = 5.0, max_connections: int = 64, max_queries_per_request: int = 256,
+                 max_request_bytes: int = 2**20):
+        if max_queries_per_request < 1 or max_request_bytes < 1:
+            raise ValueError("max_queries_per_request and max_request_bytes must be positive")
         self.url = service_url(url)
         self.timeout_s, self.max_wait_s = timeout_s, max_wait_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_connections = max_connections
-        self.retries = 0
+        self.max_queries_per_request, self.max_request_bytes = max_queries_per_request, max_request_bytes
+        self.retries = 0      # requests sent again after a connection error, a timeout or a 5xx
+        self.requests = 0     # requests answered (a split turn counts each of its requests)
+        self._limits_read = False
         self._loop = None
         self._thread = None
         self._client = None
@@ -68,11 +82,47 @@ class RetrievalClient(Retriever):
                                     max_keepalive_connections=self.max_connections))
         return self._client
 
+    async def _read_limits(self, client) -> None:
+        """Lower `max_queries_per_request` to the service's own limit when its /health reports one (ours does;
+        Search-R1's server has no /health: the default stays). Once per client; never an error."""
+        if self._limits_read:
+            return
+        self._limits_read = True
+        try:
+            r = await client.get(f"{self.url}/health", timeout=min(self.timeout_s, 5.0))
+            cap = int(r.json().get("limits", {}).get("max_queries", 0)) if r.status_code == 200 else 0
+        except Exception:  # noqa: BLE001 - no /health, not JSON, not up yet: keep the default
+            cap = 0
+        if cap > 0:
+            self.max_queries_per_request = min(self.max_queries_per_request, cap)
+
+    def split(self, queries: Sequence[str]) -> list[list[str]]:
+        """The requests one turn's queries go out in: at most `max_queries_per_request` queries and about
+        `max_request_bytes` of JSON each (a single query larger than that still gets its own request), in order."""
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for q in queries:
+            n = len(json.dumps(q)) + 2
+            if chunks[-1] and (len(chunks[-1]) >= self.max_queries_per_request or size + n > self.max_request_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(q)
+            size += n
+        return chunks
+
     async def search_async(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
+        if not queries:
+            return []
+        client = await self._http()
+        await self._read_limits(client)
+        parts = await asyncio.gather(*(self._request(client, chunk, topk) for chunk in self.split(queries)))
+        return [row for part in parts for row in part]
+
+    async def _request(self, client, queries: list[str], topk: int) -> list[list[Document]]:
+        """One POST /retrieve, retried with jittered exponential backoff (see the module docstring)."""
         import httpx
 
-        client = await self._http()
-        body = {"queries": list(queries), "topk": topk, "return_scores": True}
+        body = {"queries": queries, "topk": topk, "return_scores": True}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         delay = self.backoff_s
@@ -80,7 +130,12 @@ class RetrievalClient(Retriever):
             try:
                 r = await client.post(f"{self.url}/retrieve", json=body)
                 if r.status_code < 400:
-                    return [[_document(x) for x in row] for row in r.json()["result"]]
+                    rows = r.json()["result"]
+                    if len(rows) != len(queries):
+                        raise RetrievalError(f"retrieval server {self.url} answered {len(rows)} rows for "
+                                             f"{len(queries)} queries")
+                    self.requests += 1
+                    return [[_document(x) for x in row] for row in rows]
                 if r.status_code < 500:
                     msg = r.json().get("error", r.text) if "json" in r.headers.get("content-type", "") else r.text
                     raise RetrievalError(f"retrieval server rejected the request ({r.status_code}): {msg}")
@@ -92,7 +147,7 @@ class RetrievalClient(Retriever):
                                      f"(last problem: {problem}); is `python -m {__package__} serve` (or "
                                      "Search-R1's retrieval_server.py) running there?")
             self.retries += 1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # jitter: clients that failed together spread out
             delay = min(delay * 2, self.max_backoff_s)
 
     async def aclose(self) -> None:

@@ -398,7 +398,9 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
     async def health():
         return {"status": "ok", "num_passages": len(retriever) if hasattr(retriever, "__len__") else None,
                 "uptime_s": time.time() - started, "batches": batcher.batches, "queries": batcher.queries,
-                "startup_s": getattr(retriever, "startup_s", None), "connections": asdict(connections)}
+                "startup_s": getattr(retriever, "startup_s", None), "connections": asdict(connections),
+                "limits": {"max_queries": limits.max_queries, "max_topk": limits.max_topk,
+                           "max_request_bytes": limits.max_request_bytes}}
 
     app.state.batcher = batcher
     app.state.connections = connections

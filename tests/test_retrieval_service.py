@@ -228,6 +228,47 @@ def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):
         dead.search(["x"], 3)
 
 
+def test_a_cluster_sized_turn_is_split_under_the_servers_cap(bm25_server, corpus_file, tmp_path, bundle):
+    """2,000 queries in one turn (a TensorRT-LLM replica's finished rows): the service takes at most 512 per
+    request (`--max-queries`), so the client splits them (256 per request by default, and never more than the
+    service reports in /health), sends the requests concurrently, and returns every row in query order."""
+    queries = [h.query for q in bundle.test for h in q.hops]
+    queries = (queries * (2000 // len(queries) + 1))[:2000]
+    client = RetrievalClient(bm25_server.url, timeout_s=30, max_wait_s=60)
+    before = httpx.get(bm25_server.url + "/health").json()
+    try:
+        rows = client.search(queries, 3)
+    finally:
+        client.close()
+    after = httpx.get(bm25_server.url + "/health").json()
+    assert before["limits"]["max_queries"] == 512
+    assert len(rows) == 2000 and client.requests == 8 and client.retries == 0
+    assert after["queries"] - before["queries"] == 2000
+    one = RetrievalClient(bm25_server.url)
+    try:
+        for i in (0, 255, 256, 1023, 1999):  # rows stay in query order across request boundaries
+            assert [d.id for d in rows[i]] == [d.id for d in one.search([queries[i]], 3)[0]], i
+        last = [d.id for d in one.search([queries[1999]], 3)[0]]
+    finally:
+        one.close()
+
+    out = tmp_path / "bm25"
+    build_index(corpus_file, out, kind="bm25", progress=False)
+    capped = Server(out, flags=["--max-queries", 100]).start()
+    client = RetrievalClient(capped.url, timeout_s=30, max_wait_s=60)
+    try:
+        rows = client.search(queries, 3)
+        assert len(rows) == 2000 and client.max_queries_per_request == 100 and client.requests == 20
+        assert [d.id for d in rows[1999]] == last
+    finally:
+        client.close()
+        capped.stop()
+    # the byte budget splits too: long queries, few per request
+    small = RetrievalClient("http://127.0.0.1:1", max_request_bytes=1000)
+    assert [len(c) for c in small.split(["x" * 400] * 5)] == [2, 2, 1]
+    assert small.split([]) == [[]] and [len(c) for c in small.split(["y" * 5000])] == [1]
+
+
 def test_dense_index_build_resume_and_search(dense_index, dense_corpus_file, bundle):
     meta = json.loads((dense_index / "meta.json").read_text())
     assert meta["complete"] and meta["num_passages"] == DENSE_PASSAGES and meta["dim"] == 384

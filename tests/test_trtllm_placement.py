@@ -1,12 +1,10 @@
 """One TensorRT-LLM engine per data-parallel replica (rollout/trtllm_placement.py).
 
-The planning functions are checked on cluster layouts; then a real 4-process gloo run of
-`sdsearch train actor=megatron generator=trtllm` (TP 2 x DP 2, engine TP 2) goes through the real
-TRTLLMGenerator, placement and replica refit code, with three things faked (a GPU is needed for the real
-ones): the `tensorrt_llm.LLM` constructor (tests/fake_trtllm.RecordingLLM: it records its arguments and
-the environment it was built in, and its workers sit on the GPUs of the bundles it was given), the `ray`
-module (named placement groups), and CUDA IPC handles (a tensor tagged with the GPU of the rank that made
-it, so the engine can check that every handle came from its own GPU's rank).
+The planning functions are checked on cluster layouts; the placement form is detected on each release the
+TensorRT-LLM stand-in can declare (tests/stand_in); then a real 4-process gloo run of `sdsearch train
+actor=megatron generator=trtllm` (TP 2 x DP 2, engine TP 2) goes through the real TRTLLMGenerator, placement
+and replica refit code on a REAL Ray cluster started here (`ray start --head`), with the stand-in engine
+(Ray actors on the placement group's bundles, weights over shared-memory IPC handles): only CUDA is missing.
 """
 
 from __future__ import annotations
@@ -17,8 +15,15 @@ import pytest
 import torch
 
 from nemo_sdsearch.errors import ConfigError
-from nemo_sdsearch.rollout.trtllm_placement import (EnginePlacement, GPUSlot, engine_bundles, engine_environment,
-                                                    job_bundles)
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nemo_sdsearch.rollout.trtllm_placement import (DeviceSlot, EnginePlacement, cpu_device_id, engine_bundles,
+                                                    engine_environment, job_bundles)
+
+STAND_IN = Path(__file__).resolve().parent / "stand_in"
 
 
 def test_engine_environment_hides_the_launchers_variables_and_restores_them(monkeypatch):
@@ -37,10 +42,10 @@ def test_engine_environment_hides_the_launchers_variables_and_restores_them(monk
 
 
 def _megatron_slots(nodes: int, gpus: int, tp: int, pp: int):
-    """Global rank -> GPUSlot for torchrun's rank order, and each replica's ranks in megatron's order
+    """Global rank -> DeviceSlot for torchrun's rank order, and each replica's ranks in megatron's order
     (tp fastest, then dp, then pp)."""
     world = nodes * gpus
-    slots = [GPUSlot(f"10.0.0.{r // gpus + 1}", r % gpus, f"GPU-{r}") for r in range(world)]
+    slots = [DeviceSlot(f"10.0.0.{r // gpus + 1}", r % gpus, f"GPU-{r}") for r in range(world)]
     dp = world // (tp * pp)
     replicas = [[t + tp * d + tp * dp * p for p in range(pp) for t in range(tp)] for d in range(dp)]
     return slots, replicas
@@ -65,8 +70,17 @@ def test_bundles_follow_the_nodes_and_each_engine_sits_on_its_replicas_gpus():
         engine_bundles([slots[r] for r in replicas[0]], 8, index)
 
 
+def test_a_cpu_only_run_asks_for_cpu_bundles_on_the_same_code_path():
+    slots = [DeviceSlot(f"10.0.0.{n}", i, cpu_device_id(f"10.0.0.{n}", i)) for n in (1, 2) for i in range(2)]
+    bundles, index = job_bundles(slots)
+    assert bundles == [{"CPU": 1, "node:10.0.0.1": 0.001}] * 2 + [{"CPU": 1, "node:10.0.0.2": 0.001}] * 2
+    assert engine_bundles(slots[2:], 2, index) == [2, 3]
+    gpu = DeviceSlot("10.0.0.1", 0, "GPU-abc")
+    assert gpu.resource == "GPU" and job_bundles([gpu])[0] == [{"GPU": 1, "CPU": 1, "node:10.0.0.1": 0.001}]
+
+
 def test_a_node_with_unused_gpus_is_refused():
-    slots = [GPUSlot("10.0.0.1", i, f"GPU-{i}") for i in (0, 2)]
+    slots = [DeviceSlot("10.0.0.1", i, f"GPU-{i}") for i in (0, 2)]
     with pytest.raises(ConfigError, match="cluster.gpus_per_node"):
         job_bundles(slots)
 
@@ -79,29 +93,85 @@ def test_a_placement_ray_resolved_elsewhere_fails_loudly():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the real recipe under torchrun-like gloo processes
+# which placement arguments the installed TensorRT-LLM takes
+# ---------------------------------------------------------------------------------------------------
+FORM_PROBE = """
+from nemo_sdsearch.rollout.trtllm_generator import import_trtllm
+from nemo_sdsearch.rollout.trtllm_placement import EnginePlacement, placement_form
+api = import_trtllm()
+try:
+    form = placement_form(api)
+except ImportError as e:
+    print("refused:", e)
+else:
+    kw = EnginePlacement("PG", [2, 3], []).llm_kwargs(api)
+    print(api.version, form, sorted(kw))
+"""
+
+
+@pytest.mark.parametrize("version, expect", [
+    ("1.2.0", "1.2.0 ray_placement_config ['ray_placement_config']"),
+    ("1.2.0+toplevel", "1.2.0+toplevel top_level ['per_worker_gpu_share', 'placement_bundle_indices', "
+                       "'placement_groups']"),
+    ("1.2.0rc4", "refused: TensorRT-LLM 1.2.0rc4 takes no Ray placement group from its caller"),
+])
+def test_the_placement_form_is_read_from_the_installed_release(version, expect):
+    """The form comes from the release's own LLM arguments (its TorchLlmArgs fields), never from a hard-coded
+    version table: 1.2.0rc6+ takes ray_placement_config=RayPlacementConfig(...), a release that declares the
+    top-level trio gets those, and one with neither (env-var placement from inside a Ray actor only) is refused
+    with the release named."""
+    env = {**os.environ, "PYTHONPATH": f"{STAND_IN}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TRTLLM_STAND_IN_VERSION": version}
+    p = subprocess.run([sys.executable, "-c", FORM_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().startswith(expect), p.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real recipe under torchrun-like gloo processes, on a real Ray cluster
 # ---------------------------------------------------------------------------------------------------
 LAUNCHER_ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PMI_RANK": "0", "PMIX_RANK": "0"}
 
 
-def _replica_engine_worker(rank, world, model_dir, out, store):
-    import sys
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A one-node Ray cluster (`ray start --head --block` through the project's own start command, with this
+    machine's node IP) for this module; stopped at the end. Yields RAY_ADDRESS."""
+    pytest.importorskip("ray")
+    from _mp import free_port
 
-    import fake_trtllm
+    from nemo_sdsearch.rollout.ray_cluster import node_ip
 
-    import nemo_sdsearch.rollout.trtllm_generator as tg
-    import nemo_sdsearch.rollout.trtllm_placement as tp
-    from nemo_sdsearch.algorithms import grpo
-    from nemo_sdsearch.config import load_config
+    ip, port = node_ip(), free_port()
+    env = {**os.environ, "SDSEARCH_RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),
+           "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000", "SDSEARCH_NODE_IP": ip}
+    head = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "start", "--head-ip", ip,
+                             "--port", str(port), "--cpus", "4"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        p = subprocess.run([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "wait", "--address",
+                            f"{ip}:{port}", "--nodes", "1", "--timeout", "120"], env=env, capture_output=True,
+                           text=True, timeout=180)
+        assert p.returncode == 0, p.stdout + p.stderr
+        yield f"{ip}:{port}"
+    finally:
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
 
-    me = f"GPU-fake-{rank}"
-    os.environ.update(LAUNCHER_ENV, RAY_ADDRESS="fake-head:6379")
-    sys.modules["ray"] = fake_trtllm.fake_ray_module(store)
-    tg.import_trtllm = fake_trtllm.fake_trtllm_api
-    tp.local_gpu_slot = lambda: GPUSlot("10.0.0.1", rank, me)
-    tp.ipc_handles = lambda bucket, dtype, keep: [(n, fake_trtllm.FakeIPCHandle(me, t.detach().clone()))
-                                                  for n, t in bucket]
+
+def _replica_engine_worker(rank, world, model_dir, out, ray_address):
+    sys.path.insert(0, str(STAND_IN))
+    os.environ.update(LAUNCHER_ENV, RAY_ADDRESS=ray_address,
+                      PYTHONPATH=f"{STAND_IN}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    import ray
+
     import nemo_sdsearch.models.hf as hf
+    from nemo_sdsearch.algorithms import grpo
+    from nemo_sdsearch.algorithms.setup import build_components, close_components
+    from nemo_sdsearch.config import load_config
 
     loads = []
     real_load = hf.load_model_and_tokenizer
@@ -112,56 +182,85 @@ def _replica_engine_worker(rank, world, model_dir, out, store):
                  "rollout.max_new_tokens": 24, "rollout.max_turns": 1, "rollout.max_context": 1024,
                  "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.final_test_eval": False,
                  "trainer.out_dir": out, "grpo.micro_batch_size": 2, "optim.lr": 1e-4}
-    grpo.train(load_config("tiny_cpu", [f"{k}={v}" for k, v in overrides.items()]), progress=False)
-    res = {"environ_after": {k: os.environ.get(k) for k in LAUNCHER_ENV}, "engines": [], "whole_model_loads": len(loads)}
-    for b in fake_trtllm.RecordingLLM.built:
-        kw, llm = b["kwargs"], b["llm"]
-        rpc = kw["ray_placement_config"]
-        res["engines"].append({
-            "tp": kw["tensor_parallel_size"], "max_seq_len": kw.get("max_seq_len"), "max_input_len": kw.get("max_input_len"),
-            "max_num_tokens": kw.get("max_num_tokens"), "bundles": rpc.placement_bundle_indices,
-            "group": rpc.placement_groups[0].name, "group_bundles": rpc.placement_groups[0].bundle_specs,
-            "workers": llm.worker_uuids, "launcher_env_seen": sorted(set(LAUNCHER_ENV) & set(b["environ"])),
-            "torchrun_env_seen": sorted({"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(b["environ"])),
-            "senders": llm.senders, "refits": len(llm.refits),
-            "held": {k: v.clone() for k, v in llm.model.state_dict().items()}})
+    cfg = load_config("tiny_cpu", [f"{k}={v}" for k, v in overrides.items()])
+    c = build_components(cfg)
+    from nemo_sdsearch.models.megatron.actor import local_state
+
+    shard = sum(t.numel() * t.element_size() for t in local_state(c.actor.model).values())
+    bytes_read = {"read": c.bytes_read, "shard": shard, "models": 1 + (c.ref is not None)}
+    grpo.train(cfg, progress=False, components=c)
+    res = {"environ_after": {k: os.environ.get(k) for k in LAUNCHER_ENV}, "engine": None,
+           "whole_model_loads": len(loads), "pid": os.getpid(), "bytes_read": bytes_read}
+    g = c.engines["train"].generator if c.engines is not None else None
+    if g is not None:
+        llm = g.llm
+        placement = llm.args.ray_placement_config
+        pg = placement.placement_groups[0]
+        table = ray.util.placement_group_table(pg)
+        res["engine"] = {
+            "tp": llm.args.tensor_parallel_size, "max_seq_len": llm.args.max_seq_len,
+            "max_input_len": llm.args.max_input_len, "max_num_tokens": llm.args.max_num_tokens,
+            "bundles": placement.placement_bundle_indices, "group": table["name"], "group_bundles": table["bundles"],
+            "workers": [ray.get(w.info.remote()) for w in llm.workers],
+            "held": [ray.get(w.weights.remote()) for w in llm.workers], "requests": llm.requests}
+    close_components(c)
+    if rank == 0:
+        res["groups_after"] = [g["name"] for g in ray.util.placement_group_table().values()
+                               if g["name"].startswith("sdsearch-") and g["state"] != "REMOVED"]
     return res
 
 
 @pytest.mark.timeout(900)
-def test_one_engine_per_replica_on_its_own_gpus_refitted_by_its_own_ranks(tmp_path):
+def test_one_engine_per_replica_on_its_own_devices_refitted_by_its_own_ranks(tmp_path, ray_head):
     pytest.importorskip("megatron.core")
     from _mp import run_workers
     from safetensors.torch import load_file
 
+    from nemo_sdsearch.rollout.ray_cluster import node_ip
     from nemo_sdsearch.world.assets import default_model_dir
 
     out = tmp_path / "run"
-    store = tmp_path / "ray"
-    store.mkdir()
-    results = run_workers(_replica_engine_worker, 4, str(default_model_dir()), str(out), str(store), timeout=900)
+    results = run_workers(_replica_engine_worker, 4, str(default_model_dir()), str(out), ray_head, timeout=900)
+    ip = node_ip()
     # replica leaders (ranks 0 and 2) built exactly one engine each; the other ranks none
-    assert [len(r["engines"]) for r in results] == [1, 0, 1, 0]
-    # no rank loaded a whole HF model: the shards were read tensor by tensor, the engines load their own
+    assert [r["engine"] is not None for r in results] == [True, False, True, False]
+    # no rank loaded a whole HF model, or read one: each rank read its shard's parts (and the replicated norm
+    # weights, which its shard holds too) once per model it builds (actor and reference), the engines load their own
     assert [r["whole_model_loads"] for r in results] == [0, 0, 0, 0]
-    e0, e1 = results[0]["engines"][0], results[2]["engines"][0]
+    whole = (default_model_dir() / "model.safetensors").stat().st_size
+    for r in results:
+        b = r["bytes_read"]
+        assert b["models"] == 2 and b["read"] == b["models"] * b["shard"] and b["shard"] < 0.6 * whole, b
+    e0, e1 = results[0]["engine"], results[2]["engine"]
     assert e0["bundles"] == [[0, 1]] and e1["bundles"] == [[2, 3]]
-    assert e0["workers"] == ["GPU-fake-0", "GPU-fake-1"] and e1["workers"] == ["GPU-fake-2", "GPU-fake-3"]
+    devices = lambda e: [w["device_id"] for w in e["workers"]]
+    assert devices(e0) == [cpu_device_id(ip, 0), cpu_device_id(ip, 1)]
+    assert devices(e1) == [cpu_device_id(ip, 2), cpu_device_id(ip, 3)]
+    assert all(w["node_ip"] == ip for e in (e0, e1) for w in e["workers"])
     assert e0["group"] == e1["group"] and e0["group"].startswith("sdsearch-4242-")  # one group for the job
-    assert len(e0["group_bundles"]) == 4 and all(b["GPU"] == 1 and "node:10.0.0.1" in b for b in e0["group_bundles"])
+    assert len(e0["group_bundles"]) == 4 and all(b == {"CPU": 1.0, f"node:{ip}": 0.001}
+                                                 for b in e0["group_bundles"].values())
     for e in (e0, e1):
         assert e["tp"] == 2
         assert e["max_seq_len"] == 1024 and e["max_input_len"] == 1024 and e["max_num_tokens"] >= 1024
-        assert e["launcher_env_seen"] == [] and e["torchrun_env_seen"] == []  # hidden while the engine started
-        # refit: every bucket's handles for a worker GPU came from the rank on that GPU
-        assert e["refits"] == 1 and e["senders"]
-        for bucket in e["senders"]:
-            assert bucket == {u: u for u in e["workers"]}
+        assert e["requests"] > 0 and e["workers"][0]["requests"] == e["requests"]  # worker 0 decoded every turn
+        for w in e["workers"]:
+            # the launcher's and torchrun's variables were hidden while the engine started: its workers never saw them
+            assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", *LAUNCHER_ENV} & set(w["environ"]), w["rank"]
+            assert w["environ"]["TLLM_DISABLE_MPI"] == "1"
+            assert w["prefix_cache_resets"] >= 2  # the refit's finish and the wake-up reset it
+    # refit: every worker loaded only handles made by the rank on its own device (the shared-memory file's pid)
+    pids = [r["pid"] for r in results]
+    assert [w["senders"] for w in e0["workers"]] == [[pids[0]], [pids[1]]]
+    assert [w["senders"] for w in e1["workers"]] == [[pids[2]], [pids[3]]]
     # the launcher's variables are back for the trainer
     assert all(r["environ_after"] == LAUNCHER_ENV for r in results)
-    # final/ was written (by rank 0, from the weight stream) and both engines hold exactly those weights
+    # final/ was written (by rank 0, from the weight stream) and every worker of both engines holds those weights
     final = load_file(out / "final" / "model.safetensors")
     for e in (e0, e1):
-        assert all(torch.equal(e["held"][k], final[k]) for k in final)
+        for held in e["held"]:
+            assert all(torch.equal(held[k], final[k]) for k in final)
     initial = load_file(default_model_dir() / "model.safetensors")
     assert any(not torch.equal(initial[k], final[k]) for k in final)
+    # the job's placement group was removed at the end, after the engines shut down
+    assert results[0]["groups_after"] == []

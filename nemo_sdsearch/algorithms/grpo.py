@@ -33,7 +33,8 @@ import torch
 
 from nemo_sdsearch.algorithms import sd_search
 from nemo_sdsearch.algorithms.report import SUMMARY_CAPTION, plot_curves, summary_rows
-from nemo_sdsearch.algorithms.setup import build_components, is_rank0, make_prompt_format, sharded_greedy_em
+from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, is_rank0,
+                                            make_prompt_format, sharded_greedy_em)
 from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, Preempted, StopRequest
 from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_free_disk, check_out_dir,
                                             checkpoint_bytes, clear_out_dir, load_latest_checkpoint,
@@ -170,9 +171,11 @@ def save_final(actor, tok, out: Path, rank0: bool) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
-    """`sdsearch train`: GRPO / SD-Search for cfg.trainer.steps steps (see the module docstring)."""
-    run = Run(cfg, console, progress)
+def train(cfg: TrainConfig, console=None, progress: bool = True, components=None) -> dict:
+    """`sdsearch train`: GRPO / SD-Search for cfg.trainer.steps steps (see the module docstring). `components`:
+    what to train on (a Search-E1 round passes the ones its stages share); None: built here from the config and
+    closed at the end (the engines shut down, the job's placement group removed)."""
+    run = Run(cfg, console, progress, components)
     stop = StopRequest()  # SIGUSR1 / SIGTERM: finish the step, checkpoint it, exit for a requeue
     try:
         with run.loggers:  # the progress bar on a terminal; every backend closed at the end, also on an error
@@ -185,7 +188,10 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                       f"with status {EXIT_REQUEUE} for a requeue (trainer.resume=true continues)")
                     raise Preempted(step + 1)
                 run.save(step + 1)
-            return run.finish()
+            summary = run.finish()
+        if components is None:
+            close_components(run.c)
+        return summary
     finally:
         stop.close()
 
@@ -297,14 +303,16 @@ class Run:
     """The state of one `sdsearch train` run around its steps: components, sampler, history and evaluations,
     output directory (written by rank 0 only), the metrics loggers; resume and the final outputs."""
 
-    def __init__(self, cfg: TrainConfig, console=None, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, console=None, progress: bool = True, components=None):
         from rich.console import Console
 
         self.cfg, out = cfg, Path(cfg.trainer.out_dir)
         self.out = out
         check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
         check_backends(cfg.logger.backends)                          # a missing wandb / mlflow, before any model
-        self.c = c = build_components(cfg)                          # distributed: every rank joined the groups
+        # distributed: every rank joined the groups
+        self.c = c = components if components is not None else build_components(cfg)
+        barrier()  # every rank checked out_dir before rank 0 writes into it
         self.rank0 = is_rank0(cfg)
         self.console = (console or Console()) if self.rank0 else Console(quiet=True)
         B, dp = cfg.trainer.questions_per_step, c.actor.dp_size
@@ -402,8 +410,8 @@ class Run:
 
     # -- the end ---------------------------------------------------------------------------------------
     def finish(self) -> dict:
-        """Final test evaluation, final/ weights, the generator shut down; rank 0 writes the summary table,
-        curves.png and summary.json."""
+        """Final test evaluation, final/ weights; rank 0 writes the summary table, curves.png and summary.json.
+        (The components stay up: whoever built them closes them.)"""
         cfg, out, evals = self.cfg, self.out, self.evals
         end_test = None
         if cfg.trainer.final_test_eval:
@@ -414,8 +422,6 @@ class Run:
         self.loggers.close()  # the progress bar ends before the table; the backends are flushed and finished
         summary = {"start_test": self.start_test, "end_test": end_test, "history": self.history, "evals": evals}
         save_final(self.c.actor, self.c.tok, out, self.rank0)
-        if self.generator is not None and hasattr(self.generator, "shutdown"):
-            self.generator.shutdown()
         if self.rank0:
             from rich.table import Table
 

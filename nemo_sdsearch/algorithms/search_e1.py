@@ -325,19 +325,19 @@ def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, pa
     return [done[q.id] for q in questions]
 
 
-def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, console, rank0: bool) -> dict:
-    """The OPSD round with every weight trained (`search_e1.adapter=full`; any actor, distributed too): the
-    student is the actor, the teacher the frozen copy of the round's start weights (algorithms/opsd.py).
-    Greedy dev EM every opsd_eval_every steps (sharded); the weights of the best step (the start if none
-    beats it) are written to out/merged from the weight stream."""
+def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0: bool) -> dict:
+    """The OPSD round with every weight trained (`search_e1.adapter=full`; any actor, distributed too) over the
+    run's components `c`: the student is the actor, the teacher the frozen reference set to the round's start
+    weights (algorithms/opsd.py). Greedy dev EM every opsd_eval_every steps (sharded); the weights of the best
+    step (the start if none beats it) are written to out/merged from the weight stream, and the actor (and its
+    generator) end the round holding them."""
     from nemo_sdsearch.algorithms.grpo import refit_generator
     from nemo_sdsearch.algorithms.opsd import opsd_step
-    from nemo_sdsearch.algorithms.setup import build_components, close_components, make_prompt_format, sharded_greedy_em
+    from nemo_sdsearch.algorithms.setup import barrier, make_prompt_format, sharded_greedy_em, start_stage
     from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
 
     e1 = cfg.search_e1
-    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)),
-                                 optim=replace(cfg.optim, lr=e1.opsd_lr)), with_reference=True)
+    start_stage(c, e1.opsd_lr, cfg.trainer.seed)  # the teacher: the round's start weights, frozen
     prompts = make_prompt_format(cfg, c.tok)
     decode = lambda ids: c.tok.decode(ids, skip_special_tokens=False)
     encode = lambda t: c.tok.encode(t, add_special_tokens=False)
@@ -368,7 +368,10 @@ def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, c
         if rank0:
             with open(out / "opsd_metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-    close_components(c)
+    if best["step"] != e1.opsd_steps:  # the actor trained past the kept step: back to the kept weights
+        barrier()  # rank 0 wrote out/merged
+        c.actor.load_weights_from_dir(out / "merged")
+    refit_generator(c.actor, c.weight_sink)
     if rank0:
         _plot_opsd(history, out / "opsd_curves.png")
     return {"best_step": best["step"], "best_dev_em": best["em"], "best_dev_first_query_hit": best["fqh"],
@@ -380,12 +383,17 @@ def opsd_round_full(cfg: TrainConfig, model_dir: Path, pool, pairs, out: Path, c
 # ---------------------------------------------------------------------------------------------------
 def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     """`sdsearch train algorithm=search_e1`: `cfg.cycles` (GRPO round, pool, pairs, OPSD round) cycles, then
-    the final test evaluation. Under torchrun every stage is sharded over the data-parallel replicas and
-    only rank 0 writes files (behind barriers)."""
+    the final test evaluation. The actor, its optimizer, the frozen reference and the rollout engines are built
+    once per process and every stage runs over them (`setup.start_stage` begins a training stage: a fresh
+    optimizer, the reference set to the stage's start weights); the stages' outputs on disk (each round's
+    final/ and merged/) are for resume and inspection. Under torchrun every stage is sharded over the
+    data-parallel replicas and only rank 0 writes files (behind barriers)."""
     from rich.console import Console
 
     from nemo_sdsearch.algorithms import grpo
-    from nemo_sdsearch.algorithms.setup import barrier, init_distributed, is_rank0
+    from nemo_sdsearch.algorithms.grpo import refit_generator
+    from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, init_distributed,
+                                                is_rank0, start_stage)
     from nemo_sdsearch.world.assets import default_model_dir
 
     out = Path(cfg.trainer.out_dir)
@@ -406,6 +414,10 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
 
     model_dir = Path(state["model"] or cfg.model.path or default_model_dir())
     e1 = cfg.search_e1
+    # the reference: the k3 KL's in the GRPO rounds, and the full-parameter OPSD round's frozen teacher
+    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir))),
+                         with_reference=cfg.grpo.kl_coef > 0 or e1.adapter == "full")
+    grpo_c = c if cfg.grpo.kl_coef > 0 else c._replace(ref=None)  # no KL term: no reference pass
     for cycle in range(cfg.cycles):
         cdir = out / f"cycle_{cycle}"
         # 1. GRPO round ---------------------------------------------------------------------------
@@ -419,7 +431,8 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                            resume=cfg.trainer.resume,
                                            seed=cfg.trainer.seed * 101 + cycle))
             console.rule(f"cycle {cycle}: GRPO round ({e1.grpo_steps} steps)")
-            summary = grpo.train(rcfg, console, progress)
+            start_stage(c, cfg.optim.lr, rcfg.trainer.seed)
+            summary = grpo.train(rcfg, console, progress, components=grpo_c)
             model_dir = cdir / "grpo" / "final"
             state["done"].append(f"{cycle}/grpo")
             state["model"] = str(model_dir)
@@ -431,7 +444,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
         if f"{cycle}/opsd" in state["done"]:
             continue
         # 2 + 3. Rollout pool and pair mining -------------------------------------------------------
-        pool, pairs, report_d = pool_and_pairs(cfg, model_dir, cycle, cdir / "pool", console, rank0)
+        pool, pairs, report_d = pool_and_pairs(cfg, c, cycle, cdir / "pool", console, rank0)
         # 4. OPSD round --------------------------------------------------------------------------
         console.rule(f"cycle {cycle}: OPSD round ({e1.opsd_steps} steps, {e1.adapter})")
         if pairs:
@@ -439,10 +452,11 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                 (cdir / "opsd").mkdir(parents=True, exist_ok=True)
             barrier()
             if e1.adapter == "full":
-                result = opsd_round_full(cfg, model_dir, pool, pairs, cdir / "opsd", console, rank0)
-            else:
-                dev_qs = grpo_dev_questions(cfg)
-                result = opsd_round(cfg, model_dir, pool, pairs, dev_qs, cdir / "opsd", console)
+                result = opsd_round_full(cfg, c, pool, pairs, cdir / "opsd", console, rank0)
+            else:  # LoRA (actor=hf, one process): its own adapter model; the actor then takes the merged weights
+                result = opsd_round(cfg, model_dir, pool, pairs, c.data["dev"], cdir / "opsd", console)
+                c.actor.load_weights_from_dir(cdir / "opsd" / "merged")
+                refit_generator(c.actor, c.weight_sink)
             model_dir = cdir / "opsd" / "merged"
         else:
             console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")
@@ -457,7 +471,8 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                 "best_step": result["best_step"], "mining": report_d})
         commit(state)
     # trainer.final_test_eval=false (the ablation, which evaluates every method's final model itself): none
-    test = final_test(cfg, model_dir) if cfg.trainer.final_test_eval else None
+    test = final_test(cfg, c) if cfg.trainer.final_test_eval else None
+    close_components(c)
     state["final_test"] = test
     state["final_model"] = str(model_dir)
     commit(state)
@@ -474,19 +489,13 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     return state
 
 
-def grpo_dev_questions(cfg: TrainConfig) -> list[QA]:
-    from nemo_sdsearch.algorithms.setup import load_questions
-
-    return load_questions(cfg)["dev"]
-
-
-def pool_and_pairs(cfg: TrainConfig, model_dir: Path, cycle: int, pdir: Path, console, rank0: bool):
-    """Steps 2 and 3: the rollout pool of the round's policy (sharded over the replicas, pool.jsonl by rank 0)
-    and the mined pairs (every rank mines the same pool the same way; rank 0 writes mining.json)."""
-    from nemo_sdsearch.algorithms.setup import barrier, build_components, close_components
+def pool_and_pairs(cfg: TrainConfig, c, cycle: int, pdir: Path, console, rank0: bool):
+    """Steps 2 and 3: the rollout pool of the round's policy (the run's components `c`; sharded over the
+    replicas, pool.jsonl by rank 0) and the mined pairs (every rank mines the same pool the same way; rank 0
+    writes mining.json)."""
+    from nemo_sdsearch.algorithms.setup import barrier
 
     e1 = cfg.search_e1
-    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
     train = c.data["train"]
     pool_qs = random.Random(cfg.trainer.seed * 31 + cycle).sample(train, min(e1.pool_questions, len(train)))
     if rank0:
@@ -497,8 +506,6 @@ def pool_and_pairs(cfg: TrainConfig, model_dir: Path, cycle: int, pdir: Path, co
     engine = c.engines["train"] if c.engines is not None else None
     pool = build_pool_sharded(c.actor, engine, pool_qs, e1.pool_samples, cfg.trainer.seed * 7 + cycle,
                               pdir / "pool.jsonl", rank0)
-    close_components(c)
-    del c
     pairs, report = mine_pairs([pool_records(g) for g in pool])
     report_d = report.as_dict()
     report_d["pool_accuracy"] = sum(t.exact_match for g in pool for t in g) / max(1, sum(len(g) for g in pool))
@@ -510,12 +517,9 @@ def pool_and_pairs(cfg: TrainConfig, model_dir: Path, cycle: int, pdir: Path, co
     return pool, pairs, report_d
 
 
-def final_test(cfg: TrainConfig, model_dir: Path) -> dict:
-    """Greedy test EM of the final model (sharded over the replicas)."""
-    from nemo_sdsearch.algorithms.setup import build_components, close_components, sharded_greedy_em
+def final_test(cfg: TrainConfig, c) -> dict:
+    """Greedy test EM of the run's current (final) weights (sharded over the replicas)."""
+    from nemo_sdsearch.algorithms.setup import sharded_greedy_em
 
-    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir)), grpo=replace(cfg.grpo, kl_coef=0.0)))
     engine = c.engines["test"] if c.engines is not None else None
-    test = sharded_greedy_em(c.actor, engine, c.data["test"], cfg.trainer.eval_batch_size)
-    close_components(c)
-    return test
+    return sharded_greedy_em(c.actor, engine, c.data["test"], cfg.trainer.eval_batch_size)

@@ -57,6 +57,9 @@ class Components(NamedTuple):
     engines: dict | None    # rollout engines "train" / "dev" / "test" (replica leaders only)
     weight_sink: object | None  # what takes the actor's weight stream after an update (`.refit(weights)`), or
                                 # None where nothing needs it (the hf actor's generator runs the trained model)
+    placement: object | None = None  # the job's Ray placement group (trtllm_placement.JobPlacement) under
+                                     # torchrun with generator=trtllm; removed by close_components
+    bytes_read: int | None = None    # weight bytes this rank read from the model directory to build its shards
 
 
 class DrainWeights:
@@ -81,12 +84,29 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def start_stage(c: Components, lr: float, seed: int) -> None:
+    """A new training stage over components built once (Search-E1's GRPO and OPSD rounds): a fresh optimizer at
+    `lr`, the frozen reference (the k3 KL's, the OPSD teacher) set to the actor's current weights (what building
+    the stage's components from its start weights gave), and the CPU RNG seeded as that build seeded it."""
+    c.actor.reset_optimizer(lr)
+    if c.ref is not None:
+        c.ref.copy_weights_from(c.actor)
+    torch.manual_seed(seed)
+
+
 def close_components(c: Components) -> None:
-    """Shut the generator down (TensorRT-LLM releases its GPUs and Ray workers) before a stage builds the
-    next one."""
+    """The end of a run's components (collective under torchrun): the generator shut down (TensorRT-LLM
+    releases its devices and Ray workers), then, once every engine is down, the job's placement group removed
+    by rank 0, which says how many of the job's groups Ray still holds (none)."""
     generator = c.engines["train"].generator if c.engines is not None else None
     if generator is not None and hasattr(generator, "shutdown"):
         generator.shutdown()
+    if c.placement is not None:
+        barrier()
+        left = c.placement.remove(torch.distributed.get_rank())
+        if left is not None:
+            print(f"placement group {c.placement.name} removed; groups of this job left in Ray: {len(left)}"
+                  + (f" ({', '.join(left)})" if left else ""), flush=True)
 
 
 def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Components:
@@ -133,17 +153,19 @@ def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Co
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     actor = build_megatron_actor(hf_config, read, cfg)
     ref = build_megatron_actor(hf_config, read, cfg, frozen=True) if with_reference else None
+    bytes_read = read.bytes_read
     del read
     torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
+    placement = None
     if cfg.generator == "trtllm":
-        generator, sink = _replica_trtllm_engine(cfg, actor, tok, model_dir)
+        generator, sink, placement = _replica_trtllm_engine(cfg, actor, tok, model_dir)
     elif actor.is_replica_leader:
         model, _ = load_model_and_tokenizer(model_dir, device=device)  # the replica's generation copy
         generator = sink = _torch_generator(cfg, model, tok)
     else:
         generator, sink = None, DrainWeights()
     engines = _engines(cfg, generator, tok) if generator is not None else None
-    return Components(actor, ref, tok, data, engines, sink)
+    return Components(actor, ref, tok, data, engines, sink, placement, bytes_read)
 
 
 def _torch_generator(cfg: TrainConfig, model, tok):
@@ -164,31 +186,34 @@ def _trtllm_engine(cfg: TrainConfig, actor, tok, model_dir, placement=None):
 
 
 def _replica_trtllm_engine(cfg: TrainConfig, actor, tok, model_dir):
-    """(the leader's engine or None, this rank's weight sink) of a replica that runs one TensorRT-LLM engine
-    on its own GPUs (collective over the world: every rank reports its GPU, rank 0 creates the job's
-    placement group; see rollout/trtllm_placement.py)."""
+    """(the leader's engine or None, this rank's weight sink, the job's placement or None) of a replica that
+    runs one TensorRT-LLM engine on its own devices (collective over the world: every rank reports its device,
+    rank 0 creates the job's placement group; see rollout/trtllm_placement.py)."""
     from nemo_sdsearch.rollout import trtllm_placement as tp
 
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         generator = _trtllm_engine(cfg, actor, tok, model_dir)
-        return generator, generator
+        return generator, generator, None
     slots = [None] * dist.get_world_size()
-    dist.all_gather_object(slots, tp.local_gpu_slot())
+    dist.all_gather_object(slots, tp.local_device_slot())
     rank = dist.get_rank()
     name = [f"sdsearch-{os.environ.get('SLURM_JOB_ID', 'job')}-{os.getpid()}"]
     dist.broadcast_object_list(name, src=0)  # rank 0's: one placement group for the job
-    placement = tp.plan_replica_engines(slots, actor.replica_ranks, cfg.trtllm.tensor_parallel, rank,
-                                        dist.barrier, name[0])
-    generator = _trtllm_engine(cfg, actor, tok, model_dir, placement) if placement is not None else None
+    placement = tp.JobPlacement(name[0])
+    engine_place = placement.plan(slots, actor.replica_ranks, cfg.trtllm.tensor_parallel, rank, dist.barrier)
+    generator = _trtllm_engine(cfg, actor, tok, model_dir, engine_place) if engine_place is not None else None
+    if generator is not None:
+        print(f"replica {actor.dp_rank}: TensorRT-LLM workers on {', '.join(generator.engine_uuids())} "
+              f"(placement bundles {engine_place.bundle_indices} of {placement.name})", flush=True)
     info = actor.broadcast_in_replica(
-        (placement.expected_uuids, generator.refit_bucket_bytes, generator.weight_dtype) if generator else None)
+        (engine_place.expected_uuids, generator.refit_bucket_bytes, generator.weight_dtype) if generator else None)
     sink = tp.ReplicaRefit(slots[rank].uuid, *info, gather=actor.gather_in_replica,
                            release=lambda: actor.broadcast_in_replica(None),
                            rpc=generator._rpc if generator is not None else None)
     if generator is not None:
         generator.replica = sink
-    return generator, sink
+    return generator, sink, placement
 
 
 def _engines(cfg: TrainConfig, generator, tok) -> dict:

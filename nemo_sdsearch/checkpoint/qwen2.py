@@ -109,13 +109,45 @@ def _chunk(t: torch.Tensor, n: int, rank: int, dim: int = 0) -> torch.Tensor:
     return torch.chunk(t, n, dim=dim)[rank].clone()
 
 
+def _read_chunk(get, name: str, n: int, rank: int, dim: int = 0, rows: int | None = None) -> torch.Tensor:
+    """Rank `rank`'s 1/n of HF tensor `name` along `dim` (its rows first zero-padded to `rows` when given). A
+    reader with `part`/`shape` (models.weights_reader.SafetensorsReader) reads only that part."""
+    if not hasattr(get, "part"):
+        t = get(name)
+        return _chunk(_pad_rows(t, rows) if rows else t, n, rank, dim)
+    shape = get.shape(name)
+    size = rows if rows else shape[dim]
+    if size % n:
+        raise ValueError(f"cannot split dim {dim} of size {size} into {n} equal shards")
+    start, stop = rank * (size // n), (rank + 1) * (size // n)
+    if not rows:
+        return get.part(name, dim, start, stop)
+    real = min(stop, shape[0])  # padding rows past the real vocabulary are zeros, never read
+    t = get.part(name, 0, min(start, real), real)
+    return _pad_rows(t, stop - start) if t.shape[0] < stop - start else t
+
+
+def _read_qkv(get, names: tuple[str, str, str], nh: int, ng: int, hd: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of the fused QKV weight (or bias): its ng/tp whole query groups. A reader with `part`
+    reads only those groups' rows of q, k and v."""
+    if not hasattr(get, "part"):
+        return _chunk(fuse_qkv(*(get(n) for n in names), nh, ng, hd), tp, rank)
+    if ng % tp:
+        raise ValueError(f"cannot split {ng} query groups into {tp} tensor-parallel shards")
+    groups, per = ng // tp, nh // ng
+    q = get.part(names[0], 0, rank * groups * per * hd, (rank + 1) * groups * per * hd)
+    k, v = (get.part(n, 0, rank * groups * hd, (rank + 1) * groups * hd) for n in names[1:])
+    return fuse_qkv(q, k, v, nh // tp, groups, hd)
+
+
 # --------------------------------------------------------------------------------------------------
 # HF -> Megatron
 # --------------------------------------------------------------------------------------------------
 def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelLayout, tp_rank: int = 0,
                    pp_rank: int = 0) -> dict[str, torch.Tensor]:
     """The Megatron state dict of one (tp_rank, pp_rank), reading HF tensors by name through `get`
-    (a dict's `__getitem__`, or a lazy safetensors reader: only the tensors this rank needs are read)."""
+    (a dict's `__getitem__`, or a safetensors reader with `part`: then only this rank's parts of the tensors it
+    needs are read, plus the replicated norm weights)."""
     check_qwen2(hf_config)
     tp, pp = layout.tp, layout.pp
     L = hf_config.num_hidden_layers
@@ -127,7 +159,7 @@ def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelL
     out: dict[str, torch.Tensor] = {}
     first, last = pp_rank == 0, pp_rank == pp - 1
     if first:
-        out[MG_EMBED] = _chunk(_pad_rows(get(HF_EMBED), layout.padded_vocab_size), tp, tp_rank)
+        out[MG_EMBED] = _read_chunk(get, HF_EMBED, tp, tp_rank, rows=layout.padded_vocab_size)
     for local in range(per_stage):
         i = pp_rank * per_stage + local
         pre = f"decoder.layers.{local}."
@@ -135,22 +167,25 @@ def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelL
         def g(name: str, i: int = i) -> torch.Tensor:
             return get(_hf_layer(i, name))
 
+        def qkv(kind: str, i: int = i) -> tuple[str, str, str]:
+            return tuple(_hf_layer(i, f"self_attn.{x}_proj.{kind}") for x in "qkv")
+
+        def part(name: str, dim: int = 0, i: int = i) -> torch.Tensor:
+            return _read_chunk(get, _hf_layer(i, name), tp, tp_rank, dim)
+
         out[pre + names["input_norm"]] = g("input_layernorm.weight").clone()
-        out[pre + names["qkv_w"]] = _chunk(fuse_qkv(g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
-                                                    g("self_attn.v_proj.weight"), nh, ng, hd), tp, tp_rank)
-        out[pre + names["qkv_b"]] = _chunk(fuse_qkv(g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"),
-                                                    g("self_attn.v_proj.bias"), nh, ng, hd), tp, tp_rank)
-        out[pre + names["proj"]] = _chunk(g("self_attn.o_proj.weight"), tp, tp_rank, dim=1)
+        out[pre + names["qkv_w"]] = _read_qkv(get, qkv("weight"), nh, ng, hd, tp, tp_rank)
+        out[pre + names["qkv_b"]] = _read_qkv(get, qkv("bias"), nh, ng, hd, tp, tp_rank)
+        out[pre + names["proj"]] = part("self_attn.o_proj.weight", dim=1)
         out[pre + names["mlp_norm"]] = g("post_attention_layernorm.weight").clone()
-        out[pre + names["fc1"]] = torch.cat([_chunk(g("mlp.gate_proj.weight"), tp, tp_rank),
-                                             _chunk(g("mlp.up_proj.weight"), tp, tp_rank)], 0)
-        out[pre + names["fc2"]] = _chunk(g("mlp.down_proj.weight"), tp, tp_rank, dim=1)
+        out[pre + names["fc1"]] = torch.cat([part("mlp.gate_proj.weight"), part("mlp.up_proj.weight")], 0)
+        out[pre + names["fc2"]] = part("mlp.down_proj.weight", dim=1)
     if last:
         out[MG_NORM] = get(HF_NORM).clone()
         if not layout.tied:
-            out[MG_OUTPUT] = _chunk(_pad_rows(get(HF_LM_HEAD), layout.padded_vocab_size), tp, tp_rank)
+            out[MG_OUTPUT] = _read_chunk(get, HF_LM_HEAD, tp, tp_rank, rows=layout.padded_vocab_size)
         elif pp > 1:  # the last stage's copy of the tied embedding
-            out[MG_OUTPUT] = _chunk(_pad_rows(get(HF_EMBED), layout.padded_vocab_size), tp, tp_rank)
+            out[MG_OUTPUT] = _read_chunk(get, HF_EMBED, tp, tp_rank, rows=layout.padded_vocab_size)
     return out
 
 

@@ -143,6 +143,21 @@ class Actor(ABC):
     def load_state(self, checkpoints, state: dict) -> None:
         """Restore the training state named by a loop checkpoint `state` (written via `save_state`)."""
 
+    # -- stages of one process (Search-E1 runs GRPO, pool, OPSD and evaluation over one actor) --------------
+    @abstractmethod
+    def reset_optimizer(self, lr: float) -> None:
+        """A fresh optimizer (no moments, no step count) at learning rate `lr`: what a new training stage starts
+        with, without rebuilding the model."""
+
+    @abstractmethod
+    def copy_weights_from(self, other: "Actor") -> None:
+        """This (frozen) copy takes `other`'s current weights, shard by shard (same backend and layout): the
+        reference / teacher of a stage becomes the stage's start weights."""
+
+    @abstractmethod
+    def load_weights_from_dir(self, path) -> None:
+        """The weights of a Hugging Face directory (read tensor by tensor: only this rank's shard)."""
+
     def train_on(self, micro_batches: Sequence, loss_fn: Callable) -> dict:
         """One optimizer step over `micro_batches` (objects with .batch, .rows, .cols): backward of
         `loss_fn(logits_at(mb.batch, mb.rows, mb.cols), mb)` for each. Backends that cannot run a loss

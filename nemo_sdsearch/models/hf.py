@@ -76,6 +76,23 @@ class HFScorer:
             logits = self.logits_at(batch, rows, cols)
             return token_logprobs(logits, batch.input_ids[rows, cols], temperature)
 
+    def copy_weights_from(self, other) -> None:
+        """Take `other`'s (an HFScorer / HFActor of the same architecture) current weights."""
+        with self.torch.no_grad():
+            for mine, theirs in zip(self.model.state_dict().values(), other.model.state_dict().values(), strict=True):
+                mine.copy_(theirs)
+
+    def load_weights_from_dir(self, path) -> None:
+        """The weights of a HF directory's safetensors files, tensor by tensor (tied aliases follow)."""
+        from nemo_sdsearch.models.weights_reader import hf_tensor_reader
+
+        _, get = hf_tensor_reader(path)
+        state = self.model.state_dict()
+        with self.torch.no_grad():
+            for name in get.names():
+                if name in state:
+                    state[name].copy_(get(name))
+
 
 
 class HFActor(HFScorer, Actor):
@@ -94,8 +111,12 @@ class HFActor(HFScorer, Actor):
         require_fp32_params(model.named_parameters(), "HFActor",
                             "load it with load_model_and_tokenizer(..., training=True)")
         self.grad_clip = grad_clip
-        self.optimizer = self.torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                                weight_decay=weight_decay, betas=tuple(betas))
+        self._adamw = dict(weight_decay=weight_decay, betas=tuple(betas))
+        self.reset_optimizer(lr)
+
+    def reset_optimizer(self, lr: float) -> None:
+        self.optimizer = self.torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
+                                                **self._adamw)
 
     def train_step(self, micro_batch_losses, n_micro: int) -> dict:
         torch = self.torch

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from nemo_sdsearch.rollout.generator import (Completion, GenerationSession, Generator, SamplingParams, StopChecker,
                                              iter_buckets, mix_seed)
-from nemo_sdsearch.rollout.trtllm_placement import EnginePlacement, engine_environment
+from nemo_sdsearch.rollout.trtllm_placement import EnginePlacement, connect_ray, engine_environment, ipc_handles
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ class TRTLLMGenerator(Generator):
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         # RayExecutor sets this too; the driver needs it to see the workers' GPUs for IPC refit.
         os.environ.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
+        if os.environ.get("RAY_ADDRESS"):  # the job's Ray cluster: join it through this node's raylet (by IP)
+            connect_ray()
         kwargs: dict[str, Any] = dict(
             model=str(model_dir), tokenizer=llm_tokenizer, backend="pytorch", dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
@@ -435,20 +437,10 @@ class TRTLLMGenerator(Generator):
         return [_device_uuid(torch.cuda.current_device())]
 
     def _ipc_handles(self, bucket, uuid: str, keep: list) -> list:
-        """[(name, reduce_tensor(t))] with every tensor on the GPU whose UUID is `uuid`; the tensors are
-        appended to `keep`, which must outlive the RPC (the handles do not hold the memory)."""
-        import torch
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        device = _local_device(uuid)
-        out = []
-        for name, t in bucket:
-            dtype = self.weight_dtype if self.weight_dtype is not None and t.is_floating_point() else t.dtype
-            t = t.detach().to(device=device, dtype=dtype).contiguous()
-            keep.append(t)
-            out.append((name, reduce_tensor(t)))
-        torch.cuda.synchronize(device)
-        return out
+        """[(name, handle)] with every tensor on the device whose id is `uuid` (`trtllm_placement.ipc_handles`:
+        CUDA IPC, or a shared-memory file for a CPU-only run's "CPU-..." device); the tensors are appended to
+        `keep`, which must outlive the RPC (the handles do not hold the memory)."""
+        return ipc_handles(bucket, self.weight_dtype, keep, device=_local_device(uuid))
 
 
 class TRTLLMSession(GenerationSession):
@@ -639,6 +631,8 @@ def _device_uuid(index: int) -> str:
 def _local_device(uuid: str):
     import torch
 
+    if str(uuid).startswith("CPU-"):  # a CPU-only run's device (trtllm_placement.cpu_device_id): host memory
+        return torch.device("cpu")
     want = _norm_uuid(uuid)
     for i in range(torch.cuda.device_count()):
         if _norm_uuid(_device_uuid(i)) == want:

@@ -1,32 +1,41 @@
-"""One TensorRT-LLM engine per data-parallel replica, on that replica's own GPUs, refitted from its ranks.
+"""One TensorRT-LLM engine per data-parallel replica, on that replica's own devices, refitted from its ranks.
 
 Under torchrun (actor=megatron, generator=trtllm) every data-parallel replica (its tp x pp ranks) runs one
-engine, with `trtllm.tensor_parallel` workers, on GPUs that belong to the replica, started by the
+engine, with `trtllm.tensor_parallel` workers, on devices that belong to the replica, started by the
 replica's leader. The pieces, in the order a run uses them:
 
-1. **Where.** Every rank reports its `GPUSlot` (node address, local CUDA index, device UUID);
-   `job_bundles` turns the job's slots into one Ray placement group of one-GPU bundles, node by node in
-   local-index order (created once, by global rank 0, on the job's own Ray cluster: `slurm/common.sh`
-   starts a head on the first node and a worker on every other node and exports RAY_ADDRESS).
-   `engine_bundles` picks the bundles of the replica's first `trtllm.tensor_parallel` ranks (they must
-   share a node: the refit passes CUDA IPC handles). The leader hands them to TensorRT-LLM as
-   `ray_placement_config=RayPlacementConfig(placement_groups=[pg], placement_bundle_indices=[bundles])`
-   and, once the engine is up, checks that its workers' device UUIDs are exactly those of the chosen
-   ranks: a placement Ray resolved otherwise fails loudly instead of landing on another replica's GPUs.
+1. **Where.** Every rank reports its `DeviceSlot` (node IP address, local device index, device id: the GPU's
+   UUID on a cluster; on a CPU-only cluster, such as the test cluster, "CPU-<node IP>-<local rank>");
+   `job_bundles` turns the job's slots into one Ray placement group of one-device bundles (a GPU and a CPU
+   each, a CPU on a CPU-only run: one code path), node by node in local-index order. The job's own Ray
+   cluster (`rollout/ray_cluster.py`, started by `slurm/common.sh` with every node's IP address, never a
+   host name: a bundle is pinned by `node:<ip>`) holds it. Global rank 0 creates the group once per
+   process (`JobPlacement`); every later stage (GRPO, pool, OPSD, evaluation) reuses it, and
+   `JobPlacement.remove` takes it down at the end, after every engine is shut down (TensorRT-LLM never
+   removes a group it was handed). `engine_bundles` picks the bundles of the replica's first
+   `trtllm.tensor_parallel` ranks (they must share a node: the refit passes IPC handles). The leader hands
+   them to TensorRT-LLM in the form the installed release takes (`placement_form`: `ray_placement_config=
+   RayPlacementConfig(...)` on the LLM from 1.2.0rc6 on; the top-level `placement_groups` /
+   `placement_bundle_indices` / `per_worker_gpu_share` of the AsyncLLM surface when a release's LLM
+   declares those; releases up to 1.2.0rc5 read placement only from TRTLLM_RAY_BUNDLE_INDICES inside a Ray
+   actor and are refused) and, once the engine is up, checks that its workers' device ids are exactly
+   those of the chosen ranks: a placement Ray resolved otherwise fails loudly instead of landing on
+   another replica's devices.
 2. **A clean environment.** `engine_environment()` hides the SLURM / PMI / PMIx / Open MPI variables and
    torchrun's (RANK, WORLD_SIZE, MASTER_PORT, ...) while TensorRT-LLM is imported and the engine is built:
    its Ray executor copies the driver's environment into every worker, and MPI detection or a second
    rendezvous on torchrun's MASTER_PORT would follow them there.
-3. **Refit.** `replica_refit` is collective over the replica: for each bucket of the weight stream every
-   rank whose GPU hosts an engine worker makes CUDA IPC handles of ITS OWN copy of the bucket (the stream
-   gives every rank every tensor), the leader gathers them into `{uuid: [(name, handle)]}` and sends one
-   `update_weights` RPC, then releases the ranks (whose tensors must outlive the RPC). No rank copies
-   weights onto another rank's GPU.
+3. **Refit.** `ReplicaRefit.refit` is collective over the replica: for each bucket of the weight stream every
+   rank whose device hosts an engine worker makes IPC handles of ITS OWN copy of the bucket (the stream
+   gives every rank every tensor: CUDA IPC on a GPU, a shared-memory file on a CPU run), the leader gathers
+   them into `{device id: [(name, handle)]}` and sends one `update_weights` RPC, then releases the ranks
+   (whose tensors must outlive the RPC). No rank copies weights onto another rank's device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -39,6 +48,8 @@ SCRUB_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_FD", "PMI_SIZE",
                "PMI_RANK")
 RAY_NAMESPACE = "nemo_sdsearch"
+
+log = logging.getLogger(__name__)
 
 
 def _scrubbed(name: str) -> bool:
@@ -62,36 +73,47 @@ def engine_environment():
 # Where the engine runs
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GPUSlot:
-    node: str          # the node's address as Ray names it (`node:<address>` resources)
-    local_index: int   # CUDA device index on that node
-    uuid: str          # "GPU-..." as TensorRT-LLM's report_device_id returns it
+class DeviceSlot:
+    node: str          # the node's IP address, as Ray names it (`node:<ip>` resources)
+    local_index: int   # the device index on that node (CUDA index; the local rank on a CPU-only run)
+    uuid: str          # the device id TensorRT-LLM's report_device_id returns: "GPU-<uuid>", or cpu_device_id(...)
+
+    @property
+    def resource(self) -> str:
+        """The Ray resource a bundle for this device asks for: "GPU" on a cluster, "CPU" on a CPU-only run."""
+        return "CPU" if self.uuid.startswith("CPU-") else "GPU"
 
 
-def local_gpu_slot() -> GPUSlot:
-    """This rank's GPU."""
+def cpu_device_id(node: str, index: int) -> str:
+    """The device id of a CPU-only run's rank `index` on `node`: what a stand-in engine worker placed on that
+    node's index-th bundle reports (the GPU rule, bundle k of a node is its k-th device, carried over)."""
+    return f"CPU-{node}-{index}"
+
+
+def local_device_slot() -> DeviceSlot:
+    """This rank's device: its CUDA device, or on a CPU-only run its local rank on this node."""
     import torch
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("generator=trtllm under torchrun needs a CUDA GPU on every rank")
-    index = torch.cuda.current_device()
-    return GPUSlot(node_address(), index, "GPU-" + str(torch.cuda.get_device_properties(index).uuid))
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return DeviceSlot(node_address(), index, "GPU-" + str(torch.cuda.get_device_properties(index).uuid))
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    node = node_address()
+    return DeviceSlot(node, index, cpu_device_id(node, index))
 
 
 def node_address() -> str:
-    try:
-        import ray
+    """This node's IP address, as the job's Ray cluster knows it (`ray_cluster.node_ip`)."""
+    from nemo_sdsearch.rollout.ray_cluster import node_ip
 
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - Ray absent: the address other nodes reach us at
-        import socket
-
-        return socket.gethostbyname(socket.gethostname())
+    return node_ip()
 
 
-def job_bundles(slots: Sequence[GPUSlot]) -> tuple[list[dict], dict[GPUSlot, int]]:
-    """One Ray bundle per GPU of the job: nodes in order of their first rank, GPUs in local-index order
-    inside a node, each bundle pinned to its node. Returns (bundles, bundle index of every slot).
+def job_bundles(slots: Sequence[DeviceSlot]) -> tuple[list[dict], dict[DeviceSlot, int]]:
+    """One Ray bundle per device of the job: nodes in order of their first rank, devices in local-index order
+    inside a node, each bundle pinned to its node. A GPU bundle also holds one CPU (a TensorRT-LLM worker
+    actor holds one CPU for its lifetime besides its GPU share); a CPU-only run's bundle is one CPU. Returns
+    (bundles, bundle index of every slot).
 
     Ray gives a node's bundles its free GPUs lowest index first, so on a cluster that only this job uses
     bundle k of a node is that node's k-th GPU when the job uses all of them; the engine checks it."""
@@ -100,7 +122,7 @@ def job_bundles(slots: Sequence[GPUSlot]) -> tuple[list[dict], dict[GPUSlot, int
         if s.node not in nodes:
             nodes.append(s.node)
     bundles: list[dict] = []
-    index: dict[GPUSlot, int] = {}
+    index: dict[DeviceSlot, int] = {}
     for node in nodes:
         local = sorted({s for s in slots if s.node == node}, key=lambda s: s.local_index)
         if [s.local_index for s in local] != list(range(len(local))):
@@ -109,11 +131,12 @@ def job_bundles(slots: Sequence[GPUSlot]) -> tuple[list[dict], dict[GPUSlot, int
                               "every GPU of its nodes, 0..n-1 (launch gpus_per_node ranks per node)")
         for s in local:
             index[s] = len(bundles)
-            bundles.append({"GPU": 1, "CPU": 1, f"node:{node}": 0.001})
+            bundles.append({"GPU": 1, "CPU": 1, f"node:{node}": 0.001} if s.resource == "GPU"
+                           else {"CPU": 1, f"node:{node}": 0.001})
     return bundles, index
 
 
-def engine_bundles(replica_slots: Sequence[GPUSlot], engine_tp: int, index: dict[GPUSlot, int]) -> list[int]:
+def engine_bundles(replica_slots: Sequence[DeviceSlot], engine_tp: int, index: dict[DeviceSlot, int]) -> list[int]:
     """The bundles of one replica's engine: its first `engine_tp` ranks' GPUs (leader first)."""
     if engine_tp > len(replica_slots):
         raise ConfigError(f"config key trtllm.tensor_parallel: {engine_tp} engine GPUs do not fit in a data-parallel "
@@ -127,6 +150,44 @@ def engine_bundles(replica_slots: Sequence[GPUSlot], engine_tp: int, index: dict
     return [index[s] for s in chosen]
 
 
+PLACEMENT_FORMS = {
+    "ray_placement_config": "LLM(ray_placement_config=RayPlacementConfig(placement_groups, placement_bundle_indices, "
+                            "per_worker_gpu_share)) (TensorRT-LLM 1.2.0rc6 and newer)",
+    "top_level": "top-level placement_groups / placement_bundle_indices / per_worker_gpu_share (the AsyncLLM "
+                 "surface, declared by this release's LLM arguments)",
+}
+
+
+def llm_argument_names(api) -> set[str]:
+    """The argument names the installed TensorRT-LLM's LLM takes: its TorchLlmArgs fields (pydantic), else the
+    LLM constructor's named parameters."""
+    import inspect
+
+    fields = set(getattr(api.TorchLlmArgs, "model_fields", None) or {}) if api.TorchLlmArgs is not None else set()
+    if not fields:
+        try:
+            fields = {n for n, p in inspect.signature(api.LLM).parameters.items() if p.kind is not p.VAR_KEYWORD}
+        except (TypeError, ValueError):
+            fields = set()
+    return fields
+
+
+def placement_form(api) -> str:
+    """How the installed TensorRT-LLM takes a Ray placement (a key of PLACEMENT_FORMS), read from its LLM
+    arguments: `ray_placement_config` (with a RayPlacementConfig class) first, then the top-level trio. A
+    release with neither (1.2.0rc5 and older: placement only from TRTLLM_RAY_BUNDLE_INDICES plus the CURRENT
+    placement group, i.e. from inside a Ray actor, which a torchrun rank is not) is refused."""
+    names = llm_argument_names(api)
+    if "ray_placement_config" in names and getattr(api, "RayPlacementConfig", None) is not None:
+        return "ray_placement_config"
+    if {"placement_groups", "placement_bundle_indices"} <= names:
+        return "top_level"
+    raise ImportError(f"TensorRT-LLM {api.version} takes no Ray placement group from its caller (no "
+                      "ray_placement_config / placement_groups argument; releases up to 1.2.0rc5 read "
+                      "TRTLLM_RAY_BUNDLE_INDICES inside a Ray actor only): one engine per data-parallel replica "
+                      "needs TensorRT-LLM 1.2.0rc6 or newer (the NGC NeMo 26.04 container ships 1.2.x)")
+
+
 @dataclass
 class EnginePlacement:
     """What a replica leader passes to its engine, and what the engine must report back."""
@@ -135,71 +196,139 @@ class EnginePlacement:
     expected_uuids: list[str]
 
     def llm_kwargs(self, api) -> dict:
-        if api.RayPlacementConfig is None:
-            raise ImportError(f"TensorRT-LLM {api.version} has no RayPlacementConfig: one engine per data-parallel "
-                              "replica needs a release whose LLM takes ray_placement_config (1.2 or newer)")
-        return {"ray_placement_config": api.RayPlacementConfig(placement_groups=[self.placement_group],
-                                                               placement_bundle_indices=[list(self.bundle_indices)])}
+        """The LLM arguments that place the engine on `bundle_indices` of the job's group, in the form the
+        installed release takes (`placement_form`); logs which one it used."""
+        form = placement_form(api)
+        log.info("TensorRT-LLM %s: engine placed through %s on bundles %s", api.version, PLACEMENT_FORMS[form],
+                 self.bundle_indices)
+        place = dict(placement_groups=[self.placement_group], placement_bundle_indices=[list(self.bundle_indices)],
+                     per_worker_gpu_share=1.0)
+        if form == "ray_placement_config":
+            return {"ray_placement_config": api.RayPlacementConfig(**place)}
+        return place
 
     def check(self, reported: Iterable[str]) -> None:
         norm = lambda u: str(u).lower().removeprefix("gpu-")
         got, want = sorted(norm(u) for u in reported), sorted(norm(u) for u in self.expected_uuids)
         if got != want:
-            raise RuntimeError(f"the TensorRT-LLM engine's workers run on GPUs {sorted(reported)}, not on this "
+            raise RuntimeError(f"the TensorRT-LLM engine's workers run on devices {sorted(reported)}, not on this "
                                f"replica's {sorted(self.expected_uuids)} (placement bundles {self.bundle_indices}); "
-                               "is another job using this Ray cluster, or does the job leave GPUs of a node unused?")
+                               "is another job using this Ray cluster, or does the job leave devices of a node unused?")
 
 
 def connect_ray():
-    """Join the job's Ray cluster (RAY_ADDRESS, exported by slurm/common.sh) as a driver."""
+    """Join the job's Ray cluster (RAY_ADDRESS, exported by slurm/common.sh) as a driver, through this node's
+    own raylet (the driver's node IP given explicitly: Ray finds the local raylet by it)."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("config key generator: generator=trtllm under torchrun needs the job's Ray cluster: "
                           "launch through slurm/common.sh (it starts one and exports RAY_ADDRESS) or run "
-                          "`ray start --head --port 6379` on the first node and export RAY_ADDRESS=<host>:6379")
+                          "`python -m nemo_sdsearch.rollout.ray_cluster start --head-ip <first node's IP>` on every "
+                          "node and export RAY_ADDRESS=<that IP>:6379")
     if not ray.is_initialized():
-        ray.init(address=address, namespace=RAY_NAMESPACE, ignore_reinit_error=True, log_to_driver=False)
+        ray.init(address=address, namespace=RAY_NAMESPACE, ignore_reinit_error=True, log_to_driver=False,
+                 _node_ip_address=node_address())
     return ray
 
 
-def plan_replica_engines(slots: Sequence[GPUSlot], replica_ranks: Sequence[int], engine_tp: int, rank: int,
-                         barrier: Callable[[], None], group_name: str) -> EnginePlacement | None:
-    """Collective over the world: global rank 0 creates the job's placement group (named `group_name`),
-    then every replica leader (first rank of `replica_ranks`) looks it up and gets its engine's placement;
-    other ranks get None. `slots[r]` is global rank r's GPU."""
-    bundles, index = job_bundles(slots)
-    mine = engine_bundles([slots[r] for r in replica_ranks], engine_tp, index)  # every rank: same errors
-    if rank == 0:
+class JobPlacement:
+    """The job's one placement group (named `name`), per process: `plan` creates it on global rank 0 the first
+    time (and reuses it after: every stage of a run builds its engines on it), `remove` takes it down at the
+    end. Collective over the world where it says so."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.created = False
+
+    def plan(self, slots: Sequence[DeviceSlot], replica_ranks: Sequence[int], engine_tp: int, rank: int,
+             barrier: Callable[[], None]) -> "EnginePlacement | None":
+        """Collective over the world: global rank 0 creates the group (or checks the existing one holds the
+        same bundles), then every replica leader (first rank of `replica_ranks`) looks it up and gets its
+        engine's placement; other ranks get None. `slots[r]` is global rank r's device."""
+        bundles, index = job_bundles(slots)
+        mine = engine_bundles([slots[r] for r in replica_ranks], engine_tp, index)  # every rank: same errors
+        if rank == 0:
+            ray = connect_ray()
+            if not self.created:
+                pg = ray.util.placement_group(bundles, strategy="PACK", name=self.name)
+                ray.get(pg.ready(), timeout=600)
+                self.created = True
+                log.info("placement group %s created: %d bundles", self.name, len(bundles))
+            else:
+                pg = ray.util.get_placement_group(self.name)
+                if pg.bundle_specs != bundles:
+                    raise RuntimeError(f"placement group {self.name} holds bundles {pg.bundle_specs}, this stage "
+                                       f"asks for {bundles}")
+                log.info("placement group %s reused", self.name)
+        barrier()
+        if rank != replica_ranks[0]:
+            return None
         ray = connect_ray()
-        pg = ray.util.placement_group(bundles, strategy="PACK", name=group_name)
-        ray.get(pg.ready(), timeout=600)
-    barrier()
-    if rank != replica_ranks[0]:
-        return None
-    ray = connect_ray()
-    pg = ray.util.get_placement_group(group_name)
-    return EnginePlacement(pg, mine, [slots[r].uuid for r in replica_ranks[:engine_tp]])
+        pg = ray.util.get_placement_group(self.name)
+        return EnginePlacement(pg, mine, [slots[r].uuid for r in replica_ranks[:engine_tp]])
+
+    def remove(self, rank: int) -> list[str] | None:
+        """Rank 0 (after every engine of the job is shut down): remove the group; returns the names of this
+        job's groups Ray still holds (none expected). Other ranks: None."""
+        if rank != 0 or not self.created:
+            return None
+        ray = connect_ray()
+        ray.util.remove_placement_group(ray.util.get_placement_group(self.name))
+        self.created = False
+        left = [g["name"] for g in ray.util.placement_group_table().values()
+                if g.get("name", "").startswith(self.name) and g.get("state") != "REMOVED"]
+        log.info("placement group %s removed; groups of this job left: %d", self.name, len(left))
+        return left
 
 
 # ---------------------------------------------------------------------------------------------------
 # Refit over the replica
 # ---------------------------------------------------------------------------------------------------
-def ipc_handles(bucket, dtype, keep: list) -> list:
-    """[(name, reduce_tensor(t))] of `bucket` on THIS process's current CUDA device (cast to `dtype`); the
-    tensors go to `keep`, which must outlive the RPC that uses the handles."""
+def ipc_handles(bucket, dtype, keep: list, device=None) -> list:
+    """[(name, (rebuild, args))] of `bucket` cast to `dtype` on `device` (default: this process's current CUDA
+    device, or the CPU on a CPU-only run): CUDA IPC handles (`reduce_tensor`) on a GPU; on the CPU, the name of
+    a shared-memory file (`cpu_ipc_handle`: a receiver on the same node opens it, across network namespaces
+    too). The receiver calls `rebuild(*args)`. The tensors go to `keep`, which must outlive the RPC that uses
+    the handles."""
     import torch
     from torch.multiprocessing.reductions import reduce_tensor
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
     out = []
     for name, t in bucket:
         t = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-        keep.append(t.contiguous())
-        out.append((name, reduce_tensor(keep[-1])))
-    torch.cuda.synchronize(device)
+        # a copy on the CPU: sharing a storage moves it to shared memory, and the stream's tensors may be the
+        # trained parameters themselves
+        keep.append(t.clone() if device.type == "cpu" else t.contiguous())
+        out.append((name, cpu_ipc_handle(keep[-1]) if device.type == "cpu" else reduce_tensor(keep[-1])))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out
+
+
+def cpu_ipc_handle(t) -> tuple:
+    """(rebuild, args) of a CPU tensor over a shared-memory file, made of plain values (the file's name, sizes),
+    so any pickler carries it (Ray's cloudpickle would otherwise copy a storage's bytes): torch's file_system
+    sharing, the storage's reference count taken for the receiver (`rebuild_cpu_tensor` gives it back)."""
+    import torch.multiprocessing as tmp
+    from torch.multiprocessing.reductions import reduce_storage
+
+    tmp.set_sharing_strategy("file_system")
+    rebuild_storage, storage_args = reduce_storage(t.untyped_storage())
+    return rebuild_cpu_tensor, (rebuild_storage, storage_args, t.dtype, tuple(t.shape), tuple(t.stride()),
+                                t.storage_offset())
+
+
+def rebuild_cpu_tensor(rebuild_storage, storage_args, dtype, size, stride, offset):
+    """The receiving side of `cpu_ipc_handle`: the sender's tensor, mapped from its shared-memory file."""
+    import torch
+
+    storage = rebuild_storage(*storage_args)
+    return torch.empty((0,), dtype=dtype).set_(storage, offset, size, stride)
 
 
 @dataclass
@@ -229,7 +358,7 @@ class ReplicaRefit:
                 handles = dict(g for g in gathered if g is not None)
                 missing = set(self.engine_uuids) - set(handles)
                 if missing:
-                    raise RuntimeError(f"no rank of this replica holds engine GPU(s) {sorted(missing)}")
+                    raise RuntimeError(f"no rank of this replica holds engine device(s) {sorted(missing)}")
                 self.rpc("update_weights", handles)
             self.release()
             del bucket, mine, gathered, keep

@@ -78,6 +78,12 @@ from nemo_sdsearch.models.base import Actor
 from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 
 
+def local_state(model) -> dict:
+    """This rank's tensors of a GPTModel shard by name (no `_extra_state` entries)."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
 @contextlib.contextmanager
 def _decoder_output(model):
     """Make `GPTModel.forward` return the decoder output (before the output layer)."""
@@ -157,6 +163,7 @@ class MegatronActor(Actor):
             raise NotImplementedError("sequence parallelism needs reduce-scatter (NCCL); gloo has none: "
                                       "build the model with sequence_parallel=False on CPU")
         self.device = next(model.parameters()).device
+        self._adamw = dict(weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         use_megatron_opt = optimizer == "megatron" or (optimizer == "auto" and torch.cuda.is_available())
         if optimizer == "none":  # a frozen copy (the reference / teacher): no gradient, no optimizer, any dtype
             model.requires_grad_(False)
@@ -171,8 +178,43 @@ class MegatronActor(Actor):
                                 "build the model in fp32, or use optimizer='megatron' (fp32 main weights, GPU)")
             self.ddp = None
             self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                               weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+                                               **self._adamw)
         self.model.eval()
+
+    # -- stages (models.base.Actor) -----------------------------------------------------------------------
+    def reset_optimizer(self, lr: float) -> None:
+        """A fresh optimizer at `lr`. torch AdamW: a new one over the same shards. Megatron's optimizer (GPU): its
+        Adam state emptied (Adam initialises empty state on the next step) and every group's lr set; the DDP
+        buffers and the fp32 main weights stay (not run on a GPU yet)."""
+        if self.optimizer is None:
+            raise ValueError("a frozen copy (optimizer='none') has no optimizer to reset")
+        if self.ddp is None:
+            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
+                                               **self._adamw)
+            return
+        inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in inner:
+            getattr(opt, "optimizer", opt).state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def copy_weights_from(self, other: "MegatronActor") -> None:
+        """This rank's shard takes `other`'s shard (same layout), parameter by parameter."""
+        mine, theirs = local_state(self.model), local_state(other.model)
+        if mine.keys() != theirs.keys():
+            raise ValueError("copy_weights_from needs two models of the same layout")
+        with torch.no_grad():
+            for k, t in mine.items():
+                t.copy_(theirs[k])
+
+    def load_weights_from_dir(self, path) -> None:
+        """This rank's shard of a HF directory, read part by part (models.weights_reader)."""
+        from nemo_sdsearch.models.weights_reader import hf_tensor_reader
+
+        _, read = hf_tensor_reader(path)
+        self.load_hf_weights(read)
+        if self.ddp is not None:  # Megatron's optimizer steps fp32 main copies: they take the new weights too
+            self.optimizer.reload_model_params()
 
     # -- forward pieces ------------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:

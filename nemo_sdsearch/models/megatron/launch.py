@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from nemo_sdsearch.models.weights_reader import hf_tensor_reader  # noqa: F401  (where the launch reads shards from)
+
 
 def init_megatron_parallel(cfg) -> str | None:
     """Process groups from the torchrun environment and Megatron's TP groups; a launch that cannot give
@@ -48,39 +50,6 @@ def megatron_dtype(cfg) -> torch.dtype:
     if d == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[d]
-
-
-def hf_tensor_reader(model_dir):
-    """(HF config, get(name) -> tensor) of a local HF directory, reading one tensor at a time from its
-    safetensors files (sharded or not): a rank building its shard never holds the whole model."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    path = Path(model_dir)
-    config = AutoConfig.from_pretrained(str(path))
-    index = path / "model.safetensors.index.json"
-    if (path / "model.safetensors").exists():
-        where = None
-    elif index.exists():
-        where = json.loads(index.read_text())["weight_map"]
-    else:
-        raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json: actor=megatron "
-                                "reads its shards tensor by tensor from safetensors (convert .bin weights with "
-                                "transformers' save_pretrained(safe_serialization=True))")
-    handles: dict = {}
-
-    def get(name: str) -> torch.Tensor:
-        file = "model.safetensors" if where is None else where.get(name)
-        if file is None:
-            raise KeyError(f"{name} is not in {index}")
-        if file not in handles:
-            handles[file] = safe_open(str(path / file), framework="pt", device="cpu")
-        return handles[file].get_tensor(name)
-
-    return config, get
 
 
 def build_megatron_actor(hf_config, hf_weights, cfg, frozen: bool = False):

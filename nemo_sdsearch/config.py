@@ -128,6 +128,10 @@ class TrainerSection:
     keep_last: int = 3                   # training checkpoints kept (the newest); 0 = keep all
     keep_best: bool = True               # also keep the saved step with the best dev EM
     min_free_disk_checkpoints: float = 1.0  # refuse to start unless the disk holds this many more checkpoints
+    step_time_s: Optional[float] = None  # estimate of one step's wall time (null: unknown); with checkpoint_time_s
+                                         # checked at start against the job's end-of-allocation signal lead
+    checkpoint_time_s: Optional[float] = None  # estimate of writing one training checkpoint
+    sigterm_grace_s: float = 20.0        # SIGTERM this close to a step's end checkpoints it; earlier: exit at once
 
 
 @dataclass
@@ -293,6 +297,9 @@ RANGES: dict[str, Range] = {
     "trainer.eval_batch_size": _ONE,
     "trainer.keep_last": Range(0, why="0 = keep all"),
     "trainer.min_free_disk_checkpoints": Range(0, why="0 = no disk check"),
+    "trainer.step_time_s": Range(0, lo_open=True, null=True, why="null = unknown"),
+    "trainer.checkpoint_time_s": Range(0, null=True, why="null = unknown"),
+    "trainer.sigterm_grace_s": _NONNEG,
     "arch.hidden_size": Range(0, why="0 = unknown"),
     "arch.num_layers": Range(0, why="0 = unknown"),
     "arch.num_attention_heads": Range(0, why="0 = unknown"),

@@ -2,8 +2,10 @@
 # Helpers shared by the sbatch scripts in this folder. Sourced, never run on its own.
 #
 # Environment a user may set (all optional):
-#   CONTAINER_IMAGE   an NGC image / squashfs: every step runs in it through pyxis
-#                     (srun --container-image/--container-mounts); unset: plain srun on the host
+#   CONTAINER_IMAGE   an NGC image / squashfs: every step runs in it through pyxis (srun --container-image,
+#                     --container-mounts, and --container-name=sdsearch-<job id>: one named container per node,
+#                     shared by every step on that node, so the trainer and the Ray node it drives see the same
+#                     /tmp (Ray's session) and /dev/shm (IPC)); unset: plain srun on the host
 #   CONTAINER_MOUNTS  pyxis mounts (default: the submit directory at the same path)
 #   SDSEARCH_VENV     a virtualenv to activate on the host when no container is named
 #   SDSEARCH_LOGS     root of the per-job log folders (default: ./logs)
@@ -45,7 +47,7 @@ sdsearch_srun() {
         opts+=(--cpus-per-task="$cpus")
     fi
     if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
-        srun "${opts[@]}" --container-image="$CONTAINER_IMAGE" \
+        srun "${opts[@]}" --container-image="$CONTAINER_IMAGE" --container-name="sdsearch-${SLURM_JOB_ID:-local}" \
             --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}" --container-workdir="$PWD" "$@"
     else
         srun "${opts[@]}" "$@"
@@ -78,13 +80,16 @@ sdsearch_rendezvous() {
 #   sdsearch_torchrun NPROC_PER_NODE COMMAND [ARG ...]
 sdsearch_torchrun() {
     local nproc="$1"; shift
-    # torchrun forwards USR1 (the end-of-allocation signal) to every rank, and gives the ranks time to finish
-    # their step and write its checkpoint before it kills them (torch >= 2.8 reads these; older ones ignore them)
+    # torchrun forwards USR1 (the end-of-allocation signal) to every rank, and gives the ranks the signal's lead
+    # time to finish their step and write its checkpoint before it kills them (torch >= 2.8 reads these; older
+    # ones ignore them). A rank's crash makes torchrun send SIGTERM to the others: they exit at once unless their
+    # step is about to end (algorithms/preemption.py), so the job ends within seconds, not after this timeout.
     export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SDSEARCH_SHUTDOWN_TIMEOUT:-900}"
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SDSEARCH_SHUTDOWN_TIMEOUT:-${SDSEARCH_SIGNAL_LEAD_S:-300}}"
     # shellcheck disable=SC2016  # expanded by each worker's bash, not here
     local announce='echo "rank $RANK of $WORLD_SIZE on $(uname -n) (node rank $GROUP_RANK, local rank $LOCAL_RANK)"; exec "$@"'
-    sdsearch_srun --ntasks-per-node=1 --kill-on-bad-exit=1 -- \
+    # --overlap: the job's Ray step (sdsearch_ray_cluster) runs on the same nodes for the whole job
+    sdsearch_srun --ntasks-per-node=1 --kill-on-bad-exit=1 --overlap -- \
         torchrun --nnodes="$NNODES" --nproc-per-node="$nproc" \
             --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${SLURM_JOB_ID:-0}" \
             --no-python bash -c "$announce" sdsearch-rank "$@"
@@ -144,6 +149,11 @@ sdsearch_train_step() {
     if [[ -n "${SDSEARCH_PREEMPTED:-}" || "$status" -eq 75 ]]; then
         echo "$(date -Is) the trainer stopped for a signal (status $status): requeueing ${SLURM_JOB_ID}"
         sdsearch_requeue
+    fi
+    if [[ "$status" -ne 0 ]]; then
+        # torchrun's summary names the rank that failed first, its node, exit code or signal
+        echo "$(date -Is) the training step failed (status $status); the first failure, from $log:"
+        grep -A 10 "Root Cause" "$log" | grep -E "rank|host|exitcode|error_file|traceback|Signal" | head -n 8 || true
     fi
     return "$status"
 }
@@ -209,31 +219,43 @@ sdsearch_generator() {
 }
 
 # A Ray cluster for the TensorRT-LLM engines (one per data-parallel replica; their workers are Ray actors
-# placed on the replica's GPUs): a head on the first training node, a worker on every other training node,
-# each given all of its node's GPUs; exports RAY_ADDRESS for the trainer. The srun steps run in the
-# background until the job ends (ray start --block).  sdsearch_ray_cluster GPUS_PER_NODE
+# placed on the replica's devices), started the way NeMo-RL's ray.sub starts one (rollout/ray_cluster.py says
+# why each piece is so): the first training node's IP address (never its host name: the engines' bundles are
+# pinned by `node:<ip>`), then ONE long-lived step with a task per training node, each `ray start --block` as
+# the head or a worker joining it, with the SLURM / PMI / torchrun variables removed first; it returns once
+# every node has joined and exports RAY_ADDRESS=<head ip>:<port>. The training step then runs on the same
+# nodes with --overlap (inside the same named container under pyxis). DEVICES: GPUs per node (0: a CPU run).
+#   sdsearch_ray_cluster DEVICES
 sdsearch_ray_cluster() {
-    local gpus="$1" port="${RAY_PORT:-6379}" nodelist head node i
+    local devices="$1" port="${RAY_PORT:-6379}" nodelist head n
     nodelist="${SLURM_JOB_NODELIST_HET_GROUP_0:-${SLURM_JOB_NODELIST:-localhost}}"
     head="$(scontrol show hostnames "$nodelist" | head -n 1)"
-    RAY_ADDRESS="${head}:${port}"
+    n="$(scontrol show hostnames "$nodelist" | wc -l)"
+    SDSEARCH_RAY_HEAD_IP="$(sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- \
+        python -m nemo_sdsearch.rollout.ray_cluster node-ip | tail -n 1)"
+    RAY_ADDRESS="${SDSEARCH_RAY_HEAD_IP}:${port}"
     export RAY_ADDRESS
-    sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- \
-        ray start --head --node-ip-address="$head" --port="$port" --num-gpus="$gpus" --disable-usage-stats --block \
-        > "$LOG_DIR/ray-head.log" 2>&1 &
-    for ((i = 0; i < 120; i++)); do
-        if sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- ray status --address="$RAY_ADDRESS" \
-            > /dev/null 2>&1; then
-            break
-        fi
-        sleep 2
-    done
-    for node in $(scontrol show hostnames "$nodelist" | tail -n +2); do
-        sdsearch_srun --nodes=1 --ntasks=1 -w "$node" --overlap -- \
-            ray start --address="$RAY_ADDRESS" --num-gpus="$gpus" --disable-usage-stats --block \
-            > "$LOG_DIR/ray-worker-${node}.log" 2>&1 &
-    done
-    echo "ray: head $RAY_ADDRESS, $(scontrol show hostnames "$nodelist" | wc -l) node(s) x $gpus GPUs"
+    sdsearch_srun --nodes="$n" --ntasks="$n" --ntasks-per-node=1 --overlap -- \
+        python -m nemo_sdsearch.rollout.ray_cluster start --head-ip "$SDSEARCH_RAY_HEAD_IP" --port "$port" \
+            --gpus "$devices" >> "$LOG_DIR/ray.log" 2>&1 &
+    SDSEARCH_RAY_PID=$!
+    if ! sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- \
+        python -m nemo_sdsearch.rollout.ray_cluster wait --address "$RAY_ADDRESS" --nodes "$n" \
+            --timeout "${SDSEARCH_RAY_TIMEOUT:-600}"; then
+        echo "the Ray cluster did not come up: see $LOG_DIR/ray.log" >&2
+        sdsearch_ray_stop
+        return 1
+    fi
+}
+
+# Stop the job's Ray cluster (the long-lived step of sdsearch_ray_cluster): srun passes SIGTERM to every
+# node's `ray start --block`, which stops its Ray processes.
+sdsearch_ray_stop() {
+    if [[ -n "${SDSEARCH_RAY_PID:-}" ]] && kill -0 "$SDSEARCH_RAY_PID" 2> /dev/null; then
+        kill -TERM "$SDSEARCH_RAY_PID" 2> /dev/null || true
+        wait "$SDSEARCH_RAY_PID" 2> /dev/null || true
+    fi
+    SDSEARCH_RAY_PID=""
 }
 
 # The GPU training job of slurm/train_{3b,7b}.sh: the retrieval service on het component 1 unless
@@ -254,9 +276,14 @@ sdsearch_train_gpu() {
         sdsearch_ray_cluster "$gpus"
     fi
     out="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
+    local status=0
     sdsearch_train_step "$LOG_DIR/train.log" sdsearch_torchrun "$gpus" sdsearch train --config "$config" \
             cluster.retrieval_url="$RETRIEVAL_URL" cluster.nodes="$NNODES" cluster.gpus_per_node="$gpus" \
-            trainer.out_dir="$out" trainer.resume=true "$@"
+            trainer.out_dir="$out" trainer.resume=true "$@" || status=$?
+    sdsearch_ray_stop
+    if [[ "$status" -ne 0 ]]; then
+        return "$status"
+    fi
     echo "finished: $out (convert with: sbatch slurm/convert_to_hf.sh $out/final OUT_DIR)"
 }
 
@@ -264,5 +291,18 @@ sdsearch_train_gpu() {
 sdsearch_setup() {
     sdsearch_log_dir
     sdsearch_env
+    sdsearch_signal_lead
     sdsearch_requeue_on_signal
+}
+
+# SDSEARCH_SIGNAL_LEAD_S: how many seconds before the time limit the end-of-allocation signal comes, read from
+# the running script's own `#SBATCH --signal=...@<seconds>` line (SLURM runs a copy of the script, header
+# included) unless the caller set it (do, when you override --signal on the sbatch command line). The trainer
+# checks at start that a step and its checkpoint fit in it (trainer.step_time_s + trainer.checkpoint_time_s).
+sdsearch_signal_lead() {
+    if [[ -z "${SDSEARCH_SIGNAL_LEAD_S:-}" && -r "$0" ]]; then
+        SDSEARCH_SIGNAL_LEAD_S="$(sed -n 's/^#SBATCH --signal=[^@]*@\([0-9][0-9]*\).*/\1/p' "$0" | head -n 1)"
+    fi
+    export SDSEARCH_SIGNAL_LEAD_S
+    echo "end-of-allocation signal lead: ${SDSEARCH_SIGNAL_LEAD_S:-unknown} s"
 }

@@ -35,7 +35,7 @@ from nemo_sdsearch.algorithms import sd_search
 from nemo_sdsearch.algorithms.report import SUMMARY_CAPTION, plot_curves, summary_rows
 from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, is_rank0,
                                             make_prompt_format, sharded_greedy_em)
-from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, Preempted, StopRequest
+from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, Preempted, StopRequest, check_signal_lead
 from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_free_disk, check_out_dir,
                                             checkpoint_bytes, clear_out_dir, load_latest_checkpoint,
                                             rotate_checkpoints, rng_state, save_checkpoint, set_rng_state,
@@ -176,18 +176,22 @@ def train(cfg: TrainConfig, console=None, progress: bool = True, components=None
     what to train on (a Search-E1 round passes the ones its stages share); None: built here from the config and
     closed at the end (the engines shut down, the job's placement group removed)."""
     run = Run(cfg, console, progress, components)
-    stop = StopRequest()  # SIGUSR1 / SIGTERM: finish the step, checkpoint it, exit for a requeue
+    t = cfg.trainer
+    # SIGUSR1 / SIGTERM: finish the step, checkpoint it, exit for a requeue (a SIGTERM far from the step's end:
+    # exit at once; algorithms/preemption.py)
+    stop = StopRequest(grace_s=t.sigterm_grace_s, step_time_s=t.step_time_s)
     try:
         with run.loggers:  # the progress bar on a terminal; every backend closed at the end, also on an error
-            for step in range(run.start_step, cfg.trainer.steps):
+            for step in range(run.start_step, t.steps):
+                if step > run.start_step and stop.agreed(run.c.actor):  # signalled while the last one was saved
+                    run.stop_for(stop, step)
+                stop.step_started(step)
                 row = rl_step(run, step)
                 run.record({**row, **run.evaluate(step + 1)})  # the dev evaluation (if due) joins the step's row
                 if stop.agreed(run.c.actor):
-                    run.save(step + 1, force=True)
-                    run.console.print(f"preempted (signal {stop.signum}): step {step + 1} checkpointed; exiting "
-                                      f"with status {EXIT_REQUEUE} for a requeue (trainer.resume=true continues)")
-                    raise Preempted(step + 1)
+                    run.stop_for(stop, step + 1)
                 run.save(step + 1)
+                stop.step_finished()
             summary = run.finish()
         if components is None:
             close_components(run.c)
@@ -310,6 +314,7 @@ class Run:
         self.out = out
         check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)  # every rank, before anything is written
         check_backends(cfg.logger.backends)                          # a missing wandb / mlflow, before any model
+        check_signal_lead(cfg.trainer.step_time_s, cfg.trainer.checkpoint_time_s)  # can a preemption save a step?
         # distributed: every rank joined the groups
         self.c = c = components if components is not None else build_components(cfg)
         barrier()  # every rank checked out_dir before rank 0 writes into it
@@ -326,6 +331,7 @@ class Run:
         self.generator = c.engines["train"].generator if c.engines is not None else None
         self.sampler = QuestionSampler(len(c.data["train"]), cfg.trainer.seed)
         self.history, self.evals, self.start_test, self.start_step, self.best = [], [], None, 0, None
+        self.saved_step = 0
         if cfg.trainer.save_every or cfg.trainer.keep_last:
             check_free_disk(out, checkpoint_bytes(c.actor.hf_config, cfg.actor == "megatron"),
                             cfg.trainer.min_free_disk_checkpoints)
@@ -361,11 +367,21 @@ class Run:
         self.history, self.evals, self.start_test, self.start_step = (state["history"], state["evals"],
                                                                       state["start_test"], state["step"])
         self.best = state.get("best")
+        self.saved_step = self.start_step
         if self.rank0:
             truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
         self.console.print(f"resumed from step {self.start_step}")
 
     # -- after each step -------------------------------------------------------------------------------
+    def stop_for(self, stop: StopRequest, step: int) -> None:
+        """A signal asked the job to stop (every rank agreed): checkpoint step `step` (if it is not saved
+        yet) and exit for a requeue."""
+        if step > self.saved_step:
+            self.save(step, force=True)
+        self.console.print(f"preempted (signal {stop.signum}): step {step} checkpointed; exiting with status "
+                           f"{EXIT_REQUEUE} for a requeue (trainer.resume=true continues)")
+        raise Preempted(step)
+
     def evaluate(self, step: int) -> dict:
         """The periodic greedy dev evaluation after step `step`: {"val/dev_em", "val/dev_f1"} and, when the
         dev questions record evidence passages, the query-level `val/dev_*` (`eval_metrics`); {} when none
@@ -405,6 +421,7 @@ class Run:
                       "best": self.best}
         self.c.actor.save_state(self.out / "checkpoints", step,
                                 lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
+        self.saved_step = step
         if self.rank0:
             rotate_checkpoints(self.out, t.keep_last, self.best["step"] if t.keep_best and self.best else None)
 

@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -413,6 +414,9 @@ CHECKS = {  # name: (time limit in seconds, what it checks)
     "logits": (120, "HF <-> Megatron logits of a Qwen2 0.5B-class model (random weights), fp32 and bf16"),
     "losses": (180, "bench/losses.py at 8,192 x 151,936: dense, chunked, compiled, read-once floor (TARGET)"),
     "generator": (90, "torch-generator tokens/s, the same 0.5B-class model in bf16"),
+    "launch": (240, "slurm/train_7b.sh's path on one node: the job's Ray cluster (ray_cluster start/wait, token "
+                    "auth), torchrun, 2 steps of actor=megatron generator=trtllm on a 0.5B-class model (the real "
+                    "engine: sleep, wake, refit); skipped where Ray or TensorRT-LLM is missing"),
 }
 
 
@@ -1004,10 +1008,100 @@ def check_generator(mode: str, out: Path) -> dict:
             "skipped": [] if cuda else ["the 0.5B-class shape and CUDA timing: GPU only (a tiny model here)"]}
 
 
+def check_launch(mode: str, out: Path) -> dict:
+    """The launch path of slurm/train_7b.sh, minus SLURM, on this machine: `ray_cluster start` (the head, with a
+    per-run token) and `wait`, then `torchrun --standalone --nproc-per-node 1 sdsearch train actor=megatron
+    generator=trtllm` for two steps against it (RAY_ADDRESS), then the head stopped. On a GPU: a 0.5B-class
+    Qwen2 (random weights, built from its config) and the real TensorRT-LLM, which must be importable (the NGC
+    container; the lent machine has neither Ray nor TensorRT-LLM, and Ray's wheel is over the carry limit).
+    Dry run: the embedded tiny model and the tests' TensorRT-LLM stand-in (tests/stand_in) on the CPU. One rank
+    (one GPU), so the engine builds its own placement; the two-rank placement runs in tests/test_slurm.py."""
+    import importlib.util
+    import secrets
+
+    import torch
+
+    cuda = _cuda(mode)
+    missing = [m for m in ("ray", *(["tensorrt_llm"] if cuda else [])) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Skip(f"{' and '.join(missing)} not installed here (the NGC container has both; Ray's wheel, ~70 MB, "
+                   "is over what a device call carries)")
+    from nemo_sdsearch.rollout.ray_cluster import node_ip
+    from nemo_sdsearch.world.assets import default_model_dir
+
+    work = Path(tempfile.mkdtemp(prefix="sdl", dir="/tmp"))  # short: Ray's socket paths live under it
+    if cuda:
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        model_dir = work / "model"
+        torch.manual_seed(0)
+        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))  # the project's tokenizer: its vocabulary
+        shape = {**QWEN_05B, "vocab_size": len(tok)}                    # (a sampled id must decode)
+        Qwen2ForCausalLM(Qwen2Config(**shape, torch_dtype="bfloat16")).to(torch.bfloat16).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    else:
+        model_dir = default_model_dir()
+    ip = node_ip()
+    with socket.socket() as s_:
+        s_.bind(("", 0))
+        port = s_.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "SDSEARCH_RAY_TMPDIR": str(work / "ray"), "RAY_ADDRESS": f"{ip}:{port}", "RAY_USAGE_STATS_ENABLED": "0"}
+    if not cuda:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "stand_in"), env.get("PYTHONPATH", "")])
+        env["SDSEARCH_RAY_START_ARGS"] = "--object-store-memory=200000000"
+    gpus = torch.cuda.device_count() if cuda else 0
+    head = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "start", "--head-ip", ip,
+                             "--port", str(port), "--gpus", str(gpus)], env=env, cwd=ROOT)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "wait", "--address",
+                            env["RAY_ADDRESS"], "--nodes", "1", "--timeout", "120"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=180)
+        print(p.stdout + p.stderr[-2000:])
+        if p.returncode != 0:
+            raise Fail("the Ray head did not come up")
+        ray_s = time.perf_counter() - t0
+        run_dir = work / "run"
+        o = ["actor=megatron", "generator=trtllm", f"model.path={model_dir}", "trainer.steps=2", "trainer.save_every=0",
+             "trainer.eval_every=0", "trainer.final_test_eval=false", f"trainer.out_dir={run_dir}",
+             "logger.backends=[console]", "cluster.gpus_per_node=1", "trainer.questions_per_step=2",
+             "rollout.group_size=2", "rollout.max_turns=1", "rollout.max_new_tokens=24", "rollout.max_context=1024",
+             "grpo.micro_batch_size=2", "data.dev_questions=2", "data.test_questions=2"]
+        o += ["model.device=cuda", "megatron.dtype=bf16"] if cuda else ["model.threads=1"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                    "--no-python", str(Path(sys.executable).parent / "sdsearch"), "train", *o]
+        print("$ " + " ".join(torchrun), flush=True)
+        t1 = time.perf_counter()
+        tr = subprocess.run(torchrun, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        train_s = time.perf_counter() - t1
+        print(tr.stdout[-6000:] + tr.stderr[-3000:])
+        if tr.returncode != 0:
+            raise Fail(f"sdsearch train under torchrun exited with {tr.returncode}")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finally:
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+    problems = []
+    if len(rows) != 2:
+        problems.append(f"{len(rows)} metrics rows, not 2")
+    if any(r.get("actor/update_skipped") for r in rows):
+        problems.append("an update was skipped (non-finite loss or gradient)")
+    figures = {"ray_start_s": round(ray_s, 1), "train_s": round(train_s, 1),
+               "step_s": [r.get("timing_s/step") for r in rows], "gen_s": [r.get("timing_s/gen") for r in rows],
+               "engine": "TensorRT-LLM" if cuda else "the tests' stand-in"}
+    print(f"launch: Ray head up in {ray_s:.1f} s; 2 steps under torchrun in {train_s:.1f} s with {figures['engine']}")
+    return {"status": "fail" if problems else "pass", "reason": "; ".join(problems), "figures": figures,
+            "skipped": [] if cuda else ["the real TensorRT-LLM and CUDA: GPU only (the tests' stand-in here)"]}
+
+
 def check_main(name: str, mode: str, out: Path) -> int:
     fns = {"env": check_env, "pytest_gpu": check_pytest_gpu, "train_hf": lambda m, o: check_train("hf", m, o),
            "train_megatron": lambda m, o: check_train("megatron", m, o), "logits": check_logits,
-           "losses": check_losses, "generator": check_generator}
+           "losses": check_losses, "generator": check_generator, "launch": check_launch}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         res = fns[name](mode, out)

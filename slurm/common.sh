@@ -153,7 +153,8 @@ sdsearch_train_step() {
     if [[ "$status" -ne 0 ]]; then
         # torchrun's summary names the rank that failed first, its node, exit code or signal
         echo "$(date -Is) the training step failed (status $status); the first failure, from $log:"
-        grep -A 10 "Root Cause" "$log" | grep -E "rank|host|exitcode|error_file|traceback|Signal" | head -n 8 || true
+        grep -A 10 "Root Cause" "$log" | grep -E "^ *(time|host|rank|exitcode|error_file|traceback) *:" \
+            | head -n 6 || true
     fi
     return "$status"
 }
@@ -228,6 +229,13 @@ sdsearch_generator() {
 #   sdsearch_ray_cluster DEVICES
 sdsearch_ray_cluster() {
     local devices="$1" port="${RAY_PORT:-6379}" nodelist head n
+    # one token for every node, driver and Ray worker of this job's cluster (Ray >= 2.53 token authentication;
+    # older Ray ignores both variables): the later steps inherit it from this shell
+    if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
+        RAY_AUTH_TOKEN="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+    fi
+    RAY_AUTH_MODE=token
+    export RAY_AUTH_TOKEN RAY_AUTH_MODE
     nodelist="${SLURM_JOB_NODELIST_HET_GROUP_0:-${SLURM_JOB_NODELIST:-localhost}}"
     head="$(scontrol show hostnames "$nodelist" | head -n 1)"
     n="$(scontrol show hostnames "$nodelist" | wc -l)"
@@ -239,10 +247,22 @@ sdsearch_ray_cluster() {
         python -m nemo_sdsearch.rollout.ray_cluster start --head-ip "$SDSEARCH_RAY_HEAD_IP" --port "$port" \
             --gpus "$devices" >> "$LOG_DIR/ray.log" 2>&1 &
     SDSEARCH_RAY_PID=$!
-    if ! sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- \
+    # wait for every node (a step on the head node), giving up as soon as the Ray step itself ends
+    sdsearch_srun --nodes=1 --ntasks=1 -w "$head" --overlap -- \
         python -m nemo_sdsearch.rollout.ray_cluster wait --address "$RAY_ADDRESS" --nodes "$n" \
-            --timeout "${SDSEARCH_RAY_TIMEOUT:-600}"; then
-        echo "the Ray cluster did not come up: see $LOG_DIR/ray.log" >&2
+            --timeout "${SDSEARCH_RAY_TIMEOUT:-600}" &
+    local waiter=$! status=0
+    while kill -0 "$waiter" 2> /dev/null; do
+        if ! kill -0 "$SDSEARCH_RAY_PID" 2> /dev/null; then
+            kill -TERM "$waiter" 2> /dev/null || true
+            break
+        fi
+        sleep 1
+    done
+    wait "$waiter" || status=$?
+    if [[ "$status" -ne 0 ]] || ! kill -0 "$SDSEARCH_RAY_PID" 2> /dev/null; then
+        echo "the Ray cluster did not come up; its nodes' output, from $LOG_DIR/ray.log:" >&2
+        tail -n 5 "$LOG_DIR/ray.log" >&2 || true
         sdsearch_ray_stop
         return 1
     fi

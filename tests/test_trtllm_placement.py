@@ -143,7 +143,10 @@ def ray_head(tmp_path_factory):
     from nemo_sdsearch.rollout.ray_cluster import node_ip
 
     ip, port = node_ip(), free_port()
-    env = {**os.environ, "SDSEARCH_RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),
+    import tempfile
+
+    env = {**os.environ, "SDSEARCH_RAY_TMPDIR": tempfile.mkdtemp(prefix="sdray", dir="/tmp"),  # short socket paths
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(),  # as slurm/common.sh runs it
            "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000", "SDSEARCH_NODE_IP": ip}
     head = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "start", "--head-ip", ip,
                              "--port", str(port), "--cpus", "4"], env=env, stdout=subprocess.PIPE,
@@ -153,7 +156,7 @@ def ray_head(tmp_path_factory):
                             f"{ip}:{port}", "--nodes", "1", "--timeout", "120"], env=env, capture_output=True,
                            text=True, timeout=180)
         assert p.returncode == 0, p.stdout + p.stderr
-        yield f"{ip}:{port}"
+        yield {"address": f"{ip}:{port}", "token": env["RAY_AUTH_TOKEN"]}
     finally:
         head.terminate()
         try:
@@ -162,9 +165,9 @@ def ray_head(tmp_path_factory):
             head.kill()
 
 
-def _replica_engine_worker(rank, world, model_dir, out, ray_address):
+def _replica_engine_worker(rank, world, model_dir, out, ray_head):
     sys.path.insert(0, str(STAND_IN))
-    os.environ.update(LAUNCHER_ENV, RAY_ADDRESS=ray_address,
+    os.environ.update(LAUNCHER_ENV, RAY_ADDRESS=ray_head["address"], RAY_AUTH_TOKEN=ray_head["token"],
                       PYTHONPATH=f"{STAND_IN}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     import ray
 

@@ -96,12 +96,12 @@ def opsd_step(actor, teacher, batch: list, e1, pad_id: int) -> dict:
     n_pos = sum(sum(m[1:]) for m in masks)
     n_pairs = sum(1 for m in masks if any(m[1:]))
     mine = batch[actor.dp_rank::dp]
-    weights = lambda ms: opsd_weights(ms, e1.loss_normalization, n_pairs, n_pos) * dp
+    # A replica without a pair (fewer mined pairs than replicas) still takes part in the step's collectives: it
+    # scores the step's first pair at weight 0, so its gradient and loss are zero and every rank decides alike.
+    idle = not mine
+    weights = lambda ms: opsd_weights(ms, e1.loss_normalization, n_pairs, n_pos) * (0.0 if idle else dp)
     loss_fn = OPSDLoss(e1.tau_clip, actor.vocab_shard)
-    mbs = opsd_micro_batches(mine, actor, teacher, pad_id, e1.opsd_micro_batch_size, weights)
-    if not mbs:  # a replica without a pair still takes part in the step (its gradient is zero)
-        raise ValueError(f"{len(batch)} OPSD pairs cannot be split over {dp} data-parallel replicas; raise "
-                         "search_e1.opsd_pairs_per_step to at least the number of replicas")
+    mbs = opsd_micro_batches(batch[:1] if idle else mine, actor, teacher, pad_id, e1.opsd_micro_batch_size, weights)
     stats = actor.train_on(mbs, lambda logits, mb: loss_fn(logits, mb)[0])
     total = float(actor.all_reduce_dp(torch.tensor([float(stats["loss"])], dtype=torch.float64))) / dp
     return {"loss": total, "skipped": bool(stats["skipped"]), "grad_norm": stats.get("grad_norm")}

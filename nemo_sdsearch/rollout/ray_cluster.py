@@ -22,11 +22,17 @@ Why each piece is the way it is:
   the foreground until the job ends (or `sdsearch_ray_stop` stops it); the training step then runs on the
   same nodes with `--overlap` and, under pyxis, `--container-name` (the same named container), so a rank's
   Ray driver shares the raylet's session directory and /dev/shm (CUDA IPC for the refit).
+- **One authentication rule for every process of the cluster.** Ray 2.53+ turns token authentication on for a
+  node that finds a token in ~/.ray/auth_token while a driver connecting to a remote head does not, so a
+  stray token file splits a cluster into nodes and drivers that cannot talk. `auth_environment` makes the
+  choice explicit: with `RAY_AUTH_TOKEN` set (slurm/common.sh generates one per job) every node, driver and
+  Ray worker runs `RAY_AUTH_MODE=token` with it; without one, `RAY_AUTH_MODE=disabled` everywhere (older Ray
+  ignores both).
 - **Workers wait for the head** (a TCP connect to its GCS port) before `ray start --address`, and `wait`
   returns once N nodes are alive, so the trainer never races a half-started cluster.
 - `SDSEARCH_RAY_TMPDIR`: Ray's temporary root for this node (a per-node folder `<root>/<host name>` is made):
   needed only where several "nodes" share one /tmp (the test cluster's network namespaces); unset, Ray's
-  default. `SDSEARCH_RAY_START_ARGS`: extra `ray start` flags (e.g. `--object-store-memory=...`).
+  default. Keep it short: Ray's socket paths under it must fit AF_UNIX's 107 bytes (checked here). `SDSEARCH_RAY_START_ARGS`: extra `ray start` flags (e.g. `--object-store-memory=...`).
 """
 
 from __future__ import annotations
@@ -74,13 +80,35 @@ def node_ip(route_to: str | None = None) -> str:
     return "127.0.0.1"
 
 
+def auth_environment(env: dict | None = None) -> dict:
+    """`env` (default os.environ, changed in place) with the cluster's one authentication rule (module
+    docstring): RAY_AUTH_MODE=token when RAY_AUTH_TOKEN is set, else disabled; an explicit mode is kept."""
+    env = os.environ if env is None else env
+    if "RAY_AUTH_MODE" not in env:
+        env["RAY_AUTH_MODE"] = "token" if env.get("RAY_AUTH_TOKEN") else "disabled"
+    if env["RAY_AUTH_MODE"] == "token" and not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
+        raise RuntimeError("RAY_AUTH_MODE=token needs the cluster's token in RAY_AUTH_TOKEN (slurm/common.sh makes one "
+                           "per job) or RAY_AUTH_TOKEN_PATH")
+    if env is os.environ and "ray" in sys.modules:
+        # Ray reads the mode into its config when imported: refresh it, as Ray itself does when it turns token
+        # authentication on (ray._private.authentication.authentication_token_setup)
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):  # a Ray without token authentication
+            pass
+    return env
+
+
 def scrubbed_environment() -> dict[str, str]:
-    """os.environ without the launcher's variables (SLURM, PMI/PMIx, Open MPI, torchrun): what `ray start` gets."""
+    """os.environ without the launcher's variables (SLURM, PMI/PMIx, Open MPI, torchrun), with the cluster's
+    authentication rule: what `ray start` gets."""
     from nemo_sdsearch.rollout.trtllm_placement import _scrubbed
 
     env = {k: v for k, v in os.environ.items() if not _scrubbed(k)}
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
+    return auth_environment(env)
 
 
 def start_command(head_ip: str, port: int, gpus: int, cpus: int | None, me: str) -> list[str]:
@@ -92,6 +120,11 @@ def start_command(head_ip: str, port: int, gpus: int, cpus: int | None, me: str)
     root = os.environ.get("SDSEARCH_RAY_TMPDIR")
     if root:
         folder = os.path.join(root, socket.gethostname())
+        # <folder>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store must fit in a unix socket address
+        longest = len(folder) + len("/session_2026-12-07_00-46-55_861325_1234567/sockets/plasma_store")
+        if longest > 107:
+            raise SystemExit(f"SDSEARCH_RAY_TMPDIR={root}: Ray's socket paths under it would be {longest} bytes, over "
+                             "the 107 a unix socket allows; choose a shorter folder (e.g. under /tmp)")
         os.makedirs(folder, exist_ok=True)
         cmd.append(f"--temp-dir={folder}")
     return cmd + shlex.split(os.environ.get("SDSEARCH_RAY_START_ARGS", ""))
@@ -125,7 +158,10 @@ def wait(address: str, nodes: int, timeout_s: float = 600) -> list[dict]:
     """Block until `nodes` Ray nodes are alive in the cluster at `address`; returns them."""
     import ray
 
-    ray.init(address=address, log_to_driver=False, _node_ip_address=node_ip(route_to=address.rsplit(":", 1)[0]))
+    host, port = address.rsplit(":", 1)
+    _wait_for_port(host, int(port), timeout_s)  # (ray.init itself retries a missing head for a long time)
+    auth_environment()
+    ray.init(address=address, log_to_driver=False, _node_ip_address=node_ip(route_to=host))
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from nemo_sdsearch.rollout.generator import (Completion, GenerationSession, Generator, SamplingParams, StopChecker,
                                              iter_buckets, mix_seed)
-from nemo_sdsearch.rollout.trtllm_placement import EnginePlacement, connect_ray, engine_environment, ipc_handles
+from nemo_sdsearch.rollout.trtllm_placement import (EnginePlacement, connect_ray, engine_environment, ipc_handles,
+                                                    start_local_ray)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class TRTLLMGenerator(Generator):
         os.environ.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
         if os.environ.get("RAY_ADDRESS"):  # the job's Ray cluster: join it through this node's raylet (by IP)
             connect_ray()
+        else:
+            start_local_ray()
         kwargs: dict[str, Any] = dict(
             model=str(model_dir), tokenizer=llm_tokenizer, backend="pytorch", dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,

@@ -35,7 +35,6 @@ replica's leader. The pieces, in the order a run uses them:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -49,7 +48,6 @@ SCRUB_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "PMI_RANK")
 RAY_NAMESPACE = "nemo_sdsearch"
 
-log = logging.getLogger(__name__)
 
 
 def _scrubbed(name: str) -> bool:
@@ -199,8 +197,8 @@ class EnginePlacement:
         """The LLM arguments that place the engine on `bundle_indices` of the job's group, in the form the
         installed release takes (`placement_form`); logs which one it used."""
         form = placement_form(api)
-        log.info("TensorRT-LLM %s: engine placed through %s on bundles %s", api.version, PLACEMENT_FORMS[form],
-                 self.bundle_indices)
+        print(f"TensorRT-LLM {api.version}: engine placed through {PLACEMENT_FORMS[form]} on bundles "
+              f"{self.bundle_indices}", flush=True)
         place = dict(placement_groups=[self.placement_group], placement_bundle_indices=[list(self.bundle_indices)],
                      per_worker_gpu_share=1.0)
         if form == "ray_placement_config":
@@ -228,8 +226,25 @@ def connect_ray():
                           "`python -m nemo_sdsearch.rollout.ray_cluster start --head-ip <first node's IP>` on every "
                           "node and export RAY_ADDRESS=<that IP>:6379")
     if not ray.is_initialized():
+        from nemo_sdsearch.rollout.ray_cluster import auth_environment
+
+        auth_environment()  # the cluster's authentication rule (ray_cluster.py), before Ray reads it
         ray.init(address=address, namespace=RAY_NAMESPACE, ignore_reinit_error=True, log_to_driver=False,
                  _node_ip_address=node_address())
+    return ray
+
+
+def start_local_ray():
+    """A private Ray instance for a one-process run (no RAY_ADDRESS): started here, never attached to whatever
+    cluster `address="auto"` would find on the machine (TensorRT-LLM's own ray.init(address="auto") then joins
+    this one)."""
+    import ray
+
+    if not ray.is_initialized():
+        from nemo_sdsearch.rollout.ray_cluster import auth_environment
+
+        auth_environment()
+        ray.init(address="local", namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
     return ray
 
 
@@ -255,13 +270,13 @@ class JobPlacement:
                 pg = ray.util.placement_group(bundles, strategy="PACK", name=self.name)
                 ray.get(pg.ready(), timeout=600)
                 self.created = True
-                log.info("placement group %s created: %d bundles", self.name, len(bundles))
+                print(f"placement group {self.name} created: {len(bundles)} bundles", flush=True)
             else:
                 pg = ray.util.get_placement_group(self.name)
                 if pg.bundle_specs != bundles:
                     raise RuntimeError(f"placement group {self.name} holds bundles {pg.bundle_specs}, this stage "
                                        f"asks for {bundles}")
-                log.info("placement group %s reused", self.name)
+                print(f"placement group {self.name} reused", flush=True)
         barrier()
         if rank != replica_ranks[0]:
             return None
@@ -279,7 +294,6 @@ class JobPlacement:
         self.created = False
         left = [g["name"] for g in ray.util.placement_group_table().values()
                 if g.get("name", "").startswith(self.name) and g.get("state") != "REMOVED"]
-        log.info("placement group %s removed; groups of this job left: %d", self.name, len(left))
         return left
 
 

@@ -165,6 +165,8 @@ class TRTLLMSection:
     tensor_parallel: int = 1
     kv_cache_fraction: float = 0.35      # of free GPU memory, for the generation KV cache
     sleep_while_training: bool = True    # release generation memory during the update
+    streaming: bool = False              # watch every token of a turn (our stop check, early abort) instead of
+                                         # TensorRT-LLM's stop words and a cut after the turn (same tokens)
 
 
 @dataclass

@@ -28,6 +28,11 @@ layers, kv = key/value heads x head dim, Vp = vocabulary padded to make_vocab_si
     refit transient              REFIT_BUCKET_BYTES + Vp x h x 2: one bucket of gathered HF tensors and the
                                  largest tensor (embedding / LM head) whole during its TP gather; the loop
                                  refits after waking the engine, so it meets the KV cache
+    allocator cache kept         ALLOCATOR_KEPT_GIB: the update's activations, logits and gradients are freed
+                                 to torch's caching allocator, which keeps them reserved; every rank empties
+                                 the cache before the engine wakes (setup.engine_asleep), and what stays is
+                                 the partly used segments (without it the whole training phase's transients,
+                                 ~17.6 GiB at 7B TP 2 x DP 8, would meet the wake-up's KV cache)
   training phase (one micro-batch at a time)
     activations                  full recompute: s b (p L/p 2h/t' + A), the checkpointed layer inputs of the
                                  p micro-batches 1F1B keeps in flight on the first stage plus one recomputed
@@ -58,6 +63,9 @@ from nemo_sdsearch.errors import ConfigError
 
 GIB = 1024 ** 3
 REFIT_BUCKET_BYTES = 1 << 30      # the refit's bucket of HF tensors (TRTLLMGenerator's refit_bucket_bytes default)
+ALLOCATOR_KEPT_GIB = 1.0          # torch's caching allocator after the update's empty_cache(): segments still partly
+                                  # in use by resident tensors cannot be returned (an estimate; the GPU kit measures
+                                  # max_memory_reserved once a GPU run lands)
 CUDA_NCCL_OVERHEAD_GIB = 3.0      # two CUDA contexts (~0.5-1 GiB each), NCCL buffers, engine workspace
 JSD_CHUNK_BUFFERS = 6             # live [chunk_rows, Vp/t] fp32 tensors in the chunked JSD forward
                                   # (student, teacher, their exps and log-softmaxes)
@@ -213,6 +221,8 @@ def memory_estimate(cfg) -> MemoryEstimate:
             + ("" if asleep else "; kept through the update"))
         add("refit bucket + largest tensor", GENERATION, REFIT_BUCKET_BYTES + vocab * h * 2,
             f"{REFIT_BUCKET_BYTES / GIB:g} GiB + Vp x h x 2")
+        add("allocator cache kept after the update", GENERATION, ALLOCATOR_KEPT_GIB * GIB,
+            "what torch.cuda.empty_cache() cannot return (partly used segments); an estimate")
     else:
         kv_reserved = kv_needed
         add("KV cache (torch generator)", GENERATION, kv_needed, "the whole share at max_context")

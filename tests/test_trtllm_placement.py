@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from nemo_sdsearch.rollout.trtllm_placement import (DeviceSlot, EnginePlacement, cpu_device_id, engine_bundles,
-                                                    engine_environment, job_bundles)
+from nemo_sdsearch.rollout.trtllm_placement import (PLACEMENT_FORMS, DeviceSlot, EnginePlacement, cpu_device_id,
+                                                    engine_bundles, engine_environment, job_bundles)
 
 STAND_IN = Path(__file__).resolve().parent / "stand_in"
 
@@ -124,7 +124,11 @@ def test_the_placement_form_is_read_from_the_installed_release(version, expect):
            "TRTLLM_STAND_IN_VERSION": version}
     p = subprocess.run([sys.executable, "-c", FORM_PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip().startswith(expect), p.stdout
+    *said, last = p.stdout.strip().splitlines()
+    assert last.startswith(expect), p.stdout
+    if not expect.startswith("refused"):  # the run says at start which form it used
+        assert said == [f"TensorRT-LLM {version}: engine placed through {PLACEMENT_FORMS[last.split()[1]]} on "
+                        "bundles [2, 3]"], said
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,8 +196,12 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
     shard = sum(t.numel() * t.element_size() for t in local_state(c.actor.model).values())
     bytes_read = {"read": c.bytes_read, "shard": shard, "models": 1 + (c.ref is not None)}
     grpo.train(cfg, progress=False, components=c)
+    from nemo_sdsearch.models.megatron.builder import replica_wait_group
+
     res = {"environ_after": {k: os.environ.get(k) for k in LAUNCHER_ENV}, "engine": None,
-           "whole_model_loads": len(loads), "pid": os.getpid(), "bytes_read": bytes_read}
+           "whole_model_loads": len(loads), "pid": os.getpid(), "bytes_read": bytes_read,
+           "wait_group": (torch.distributed.get_backend(c.actor.replica_group), c.actor.replica_group is replica_wait_group(),
+                          c.actor.replica_ranks)}
     g = c.engines["train"].generator if c.engines is not None else None
     if g is not None:
         llm = g.llm
@@ -256,6 +264,9 @@ def test_one_engine_per_replica_on_its_own_devices_refitted_by_its_own_ranks(tmp
     pids = [r["pid"] for r in results]
     assert [w["senders"] for w in e0["workers"]] == [[pids[0]], [pids[1]]]
     assert [w["senders"] for w in e1["workers"]] == [[pids[2]], [pids[3]]]
+    # a replica's ranks wait for each other (while the leader generates, in the refit's hand-offs) in a gloo group of
+    # their own, never in an NCCL collective spinning on a GPU the engine decodes on
+    assert [r["wait_group"] for r in results] == [("gloo", True, [0, 1])] * 2 + [("gloo", True, [2, 3])] * 2
     # the launcher's variables are back for the trainer
     assert all(r["environ_after"] == LAUNCHER_ENV for r in results)
     # final/ was written (by rank 0, from the weight stream) and every worker of both engines holds those weights

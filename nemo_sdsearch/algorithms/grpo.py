@@ -33,7 +33,7 @@ import torch
 
 from nemo_sdsearch.algorithms import sd_search
 from nemo_sdsearch.algorithms.report import SUMMARY_CAPTION, plot_curves, summary_rows
-from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, is_rank0,
+from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, engine_asleep, is_rank0,
                                             make_prompt_format, sharded_greedy_em)
 from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, Preempted, StopRequest, check_signal_lead
 from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_free_disk, check_out_dir,
@@ -218,16 +218,11 @@ def rl_step(run: "Run", step: int) -> dict:
     if cfg.algorithm == "sd_search":
         blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(run.encode(s)))
         teacher = sd_search.teacher_sequences(trajs, blocks, G, lambda q, b: run.encode(run.prompts.teacher(q, b)))
-    # 3 + 5. old/reference log-probs, then the update; the generator sleeps through it where it can
+    # 3 + 5. old/reference log-probs, then the update; the engine sleeps through it where it can
     t_update = time.perf_counter()
-    generator = run.generator
-    sleeping = generator is not None and cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training
-    if sleeping:
-        generator.sleep(level=1)
-    m, stats = update_policy(actor, c.ref, trajs, adv, teacher, cfg, c.tok.pad_token_id)
+    with engine_asleep(c, cfg):
+        m, stats = update_policy(actor, c.ref, trajs, adv, teacher, cfg, c.tok.pad_token_id)
     update_s = time.perf_counter() - t_update - m["teacher_s"]
-    if sleeping:
-        generator.wake_up()
     refit_generator(actor, c.weight_sink)  # (refit time counts in timing_s/step)
     rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv, {q.id: q.metadata for q in questions})
     n_policy, n_query = m["n_policy"], m["n_query"]

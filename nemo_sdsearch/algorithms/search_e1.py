@@ -333,7 +333,8 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     generator) end the round holding them."""
     from nemo_sdsearch.algorithms.grpo import refit_generator
     from nemo_sdsearch.algorithms.opsd import opsd_step
-    from nemo_sdsearch.algorithms.setup import barrier, make_prompt_format, sharded_greedy_em, start_stage
+    from nemo_sdsearch.algorithms.setup import (barrier, engine_asleep, make_prompt_format, sharded_greedy_em,
+                                                start_stage)
     from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
 
     e1 = cfg.search_e1
@@ -353,7 +354,8 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     history = [{"step": 0, **_dev_history(best)}]
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
-        s = opsd_step(c.actor, c.ref, batch, e1, c.tok.pad_token_id)
+        with engine_asleep(c, cfg):
+            s = opsd_step(c.actor, c.ref, batch, e1, c.tok.pad_token_id)
         if s["skipped"]:
             console.print(f"[yellow]OPSD step {step}: non-finite loss or gradient, skipped[/yellow]")
         row = {"step": step, "loss": s["loss"]}

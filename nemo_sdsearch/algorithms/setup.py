@@ -5,7 +5,9 @@ ablation.py) never branch on the backend: this module and the backends do."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import os
 from collections import deque
 from typing import NamedTuple
@@ -82,6 +84,35 @@ def barrier() -> None:
     """Wait for every rank (a no-op in one process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def engine_asleep(c: Components, cfg: TrainConfig):
+    """Around an update between two generations (GRPO's, OPSD's): the TensorRT-LLM engine releases its KV cache
+    while the update runs (trtllm.sleep_while_training), and before it wakes every rank of the replica returns
+    the update's cached allocator blocks to the device (`free_training_memory`), so the wake-up's KV cache and
+    the refit's bucket meet the resident weights only, not the update's transients."""
+    generator = c.engines["train"].generator if c.engines is not None else None
+    sleeping = generator is not None and cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training
+    if sleeping:
+        generator.sleep(level=1)
+    try:
+        yield
+    finally:
+        if cfg.generator == "trtllm":
+            free_training_memory(c.actor)
+        if sleeping:
+            generator.wake_up()
+
+
+def free_training_memory(actor) -> None:
+    """Collective over the replica: every rank empties torch's caching allocator (the update's activations,
+    logits and their gradients stay reserved there otherwise), and the leader waits until all have (the engine
+    it wakes next allocates on the other ranks' GPUs too)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    actor.gather_in_replica(None)
 
 
 def start_stage(c: Components, lr: float, seed: int) -> None:
@@ -182,7 +213,8 @@ def _trtllm_engine(cfg: TrainConfig, actor, tok, model_dir, placement=None):
     ctx = cfg.rollout.max_context
     return TRTLLMGenerator(model_dir, tok, tensor_parallel_size=cfg.trtllm.tensor_parallel,
                            kv_cache_free_gpu_memory_fraction=cfg.trtllm.kv_cache_fraction, max_seq_len=ctx,
-                           max_input_len=ctx, max_num_tokens=max(ctx, 8192), placement=placement)
+                           max_input_len=ctx, max_num_tokens=max(ctx, 8192), placement=placement,
+                           streaming=cfg.trtllm.streaming)
 
 
 def _replica_trtllm_engine(cfg: TrainConfig, actor, tok, model_dir):

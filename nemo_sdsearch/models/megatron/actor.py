@@ -450,12 +450,23 @@ class MegatronActor(Actor):
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    @property
+    def replica_group(self):
+        """The replica's gloo group (builder.replica_wait_group): object hand-offs and waits inside the replica
+        go through it, never through an NCCL kernel spinning on a GPU an engine decodes on."""
+        from nemo_sdsearch.models.megatron.builder import replica_wait_group
+
+        group = replica_wait_group()
+        if group is None:
+            from megatron.core import parallel_state as ps
+
+            group = ps.get_model_parallel_group()
+        return group
+
     def broadcast_in_replica(self, obj):
         if self.tp * self.pp == 1:
             return obj
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_model_parallel_group()
+        group = self.replica_group
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0), group=group)
         return box[0]
@@ -463,9 +474,7 @@ class MegatronActor(Actor):
     def gather_in_replica(self, obj) -> list | None:
         if self.tp * self.pp == 1:
             return [obj]
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_model_parallel_group()
+        group = self.replica_group
         leader = torch.distributed.get_global_rank(group, 0)
         out = [None] * (self.tp * self.pp) if torch.distributed.get_rank() == leader else None
         torch.distributed.gather_object(obj, out, dst=leader, group=group)
@@ -473,9 +482,7 @@ class MegatronActor(Actor):
 
     @property
     def replica_ranks(self) -> list[int]:
-        from megatron.core import parallel_state as ps
-
-        return list(torch.distributed.get_process_group_ranks(ps.get_model_parallel_group()))
+        return list(torch.distributed.get_process_group_ranks(self.replica_group))
 
     def reduce_metric_sums(self, sums: torch.Tensor) -> torch.Tensor:
         sums = self.broadcast_from_last_stage(sums, tuple(sums.shape), sums.dtype).cpu()

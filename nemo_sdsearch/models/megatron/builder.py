@@ -95,6 +95,35 @@ def init_parallel(tp: int, pp: int = 1, backend: str | None = None, seed: int = 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              distributed_timeout_minutes=math.ceil(minutes))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _make_replica_wait_group(minutes)
+
+
+_REPLICA_WAIT_GROUP = None
+
+
+def _make_replica_wait_group(minutes: float) -> None:
+    """A gloo group over this rank's data-parallel replica (its tp x pp ranks), next to Megatron's NCCL one: the
+    replica's waits (its ranks waiting in a broadcast while the leader generates, the refit's hand-offs) go
+    through it, so a waiting rank sleeps on the CPU instead of spinning an NCCL kernel on a GPU that a
+    TensorRT-LLM worker decodes on. Collective over the world (every rank creates every replica's group)."""
+    global _REPLICA_WAIT_GROUP
+    from megatron.core import parallel_state
+
+    if torch.distributed.get_world_size() == 1:
+        _REPLICA_WAIT_GROUP = None
+        return
+    mine = torch.distributed.get_process_group_ranks(parallel_state.get_model_parallel_group())
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, list(mine))
+    for ranks in sorted({tuple(r) for r in every}):
+        group = torch.distributed.new_group(list(ranks), backend="gloo", timeout=datetime.timedelta(minutes=minutes))
+        if torch.distributed.get_rank() in ranks:
+            _REPLICA_WAIT_GROUP = group
+
+
+def replica_wait_group():
+    """The gloo group of this rank's replica (`_make_replica_wait_group`); None in one process."""
+    return _REPLICA_WAIT_GROUP
 
 
 def teardown_parallel() -> None:

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, EXIT_TERMINATED, LEAD_ENV, check_signal_lead
+from nemo_sdsearch.algorithms.preemption import (EXIT_REQUEUE, EXIT_TERMINATED, LEAD_ENV, StopRequest,
+                                              check_signal_lead)
 from nemo_sdsearch.config import ConfigError
 
 BLOCKED = r"""
@@ -92,24 +93,40 @@ def test_the_signal_lead_must_cover_a_step_and_its_checkpoint(monkeypatch):
 
 
 def test_the_trainer_exits_at_once_on_sigterm_mid_step(micro_model_dir, tmp_path):
-    """`sdsearch train` with a step estimated at 1000 s: a SIGTERM during step 2 ends it at once (status 143, the
-    step named), with only step 1's checkpoint written."""
-    from test_checkpoints import _overrides, _rows, _steps, _train_cli
+    """`sdsearch train` with a step estimated at 1000 s: a SIGTERM once step 1 is checkpointed (so during step 2,
+    which takes a few seconds here) ends the process at once (status 143, the step named), with step 1's
+    checkpoint the last one."""
+    from test_checkpoints import _overrides, _steps, _train_cli
 
     out_dir = tmp_path / "run"
-    p = _train_cli(_overrides(micro_model_dir[0], out_dir, **{"trainer.save_every": 1, "trainer.steps": 50,
-                                                             "trainer.step_time_s": 1000}))
+    p = _train_cli(_overrides(micro_model_dir[0], out_dir, **{
+        "trainer.save_every": 1, "trainer.steps": 50, "trainer.step_time_s": 1000, "trainer.questions_per_step": 4,
+        "rollout.group_size": 4, "rollout.max_new_tokens": 64, "rollout.max_turns": 2}))
     try:
         deadline = time.monotonic() + 400
-        while not _rows(out_dir) and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.1)
-        assert _rows(out_dir), p.communicate(timeout=60)[0][-3000:]
+        while not (out_dir / "checkpoints" / "latest").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        assert _steps(out_dir) == [1], p.communicate(timeout=60)[0][-3000:]
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=60)
         assert p.returncode == EXIT_TERMINATED and time.monotonic() - t0 < 10, out[-3000:]
-        assert "SIGTERM during step 2" in out or "SIGTERM during step 3" in out, out[-3000:]
-        assert _steps(out_dir) in ([1], [1, 2]), _steps(out_dir)
+        assert "SIGTERM during step 2" in out and "exiting now without a checkpoint" in out, out[-3000:]
+        assert _steps(out_dir) == [1], _steps(out_dir)
     finally:
         p.kill()
         p.wait()
+
+
+def test_the_step_boundary_is_near_and_outside_the_steps_is_not():
+    stop = StopRequest(signals=(), step_time_s=100.0)
+    assert stop.seconds_to_boundary() is None                  # before the first step: exit at once
+    stop.step_started(0)
+    assert 99 < stop.seconds_to_boundary() <= 100              # the estimate (no step measured yet)
+    stop.step_finished()
+    assert stop.seconds_to_boundary() == 0.0                   # agreeing and checkpointing: near
+    stop.step_started(1)
+    assert 99 < stop.seconds_to_boundary() <= 100              # the longer of the estimate and the measured mean
+    stop.outside_steps()
+    assert stop.seconds_to_boundary() is None                  # the final evaluation: exit at once
+    assert StopRequest(signals=()).seconds_to_boundary() is None

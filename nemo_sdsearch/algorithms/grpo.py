@@ -188,10 +188,11 @@ def train(cfg: TrainConfig, console=None, progress: bool = True, components=None
                 stop.step_started(step)
                 row = rl_step(run, step)
                 run.record({**row, **run.evaluate(step + 1)})  # the dev evaluation (if due) joins the step's row
+                stop.step_finished()  # a boundary: a SIGTERM from here on is checkpointed with this step
                 if stop.agreed(run.c.actor):
                     run.stop_for(stop, step + 1)
                 run.save(step + 1)
-                stop.step_finished()
+            stop.outside_steps()
             summary = run.finish()
         if components is None:
             close_components(run.c)

@@ -79,6 +79,7 @@ class StopRequest:
         self.durations: list[float] = []
         self.step: int | None = None
         self.started: float | None = None
+        self.at_boundary = False
         self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._old: dict = {}
         self._wakeup = None
@@ -93,15 +94,26 @@ class StopRequest:
 
     # -- the loop's side --------------------------------------------------------------------------------
     def step_started(self, step: int) -> None:
-        self.step, self.started = step, time.monotonic()
+        self.step, self.started, self.at_boundary = step, time.monotonic(), False
 
     def step_finished(self) -> None:
+        """The step's work is done; until the next `step_started` the loop is at a boundary (it agrees on a stop
+        and checkpoints): a SIGTERM there is noted, never an exit."""
         if self.started is not None:
             self.durations.append(time.monotonic() - self.started)
         self.step = self.started = None
+        self.at_boundary = True
+
+    def outside_steps(self) -> None:
+        """After the last step (final evaluation and weights): a SIGTERM exits at once."""
+        self.step = self.started = None
+        self.at_boundary = False
 
     def seconds_to_boundary(self) -> float | None:
-        """How long the running step is expected to take still (None: not in a step, or no estimate)."""
+        """How long the running step is expected to take still (0 at a boundary; None outside the steps, or
+        with no estimate)."""
+        if self.at_boundary:
+            return 0.0
         if self.started is None:
             return None
         recent = self.durations[-5:]

@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -1017,7 +1016,6 @@ def check_launch(mode: str, out: Path) -> dict:
     Dry run: the embedded tiny model and the tests' TensorRT-LLM stand-in (tests/stand_in) on the CPU. One rank
     (one GPU), so the engine builds its own placement; the two-rank placement runs in tests/test_slurm.py."""
     import importlib.util
-    import secrets
 
     import torch
 
@@ -1026,10 +1024,10 @@ def check_launch(mode: str, out: Path) -> dict:
     if missing:
         raise Skip(f"{' and '.join(missing)} not installed here (the NGC container has both; Ray's wheel, ~70 MB, "
                    "is over what a device call carries)")
-    from nemo_sdsearch.rollout.ray_cluster import node_ip
+    from nemo_sdsearch.rollout.ray_cluster import one_node_cluster
     from nemo_sdsearch.world.assets import default_model_dir
 
-    work = Path(tempfile.mkdtemp(prefix="sdl", dir="/tmp"))  # short: Ray's socket paths live under it
+    work = Path(tempfile.mkdtemp(prefix="sdsearch_launch_"))
     if cuda:
         from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -1041,27 +1039,13 @@ def check_launch(mode: str, out: Path) -> dict:
         tok.save_pretrained(model_dir)
     else:
         model_dir = default_model_dir()
-    ip = node_ip()
-    with socket.socket() as s_:
-        s_.bind(("", 0))
-        port = s_.getsockname()[1]
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "SDSEARCH_RAY_TMPDIR": str(work / "ray"), "RAY_ADDRESS": f"{ip}:{port}", "RAY_USAGE_STATS_ENABLED": "0"}
-    if not cuda:
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "stand_in"), env.get("PYTHONPATH", "")])
-        env["SDSEARCH_RAY_START_ARGS"] = "--object-store-memory=200000000"
-    gpus = torch.cuda.device_count() if cuda else 0
-    head = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "start", "--head-ip", ip,
-                             "--port", str(port), "--gpus", str(gpus)], env=env, cwd=ROOT)
+    extra = {} if cuda else {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "stand_in"),
+                                                            os.environ.get("PYTHONPATH", "")]),
+                             "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000"}
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "wait", "--address",
-                            env["RAY_ADDRESS"], "--nodes", "1", "--timeout", "120"], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=180)
-        print(p.stdout + p.stderr[-2000:])
-        if p.returncode != 0:
-            raise Fail("the Ray head did not come up")
+    with one_node_cluster(gpus=torch.cuda.device_count() if cuda else 0, env={**os.environ, **extra}) as env:
         ray_s = time.perf_counter() - t0
+        print(f"ray: one node up at {env['RAY_ADDRESS']} in {ray_s:.1f} s", flush=True)
         run_dir = work / "run"
         o = ["actor=megatron", "generator=trtllm", f"model.path={model_dir}", "trainer.steps=2", "trainer.save_every=0",
              "trainer.eval_every=0", "trainer.final_test_eval=false", f"trainer.out_dir={run_dir}",
@@ -1079,12 +1063,6 @@ def check_launch(mode: str, out: Path) -> dict:
         if tr.returncode != 0:
             raise Fail(f"sdsearch train under torchrun exited with {tr.returncode}")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    finally:
-        head.terminate()
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
     problems = []
     if len(rows) != 2:
         problems.append(f"{len(rows)} metrics rows, not 2")

@@ -138,35 +138,14 @@ LAUNCHER_ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PMI_RANK": "0", "P
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A one-node Ray cluster (`ray start --head --block` through the project's own start command, with this
-    machine's node IP) for this module; stopped at the end. Yields RAY_ADDRESS."""
+def ray_head():
+    """A one-node Ray cluster (`ray start --head --block` through the project's own start and wait commands, with
+    this machine's node IP and a token, as a job script starts one) for this module; stopped at the end."""
     pytest.importorskip("ray")
-    from _mp import free_port
+    from nemo_sdsearch.rollout.ray_cluster import one_node_cluster
 
-    from nemo_sdsearch.rollout.ray_cluster import node_ip
-
-    ip, port = node_ip(), free_port()
-    import tempfile
-
-    env = {**os.environ, "SDSEARCH_RAY_TMPDIR": tempfile.mkdtemp(prefix="sdray", dir="/tmp"),  # short socket paths
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(),  # as slurm/common.sh runs it
-           "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000", "SDSEARCH_NODE_IP": ip}
-    head = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "start", "--head-ip", ip,
-                             "--port", str(port), "--cpus", "4"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        p = subprocess.run([sys.executable, "-m", "nemo_sdsearch.rollout.ray_cluster", "wait", "--address",
-                            f"{ip}:{port}", "--nodes", "1", "--timeout", "120"], env=env, capture_output=True,
-                           text=True, timeout=180)
-        assert p.returncode == 0, p.stdout + p.stderr
-        yield {"address": f"{ip}:{port}", "token": env["RAY_AUTH_TOKEN"]}
-    finally:
-        head.terminate()
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+    with one_node_cluster(cpus=4, env={**os.environ, "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000"}) as env:
+        yield {"address": env["RAY_ADDRESS"], "token": env["RAY_AUTH_TOKEN"]}
 
 
 def _replica_engine_worker(rank, world, model_dir, out, ray_head):

@@ -38,10 +38,14 @@ Why each piece is the way it is:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
 import shlex
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 DEFAULT_PORT = 6379
@@ -173,6 +177,36 @@ def wait(address: str, nodes: int, timeout_s: float = 600) -> list[dict]:
             time.sleep(1)
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def one_node_cluster(gpus: int = 0, cpus: int | None = None, env: dict | None = None, timeout_s: float = 120):
+    """A Ray cluster of this machine alone for the block (the `start` / `wait` commands a job script runs, as
+    subprocesses): its own token, a short temporary folder, this node's IP, a free port. Yields the environment
+    its drivers need (`env` plus RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN, SDSEARCH_RAY_TMPDIR); the head is
+    stopped at the end. For one-node runs and checks without SLURM (the GPU kit, the tests)."""
+    ip = node_ip()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "SDSEARCH_RAY_TMPDIR": tempfile.mkdtemp(prefix="sdray", dir="/tmp"), "RAY_ADDRESS": f"{ip}:{port}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    me = [sys.executable, "-m", __name__]
+    head = subprocess.Popen([*me, "start", "--head-ip", ip, "--port", str(port), "--gpus", str(gpus),
+                             *(["--cpus", str(cpus)] if cpus else [])], env=env)
+    try:
+        p = subprocess.run([*me, "wait", "--address", env["RAY_ADDRESS"], "--nodes", "1", "--timeout", str(timeout_s)],
+                           env=env, capture_output=True, text=True, timeout=timeout_s + 60)
+        if p.returncode != 0:
+            raise RuntimeError(f"the one-node Ray cluster did not come up: {p.stdout[-1000:]}{p.stderr[-2000:]}")
+        yield env
+    finally:
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,9 @@ Why each piece is the way it is:
   route towards the head (or, as Ray itself does, towards a public address), else 127.0.0.1 (a machine
   without a network: a one-node cluster).
 - **The launcher's variables stay out of Ray.** `start` removes the SLURM / PMI / PMIx / Open MPI / torchrun
-  variables (`trtllm_placement.SCRUB_*`, the same rule the engine build applies) before `ray start`: the
-  raylet's environment is what every Ray worker, and so every TensorRT-LLM worker, inherits.
+  variables (`is_launcher_variable`, the one rule; the engine build hides the same ones on the driver side)
+  before `ray start`: the raylet's environment is what every Ray worker, and so every TensorRT-LLM worker,
+  inherits.
 - **One long-lived step, the driver in the same container.** `ray start --block` keeps each node's task in
   the foreground until the job ends (or `sdsearch_ray_stop` stops it); the training step then runs on the
   same nodes with `--overlap` and, under pyxis, `--container-name` (the same named container), so a rank's
@@ -49,6 +50,16 @@ import tempfile
 import time
 
 DEFAULT_PORT = 6379
+# Variables of the launcher (SLURM, PMI/PMIx, Open MPI, torchrun) that must reach neither a Ray node nor a
+# TensorRT-LLM worker (trtllm_placement.engine_environment hides them while an engine starts).
+LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_")
+LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_FD", "PMI_SIZE",
+                  "PMI_RANK")
+
+
+def is_launcher_variable(name: str) -> bool:
+    return name in LAUNCHER_NAMES or name.startswith(LAUNCHER_PREFIXES)
 
 
 def _usable(ip: str) -> bool:
@@ -108,9 +119,7 @@ def auth_environment(env: dict | None = None) -> dict:
 def scrubbed_environment() -> dict[str, str]:
     """os.environ without the launcher's variables (SLURM, PMI/PMIx, Open MPI, torchrun), with the cluster's
     authentication rule: what `ray start` gets."""
-    from nemo_sdsearch.rollout.trtllm_placement import _scrubbed
-
-    env = {k: v for k, v in os.environ.items() if not _scrubbed(k)}
+    env = {k: v for k, v in os.environ.items() if not is_launcher_variable(k)}
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return auth_environment(env)
 

@@ -40,25 +40,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from nemo_sdsearch.errors import ConfigError
+from nemo_sdsearch.rollout.ray_cluster import auth_environment, is_launcher_variable, node_ip
 
-# Variables of the launcher (SLURM, PMI/PMIx, Open MPI, torchrun) that must not reach TensorRT-LLM's workers.
-SCRUB_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_")
-SCRUB_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-               "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_FD", "PMI_SIZE",
-               "PMI_RANK")
 RAY_NAMESPACE = "nemo_sdsearch"
 
-
-
-def _scrubbed(name: str) -> bool:
-    return name in SCRUB_NAMES or name.startswith(SCRUB_PREFIXES)
 
 
 @contextlib.contextmanager
 def engine_environment():
     """Hide the launcher's variables (see module docstring) inside the block; restore them after.
     Yields the names hidden."""
-    hidden = {k: v for k, v in os.environ.items() if _scrubbed(k)}
+    hidden = {k: v for k, v in os.environ.items() if is_launcher_variable(k)}
     for k in hidden:
         del os.environ[k]
     try:
@@ -102,8 +94,6 @@ def local_device_slot() -> DeviceSlot:
 
 def node_address() -> str:
     """This node's IP address, as the job's Ray cluster knows it (`ray_cluster.node_ip`)."""
-    from nemo_sdsearch.rollout.ray_cluster import node_ip
-
     return node_ip()
 
 
@@ -226,8 +216,6 @@ def connect_ray():
                           "`python -m nemo_sdsearch.rollout.ray_cluster start --head-ip <first node's IP>` on every "
                           "node and export RAY_ADDRESS=<that IP>:6379")
     if not ray.is_initialized():
-        from nemo_sdsearch.rollout.ray_cluster import auth_environment
-
         auth_environment()  # the cluster's authentication rule (ray_cluster.py), before Ray reads it
         ray.init(address=address, namespace=RAY_NAMESPACE, ignore_reinit_error=True, log_to_driver=False,
                  _node_ip_address=node_address())
@@ -241,8 +229,6 @@ def start_local_ray():
     import ray
 
     if not ray.is_initialized():
-        from nemo_sdsearch.rollout.ray_cluster import auth_environment
-
         auth_environment()
         ray.init(address="local", namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False)
     return ray

@@ -11,7 +11,8 @@ from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Gener
 class ScriptedTurns(Generator):
     """Replays fixed turn texts per row: `turns(row, question) -> [text, ...]` (question: the text after the
     prompt's last "Question: "); the last text repeats once they run out. A turn longer than max_new_tokens is
-    cut and reported with finish reason "length", as a real generator does."""
+    cut and reported with finish reason "length", one that ends in the tokenizer's EOS with "eos", as a real
+    generator does."""
 
     def __init__(self, tokenizer, turns: Callable[[int, str], Sequence[str]]):
         self.tokenizer, self.turns = tokenizer, turns
@@ -40,7 +41,8 @@ class ScriptedTurns(Generator):
                     ids = gen.tokenizer.encode(t[min(self.turn[r], len(t) - 1)])
                     cut = len(ids) > params.max_new_tokens
                     ids = ids[:params.max_new_tokens]
-                    out[r] = Completion(ids, [-1.0] * len(ids), "length" if cut else "stop")
+                    eos = bool(ids) and ids[-1] == gen.tokenizer.eos_token_id
+                    out[r] = Completion(ids, [-1.0] * len(ids), "length" if cut else "eos" if eos else "stop")
                     self.turn[r] += 1
                     self.lens[r] += len(ids)
                 return out

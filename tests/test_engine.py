@@ -216,3 +216,20 @@ def test_continuous_and_turn_synchronous_give_the_same_greedy_rollouts(micro_mod
     b = RolloutEngine(TurnSynchronous(TorchGenerator(micro_model, tokenizer)), retriever, cfg).run(qas)
     assert [t.token_ids for t in a] == [t.token_ids for t in b]
     assert [t.span_types for t in a] == [t.span_types for t in b]
+
+
+def test_an_eos_without_an_action_ends_the_trajectory(char_tokenizer, bundle):
+    """A turn that ends in EOS (id 0 here) with no search or answer tag ends the rollout there: finish reason
+    "eos", not an invalid action, no feedback appended, nothing sampled after the EOS (Search-R1 and verl end the
+    trajectory at EOS). Another row's EOS after a complete answer changes nothing."""
+    from scripted import ScriptedTurns
+
+    turns = {0: ["I do not know\x00", "<answer>too late</answer>"], 1: ["<answer>x</answer>\x00"]}
+    engine = RolloutEngine(ScriptedTurns(char_tokenizer, lambda row, question: turns[row]),
+                           BM25Retriever(bundle.test_world.passages), RolloutConfig(max_context=4096))
+    t0, t1 = engine.run([QA("q1", "Who?", ["x"])], n_samples=2)
+    assert t0.finish_reason == "eos" and t0.num_turns == 1 and t0.invalid_actions == 0
+    assert t0.token_ids[-1] == 0 and t0.from_policy[-1]                  # the EOS is the last token, sampled
+    assert "too late" not in char_tokenizer.decode(t0.token_ids)        # never sampled after it
+    assert INVALID_ACTION_FEEDBACK not in char_tokenizer.decode(t0.token_ids)
+    assert t1.finish_reason == "answer" and t1.answer == "x" and t1.exact_match == 1.0

@@ -108,3 +108,19 @@ def test_pool_is_appended_and_resumed(micro_model, tokenizer, bundle, tmp_path):
     assert all(len(g) == 2 for g in full) and len(path.read_text().splitlines()) == 3
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [q.id for q in qs]
+
+    # a crash cut the last line in the middle: resuming drops it (with a warning), rolls its question out again
+    # and appends whole lines after the last whole one
+    text = path.read_text()
+    path.write_text(text[:len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    calls.clear()
+    again = build_pool(engine, qs, 2, seed=0, path=path, batch_questions=1)
+    assert calls == [[qs[2].id]]
+    assert [t.token_ids for t in again[2]] == [t.token_ids for t in full[2]]
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [q.id for q in qs]
+    # a damaged line that is not the last one is an error that names it
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:40], lines[2]]) + "\n")
+    with pytest.raises(ValueError, match="line 2 is not a pool row"):
+        build_pool(engine, qs, 2, seed=0, path=path, batch_questions=1)

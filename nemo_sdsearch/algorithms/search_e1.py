@@ -3,7 +3,8 @@
 One cycle:
   1. GRPO round: `search_e1.grpo_steps` steps of the GRPO recipe (grpo.py) from the current weights.
   2. Rollout pool: K rollouts per pool question from the converged policy, reward and number of
-     searches recorded, appended to pool.jsonl question by question (a crash loses at most a batch).
+     searches recorded, appended to pool.jsonl question by question (a crash loses at most a batch: a last
+     line it cut is dropped on resume).
   3. Pair mining (core/pairs.py): reference = correct with fewest searches, student = most different.
   4. OPSD round: a LoRA adapter on the policy. Student = adapter on, prompt P_S(q); teacher = adapter
      off (the frozen policy), prompt P_T(q, tau_ref) = instruction || q || reference trajectory (with its
@@ -61,14 +62,45 @@ def save_state(out: Path, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 # 2. Rollout pool
 # ---------------------------------------------------------------------------------------------------
+def read_pool(path: Path, repair: bool) -> dict[str, list[Trajectory]]:
+    """The rollouts of a pool file written so far, by question id. A crash can cut the file's last line (a
+    question half written): that line is dropped with a warning, and with `repair` (the one process that writes
+    the file) cut off the file, so the stage resumes there and appends whole lines. A bad line before the last
+    one is corruption, not a crash: an error that names it."""
+    import logging
+
+    done: dict[str, list[Trajectory]] = {}
+    if not path.exists():
+        return done
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    good = 0  # bytes of whole, parsed lines
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            row = json.loads(line)
+            if i == len(lines) - 1:  # no newline after it: written, but not to its end
+                raise ValueError("no newline")
+            done[row["question_id"]] = [Trajectory.from_dict(t) for t in row["rollouts"]]
+        except (ValueError, KeyError, TypeError) as e:
+            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
+                raise ValueError(f"{path}: line {i + 1} is not a pool row ({e}); the file is damaged") from None
+            logging.getLogger(__name__).warning("%s: its last line (%d bytes) was cut by a crash; dropped, its "
+                                                "question is rolled out again", path, len(line))
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+            break
+        good += len(line) + 1
+    return done
+
+
 def build_pool(engine, questions: list[QA], k: int, seed: int, path: Path, batch_questions: int = 8) -> list[list[Trajectory]]:
-    """K rollouts per question, appended to `path` (jsonl, one question per line); resumes a partial file."""
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["question_id"]] = [Trajectory.from_dict(t) for t in row["rollouts"]]
+    """K rollouts per question, appended to `path` (jsonl, one question per line); resumes a partial file (a
+    last line cut by a crash is dropped: `read_pool`)."""
+    done = read_pool(path, repair=True)
     todo = [q for q in questions if q.id not in done]
     with open(path, "a") as f:
         for i in range(0, len(todo), batch_questions):
@@ -300,12 +332,7 @@ def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, pa
     split changes nothing), gathered on every rank, and appended to `path` by rank 0. Resumes a partial file."""
     from nemo_sdsearch.algorithms.setup import barrier
 
-    done: dict[str, list[Trajectory]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["question_id"]] = [Trajectory.from_dict(t) for t in row["rollouts"]]
+    done = read_pool(path, repair=rank0)
     barrier()  # every rank has read the file before rank 0 appends to it
     todo = [q for q in questions if q.id not in done]
     dp = actor.dp_size

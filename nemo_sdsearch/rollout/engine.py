@@ -1,6 +1,8 @@
 """The batched multi-turn search rollout engine (Search-R1 protocol).
 
-Every row generates a turn until `</search>`, `</answer>` or EOS. A completed search is run (one
+Every row generates a turn until `</search>`, `</answer>` or EOS. A turn that ends in EOS without a completed
+action ends the trajectory (finish reason "eos", not an invalid action): nothing is sampled or trained on after
+an EOS, as in Search-R1 and verl. A completed search is run (one
 batched retriever call for all rows whose turn ended at the same step), its passages are appended as an
 information block (their ids recorded in `Trajectory.retrieved_ids`, one list per search: the query-level
 metrics of world/evidence.py) and the row continues from its KV cache. Rows run independently when the backend
@@ -141,9 +143,13 @@ class RolloutEngine:
                 stats.generated_tokens += len(c.token_ids)
                 t.truncated_turns += int(c.finish_reason == "length")
                 action, content = parse_action(text)
-                t.invalid_actions += int(action == "invalid")
+                ended = c.finish_reason == "eos" and action == "invalid"  # the model ended its trajectory
+                t.invalid_actions += int(action == "invalid" and not ended)
                 if action == "answer":
                     t.finish_reason = "answer"
+                    env[row] = None
+                elif ended:
+                    t.finish_reason = "eos"
                     env[row] = None
                 elif final:
                     t.finish_reason = "no_answer"

@@ -170,9 +170,9 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
                  "trainer.out_dir": out, "grpo.micro_batch_size": 2, "optim.lr": 1e-4}
     cfg = load_config("tiny_cpu", [f"{k}={v}" for k, v in overrides.items()])
     c = build_components(cfg)
-    from nemo_sdsearch.models.megatron.actor import local_state
+    from nemo_sdsearch.checkpoint.qwen2 import local_weights
 
-    shard = sum(t.numel() * t.element_size() for t in local_state(c.actor.model).values())
+    shard = sum(t.numel() * t.element_size() for t in local_weights(c.actor.model).values())
     bytes_read = {"read": c.bytes_read, "shard": shard, "models": 1 + (c.ref is not None)}
     grpo.train(cfg, progress=False, components=c)
     from nemo_sdsearch.models.megatron.builder import replica_wait_group

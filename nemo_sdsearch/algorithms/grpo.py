@@ -324,7 +324,6 @@ class Run:
             clear_out_dir(out, cfg.trainer.overwrite)
             (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.prompts = make_prompt_format(cfg, c.tok)
-        self.generator = c.engines["train"].generator if c.engines is not None else None
         self.sampler = QuestionSampler(len(c.data["train"]), cfg.trainer.seed)
         self.history, self.evals, self.start_test, self.start_step, self.best = [], [], None, 0, None
         self.saved_step = 0

@@ -86,15 +86,10 @@ def local_device_slot() -> DeviceSlot:
 
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
-        return DeviceSlot(node_address(), index, "GPU-" + str(torch.cuda.get_device_properties(index).uuid))
+        return DeviceSlot(node_ip(), index, "GPU-" + str(torch.cuda.get_device_properties(index).uuid))
     index = int(os.environ.get("LOCAL_RANK", "0"))
-    node = node_address()
+    node = node_ip()
     return DeviceSlot(node, index, cpu_device_id(node, index))
-
-
-def node_address() -> str:
-    """This node's IP address, as the job's Ray cluster knows it (`ray_cluster.node_ip`)."""
-    return node_ip()
 
 
 def job_bundles(slots: Sequence[DeviceSlot]) -> tuple[list[dict], dict[DeviceSlot, int]]:
@@ -218,7 +213,7 @@ def connect_ray():
     if not ray.is_initialized():
         auth_environment()  # the cluster's authentication rule (ray_cluster.py), before Ray reads it
         ray.init(address=address, namespace=RAY_NAMESPACE, ignore_reinit_error=True, log_to_driver=False,
-                 _node_ip_address=node_address())
+                 _node_ip_address=node_ip())
     return ray
 
 

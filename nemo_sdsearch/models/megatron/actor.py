@@ -78,12 +78,6 @@ from nemo_sdsearch.models.base import Actor
 from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 
 
-def local_state(model) -> dict:
-    """This rank's tensors of a GPTModel shard by name (no `_extra_state` entries)."""
-    return {k: v for k, v in model.state_dict(keep_vars=True).items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-
-
 @contextlib.contextmanager
 def _decoder_output(model):
     """Make `GPTModel.forward` return the decoder output (before the output layer)."""
@@ -176,10 +170,11 @@ class MegatronActor(Actor):
             # The torch AdamW steps the model's own parameters: they must be the fp32 master weights.
             require_fp32_params(model.named_parameters(), "MegatronActor(optimizer='torch')",
                                 "build the model in fp32, or use optimizer='megatron' (fp32 main weights, GPU)")
-            self.ddp = None
-            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                               **self._adamw)
+            self.ddp, self.optimizer = None, self._torch_adamw(lr)
         self.model.eval()
+
+    def _torch_adamw(self, lr: float):
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, **self._adamw)
 
     # -- stages (models.base.Actor) -----------------------------------------------------------------------
     def reset_optimizer(self, lr: float) -> None:
@@ -189,8 +184,7 @@ class MegatronActor(Actor):
         if self.optimizer is None:
             raise ValueError("a frozen copy (optimizer='none') has no optimizer to reset")
         if self.ddp is None:
-            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                               **self._adamw)
+            self.optimizer = self._torch_adamw(lr)
             return
         inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         for opt in inner:
@@ -200,7 +194,9 @@ class MegatronActor(Actor):
 
     def copy_weights_from(self, other: "MegatronActor") -> None:
         """This rank's shard takes `other`'s shard (same layout), parameter by parameter."""
-        mine, theirs = local_state(self.model), local_state(other.model)
+        from nemo_sdsearch.checkpoint.qwen2 import local_weights
+
+        mine, theirs = local_weights(self.model), local_weights(other.model)
         if mine.keys() != theirs.keys():
             raise ValueError("copy_weights_from needs two models of the same layout")
         with torch.no_grad():

@@ -53,9 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--topk", type=int, default=3,
                    help="documents per query when a request gives no topk or topk null (default 3, as Search-R1)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--batch-window-ms", type=float, default=4.0)
-    s.add_argument("--max-batch-queries", type=int, default=256)
+    s.add_argument("--port", type=int, default=8000,
+                   help="TCP port (default 8000); 0: a free port chosen by the kernel, reported on stdout "
+                        "(\"retrieval serve: listening on http://HOST:PORT\") and in --port-file")
+    s.add_argument("--port-file", metavar="FILE",
+                   help="once the server accepts connections, write the port it listens on to FILE (atomically; "
+                        "removed when the server stops): how a launcher learns the port of --port 0")
+    s.add_argument("--batch-window-ms", type=float, default=4.0,
+                   help="how long the first of a batch of concurrent requests waits for others (default 4)")
+    s.add_argument("--max-batch-queries", type=int, default=256,
+                   help="queries in one batched search; more waiting queries go into the next batch, a larger "
+                        "request is split over several (default 256)")
     s.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
     for f in fields(Limits):  # one flag per limit, named after the field: --max-queries, --header-timeout-s, ...
         s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -120,6 +128,12 @@ def _serve(p: argparse.ArgumentParser, args) -> int:
             raise ValueError(f"serving an existing FAISS index needs {' and '.join(missing)} too")
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, not {args.topk}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0 (any free port) to 65535, not {args.port}")
+    if args.max_batch_queries < 1:
+        raise ValueError(f"--max-batch-queries must be at least 1, not {args.max_batch_queries}")
+    if not args.batch_window_ms >= 0:
+        raise ValueError(f"--batch-window-ms must be at least 0, not {args.batch_window_ms}")
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     if args.topk > limits.max_topk:
         raise ValueError(f"--topk {args.topk} is above --max-topk {limits.max_topk}")
@@ -143,7 +157,8 @@ def _serve(p: argparse.ArgumentParser, args) -> int:
         source = f"{args.faiss_index} + {args.corpus}"
     log.info("loaded %s index of %d passages from %s in %.2fs", retriever.kind, len(retriever), source,
              retriever.startup_s)
-    serve(retriever, args.host, args.port, args.batch_window_ms, args.max_batch_queries, limits, args.topk)
+    serve(retriever, args.host, args.port, args.batch_window_ms, args.max_batch_queries, limits, args.topk,
+          port_file=args.port_file)
     return 0
 
 

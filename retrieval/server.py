@@ -5,10 +5,11 @@ Search-R1 wire format: `POST /retrieve {"queries": [...], "topk": k, "return_sco
 `{"result": [[{"id", "contents"}, ...], ...]}` (without). As in Search-R1's server, `topk` may be left out or
 null (the server's `--topk` applies) and `return_scores` defaults to false. `GET /health` reports readiness.
 
-Concurrent requests are coalesced: a batcher collects requests for up to `batch_window_ms` (or
-`max_batch_queries` queries), runs one batched encode + search in a worker thread, and hands each
-request its rows. Every input is validated; a bad request gets a 4xx JSON error saying what is wrong,
-and no input can crash the server.
+Concurrent requests are coalesced: a batcher collects requests for up to `batch_window_ms`, runs one batched
+encode + search of at most `max_batch_queries` queries in a worker thread (more waiting queries go into the
+next batch), and hands each request its rows at its own topk; a failed search answers every request of its
+batch with a 500 and the next batch is served. Every input is validated; a bad request gets a 4xx JSON error
+saying what is wrong, and no input can crash the server. `--port 0` binds a free port and reports it.
 
 Every connection is bounded while it is read (`GuardedHttpProtocol`, uvicorn's httptools protocol with
 deadlines): the request head must arrive within `header_timeout_s` of connecting (or of the previous
@@ -22,8 +23,11 @@ All limits live in `Limits`; each is a `serve` flag and a row in docs/retrieval.
 import asyncio
 import http
 import logging
+import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,24 @@ class Limits:
 
 
 @dataclass
+class Waits:
+    """How long the connections one kind of deadline closed had waited, by the server's event-loop clock: from when
+    the deadline was set (at connecting or after answering the previous request, for the head; when the head was
+    complete, for the body) to when it closed them. `min_s` and `max_s` are the shortest and longest such wait;
+    `late_max_s` is the most any of them was closed after its deadline (the timer fired late: a busy event loop).
+    A deadline of T seconds gives T <= min_s <= max_s <= T + late_max_s. None until one was closed."""
+
+    min_s: float | None = None
+    max_s: float | None = None
+    late_max_s: float | None = None
+
+    def add(self, waited_s: float, late_s: float) -> None:
+        self.min_s = waited_s if self.min_s is None else min(self.min_s, waited_s)
+        self.max_s = waited_s if self.max_s is None else max(self.max_s, waited_s)
+        self.late_max_s = late_s if self.late_max_s is None else max(self.late_max_s, late_s)
+
+
+@dataclass
 class ConnectionStats:
     """What the connection guard did, reported by `/health` under "connections"."""
 
@@ -83,6 +105,8 @@ class ConnectionStats:
     header_timeouts: int = 0  # closed: no complete request head within header_timeout_s
     body_timeouts: int = 0  # 408: no complete body within body_timeout_s
     too_large: int = 0  # 413 (body) or 431 (head)
+    header_timeout_waits: Waits = field(default_factory=Waits)  # how long the header_timeouts had waited
+    body_timeout_waits: Waits = field(default_factory=Waits)  # how long the body_timeouts had waited
 
 
 def _error_response(status: int, message: str, extra_headers: str = "") -> bytes:
@@ -108,6 +132,7 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
             super().__init__(*args, **kwargs)
             self._reading = "head"  # what the parser waits for: "head" (request line + headers) or "body"
             self._deadline = None  # loop time by which that must be in; None while a request is being answered
+            self._since = 0.0  # loop time when the deadline was set (for the stats' Waits)
             self._timer = None
             self._timer_at = 0.0
             self._head_bytes = self._body_bytes = 0
@@ -197,13 +222,14 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
                 return
             if self._reading == "body":  # a pipelined request whose body is still to come, or one answered early
                 if self._deadline is None:
-                    self._expect(limits.body_timeout_s)
+                        self._expect(limits.body_timeout_s)
             elif self.cycle.response_complete:  # nothing in flight: the next request's head is due
                 self._expect(limits.header_timeout_s)
 
         # -- deadlines ----------------------------------------------------------------------------------
         def _expect(self, seconds: float) -> None:
-            at = self.loop.time() + seconds
+            self._since = self.loop.time()
+            at = self._since + seconds
             self._deadline = at
             if self._timer is None or at < self._timer_at:
                 if self._timer is not None:
@@ -214,11 +240,13 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
             self._timer = None
             if self._deadline is None or self.transport.is_closing():
                 return
-            if self.loop.time() < self._deadline:  # moved later since the timer was set
+            now = self.loop.time()
+            if now < self._deadline:  # moved later since the timer was set
                 self._timer, self._timer_at = self.loop.call_at(self._deadline, self._check_deadline), self._deadline
                 return
             if self._reading == "head":
                 stats.header_timeouts += 1
+                stats.header_timeout_waits.add(now - self._since, now - self._deadline)
                 if self._head_bytes == 0:  # nothing of a request arrived: nothing to answer
                     self._refused = True
                     self.transport.close()
@@ -227,6 +255,7 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
                                       "(--header-timeout-s)")
             else:
                 stats.body_timeouts += 1
+                stats.body_timeout_waits.add(now - self._since, now - self._deadline)
                 expected = f" of {self._content_length}" if self._content_length is not None else ""
                 self._refuse(408, f"the request body did not arrive within {limits.body_timeout_s}s "
                                   f"(--body-timeout-s): got {self._body_bytes}{expected} bytes")
@@ -263,23 +292,53 @@ def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
     return GuardedHttpProtocol
 
 
+class SearchError(RuntimeError):
+    """A search could not be answered: the retriever failed on the batch the request was in (every request of
+    that batch gets it), or the batcher stopped. `/retrieve` answers it with 500 and this message."""
+
+
 @dataclass
 class _Pending:
     queries: list[str]
     topk: int
     future: asyncio.Future = field(repr=False)
+    rows: list = field(default_factory=list, repr=False)  # one ranked list per query, filled batch by batch
+    taken: int = 0  # queries handed to a batch so far
+    filled: int = 0  # rows received so far
 
 
 class Batcher:
-    """Coalesces concurrent searches into one retriever call."""
+    """Coalesces concurrent searches into batched retriever calls of at most `max_batch_queries` queries.
+
+    Requests wait in arrival order. A batch takes queries from the front until it holds `max_batch_queries`: a
+    request that does not fit whole is split, its first queries going into this batch and the rest into the next
+    (so a request of more queries than the cap is served by several calls, and none is larger than the cap). The
+    retriever is asked for the largest topk of the batch and each request gets its own topk of every row. If the
+    retriever raises (or answers the wrong number of rows), every request with queries in that batch gets a
+    `SearchError` and the batcher goes on with the next batch: no request is left waiting.
+
+    The counters (`stats()`, reported by /health under "batcher") say what it did: the batches and their sizes,
+    and the failed ones with the requests they failed."""
+
+    RECENT = 64  # batch sizes kept for /health
 
     def __init__(self, retriever, window_ms: float = 4.0, max_batch_queries: int = 256):
+        if isinstance(max_batch_queries, bool) or not isinstance(max_batch_queries, int) or max_batch_queries < 1:
+            raise ValueError(f"--max-batch-queries must be a positive integer, not {max_batch_queries!r}")
+        if not window_ms >= 0:
+            raise ValueError(f"--batch-window-ms must be at least 0, not {window_ms!r}")
         self.retriever = retriever
+        self.window_ms = window_ms
         self.window = window_ms / 1000
         self.max_batch = max_batch_queries
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.batches = 0
-        self.queries = 0
+        self._waiting: deque[_Pending] = deque()  # in arrival order; the front one may be partly taken
+        self._wake = asyncio.Event()
+        self.batches = 0  # retriever calls that answered
+        self.queries = 0  # queries they answered
+        self.failed_batches = 0  # retriever calls that raised (or answered the wrong number of rows)
+        self.failed_requests = 0  # requests answered with a SearchError because a batch of theirs failed
+        self.largest_batch = 0  # queries in the largest retriever call, failed ones included
+        self.recent_batch_sizes: deque[int] = deque(maxlen=self.RECENT)  # queries per call, oldest first
         self._recent_batch = 2.0  # moving average of requests per batch
         self._task = None
 
@@ -289,46 +348,100 @@ class Batcher:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail(list(self._waiting), SearchError("the retrieval server is shutting down"))
+        self._waiting.clear()
+
+    def stats(self) -> dict:
+        return {"window_ms": self.window_ms, "max_batch_queries": self.max_batch, "batches": self.batches,
+                "queries": self.queries, "failed_batches": self.failed_batches,
+                "failed_requests": self.failed_requests, "largest_batch": self.largest_batch,
+                "recent_batch_sizes": list(self.recent_batch_sizes),
+                "waiting_requests": sum(not p.future.done() for p in self._waiting),
+                "waiting_queries": sum(len(p.queries) - p.taken for p in self._waiting if not p.future.done())}
 
     async def search(self, queries: list[str], topk: int):
+        if not queries:
+            return []
+        if self._task is None or self._task.done():
+            raise SearchError("the batcher is not running")
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(queries, topk, fut))
+        self._waiting.append(_Pending(list(queries), topk, fut, [None] * len(queries)))
+        self._wake.set()
         return await fut
+
+    def _fail(self, pending: list[_Pending], error: SearchError) -> None:
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(SearchError(str(error)))
+                self.failed_requests += 1
+
+    def _next_batch(self) -> list[tuple[_Pending, int, int]]:
+        """(request, first query, end) pieces of the next batch, at most `max_batch` queries in all."""
+        pieces, n = [], 0
+        while self._waiting and n < self.max_batch:
+            p = self._waiting[0]
+            if p.future.done():  # its client went away, or an earlier batch of it failed
+                self._waiting.popleft()
+                continue
+            take = min(self.max_batch - n, len(p.queries) - p.taken)
+            pieces.append((p, p.taken, p.taken + take))
+            p.taken += take
+            n += take
+            if p.taken == len(p.queries):
+                self._waiting.popleft()
+        return pieces
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self.queue.get()
-            batch, n = [first], len(first.queries)
-            # Let concurrent requests arrive for one window, then take everything queued (one timer
-            # per batch, not one per request), up to max_batch queries; the rest waits for the next.
-            # A client that sends one request at a time would only ever wait out the window: once the
-            # recent batches hold a single request each, the window is skipped.
-            if self.window > 0 and self.queue.empty() and self._recent_batch > 1.5:
+            while not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            # Let concurrent requests arrive for one window, then take what is queued (one timer per batch, not
+            # one per request), up to max_batch queries; the rest waits for the next batch. A client that sends
+            # one request at a time would only ever wait out the window: once the recent batches hold a single
+            # request each, the window is skipped.
+            if (self.window > 0 and len(self._waiting) == 1 and self._recent_batch > 1.5
+                    and len(self._waiting[0].queries) - self._waiting[0].taken < self.max_batch):
                 await asyncio.sleep(self.window)
-            while n < self.max_batch and not self.queue.empty():
-                item = self.queue.get_nowait()
-                batch.append(item)
-                n += len(item.queries)
-            queries = [q for p in batch for q in p.queries]
-            k = max(p.topk for p in batch)
+            pieces = self._next_batch()
+            if not pieces:
+                continue
+            requests = list({id(p): p for p, _, _ in pieces}.values())
+            queries = [q for p, a, b in pieces for q in p.queries[a:b]]
+            self.largest_batch = max(self.largest_batch, len(queries))
+            self.recent_batch_sizes.append(len(queries))
+            self._recent_batch = 0.8 * self._recent_batch + 0.2 * len(requests)
             try:
-                results = await loop.run_in_executor(None, self.retriever.search, queries, k)
-            except Exception as e:  # the search failed: every waiting request gets the error
-                log.exception("search failed")
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                results = await loop.run_in_executor(None, self.retriever.search, queries,
+                                                     max(p.topk for p, _, _ in pieces))
+                if len(results) != len(queries):
+                    raise SearchError(f"the retriever answered {len(results)} rows for {len(queries)} queries")
+                i = 0
+                for p, a, b in pieces:
+                    rows = results[i:i + b - a]
+                    i += b - a
+                    if p.future.done():
+                        continue
+                    p.rows[a:b] = [list(r)[:p.topk] for r in rows]
+                    p.filled += b - a
+                    if p.filled == len(p.queries):
+                        p.future.set_result(p.rows)
+            except asyncio.CancelledError:
+                self._fail(requests, SearchError("the retrieval server is shutting down"))
+                raise
+            except Exception as e:  # the search failed: every request with queries in this batch gets the error
+                log.exception("search of a batch of %d queries from %d requests failed", len(queries), len(requests))
+                self.failed_batches += 1
+                self._fail(requests, e if isinstance(e, SearchError) else
+                           SearchError(f"the search failed: {type(e).__name__}: {e}"))
                 continue
             self.batches += 1
             self.queries += len(queries)
-            self._recent_batch = 0.8 * self._recent_batch + 0.2 * len(batch)
-            i = 0
-            for p in batch:
-                rows = [r[:p.topk] for r in results[i:i + len(p.queries)]]
-                i += len(p.queries)
-                if not p.future.done():
-                    p.future.set_result(rows)
 
 
 def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, max_batch_queries: int = 256,
@@ -382,6 +495,10 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
         return JSONResponse(status_code=exc.status_code, content={"error": f"body: {exc.detail}" if exc.status_code == 400
                                                                   else str(exc.detail)})
 
+    @app.exception_handler(SearchError)
+    async def _search_failed(request: Request, exc: SearchError):
+        return JSONResponse(status_code=500, content={"error": str(exc)})
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("internal error")
@@ -398,7 +515,8 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
     async def health():
         return {"status": "ok", "num_passages": len(retriever) if hasattr(retriever, "__len__") else None,
                 "uptime_s": time.time() - started, "batches": batcher.batches, "queries": batcher.queries,
-                "startup_s": getattr(retriever, "startup_s", None), "connections": asdict(connections),
+                "startup_s": getattr(retriever, "startup_s", None), "batcher": batcher.stats(),
+                "connections": asdict(connections),
                 "limits": {"max_queries": limits.max_queries, "max_topk": limits.max_topk,
                            "max_request_bytes": limits.max_request_bytes}}
 
@@ -408,19 +526,51 @@ def create_app(retriever, limits: Limits | None = None, window_ms: float = 4.0, 
 
 
 def serve(retriever, host: str = "127.0.0.1", port: int = 8000, window_ms: float = 4.0,
-          max_batch_queries: int = 256, limits: Limits | None = None, default_topk: int = 3) -> None:
-    """Serve a loaded retriever (`index.IndexRetriever`, `index.FaissFileRetriever`) until interrupted."""
+          max_batch_queries: int = 256, limits: Limits | None = None, default_topk: int = 3,
+          port_file: str | os.PathLike | None = None) -> None:
+    """Serve a loaded retriever (`index.IndexRetriever`, `index.FaissFileRetriever`) until interrupted.
+
+    `port` 0 binds a free port chosen by the kernel. Once the server accepts connections it prints
+    `retrieval serve: listening on http://HOST:PORT` (the port it bound) and, with `port_file`, writes that port
+    to the file (atomically: a reader sees the whole number or no file); the file is removed when it stops."""
     import uvicorn
 
     limits = _fit_file_limit(limits or Limits())
     app = create_app(retriever, limits, window_ms, max_batch_queries, default_topk)
-    server = uvicorn.Server(uvicorn_config(app, host, port, limits))
+    if port_file is not None:
+        Path(port_file).unlink(missing_ok=True)  # a file left by an earlier server must not be read as ours
+
+    class ReportingServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                _announce(host, bound_port(self), port_file)
+
+    server = ReportingServer(uvicorn_config(app, host, port, limits))
     try:
         server.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        if port_file is not None and server.started:
+            Path(port_file).unlink(missing_ok=True)
     if not server.started:  # uvicorn logged why (e.g. the port is in use)
         raise SystemExit(3)
+
+
+def bound_port(server) -> int:
+    """The port a started `uvicorn.Server` listens on (the one the kernel chose where it was given port 0; with a
+    host name of several addresses, each has its own and this is the first)."""
+    return server.servers[0].sockets[0].getsockname()[1]
+
+
+def _announce(host: str, port: int, port_file) -> None:
+    print(f"retrieval serve: listening on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+    if port_file is not None:
+        path = Path(port_file)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, path)
 
 
 def uvicorn_config(app, host: str, port: int, limits: Limits | None = None):

@@ -1,7 +1,13 @@
 """Hardening of the retrieval service (issue 13): stalled and oversized clients against the real server on a
 loopback port, index rebuilds that can neither keep a stale corpus nor destroy a working index, and corpus
 lines that are not UTF-8. Timeouts are set short through the server's own flags so that each test takes
-seconds; every bound asserted is the configured limit plus a stated slack."""
+seconds.
+
+No check here depends on the machine being fast (issue 24): what the server did is read from its own counters
+in /health (connections closed by each deadline, refused, too large) and from its own clock (how long the
+connections a deadline closed had waited, `header_timeout_waits` / `body_timeout_waits`). Wall-clock bounds
+are lower bounds (nothing is closed before its deadline: a slow machine only makes things later) and generous
+upper ones (`LATE_S`: the deadline fired at all)."""
 
 import asyncio
 import hashlib
@@ -13,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import httpx
@@ -24,15 +30,19 @@ from nemo_sdsearch.retrieval.base import CorpusError
 from nemo_sdsearch.retrieval.build import build_index
 from nemo_sdsearch.retrieval.client import RetrievalClient
 from nemo_sdsearch.retrieval.index import IndexRetriever, staging_dir
-from nemo_sdsearch.retrieval.server import Limits, create_app, uvicorn_config
-from test_retrieval_service import Server, corpus_file, free_port  # noqa: F401 - corpus_file is a fixture
+from nemo_sdsearch.retrieval.server import Limits, create_app
+from test_retrieval_service import Server, corpus_file, served_in_thread  # noqa: F401 - corpus_file is a fixture
 
-HEADER_TIMEOUT_S = 1.0
+# The header timeout is also the window in which a test must set up what it checks (open 120 connections and
+# be answered meanwhile; fill the connection cap and probe it): 2 s leaves it ample on a loaded 2-core box.
+HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 1.0
 MAX_REQUEST_BYTES = 100_000
 MAX_CONNECTIONS = 160
-SLACK_S = 0.5  # scheduling slack on a loaded 2-core box; the deadline timers themselves fire within ~5 ms
-EARLY_S = 0.05  # a connection closed this much before its deadline was not closed by the deadline
+EARLY_S = 0.05  # clock granularity on client-side lower bounds (a client's clock starts before the deadline)
+LATE_S = 10.0  # how late a deadline may fire on a loaded machine: generous, the counters carry the checks
+READ_S = HEADER_TIMEOUT_S + LATE_S + 5  # how long a client waits for the server to close its connection
+TOLERANCE_S = 1e-6  # the server's measured waits are differences of loop times: rounding only
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def health(server) -> dict:
     return r.json()
 
 
-def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, float]:
+def exchange(port: int, data: bytes, timeout: float = READ_S) -> tuple[bytes, float]:
     """Send `data` on a fresh connection and read until the server closes it: (all bytes read, seconds)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         t0 = time.perf_counter()
@@ -69,11 +79,23 @@ def status_and_error(response: bytes) -> tuple[int, str]:
     return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
 
 
+def assert_waits_on_time(waits: dict, timeout_s: float) -> None:
+    """The server's own measure of how long the connections a deadline closed had waited (`Waits`): never less
+    than the timeout, and no more than the timeout plus how late its timer fired (exact, however slow the
+    machine: a deadline set to another value, or moved later, fails it); the lateness itself only generously
+    bounded."""
+    assert waits["min_s"] is not None, "no connection was closed by this deadline"
+    assert timeout_s - TOLERANCE_S <= waits["min_s"] <= waits["max_s"], waits
+    assert waits["max_s"] <= timeout_s + waits["late_max_s"] + TOLERANCE_S, waits
+    assert 0 <= waits["late_max_s"] <= LATE_S, waits
+
+
 # -- stalled, slow and oversized clients ---------------------------------------------------------------------
 
 def test_idle_and_slowloris_connections_are_closed_at_the_header_timeout(guarded, bundle):
-    """100 connections that send nothing and 20 that send one header line every 0.5 s are all closed within
-    the header timeout (+ slack); a client on another connection is answered all along."""
+    """100 connections that send nothing and 20 that send one header line every 0.5 s are all closed by the
+    header deadline (the server counts 120 header timeouts, each after waiting the header timeout by its own
+    clock; none was closed before it); a client on another connection is answered while they are held."""
     hop = bundle.test[0].hops[0]
     before = health(guarded)["connections"]
 
@@ -85,7 +107,7 @@ def test_idle_and_slowloris_connections_are_closed_at_the_header_timeout(guarded
         async def idle():
             t0 = loop.time()
             reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
-            data = await asyncio.wait_for(reader.read(), 10)
+            data = await asyncio.wait_for(reader.read(), READ_S)
             writer.close()
             return loop.time() - t0, data
 
@@ -102,22 +124,21 @@ def test_idle_and_slowloris_connections_are_closed_at_the_header_timeout(guarded
                     writer.write(b"X-Slow-%d: 1\r\n" % i)
 
             dripping = loop.create_task(drip())
-            data = await asyncio.wait_for(reader.read(), 10)
+            data = await asyncio.wait_for(reader.read(), READ_S)
             elapsed = loop.time() - t0
             dripping.cancel()
             writer.close()
             return elapsed, data
 
         async def client():
-            answers = []
-            async with httpx.AsyncClient(base_url=guarded.url, timeout=5) as c:
+            answers = []  # (health status, retrieve status, evidence found, open connections the health counted)
+            async with httpx.AsyncClient(base_url=guarded.url, timeout=READ_S) as c:
                 while not done.is_set():
-                    t0 = loop.time()
                     h = await c.get("/health")
                     r = await c.post("/retrieve", json={"queries": [hop.query], "topk": 3})
                     found = r.status_code == 200 and hop.evidence in " ".join(d["contents"] for d in r.json()["result"][0])
-                    answers.append((h.status_code, r.status_code, found, loop.time() - t0))
-                    await asyncio.sleep(0.1)
+                    answers.append((h.status_code, r.status_code, found, h.json()["connections"]["open"]))
+                    await asyncio.sleep(0.05)
             return answers
 
         watcher = loop.create_task(client())
@@ -125,24 +146,25 @@ def test_idle_and_slowloris_connections_are_closed_at_the_header_timeout(guarded
         done.set()
         return results[:100], results[100:], await watcher
 
-    t0 = time.perf_counter()
     idle, slow, answers = asyncio.run(attack())
-    wall = time.perf_counter() - t0
     idle_s, slow_s = [e for e, _ in idle], [e for e, _ in slow]
+    after = health(guarded)["connections"]
     print(f"\nidle closed after {min(idle_s):.3f}..{max(idle_s):.3f}s, slowloris after {min(slow_s):.3f}.."
-          f"{max(slow_s):.3f}s (header timeout {HEADER_TIMEOUT_S}s); {len(answers)} health+retrieve rounds "
-          f"meanwhile, slowest {max(a[3] for a in answers):.3f}s; attack wall {wall:.2f}s")
+          f"{max(slow_s):.3f}s by the client's clock, {after['header_timeout_waits']} by the server's (header "
+          f"timeout {HEADER_TIMEOUT_S}s); {len(answers)} health+retrieve rounds meanwhile, at most "
+          f"{max(a[3] for a in answers)} connections open")
     assert all(data == b"" for _, data in idle)  # nothing of a request arrived: closed without an answer
     assert all(data.startswith(b"HTTP/1.1 408 ") for _, data in slow)
     assert status_and_error(slow[0][1])[1] == (f"the request line and headers did not arrive within "
                                                f"{HEADER_TIMEOUT_S}s (--header-timeout-s)")
     for elapsed in idle_s + slow_s:
-        assert HEADER_TIMEOUT_S - EARLY_S <= elapsed <= HEADER_TIMEOUT_S + SLACK_S
-    assert len(answers) >= 3 and all(a[:3] == (200, 200, True) for a in answers)
-    assert max(a[3] for a in answers) < 1.0
-    after = health(guarded)["connections"]
+        assert HEADER_TIMEOUT_S - EARLY_S <= elapsed <= HEADER_TIMEOUT_S + LATE_S
     assert after["header_timeouts"] - before["header_timeouts"] == 120
+    assert_waits_on_time(after["header_timeout_waits"], HEADER_TIMEOUT_S)
     assert after["open"] == 1  # the /health request itself
+    # answered all along, and while the attack's connections were held: the server counted them open meanwhile
+    assert len(answers) >= 2 and all(a[:3] == (200, 200, True) for a in answers)
+    assert max(a[3] for a in answers) >= 100
 
 
 def test_a_client_still_writing_when_refused_reads_the_whole_answer(guarded):
@@ -155,7 +177,7 @@ def test_a_client_still_writing_when_refused_reads_the_whole_answer(guarded):
             s.settimeout(0.01)
             data, i = b"", 0
             t0 = time.perf_counter()
-            while time.perf_counter() - t0 < HEADER_TIMEOUT_S + 3:
+            while time.perf_counter() - t0 < READ_S:
                 try:
                     chunk = s.recv(65536)
                 except socket.timeout:
@@ -169,7 +191,7 @@ def test_a_client_still_writing_when_refused_reads_the_whole_answer(guarded):
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # our writes may be refused once the server has closed; the answer must still be read
                 i += 1
-            raise AssertionError(f"no end of stream after {HEADER_TIMEOUT_S + 3}s; read {data[:80]!r}")
+            raise AssertionError(f"no end of stream after {READ_S}s; read {data[:80]!r}")
 
     results: list = [None] * 8
     def run(k):
@@ -189,27 +211,32 @@ def test_a_client_still_writing_when_refused_reads_the_whole_answer(guarded):
 
 
 def test_short_body_gets_408_at_the_body_timeout(guarded):
-    """A body shorter than its Content-Length: 408 naming what arrived, within the body timeout (+ slack)."""
+    """A body shorter than its Content-Length: 408 naming what arrived, from the body deadline (counted as a body
+    timeout, after waiting the body timeout by the server's clock), not before it."""
     before = health(guarded)["connections"]
     head = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 90000\r\n\r\n"
     response, elapsed = exchange(guarded.port, head + b"x" * 1000)
-    print(f"\nshort body answered after {elapsed:.3f}s (body timeout {BODY_TIMEOUT_S}s)")
+    after = health(guarded)["connections"]
+    print(f"\nshort body answered after {elapsed:.3f}s by the client's clock, {after['body_timeout_waits']} by the "
+          f"server's (body timeout {BODY_TIMEOUT_S}s)")
     assert status_and_error(response) == (408, f"the request body did not arrive within {BODY_TIMEOUT_S}s "
                                                 "(--body-timeout-s): got 1000 of 90000 bytes")
-    assert BODY_TIMEOUT_S - EARLY_S <= elapsed <= BODY_TIMEOUT_S + SLACK_S
-    assert health(guarded)["connections"]["body_timeouts"] - before["body_timeouts"] == 1
+    assert BODY_TIMEOUT_S - EARLY_S <= elapsed <= BODY_TIMEOUT_S + LATE_S
+    assert after["body_timeouts"] - before["body_timeouts"] == 1
+    assert after["header_timeouts"] == before["header_timeouts"]
+    assert_waits_on_time(after["body_timeout_waits"], BODY_TIMEOUT_S)
 
 
 def test_oversized_bodies_get_413_before_they_are_read(guarded):
     """A Content-Length over the cap is refused from the headers alone (the issue's probe: 1,000,000 announced,
-    less sent); a chunked body is refused as soon as its bytes pass the cap."""
+    less sent: a server that waited for the body would answer 408 at the body deadline, and count it); a chunked
+    body is refused as soon as its bytes pass the cap."""
     before = health(guarded)["connections"]
     for announced in (1_000_000, 10**12):
         head = f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: {announced}\r\n\r\n".encode()
-        response, elapsed = exchange(guarded.port, head + b'{"queries": ["')
+        response, _ = exchange(guarded.port, head + b'{"queries": ["')
         assert status_and_error(response) == (413, f"the request body has {announced} bytes; the limit is "
                                                    f"{MAX_REQUEST_BYTES} (--max-request-bytes)")
-        assert elapsed < SLACK_S
     chunked = (b"POST /retrieve HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                + b"%x\r\n" % MAX_REQUEST_BYTES + b"x" * MAX_REQUEST_BYTES + b"\r\n" + b"a\r\n" + b"y" * 10)
     response, elapsed = exchange(guarded.port, chunked)
@@ -218,39 +245,63 @@ def test_oversized_bodies_get_413_before_they_are_read(guarded):
     huge_head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (Limits().max_header_bytes + 1)
     response, _ = exchange(guarded.port, huge_head)
     assert status_and_error(response)[0] == 431
-    assert health(guarded)["connections"]["too_large"] - before["too_large"] == 4
+    after = health(guarded)["connections"]
+    assert after["too_large"] - before["too_large"] == 4
+    assert (after["body_timeouts"], after["header_timeouts"]) == (before["body_timeouts"], before["header_timeouts"])
 
 
 def test_connections_beyond_the_cap_get_503_until_the_header_timeout_frees_them(guarded, bundle):
-    """At the cap every new connection (a /health probe too) is answered 503 and closed at once; the held ones
-    are closed at the header timeout, and a retrying client started during the flood gets its answer."""
+    """At the cap every new connection (a /health probe too) is answered 503 at connect (the raw probe sends
+    nothing: only a refusal at connect answers it); the held ones are closed by the header deadline, and a
+    retrying client started during the flood gets its answer once they are."""
     hop = bundle.test[0].hops[0]
     before = health(guarded)["connections"]
     assert before["open"] == 1
+    t_start = time.perf_counter()  # before the first held connection: none can be closed before t_start + timeout
     held = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(MAX_CONNECTIONS)]
-    t_full = time.perf_counter()
-    response, elapsed = exchange(guarded.port, b"")
+    response, _ = exchange(guarded.port, b"")
     assert status_and_error(response) == (503, f"the server holds its limit of {MAX_CONNECTIONS} open "
                                                "connections (--max-connections); retry shortly")
-    assert b"\r\nretry-after: 1\r\n" in response and elapsed < SLACK_S
+    assert b"\r\nretry-after: 1\r\n" in response
     assert httpx.get(guarded.url + "/health", timeout=5).status_code == 503
-    client = RetrievalClient(guarded.url, timeout_s=5, max_wait_s=30, backoff_s=0.1, max_backoff_s=0.2)
+    client = RetrievalClient(guarded.url, timeout_s=READ_S, max_wait_s=READ_S + 30, backoff_s=0.1, max_backoff_s=0.2)
     try:
         docs = client.search([hop.query], 3)[0]
     finally:
         client.close()
-    waited = time.perf_counter() - t_full
-    print(f"\nretrying client answered {waited:.3f}s after the cap was reached, after {client.retries} retries")
+    waited = time.perf_counter() - t_start
+    print(f"\nretrying client answered {waited:.3f}s after the held connections were opened, after {client.retries} "
+          "retries")
     assert hop.evidence in " ".join(d.contents for d in docs)
-    assert HEADER_TIMEOUT_S - EARLY_S <= waited <= HEADER_TIMEOUT_S + SLACK_S + 0.2
+    assert HEADER_TIMEOUT_S - EARLY_S <= waited <= HEADER_TIMEOUT_S + LATE_S
     for s in held:
-        s.settimeout(5)
+        s.settimeout(READ_S)
         assert s.recv(1) == b""  # closed by the header timeout (accepted, not refused: no 503 on these)
         s.close()
     after = health(guarded)["connections"]
     # refused: the raw probe, the /health probe, the client's one /health read of the limits, its retries
     assert after["refused_over_max_connections"] - before["refused_over_max_connections"] == 3 + client.retries
     assert after["header_timeouts"] - before["header_timeouts"] == MAX_CONNECTIONS
+    assert_waits_on_time(after["header_timeout_waits"], HEADER_TIMEOUT_S)
+
+
+def read_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP response with a Content-Length from `s`: (head, body). The end of the stream before it is complete
+    is an error (not an endless loop of empty reads)."""
+    def more() -> bytes:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the server closed the connection in the middle of a response: {data!r}")
+        return chunk
+
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += more()
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += more()
+    return head, body
 
 
 class SlowBM25(BM25Retriever):
@@ -265,51 +316,40 @@ class SlowBM25(BM25Retriever):
 
 def test_keep_alive_and_slow_answers_are_not_cut(bundle):
     """Through the server factory (`create_app` + `uvicorn_config`) with a 1 s header timeout: an answer that
-    takes 1.5 s is delivered, a second request on the kept-alive connection is answered, and the connection is
-    closed one header timeout after the last answer."""
-    import uvicorn
-
-    limits = Limits(header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S)
-    port = free_port()
-    server = uvicorn.Server(uvicorn_config(create_app(SlowBM25(bundle.test_world.passages), limits),
-                                           "127.0.0.1", port, limits))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    takes 1.5 s is delivered (no deadline runs while the server answers), a second request on the kept-alive
+    connection is answered, and the connection is then closed by the header deadline: one header timeout (by
+    the server's clock) after the last answer, the only deadline that fired."""
+    header_timeout_s = 1.0
+    limits = Limits(header_timeout_s=header_timeout_s, body_timeout_s=BODY_TIMEOUT_S)
+    app = create_app(SlowBM25(bundle.test_world.passages), limits)
     hop = bundle.test[0].hops[0]
     body = json.dumps({"queries": [hop.query], "topk": 3}).encode()
     request = (b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                % len(body)) + body
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.settimeout(10)
-            times = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                s.sendall(request)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += s.recv(65536)
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                rest = head.split(b"\r\n\r\n", 1)[1]
-                while len(rest) < length:
-                    rest += s.recv(65536)
-                times.append(time.perf_counter() - t0)
-                assert head.startswith(b"HTTP/1.1 200 ") and hop.evidence in rest.decode()
-                time.sleep(0.5)  # idle, but less than the header timeout
-            t_last = time.perf_counter() - 0.5
-            assert s.recv(1) == b""
-            closed_after = time.perf_counter() - t_last
-        print(f"\nanswers after {times[0]:.3f}s and {times[1]:.3f}s on one connection; closed {closed_after:.3f}s "
-              "after the last answer")
-        assert all(SlowBM25.delay_s <= t < SlowBM25.delay_s + SLACK_S for t in times)
-        assert HEADER_TIMEOUT_S - EARLY_S <= closed_after <= HEADER_TIMEOUT_S + SLACK_S
-        assert server.server_state.total_requests == 2
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served_in_thread(app, limits) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(READ_S)
+        times = []
+        for i in range(2):
+            if i:
+                time.sleep(0.1)  # idle, well within the header timeout
+            t_sent = time.perf_counter()
+            s.sendall(request)
+            head, rest = read_response(s)
+            times.append(time.perf_counter() - t_sent)
+            assert head.startswith(b"HTTP/1.1 200 "), head + rest
+            assert hop.evidence in rest.decode()
+        assert s.recv(1) == b""
+        closed_after_send = time.perf_counter() - t_sent
+        stats = app.state.connections
+        print(f"\nanswers after {times[0]:.3f}s and {times[1]:.3f}s on one connection; closed {closed_after_send:.3f}s "
+              f"after the last request was sent; the server measured {stats.header_timeout_waits} of waiting")
+        # by the client's clock, only lower bounds (each step waits for the one before) and generous upper ones
+        assert all(SlowBM25.delay_s <= t < SlowBM25.delay_s + LATE_S for t in times)
+        assert SlowBM25.delay_s + header_timeout_s <= closed_after_send <= SlowBM25.delay_s + header_timeout_s + LATE_S
+        # by the server's: closed by the header deadline, once, after waiting the header timeout from the answer
+        assert (stats.header_timeouts, stats.body_timeouts) == (1, 0)
+        assert_waits_on_time(asdict(stats.header_timeout_waits), header_timeout_s)
+        assert app.state.batcher.batches == 2 and app.state.batcher.queries == 2
 
 
 def test_limits_are_flags_with_checked_values_and_documented_defaults(tmp_path, capsys):
@@ -436,8 +476,7 @@ def test_serve_on_an_incomplete_or_damaged_index_names_the_directory_and_the_reb
     command = f"python -m nemo_sdsearch.retrieval build --corpus {corpus} --out {out} --kind bm25"
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "complete": False}))
-    port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "nemo_sdsearch.retrieval", "serve", "--index", str(out), "--port", str(port)],
+    proc = subprocess.run([sys.executable, "-m", "nemo_sdsearch.retrieval", "serve", "--index", str(out), "--port", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"retrieval serve: error: {out}: the index build did not finish (meta.json says "
@@ -445,7 +484,7 @@ def test_serve_on_an_incomplete_or_damaged_index_names_the_directory_and_the_reb
     assert main(shlex.split(command)[3:]) == 0  # the command it names repairs the index
     assert IndexRetriever(out).search(["amber room05"], 1)[0][0].id == "5"
     (out / "bm25" / "vocab.index.json").unlink()
-    assert main(["serve", "--index", str(out), "--port", str(port)]) == 2
+    assert main(["serve", "--index", str(out), "--port", "0"]) == 2
     assert (f"{out}: index file bm25/vocab.index.json is missing; the index is damaged: rebuild it with "
             f"`{command}`") in capsys.readouterr().err
     assert main(shlex.split(command)[3:]) == 0

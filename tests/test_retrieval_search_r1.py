@@ -13,7 +13,8 @@ import pytest
 from nemo_sdsearch.retrieval import build_retriever
 from nemo_sdsearch.retrieval.client import RetrievalClient, service_url
 from nemo_sdsearch.retrieval.encoder import auto_encoder_settings, default_encoder_path
-from test_retrieval_service import Server, evidence_corpus, free_port
+from nemo_sdsearch.retrieval.server import bound_port
+from test_retrieval_service import Server, evidence_corpus, refusing_port
 
 N_PASSAGES = 120
 N_QUESTIONS = 12  # questions whose evidence the corpus holds
@@ -135,7 +136,8 @@ def test_query_command_talks_to_the_service(search_r1_server, capsys):
     assert main(["query", "--url", search_r1_server.url + "/retrieve", "--topk", "2", "a city", "a person"]) == 0
     out = capsys.readouterr().out
     assert out.count("query: ") == 2 and out.count("  1. [") == 2 and out.count("  2. [") == 2
-    assert main(["query", "--url", f"http://127.0.0.1:{free_port()}", "x"]) == 1
+    with refusing_port() as port:
+        assert main(["query", "--url", f"http://127.0.0.1:{port}", "x"]) == 1
     assert "unreachable" in capsys.readouterr().err
 
 
@@ -165,14 +167,14 @@ def test_client_reads_answers_of_search_r1s_own_server(bundle):
                 for _ in request.queries]
         return {"result": rows}
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         deadline = time.time() + 30
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
+        port = bound_port(server)  # bound by the server itself (port 0): no port is released for it to take
         client = RetrievalClient(f"http://127.0.0.1:{port}/retrieve")
         try:
             rows = client.search(["q1", "q2"], 2)
@@ -224,6 +226,9 @@ def test_serve_flags_name_what_is_missing_or_wrong(search_r1_files, tmp_path, ca
     gz = tmp_path / "wiki-18.jsonl.gz"
     gz.write_bytes(b"\x1f\x8b")
     cases.append((["--faiss-index", index, "--corpus", str(gz), "--encoder", encoder], "gzip -d"))
+    cases += [(["--index", str(tmp_path), "--port", "65536"], "--port must be 0 (any free port) to 65535, not 65536"),
+              (["--index", str(tmp_path), "--max-batch-queries", "0"], "--max-batch-queries must be at least 1, not 0"),
+              (["--index", str(tmp_path), "--batch-window-ms", "-1"], "--batch-window-ms must be at least 0, not -1.0")]
     for flags, words in cases:
-        assert main(["serve", "--port", str(free_port()), *flags]) == 2, flags
+        assert main(["serve", "--port", "0", *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags

@@ -1,13 +1,17 @@
 """The retrieval service, tested against the real server process on a loopback port (no mocks)."""
 
 import asyncio
+import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,35 +21,50 @@ from nemo_sdsearch.retrieval.client import RetrievalClient, RetrievalError
 from nemo_sdsearch.retrieval.index import IndexRetriever
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def refusing_port():
+    """A loopback port that refuses connections for as long as the block runs: bound by this socket (so no other
+    process can take it) but never listening. For clients that must find nothing there."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 class Server:
     """`python -m nemo_sdsearch.retrieval serve` in a child process; `flags` are extra serve flags (e.g. limits;
-    with index_dir=None, the flags name what to serve)."""
+    with index_dir=None, the flags name what to serve). Without `port` the child binds a free port itself
+    (`--port 0`) and reports it in its `--port-file`: no port is chosen here and released for the child to
+    bind (another process could take it in between). With `port`, it serves there (a restart on the same port)."""
 
     def __init__(self, index_dir, port=None, flags=()):
-        self.index_dir, self.port = index_dir, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.index_dir, self.requested_port, self.port, self.url = index_dir, port, None, None
         self.flags = [str(f) for f in flags]
         self.proc = None
+        self._dir = Path(tempfile.mkdtemp(prefix="retrieval-server-"))
+        self.port_file, self.log_file = self._dir / "port", self._dir / "output.log"
+
+    def output(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def start(self, timeout=60):
         source = ["--index", str(self.index_dir)] if self.index_dir is not None else []
-        self.proc = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.retrieval", "serve", *source,
-                                      "--port", str(self.port), *self.flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with open(self.log_file, "wb") as log:  # a file, not a pipe: a chatty child never blocks on a full pipe
+            self.proc = subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.retrieval", "serve", *source,
+                                          "--port", str(self.requested_port or 0), "--port-file", str(self.port_file),
+                                          *self.flags], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start: " + self.proc.stdout.read1().decode(errors="replace"))
+        while not self.port_file.exists():  # written once the server accepts connections
+            if self.proc.poll() is not None or time.time() > deadline:
+                output = self.output()
+                self.stop()
+                raise RuntimeError(f"server did not start (exit status {self.proc.returncode}): {output}")
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+        self.url = f"http://127.0.0.1:{self.port}"
+        assert self.requested_port in (None, self.port)
+        r = httpx.get(self.url + "/health", timeout=30)
+        assert r.status_code == 200, r.text
+        return self
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -54,6 +73,68 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def test_port_zero_is_bound_by_the_server_and_reported(corpus_file, tmp_path, bundle):
+    """`serve --port 0`: the child binds a free port itself and reports it, in its "listening on" line and in its
+    --port-file (written once it accepts connections, removed when it stops). Two servers started at once get
+    two ports, each reported by its own server; the old `--port N` serves on N."""
+    out = tmp_path / "bm25"
+    build_index(corpus_file, out, kind="bm25", progress=False)
+    hop = bundle.test[0].hops[0]
+    first, second = Server(out), Server(out)
+    try:
+        for server in (first, second):
+            server.start()
+        assert first.port != second.port and 0 not in (first.port, second.port)
+        for server in (first, second):
+            assert f"retrieval serve: listening on http://127.0.0.1:{server.port}\n" in server.output()
+            assert httpx.get(server.url + "/health").json()["status"] == "ok"
+            assert hop.evidence in search_contents(server.url, hop.query)
+        port = first.port
+        first.proc.send_signal(signal.SIGINT)
+        assert first.proc.wait(10) == 0 and not first.port_file.exists()  # its port is no longer announced
+        assert second.port_file.read_text() == f"{second.port}\n"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health")
+        again = Server(out, port=port).start()  # backward compatible: --port N binds N
+        try:
+            assert again.port == port and hop.evidence in search_contents(again.url, hop.query)
+        finally:
+            again.stop()
+    finally:
+        first.stop()
+        second.stop()
+
+
+def search_contents(url: str, query: str) -> str:
+    r = httpx.post(url + "/retrieve", json={"queries": [query], "topk": 3}, timeout=10)
+    assert r.status_code == 200, r.text
+    return " ".join(d["contents"] for d in r.json()["result"][0])
+
+
+@contextlib.contextmanager
+def served_in_thread(app, limits):
+    """`app` served by uvicorn with `limits` (`uvicorn_config`, as `serve` does) in a thread of this process, on
+    a port the server binds itself (port 0): yields that port."""
+    import uvicorn
+
+    from nemo_sdsearch.retrieval.server import bound_port, uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, limits))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield bound_port(server)
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def evidence_corpus(passages, questions, n):
@@ -213,7 +294,9 @@ def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):
     results = {}
     t = threading.Thread(target=lambda: results.setdefault("docs", client.search([q.query], 3)))
     t.start()
-    time.sleep(1.0)  # the client is retrying against a dead port now
+    deadline = time.time() + 30
+    while client.retries == 0 and time.time() < deadline:  # until the client is retrying against the dead port
+        time.sleep(0.05)
     restarted = Server(out, server.port).start()
     try:
         t.join(60)
@@ -223,9 +306,10 @@ def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):
     finally:
         client.close()
         restarted.stop()
-    dead = RetrievalClient(f"http://127.0.0.1:{free_port()}", max_wait_s=0.5, backoff_s=0.1)
-    with pytest.raises(RetrievalError, match="unreachable"):
-        dead.search(["x"], 3)
+    with refusing_port() as port:
+        dead = RetrievalClient(f"http://127.0.0.1:{port}", max_wait_s=0.5, backoff_s=0.1)
+        with pytest.raises(RetrievalError, match="unreachable"):
+            dead.search(["x"], 3)
 
 
 def test_a_cluster_sized_turn_is_split_under_the_servers_cap(bm25_server, corpus_file, tmp_path, bundle):

@@ -85,6 +85,9 @@ sdsearch_torchrun() {
     # ones ignore them). A rank's crash makes torchrun send SIGTERM to the others: they exit at once unless their
     # step is about to end (algorithms/preemption.py), so the job ends within seconds, not after this timeout.
     export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    # torchrun of the pinned torch takes the list from --signals-to-handle (or PET_SIGNALS_TO_HANDLE) and overwrites
+    # the variable above with that option's default, which lacks USR1: it would die of USR1, its ranks left running
+    export PET_SIGNALS_TO_HANDLE="$TORCHELASTIC_SIGNALS_TO_HANDLE"
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SDSEARCH_SHUTDOWN_TIMEOUT:-${SDSEARCH_SIGNAL_LEAD_S:-300}}"
     # shellcheck disable=SC2016  # expanded by each worker's bash, not here
     local announce='echo "rank $RANK of $WORLD_SIZE on $(uname -n) (node rank $GROUP_RANK, local rank $LOCAL_RANK)"; exec "$@"'
@@ -284,7 +287,7 @@ sdsearch_ray_stop() {
 sdsearch_train_gpu() {
     local config="$1"; shift
     if [[ "${1:-}" == "--config" ]]; then config="$2"; shift 2; fi
-    local gpus="${GPUS_PER_NODE:-8}" out
+    local gpus="${GPUS_PER_NODE:-8}" out generator
     if [[ -z "${RETRIEVAL_URL:-}" ]]; then
         : "${INDEX_DIR:?set INDEX_DIR to the retrieval index (python -m nemo_sdsearch.retrieval build ...) or RETRIEVAL_URL}"
         sdsearch_retrieval_component "$INDEX_DIR"
@@ -292,7 +295,13 @@ sdsearch_train_gpu() {
         sdsearch_wait_for_retrieval "$RETRIEVAL_URL"
     fi
     sdsearch_rendezvous
-    if [[ "$(sdsearch_generator "$config" "$@")" == "trtllm" ]]; then
+    # the config as the training step will load it (the same layout overrides, so its checks pass or fail alike)
+    if ! generator="$(sdsearch_generator "$config" cluster.nodes="$NNODES" cluster.gpus_per_node="$gpus" "$@")"; then
+        echo "the config $config does not load with these overrides (the error is above)" >&2
+        return 1
+    fi
+    echo "generator: $generator"
+    if [[ "$generator" == "trtllm" ]]; then
         sdsearch_ray_cluster "$gpus"
     fi
     out="${SDSEARCH_OUT:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
@@ -304,6 +313,7 @@ sdsearch_train_gpu() {
     if [[ "$status" -ne 0 ]]; then
         return "$status"
     fi
+    sdsearch_wait_for_retrieval "$RETRIEVAL_URL" 1 || true  # the queries it has served (the run is done either way)
     echo "finished: $out (convert with: sbatch slurm/convert_to_hf.sh $out/final OUT_DIR)"
 }
 

@@ -10,6 +10,9 @@
 # its own heterogeneous job); to run without it, submit a copy without the hetjob block:
 #   sed '/^#SBATCH hetjob/,/^$/d' slurm/train_7b.sh > /tmp/train.sh && RETRIEVAL_URL=... sbatch /tmp/train.sh
 # The config's parallel layout and memory estimate are checked before any GPU is used.
+# GPUS_PER_NODE (default 8): ranks (torchrun processes) per training node and cluster.gpus_per_node. Run on
+# CPU nodes (what tests/test_slurm.py does): sbatch options for the #SBATCH lines, `key=value` overrides for
+# the recipe (docs/cluster.md, "The GPU scripts on CPU").
 #SBATCH --job-name=sdsearch-7b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

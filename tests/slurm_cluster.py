@@ -5,8 +5,9 @@ Namespaced nodes where the machine allows it (root, network namespaces, veth pai
 SLURM's backfill scheduler, the only one that starts heterogeneous jobs, does not place two components on
 one node) are each a Linux network namespace of that name with
 
-- an address on a private bridge the fixture creates (`sdsbr0`, 192.168.213.0/24: the host end is .1, the
-  nodes .11 to .13; no route leads from the namespaces to anything outside this machine),
+- an address on a private bridge the fixture creates (`sdsbr0`, a /24 that no address or route of the machine
+  overlaps, chosen at setup: 192.168.213.0/24 when it is free; the host end is .1, the nodes .11 to .13; no
+  route leads from the namespaces to anything outside this machine),
 - its own hostname (a UTS namespace: `nsenter --net` into the namespace, then `unshare --uts --mount`),
 - its own /etc/hosts naming the cluster and an empty resolv.conf (bind mounts in that private mount
   namespace, so the host's files are never touched),
@@ -20,8 +21,13 @@ localhost: the one-node tests still run and the two-node test skips with the rea
 (`Cluster.two_nodes_unavailable`).
 
 Everything lives in BASE (slurm.conf, state, spool, logs, pid files, a private munge key and socket):
-nothing under /etc is written, clients find the cluster through SLURM_CONF, and the ports are not SLURM's
-defaults, so a SLURM already installed on the machine is left alone. Teardown (also run before setup, for
+nothing under /etc is written, clients find the cluster through SLURM_CONF, and slurmctld's and slurmd's
+ports are chosen free on this machine at setup (the kernel picks them, not SLURM's defaults), so a SLURM
+already installed on the machine is left alone.
+
+Nothing is installed here: `scripts/install_test_cluster.sh` installs slurm-wlm, munge, iproute2, util-linux
+and shellcheck (as root, with apt-get) before the tests run; without them the tests that need a cluster skip
+and name that script. Teardown (also run before setup, for
 what a killed run left): cancel the jobs, stop slurmd, kill whatever still runs in the node namespaces,
 stop slurmctld and munged (by their pid files), delete the namespaces and the bridge, and remove BASE but
 the daemons' logs (kept for a post-mortem).
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import shutil
 import signal
@@ -38,15 +45,16 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BASE = Path("/tmp/sdsearch-slurm")
 LOCK = Path("/tmp/sdsearch-slurm.lock")   # one cluster at a time on a machine (concurrent test runs wait)
 BRIDGE = "sdsbr0"
-SUBNET = "192.168.213"
 NODES = ("sdnode1", "sdnode2", "sdnode3")
-CTLD_PORT, SLURMD_PORT = 6917, 6918
+INSTALL = "scripts/install_test_cluster.sh"   # what installs the binaries below (the tests never install)
+SLURM_BINARIES = ("sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel", "slurmctld", "slurmd", "munged")
+NETWORK_BINARIES = ("ip", "unshare", "nsenter")
 
 SLURM_CONF = """\
 ClusterName=sdsearch-test
@@ -97,17 +105,39 @@ def sh(cmd: str, check: bool = True, timeout: int = 600) -> subprocess.Completed
     return p
 
 
-def install(packages: str) -> str | None:
-    """Install Debian packages if missing; the reason we cannot, or None."""
-    if os.geteuid() != 0:
-        return "needs root to install and start SLURM"
-    if not shutil.which("apt-get"):
-        return "no apt-get (not a Debian-family machine)"
-    p = sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {packages}", check=False, timeout=1200)
-    if p.returncode != 0:
-        p = sh(f"apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {packages}",
-               check=False, timeout=1800)
-    return None if p.returncode == 0 else f"apt-get install {packages} failed: {p.stderr[-300:]}"
+def missing(binaries) -> str | None:
+    """Why the tests cannot use `binaries` (some are not on PATH: install them with INSTALL), or None."""
+    absent = [b for b in binaries if not shutil.which(b)]
+    if not absent:
+        return None
+    return f"{', '.join(absent)} not installed: run `{INSTALL}` (as root) before the tests"
+
+
+def free_port(taken=()) -> int:
+    """A TCP port nothing on this machine listens on now (the kernel's pick), not one of `taken`."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+def free_subnet() -> str | None:
+    """The first /24 (as "a.b.c") of 192.168.213, then 192.168.200-254, then 10.213.0-255 that no IPv4 address or
+    route of this machine overlaps (a Docker network, a VPN, another test's bridge); None if all are taken."""
+    used = []
+    for cmd in ("ip -4 -o addr show", "ip -4 route show table all"):
+        for tok in sh(cmd, check=False, timeout=30).stdout.split():
+            with contextlib.suppress(ValueError):
+                if tok[0].isdigit():
+                    used.append(ipaddress.ip_network(tok, strict=False))
+    candidates = ["192.168.213"] + [f"192.168.{c}" for c in range(200, 255)] + [f"10.213.{c}" for c in range(256)]
+    for sub in candidates:
+        net = ipaddress.ip_network(f"{sub}.0/24")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return sub
+    return None
 
 
 @dataclass
@@ -115,6 +145,8 @@ class Cluster:
     nodes: list[str]                   # node names, as in the job's SLURM_JOB_NODELIST
     two_nodes_unavailable: str | None  # why there is only one node (None: two namespaced nodes)
     conf: Path
+    addrs: dict = field(default_factory=dict)   # node name -> its IPv4 address (reachable from this machine)
+    ports: tuple = (0, 0)              # (slurmctld, slurmd) ports chosen at setup
 
     def job_state(self, job: str) -> str:
         out = sh(f"scontrol show job {job}", check=False).stdout
@@ -226,21 +258,19 @@ def _teardown_network() -> None:
 # --------------------------------------------------------------------------------------------------
 # setup
 # --------------------------------------------------------------------------------------------------
-def _network() -> str | None:
-    """The bridge and the node namespaces; the reason they cannot be made (or cannot talk), or None."""
-    if not shutil.which("ip") or not shutil.which("unshare"):
-        reason = install("iproute2 util-linux")
-        if reason:
-            return reason
-    if any(a.startswith(SUBNET + ".") for a in sh("ip -4 -o addr show", check=False).stdout.split()):
-        return f"{SUBNET}.0/24 is already in use on this machine"
-    steps = [f"ip link add {BRIDGE} type bridge", f"ip addr add {SUBNET}.1/24 dev {BRIDGE}",
+def _network(subnet: str) -> str | None:
+    """The bridge and the node namespaces on `subnet` (a free /24, "a.b.c"); the reason they cannot be made (or
+    cannot talk), or None."""
+    reason = missing(NETWORK_BINARIES)
+    if reason:
+        return reason
+    steps = [f"ip link add {BRIDGE} type bridge", f"ip addr add {subnet}.1/24 dev {BRIDGE}",
              f"ip link set {BRIDGE} up"]
     for i, ns in enumerate(NODES, start=1):
         steps += [f"ip netns add {ns}",
                   f"ip link add sdsveth{i} type veth peer name eth0 netns {ns}",
                   f"ip link set sdsveth{i} master {BRIDGE} up",
-                  f"ip -n {ns} addr add {SUBNET}.{10 + i}/24 dev eth0",
+                  f"ip -n {ns} addr add {subnet}.{10 + i}/24 dev eth0",
                   f"ip -n {ns} link set eth0 up", f"ip -n {ns} link set lo up"]
     for step in steps:
         p = sh(step, check=False, timeout=30)
@@ -250,7 +280,7 @@ def _network() -> str | None:
     # FORWARD policy with br_netfilter, would drop it): a listener in the first node, a connection from the second
     listen = ("import socket; s = socket.create_server(('0.0.0.0', 6999)); s.settimeout(10); "
               "c, _ = s.accept(); c.sendall(b'ok'); c.close()")
-    connect = (f"import socket; c = socket.create_connection(('{SUBNET}.11', 6999), timeout=2); "
+    connect = (f"import socket; c = socket.create_connection(('{subnet}.11', 6999), timeout=2); "
                "print(c.recv(2).decode())")
     server = subprocess.Popen(["ip", "netns", "exec", NODES[0], sys.executable, "-c", listen],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -275,7 +305,7 @@ def _start_munge() -> None:
        f"--log-file={BASE}/munged.log --seed-file={BASE}/munged.seed")
 
 
-def _start(conf: Path, two_nodes: bool, host: str) -> None:
+def _start(conf: Path, two_nodes: bool, host: str, subnet: str) -> None:
     sh(f"slurmctld -f {conf} -c")  # -c: no state from an earlier run
     if not two_nodes:
         (BASE / f"spool-{host}").mkdir(exist_ok=True)
@@ -284,8 +314,8 @@ def _start(conf: Path, two_nodes: bool, host: str) -> None:
     for i, ns in enumerate(NODES, start=1):
         etc = BASE / f"etc-{ns}"
         etc.mkdir(exist_ok=True)
-        (etc / "hosts").write_text(f"127.0.0.1 localhost\n::1 localhost\n{SUBNET}.1 {host}\n"
-                                   + "".join(f"{SUBNET}.{10 + j} {n}\n" for j, n in enumerate(NODES, start=1)))
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n::1 localhost\n{subnet}.1 {host}\n"
+                                   + "".join(f"{subnet}.{10 + j} {n}\n" for j, n in enumerate(NODES, start=1)))
         (etc / "resolv.conf").write_text("# no name server: the cluster's names are in /etc/hosts\n")
         (BASE / f"spool-{ns}").mkdir(exist_ok=True)
         inner = (f"mount --bind {etc}/hosts /etc/hosts && mount --bind {etc}/resolv.conf /etc/resolv.conf && "
@@ -315,10 +345,9 @@ def running_cluster():
     SLURM_CONF in os.environ points at it meanwhile. Raises ClusterUnavailable when SLURM cannot run."""
     if os.geteuid() != 0:
         raise ClusterUnavailable("needs root to start SLURM daemons and network namespaces")
-    if not shutil.which("sbatch") or not shutil.which("munged"):
-        reason = install("slurm-wlm munge")
-        if reason:
-            raise ClusterUnavailable(reason)
+    reason = missing(SLURM_BINARIES)
+    if reason:
+        raise ClusterUnavailable(reason)
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         previous = os.environ.get("SLURM_CONF")
@@ -329,23 +358,27 @@ def running_cluster():
             BASE.chmod(0o711)
             _start_munge()
             host = socket.gethostname().split(".")[0]
-            reason = _network()
+            subnet = free_subnet()
+            reason = _network(subnet) if subnet else "every candidate /24 for the bridge is in use on this machine"
             if reason:
                 _teardown_network()  # whatever part of it was made
                 nodes, addrs, ctl_addr = [host], ["127.0.0.1"], "127.0.0.1"
             else:
-                nodes, addrs, ctl_addr = list(NODES), [f"{SUBNET}.{10 + i}" for i in range(1, len(NODES) + 1)], f"{SUBNET}.1"
+                nodes, addrs, ctl_addr = list(NODES), [f"{subnet}.{10 + i}" for i in range(1, len(NODES) + 1)], f"{subnet}.1"
             cpus = max(2, os.cpu_count() or 1)
             conf = BASE / "slurm.conf"
+            # ports free now (the daemons bind them within a second; slurmd's is free in a fresh namespace anyway)
+            ctld_port = free_port()
+            slurmd_port = free_port(taken={ctld_port})
             conf.write_text(SLURM_CONF.format(
-                ctl_host=host, ctl_addr=ctl_addr, ctld_port=CTLD_PORT, slurmd_port=SLURMD_PORT, base=BASE,
+                ctl_host=host, ctl_addr=ctl_addr, ctld_port=ctld_port, slurmd_port=slurmd_port, base=BASE,
                 nodelist=",".join(nodes),
                 nodes="\n".join(f"NodeName={n} NodeAddr={a} CPUs={cpus} RealMemory=1024 State=UNKNOWN"
                                 for n, a in zip(nodes, addrs))))
             os.environ["SLURM_CONF"] = str(conf)
-            _start(conf, reason is None, host)
+            _start(conf, reason is None, host, subnet)
             _wait_idle(nodes)
-            yield Cluster(nodes, reason, conf)
+            yield Cluster(nodes, reason, conf, dict(zip(nodes, addrs)), (ctld_port, slurmd_port))
         finally:
             teardown()
             if previous is None:

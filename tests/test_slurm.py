@@ -12,7 +12,6 @@ of the same seeds; and a rank killed in a two-node job."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,17 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SUBNET, ClusterUnavailable, install, running_cluster, sh
+from slurm_cluster import ClusterUnavailable, free_port, missing, running_cluster, sh
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 
 
 def test_shellcheck_every_script():
-    if not shutil.which("shellcheck"):
-        reason = install("shellcheck")
-        if reason:
-            pytest.skip(reason)
+    reason = missing(["shellcheck"])
+    if reason:
+        pytest.skip(reason)
     assert SCRIPTS, "no sbatch scripts"
     p = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True,
                        check=False)
@@ -222,10 +220,11 @@ def _two_node_job(cluster, tmp_path, index, overrides) -> str:
                     "slurm/train_tiny.sh", "actor=megatron", *overrides, *TRTLLM], env)
 
 
-def _check_ray_path(out: str, log: str, train_nodes: list[str], runs: int, detail: str) -> None:
+def _check_ray_path(cluster, out: str, log: str, runs: int, detail: str) -> None:
     """What every run of a two-node generator=trtllm job must show: a Ray cluster of both training nodes (by IP),
     one placement group created by the job and removed at its end, each replica's engine on its own node."""
-    ips = [f"{SUBNET}.{11 + i}" for i in range(2)]  # the nodes' addresses on the test cluster's bridge
+    train_nodes = cluster.nodes[:2]
+    ips = [cluster.addrs[n] for n in train_nodes]  # the nodes' addresses on the test cluster's bridge
     assert out.count(f"ray: 2 node(s) up at {ips[0]}:6379: {ips[0]}, {ips[1]}") == runs, detail
     created = re.findall(r"placement group (sdsearch-\S+) created: 2 bundles", log)
     removed = re.findall(r"placement group (sdsearch-\S+) removed; groups of this job left in Ray: (\d+)", log)
@@ -239,16 +238,24 @@ def _check_ray_path(out: str, log: str, train_nodes: list[str], runs: int, detai
         " ".join(line.split()[:6]) for line in log.splitlines() if line.startswith("rank ")}, detail
 
 
-@pytest.fixture
-def tiny_index(tmp_path):
-    """A BM25 index of the bundled world's training corpus, for the retrieval component."""
-    world, index = tmp_path / "world", tmp_path / "index"
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """The bundled world as FlashRAG files (`sdsearch world --out`: train/dev/test questions and corpora) and a BM25
+    index of its training corpus: (world dir, index dir)."""
+    root = tmp_path_factory.mktemp("tiny_world")
+    world, index = root / "world", root / "index"
     for cmd in ([str(Path(sys.executable).parent / "sdsearch"), "world", "--out", str(world)],
                 [sys.executable, "-m", "nemo_sdsearch.retrieval", "build", "--kind", "bm25",
                  "--corpus", str(world / "train_corpus.jsonl"), "--out", str(index)]):
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return index
+    return world, index
+
+
+@pytest.fixture
+def tiny_index(tiny_world):
+    """A BM25 index of the bundled world's training corpus, for the retrieval component."""
+    return tiny_world[1]
 
 
 @pytest.mark.timeout(1200)
@@ -277,7 +284,7 @@ def test_two_node_sd_search_on_ray_engines_with_a_retrieval_component_resumes_af
         assert {r[5] for r in run} == set(train_nodes), detail
     assert f"rendezvous: {train_nodes[0]}:" in out and "2 node(s)" in out, detail
     # the Ray path, in both runs of the job (the requeued run's first group may end with the job, not the run)
-    _check_ray_path(out, log, train_nodes, runs=2, detail=detail)
+    _check_ray_path(slurm_cluster, out, log, runs=2, detail=detail)
 
     # requeued once, resumed from the checkpoint, every step logged once by rank 0
     assert "restart count: 0" in out and "restart count: 1" in out, detail
@@ -312,7 +319,7 @@ def test_two_node_search_e1_runs_every_stage_on_one_placement_group(slurm_cluste
     state = slurm_cluster.wait(job, 900)
     out, log, detail = _job_detail(slurm_cluster, tmp_path, job)
     assert state == "COMPLETED", f"job {job} ended {state}:\n{detail}"
-    _check_ray_path(out, log, slurm_cluster.nodes[:2], runs=1, detail=detail)
+    _check_ray_path(slurm_cluster, out, log, runs=1, detail=detail)
     assert log.count("TensorRT-LLM workers on") == 2, detail   # built once: one engine per replica for all stages
 
     run, ref = tmp_path / "run", single_process["search_e1"]
@@ -416,3 +423,347 @@ def test_process_group_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=DIST_TIMEOUT_ENV):
             dist_timeout_minutes()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cluster path of docs/cluster.md, every script of it executed on CPU nodes: slurm/retrieval_server.sh serves an
+# index, slurm/train_3b.sh trains against it (RETRIEVAL_URL), slurm/convert_to_hf.sh converts that run's Megatron
+# checkpoint, slurm/eval.sh evaluates the run through the service, slurm/train_7b.sh trains on two nodes with the
+# service as its own heterogeneous component (INDEX_DIR). The GPU scripts run unchanged: sbatch options replace the
+# GPU #SBATCH lines, GPUS_PER_NODE=1 gives one rank per node, and `key=value` overrides shrink the recipes
+# (conf/qwen25_*.yaml) to the embedded tiny model on CPU (docs/cluster.md, "The GPU scripts on CPU").
+# --------------------------------------------------------------------------------------------------------------------
+# sbatch options for the GPU scripts' #SBATCH lines on the test cluster (2 CPUs and 1 GiB a node, no GPUs):
+# the training component, then the retrieval component of train_{3b,7b}.sh's heterogeneous job
+ON_CPU = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe"]
+HET_ON_CPU = [":", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=100M"]
+JOB_ENV = ("RUN", "MODEL", "MODEL_DIR", "INSTRUCTION", "CHAT_TEMPLATE", "MAX_NEW_TOKENS", "MAX_CONTEXT", "MAX_TURNS",
+           "TOPK", "EM", "EVAL_ARGS", "RETRIEVAL_URL", "RETRIEVAL_PORT", "INDEX_DIR", "FAISS_INDEX", "GPUS_PER_NODE",
+           "CONTAINER_IMAGE")
+
+
+def _model_dir() -> Path:
+    from nemo_sdsearch.world.assets import default_model_dir
+
+    return Path(default_model_dir())
+
+
+def _recipe_on_cpu(world: Path) -> list[str]:
+    """The overrides that run a Qwen2.5 recipe on CPU nodes with the embedded tiny model (MODEL_DIR): CPU device,
+    the torch generator, no tensor / sequence parallelism, fp32, the model's own architecture (the layout check and
+    memory estimate run on it), the bundled world's FlashRAG files, and a budget of one small step. Everything
+    else is the recipe's: SD-Search, the Megatron actor, Search-R1's prompt, the http retriever, lr, KL, clip."""
+    hf = json.loads((_model_dir() / "config.json").read_text())
+    return ["model.device=cpu", "model.threads=1", "generator=torch", "megatron.tensor_parallel=1",
+            "trtllm.tensor_parallel=1", "megatron.sequence_parallel=false", "megatron.distributed_optimizer=false",
+            "megatron.dtype=fp32", f"arch.hidden_size={hf['hidden_size']}", f"arch.num_layers={hf['num_hidden_layers']}",
+            f"arch.num_attention_heads={hf['num_attention_heads']}", f"arch.num_kv_heads={hf['num_key_value_heads']}",
+            f"arch.ffn_hidden_size={hf['intermediate_size']}", f"arch.vocab_size={hf['vocab_size']}",
+            f"arch.tied_embeddings={str(hf['tie_word_embeddings']).lower()}",
+            f"data.train_files=[{world}/train.jsonl]", f"data.dev_files=[{world}/dev.jsonl]",
+            f"data.test_files=[{world}/dev.jsonl]", "data.dev_questions=2", "data.test_questions=4",
+            "rollout.group_size=2", "rollout.max_turns=2", "rollout.max_new_tokens=40", "rollout.max_context=512",
+            "trainer.questions_per_step=2", "trainer.steps=1", "trainer.save_every=1", "trainer.eval_every=0",
+            "trainer.final_test_eval=false", "grpo.micro_batch_size=2", "grpo.mini_batches=1", "sd.compile=false",
+            "logger.backends=[console]"]
+
+
+def _job_env(tmp_path, **extra) -> dict:
+    env = _env(tmp_path, **extra)
+    for key in JOB_ENV:
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def _run_job(cluster, tmp_path, args: list[str], env: dict, timeout_s: int = 300) -> tuple[str, str, str]:
+    """sbatch, wait for the end: (job id, final state, batch output)."""
+    job = _sbatch([f"--output={tmp_path}/slurm-%j.out", *args], env)
+    state = cluster.wait(job, timeout_s)
+    out_file = tmp_path / f"slurm-{job}.out"
+    return job, state, out_file.read_text() if out_file.exists() else ""
+
+
+def _from_here(cluster, url: str) -> str:
+    """A URL naming a cluster node, reachable from this process (the host does not resolve the nodes' names)."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    return url.replace(f"//{host}:", f"//{cluster.addrs.get(host, host)}:", 1)
+
+
+def _queries_served(cluster, url: str) -> int:
+    import httpx
+
+    return httpx.get(_from_here(cluster, url) + "/health", timeout=10).json()["queries"]
+
+
+def _served_lines(out: str, url: str) -> list[int]:
+    """The served-query counts of the job's readiness probes of `url`, in order."""
+    return [int(n) for n in re.findall(rf"^retrieval service up at {re.escape(url)}: \d+ passages, (\d+) queries served",
+                                       out, flags=re.M)]
+
+
+def _searches(run: Path) -> int:
+    """Searches that reached the retriever in a run: env/number_of_valid_search is a mean per rollout."""
+    cfg = json.loads((run / "config.json").read_text())
+    rollouts = cfg["trainer"]["questions_per_step"] * cfg["rollout"]["group_size"]
+    return round(sum(r["env/number_of_valid_search"] * rollouts for r in _rows(run)))
+
+
+def _state_dict(path: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+
+
+def _moved(trained: dict, start: dict) -> bool:
+    """Same tensors as the start weights, some of them changed (a step ran, these are not the start weights)."""
+    import torch
+
+    return trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+@pytest.fixture(scope="module")
+def retrieval_job(slurm_cluster, tiny_world, tmp_path_factory):
+    """`INDEX_DIR=<bm25 index> sbatch slurm/retrieval_server.sh`, running until the module's tests are done; the URL
+    it wrote to logs/<job>/retrieval_url. Its port is free on this machine (8000, the default, is the two-node
+    jobs' retrieval component's on its node)."""
+    tmp = tmp_path_factory.mktemp("retrieval_job")
+    port = free_port(taken={8000, *slurm_cluster.ports})
+    env = _job_env(tmp, INDEX_DIR=str(tiny_world[1]), RETRIEVAL_PORT=str(port))
+    job = _sbatch([f"--output={tmp}/slurm-%j.out", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=100M",
+                   "slurm/retrieval_server.sh"], env)
+    url_file, t0 = tmp / "logs" / f"sdsearch-retrieval-{job}" / "retrieval_url", time.time()
+    while not (url_file.exists() and url_file.read_text().endswith("\n")):
+        out = (tmp / f"slurm-{job}.out").read_text() if (tmp / f"slurm-{job}.out").exists() else ""
+        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} ended:\n{out}"
+        assert time.time() - t0 < 120, f"no retrieval_url after 120 s:\n{out}"
+        time.sleep(0.5)
+    yield {"job": job, "url": url_file.read_text().strip(), "port": port, "out": tmp / f"slurm-{job}.out"}
+    sh(f"scancel {job}", check=False)
+
+
+def test_retrieval_server_sh_serves_its_index_at_the_url_it_writes(slurm_cluster, retrieval_job, tiny_world):
+    """The service job stays up on a node of the cluster at the URL it printed and wrote; from another machine (this
+    one) it answers queries with exactly what its index answers in-process, evidence passages included."""
+    from urllib.parse import urlsplit
+
+    from nemo_sdsearch.retrieval.client import RetrievalClient
+    from nemo_sdsearch.retrieval.index import IndexRetriever
+
+    world, index = tiny_world
+    url = retrieval_job["url"]
+    assert urlsplit(url).hostname in slurm_cluster.nodes and urlsplit(url).port == retrieval_job["port"], url
+    passages = sum(1 for _ in (world / "train_corpus.jsonl").open())
+    out = retrieval_job["out"].read_text()
+    assert f"retrieval service up at {url}: {passages} passages, 0 queries served\n{url}\n" in out, out
+    assert slurm_cluster.job_state(retrieval_job["job"]) == "RUNNING"
+
+    questions = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:6]]
+    hops = [h for q in questions for h in q["metadata"]["hops"]]
+    queries = [h["query"] for h in hops]
+    client = RetrievalClient(_from_here(slurm_cluster, url))
+    try:
+        served = client.search(queries, topk=3)
+    finally:
+        client.close()
+    expected = IndexRetriever(index).search(queries, topk=3)
+    assert [[d.id for d in docs] for docs in served] == [[d.id for d in docs] for docs in expected]
+    assert [[d.contents for d in docs] for docs in served] == [[d.contents for d in docs] for docs in expected]
+    assert sum(h["evidence_id"] in {d.id for d in docs} for h, docs in zip(hops, served)) >= len(hops) // 2
+
+
+@pytest.fixture(scope="module")
+def recipe_3b(slurm_cluster, retrieval_job, tiny_world, tmp_path_factory):
+    """`MODEL_DIR=<embedded tiny model> RETRIEVAL_URL=<retrieval_job> sbatch slurm/train_3b.sh <recipe on CPU>`, one
+    step: {"job", "state", "out", "log", "run", "served"} (served: the queries the service answered meanwhile)."""
+    if slurm_cluster.two_nodes_unavailable:  # the het job's components need a node each
+        pytest.skip(f"no multi-node cluster here: {slurm_cluster.two_nodes_unavailable}")
+    tmp = tmp_path_factory.mktemp("train_3b")
+    url = retrieval_job["url"]
+    before = _queries_served(slurm_cluster, url)
+    env = _job_env(tmp, MODEL_DIR=str(_model_dir()), GPUS_PER_NODE="1", RETRIEVAL_URL=url)
+    job, state, out = _run_job(slurm_cluster, tmp, [*ON_CPU, *HET_ON_CPU, "slurm/train_3b.sh",
+                                                    *_recipe_on_cpu(tiny_world[0])], env, 600)
+    logs = list((tmp / "logs").glob("*/train.log"))
+    return {"job": job, "state": state, "out": out, "log": logs[0].read_text() if logs else "", "run": tmp / "run",
+            "served": _queries_served(slurm_cluster, url) - before}
+
+
+def _completed_3b(recipe_3b) -> Path:
+    assert recipe_3b["state"] == "COMPLETED", f"slurm/train_3b.sh ended {recipe_3b['state']} (its own test says why)"
+    return recipe_3b["run"]
+
+
+@pytest.mark.timeout(600)
+def test_train_3b_sh_runs_its_recipe_against_a_running_retrieval_service(slurm_cluster, recipe_3b, retrieval_job):
+    """train_3b.sh with RETRIEVAL_URL: the probe finds the service, the config probe loads the recipe with the job's
+    layout (generator torch: no Ray cluster), torchrun runs the recipe's Megatron actor for one step, and every search
+    of its rollouts is a query the service answered; the run holds the recipe's settings, a Megatron training
+    checkpoint and a final HF model that transformers loads."""
+    out, log, run = recipe_3b["out"], recipe_3b["log"], recipe_3b["run"]
+    detail = f"{out}\n--- train.log\n{log[-4000:]}\n{slurm_cluster.daemon_logs(10)}"
+    assert recipe_3b["state"] == "COMPLETED", detail
+    url = retrieval_job["url"]
+    assert "end-of-allocation signal lead: 600 s" in out, detail        # from the script's own #SBATCH --signal
+    assert "generator: torch\n" in out and f"finished: {run}" in out, detail
+    rank = re.search(r"^rank 0 of 1 on (\S+)", log, flags=re.M)
+    assert rank and rank.group(1) in slurm_cluster.nodes, detail
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["algorithm"], cfg["actor"], cfg["generator"]) == ("sd_search", "megatron", "torch")
+    assert (cfg["prompt"]["instruction"], cfg["prompt"]["chat_template"], cfg["optim"]["lr"]) == ("search_r1", "auto", 1e-6)
+    assert cfg["model"]["path"] == str(_model_dir())                   # MODEL_DIR, read by the recipe
+    assert (cfg["cluster"]["nodes"], cfg["cluster"]["gpus_per_node"]) == (1, 1)
+    assert (cfg["rollout"]["retriever"], cfg["cluster"]["retrieval_url"]) == ("http", url)
+    assert [r["step"] for r in _rows(run)] == [1]
+    searches = _searches(run)
+    assert searches > 0 and recipe_3b["served"] == searches, (searches, recipe_3b["served"])
+    assert _served_lines(out, url)[-1] - _served_lines(out, url)[0] == searches, detail
+    ckpt = run / "checkpoints" / "megatron_step_000001"
+    assert (ckpt / "metadata.json").is_file() and (run / "checkpoints" / "latest").read_text().strip(), list(ckpt.iterdir())
+    assert _moved(_state_dict(run / "final"), _state_dict(_model_dir()))
+
+
+@pytest.mark.timeout(300)
+def test_convert_to_hf_sh_writes_the_runs_trained_weights_as_an_hf_model(slurm_cluster, recipe_3b, tmp_path):
+    """convert_to_hf.sh on the run's Megatron training checkpoint writes an HF directory that transformers loads,
+    holding exactly the weights of the run's final/ (the same step), not the start weights; wrong arguments stop
+    it with its usage line."""
+    run = _completed_3b(recipe_3b)
+    ckpt, hf = run / "checkpoints" / "megatron_step_000001", tmp_path / "hf"
+    job, state, out = _run_job(slurm_cluster, tmp_path, ["--cpus-per-task=1", "--mem=100M", "slurm/convert_to_hf.sh",
+                                                         str(ckpt), str(hf)], _job_env(tmp_path))
+    log = next((tmp_path / "logs").glob("*/convert.log"), None)
+    assert state == "COMPLETED" and f"wrote {hf}\n" in out, out + (log.read_text()[-3000:] if log else "")
+    import torch
+
+    converted, final = _state_dict(hf), _state_dict(run / "final")
+    assert converted.keys() == final.keys() and all(torch.equal(converted[k], final[k]) for k in final)
+    assert _moved(converted, _state_dict(_model_dir()))
+
+    job, state, out = _run_job(slurm_cluster, tmp_path, ["--cpus-per-task=1", "--mem=100M", "slurm/convert_to_hf.sh",
+                                                         str(ckpt)], _job_env(tmp_path))
+    assert state == "FAILED" and "usage: sbatch slurm/convert_to_hf.sh SRC OUT_DIR" in out, out
+    assert "ExitCode=2:0" in sh(f"scontrol show job {job}").stdout
+
+
+@pytest.mark.timeout(300)
+def test_eval_sh_evaluates_the_run_through_the_service_under_the_runs_settings(slurm_cluster, recipe_3b,
+                                                                               retrieval_job, tiny_world, tmp_path):
+    """eval.sh with RUN: `sdsearch eval --run` through the retrieval service. Every setting comes from the run
+    except the one given (MAX_TURNS), as results.json records; every search of the evaluation is a query the
+    service answered, with the passages it returns for that query; the job prints results.md."""
+    run = _completed_3b(recipe_3b)
+    url = retrieval_job["url"]
+    before = _queries_served(slurm_cluster, url)
+    env = _job_env(tmp_path, RUN=str(run), RETRIEVAL_URL=url, MAX_TURNS="3", EVAL_ARGS="--limit 3 --threads 1")
+    job, state, out = _run_job(slurm_cluster, tmp_path, ["--gpus-per-node=0", "--cpus-per-task=1", "slurm/eval.sh",
+                                                         str(tiny_world[0] / "dev.jsonl")], env)
+    results = tmp_path / "logs" / f"sdsearch-eval-{job}" / "eval"
+    log = results.parent / "eval.log"
+    assert state == "COMPLETED", out + (log.read_text()[-3000:] if log.exists() else "")
+    assert (results / "results.md").read_text().strip() in out
+    r = json.loads((results / "results.json").read_text())
+    s, cfg = r["settings"], json.loads((run / "config.json").read_text())
+    for key in ("max_new_tokens", "max_context", "topk"):
+        assert s[key] == {"value": cfg["rollout"][key], "from": f"run rollout.{key}"}, key
+    for key in ("instruction", "chat_template"):
+        assert s[key] == {"value": cfg["prompt"][key], "from": f"run prompt.{key}"}, key
+    assert s["max_turns"] == {"value": 3, "from": "--max-turns"}
+    assert s["model"] == {"value": str(run / "final"), "from": "run final/"}
+    assert s["retrieval_url"] == {"value": url, "from": "--retrieval-url"}
+    preds = r["predictions"]["dev"]
+    assert len(preds) == 3 and r["scores"]["dev"]["all"]["n"] == 3
+    queries = [q for p in preds for q in p["queries"]]
+    assert queries and _queries_served(slurm_cluster, url) - before == len(queries)
+    from nemo_sdsearch.retrieval.client import RetrievalClient
+
+    client = RetrievalClient(_from_here(slurm_cluster, url))
+    try:
+        answers = client.search(queries, topk=3)
+    finally:
+        client.close()
+    assert [[d.id for d in docs] for docs in answers] == [ids for p in preds for ids in p["retrieved_ids"]]
+
+
+@pytest.mark.timeout(300)
+def test_eval_sh_without_a_run_takes_the_recipes_prompt_and_refuses_bad_input(slurm_cluster, recipe_3b,
+                                                                               retrieval_job, tiny_world, tmp_path):
+    """eval.sh with MODEL and no RUN: the Qwen2.5 recipes' prompt (Search-R1's instruction, the chat template) and
+    the budgets given; neither RUN nor MODEL, or a RUN that is no run directory: the job fails, saying so."""
+    run = _completed_3b(recipe_3b)
+    url = retrieval_job["url"]
+    env = _job_env(tmp_path, MODEL=str(run / "final"), RETRIEVAL_URL=url, MAX_NEW_TOKENS="40", MAX_CONTEXT="512",
+                   MAX_TURNS="1", EVAL_ARGS="--limit 1 --threads 1")
+    job, state, out = _run_job(slurm_cluster, tmp_path, ["--gpus-per-node=0", "--cpus-per-task=1", "slurm/eval.sh",
+                                                         str(tiny_world[0] / "dev.jsonl")], env)
+    results = tmp_path / "logs" / f"sdsearch-eval-{job}" / "eval"
+    assert state == "COMPLETED", out
+    s = json.loads((results / "results.json").read_text())["settings"]
+    assert s["instruction"] == {"value": "search_r1", "from": "--instruction"}
+    assert s["chat_template"] == {"value": "auto", "from": "--chat-template"}
+    assert s["model"] == {"value": str(run / "final"), "from": "--model"}
+    assert (s["max_new_tokens"], s["max_context"], s["max_turns"]) == (
+        {"value": 40, "from": "--max-new-tokens"}, {"value": 512, "from": "--max-context"},
+        {"value": 1, "from": "--max-turns"})
+    assert s["topk"] == {"value": 3, "from": "default"}
+
+    for extra, message, code in (({}, "set RUN to the trained run directory", 1),
+                                 ({"RUN": str(tmp_path / "nope")}, "is not a training run directory", 2)):
+        job, state, out = _run_job(slurm_cluster, tmp_path, ["--gpus-per-node=0", "--cpus-per-task=1",
+                                                             "slurm/eval.sh", "nq.jsonl"],
+                                   _job_env(tmp_path, RETRIEVAL_URL=url, **extra))
+        assert state == "FAILED" and message in out, out
+        assert f"ExitCode={code}:0" in sh(f"scontrol show job {job}").stdout
+
+
+@pytest.mark.timeout(600)
+def test_train_7b_sh_runs_its_recipe_on_two_nodes_with_its_retrieval_component(slurm_cluster, tiny_world, tmp_path):
+    """train_7b.sh with INDEX_DIR: the heterogeneous job's second component serves the index on the third node,
+    torchrun runs the recipe's Megatron actor as two data-parallel ranks on the two training nodes (gloo over the
+    bridge), and every search of the rollouts is a query that component answered; the run holds a Megatron training
+    checkpoint and a final HF model that transformers loads."""
+    if slurm_cluster.two_nodes_unavailable:
+        pytest.skip(f"no two-node cluster here: {slurm_cluster.two_nodes_unavailable}")
+    env = _job_env(tmp_path, MODEL_DIR=str(_model_dir()), GPUS_PER_NODE="1", INDEX_DIR=str(tiny_world[1]))
+    job, state, out = _run_job(slurm_cluster, tmp_path, [*ON_CPU, *HET_ON_CPU, "slurm/train_7b.sh",
+                                                         *_recipe_on_cpu(tiny_world[0])], env, 600)
+    logs = list((tmp_path / "logs").glob("*/train.log"))
+    log, run = (logs[0].read_text() if logs else ""), tmp_path / "run"
+    detail = f"{out}\n--- train.log\n{log[-4000:]}\n{slurm_cluster.daemon_logs(10)}"
+    assert state == "COMPLETED", detail
+    train_nodes, url = slurm_cluster.nodes[:2], f"http://{slurm_cluster.nodes[2]}:8000"
+    assert "end-of-allocation signal lead: 1200 s" in out and "generator: torch\n" in out, detail
+    assert f"rendezvous: {train_nodes[0]}:" in out and ", 2 node(s)" in out, detail
+    assert {f"rank 0 of 2 on {train_nodes[0]}", f"rank 1 of 2 on {train_nodes[1]}"} <= {
+        " ".join(line.split()[:6]) for line in log.splitlines() if line.startswith("rank ")}, detail
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["algorithm"], cfg["actor"], cfg["cluster"]["nodes"], cfg["cluster"]["gpus_per_node"]) == (
+        "sd_search", "megatron", 2, 1)
+    assert (cfg["rollout"]["retriever"], cfg["cluster"]["retrieval_url"]) == ("http", url)
+    assert [r["step"] for r in _rows(run)] == [1]
+    searches, served = _searches(run), _served_lines(out, url)
+    assert searches > 0 and served[0] == 0 and served[-1] == searches, (searches, served, detail)
+    assert (run / "checkpoints" / "megatron_step_000001" / "metadata.json").is_file()
+    assert _moved(_state_dict(run / "final"), _state_dict(_model_dir()))
+
+
+def test_the_cluster_bridge_takes_a_subnet_nothing_on_the_machine_uses():
+    """free_subnet skips a /24 that an interface of the machine holds (a bridge made here), and takes it again once
+    the link is gone."""
+    from slurm_cluster import free_subnet
+
+    if os.geteuid() != 0 or missing(["ip"]):
+        pytest.skip("needs root and ip to add a link")
+    first = free_subnet()
+    assert first is not None
+    link = "sdstest0"
+    sh(f"ip link del {link}", check=False)
+    sh(f"ip link add {link} type bridge && ip addr add {first}.7/24 dev {link}")
+    try:
+        second = free_subnet()
+        assert second is not None and second != first
+    finally:
+        sh(f"ip link del {link}", check=False)
+    assert free_subnet() == first

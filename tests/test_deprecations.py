@@ -21,7 +21,13 @@ Which recorded warnings count as OURS (the rule; third-party internal warnings d
       nemo_sdsearch/, a method we call on an object there, a name we import from those libraries
       (all read from our source with `ast`), or a cache keyword we pass dynamically (`DYNAMIC_NAMES`).
       Needed because transformers' decorators often attribute the warning to their own wrapper
-      (e.g. `past_key_values` was reported at transformers/utils/output_capturing.py).
+      (e.g. `past_key_values` was reported at transformers/utils/output_capturing.py), or
+  (c) is attributed to torch's nn.Module call machinery (torch/nn/modules/module.py: `model(...)` dispatching
+      to a library's forward) and its message names such an API: transformers 5.25 reports the
+      `past_key_values` deprecation of `Qwen2ForCausalLM.forward` there.
+  The canary (`_deprecated_call`: the model called with the spelling transformers deprecates) must come out as
+  ours: if the recording or the rule stopped seeing a real deprecated call, every check here would pass
+  vacuously.
   Anything else (e.g. peft calling a deprecated transformers property on its own) is library-internal:
   it is printed by `test_report_library_internal_warnings` for information, never failed on.
 """
@@ -78,6 +84,11 @@ def library_of(filename: str) -> str | None:
     return None
 
 
+def is_module_call(filename: str) -> bool:
+    """torch's nn.Module call machinery, where a warning from a forward called as `model(...)` can land."""
+    return Path(filename).parts[-4:] == ("torch", "nn", "modules", "module.py")
+
+
 def is_ours(filename: str) -> bool:
     p = Path(filename).resolve()
     return any(p.is_relative_to(d) for d in OUR_DIRS)
@@ -105,7 +116,7 @@ def classify(rec: dict, api: frozenset[str]) -> str | None:
         return None
     if is_ours(rec["filename"]):
         return "ours"
-    if library_of(rec["filename"]) and names_in(rec["message"]) & api:
+    if (library_of(rec["filename"]) or is_module_call(rec["filename"])) and names_in(rec["message"]) & api:
         return "ours"
     return "library"
 
@@ -197,6 +208,22 @@ def _megatron(model, tok):
         teardown_parallel()
 
 
+def _deprecated_call(model, tok):
+    """The canary: the model called with the KV-cache keyword transformers deprecates (`past_key_values=` where
+    the forward takes `cache`, 5.24 on). False where this transformers deprecates nothing of the kind."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    if "cache" not in inspect.signature(model.model.forward).parameters:
+        return False
+    with torch.no_grad():
+        model(torch.tensor([tok.encode("Who founded it?")]), past_key_values=DynamicCache(config=model.config),
+              use_cache=True)
+    return True
+
+
 def _record(fn, *args):
     """(records, error) of running fn under a full warnings recording."""
     import traceback
@@ -236,6 +263,8 @@ def _worker(rank, world):
         model, tok = _load()
         _, recs, err = _record(_megatron, model, tok)
         res["megatron_gpt_model"] = (recs, err)
+    model, tok = _load()   # last: whatever it triggers once per process cannot hide a warning from a path above
+    res["canary"] = _record(_deprecated_call, model, tok)
     return res
 
 
@@ -258,12 +287,21 @@ def test_no_deprecation_warnings_from_our_calls(recorded, path):
     assert not ours, f"{path}: deprecations from our calls:\n" + "\n".join(ours)
 
 
-def test_report_library_internal_warnings(recorded):
-    """Not a check: lists the library-internal deprecations seen (run with -s or -rP to read them)."""
+def test_a_deprecated_call_is_caught_and_library_warnings_are_reported(recorded):
+    """The recording and the rule see a real deprecated call as ours (the canary); the library-internal
+    deprecations seen are listed for information (run with -s or -rP to read them)."""
     api = our_api_names()
-    seen = sorted({fmt(r) for v in recorded.values() if v for r in v[0] if classify(r, api) == "library"})
+    seen = sorted({fmt(r) for k, v in recorded.items() if k != "canary" and v for r in v[0]
+                   if classify(r, api) == "library"})
     for line in seen:
         print("[library-internal deprecation, not ours]", line)
+    ran, recs, err = recorded["canary"]
+    assert err is None, err
+    if not ran:
+        pytest.skip("this transformers does not deprecate past_key_values: no canary")
+    caught = [r for r in recs if r["deprecation"] and "past_key_values" in names_in(r["message"])]
+    assert caught, "the canary's deprecated call left no FutureWarning in the recording"
+    assert all(classify(r, api) == "ours" for r in caught), [fmt(r) for r in caught]
 
 
 def test_the_rule():
@@ -281,5 +319,13 @@ def test_the_rule():
     assert classify(peft_internal, api) == "library"
     assert classify(dict(peft_internal, filename=str(ROOT / "nemo_sdsearch/models/hf.py")), api) == "ours"
     assert classify(dict(rec, deprecation=False, category="UserWarning"), api) is None
-    torch_internal = dict(rec, filename=f"{site}/torch/nn/modules/module.py")
-    assert classify(torch_internal, api) == "library"
+    # transformers 5.25 attributes the same warning to torch's nn.Module call machinery: still ours
+    assert classify(dict(rec, filename=f"{site}/torch/nn/modules/module.py"), api) == "ours"
+    # torch's own deprecations elsewhere are not, even when they name something we call (`compile`: re.compile)
+    torch_internal = dict(rec, filename=f"{site}/torch/jit/_script.py",
+                          message="`torch.jit.script_method` is deprecated. Please switch to `torch.compile`.")
+    assert "compile" in api and classify(torch_internal, api) == "library"
+    # a module.py warning that names nothing we use stays the library's
+    hooks = dict(rec, filename=f"{site}/torch/nn/modules/module.py",
+                 message="Using a non-full backward hook when the forward contains multiple autograd Nodes is deprecated")
+    assert classify(hooks, api) == "library"

@@ -5,6 +5,12 @@ models with random weights; live megatron-core GPTModels holding them (Qwen2 at 
 the weights with megatron's own `dist_checkpointing.save` / `torch.save(state_dict())`, laid out as NeMo 1.x
 `.nemo` archives (dist checkpoint and per-rank forms; Llama also unpacked) and NeMo 2.0 directories, with
 the model configs NeMo's HF converters build. Every conversion to HF must give the source model's logits.
+
+Those fixtures are filled through the project's own HF -> Megatron mapping, so a misread NeMo layout would
+round-trip. The independent set (`independent.py`, same spawn) uses none of it: megatron-core GPTModels built
+from NeMo 2.0 model configs as NeMo's `GPTConfig.configure_model` builds them, with megatron's own randomly set
+parameters, saved by megatron's own `dist_checkpointing.save` / `state_dict()` under NeMo's prefixes; the
+oracle is megatron's own forward (logits), plus a hand-written per-rank QKV / fc1 / row-parallel mapping.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ pytest.importorskip("megatron.core")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "nemo"))
 
+import independent as ind  # noqa: E402
 import nemo_fixtures as fx  # noqa: E402
 from _mp import run_workers  # noqa: E402
 
@@ -53,8 +60,12 @@ def made(tmp_path_factory):
 
     convert(hf["llama"], "nemo", ours["llama"], pp=2)
     unpacked = {k: _untar(v, tmp / f"{k}_ours_tree") for k, v in ours.items()}
-    res = run_workers(fx.worker, 2, str(tmp), {k: str(v) for k, v in hf.items()},
-                      {k: str(v / "model_weights") for k, v in unpacked.items()}, timeout=300)
+    # one 2-process job: the independent megatron checkpoints first, then the mapped fixtures
+    ind_cfgs = {f: fx.nemo2_model_yaml(f, tied=f == "llama")["config"] for f in ("qwen2", "llama")}
+    both = run_workers(ind.worker_then, 2, str(tmp / "indep"), ind_cfgs, fx.worker,
+                       (str(tmp), {k: str(v) for k, v in hf.items()},
+                        {k: str(v / "model_weights") for k, v in unpacked.items()}), timeout=300)
+    res = [r["then"] for r in both]
     p = {}
     p["qwen2_dist"] = fx.write_nemo1(tmp / "qwen2_tp2.nemo", fx.nemo1_config("qwen2", tp=2, tokenizer_dir=hf["qwen2"]),
                                      {"model_weights": tmp / "qwen2_tp2" / "model_weights"})
@@ -72,7 +83,31 @@ def made(tmp_path_factory):
     p["llama_nemo2"] = fx.write_nemo2(tmp / "llama_nemo2", "llama", True, tmp / "llama_pp2_nemo2" / "weights", None)
     print(f"\nNeMo fixtures made in {time.perf_counter() - t0:.1f}s")
     return {"tmp": tmp, "models": models, "hf": hf, "ours": ours, "unpacked": unpacked, "paths": p,
-            "worker": res}
+            "worker": res, "indep": _independent_sources(tmp / "indep", [r["independent"] for r in both])}
+
+
+def _independent_sources(d: Path, ranks: list[dict]) -> dict:
+    """The NeMo layouts around megatron's own files (`independent.worker`), and megatron's logits."""
+    q, ll = d / "qwen2", d / "llama"
+    src = {
+        "qwen2_nemo1_dist_tp2": fx.write_nemo1(d / "q_dist.nemo", fx.nemo1_config("qwen2", tp=2),
+                                               {"model_weights": q / "model_weights"}),
+        "qwen2_nemo1_per_rank_tp2": fx.write_nemo1(
+            d / "q_rank.nemo", fx.nemo1_config("qwen2", tp=2),
+            {f"mp_rank_{r:02d}/model_weights.ckpt": q / f"mp_rank_{r:02d}" / "model_weights.ckpt" for r in range(2)}),
+        "qwen2_nemo2_tp2": fx.write_nemo2(d / "q_nemo2", "qwen2", False, q / "weights", None),
+        "llama_nemo1_dist_pp2": fx.write_nemo1(d / "l_dist.nemo", fx.nemo1_config("llama", pp=2),
+                                               {"model_weights": ll / "model_weights"}),
+        "llama_nemo1_per_rank_pp2_dir": fx.write_nemo1(
+            d / "l_rank_dir", fx.nemo1_config("llama", pp=2),
+            {f"tp_rank_00_pp_rank_{r:03d}/model_weights.ckpt": ll / f"tp_rank_00_pp_rank_{r:03d}" / "model_weights.ckpt"
+             for r in range(2)}, pack=False),
+        "llama_nemo2_pp2": fx.write_nemo2(d / "l_nemo2", "llama", True, ll / "weights", None),
+    }
+    return {"src": src, "dir": d,
+            "logits": {"qwen2": ranks[0]["qwen2_logits"], "llama": ranks[1]["llama_logits"]},   # last PP stage: 1
+            "qwen2_rank1_logits": ranks[1]["qwen2_logits"],
+            "qwen2_shards": [r["qwen2_shards"] for r in ranks]}
 
 
 def _logits(model) -> torch.Tensor:
@@ -154,6 +189,99 @@ def test_nemo1_zarr_backend_to_hf(made, tmp_path):
     x = torch.randn(3, 5).to(torch.bfloat16)
     dist_ckpt.write_zarr_array(tmp_path / "bf16", x, (2, 5))
     assert torch.equal(dist_ckpt._read_zarr(tmp_path / "bf16"), x)
+
+
+# --------------------------------------------------------------------------------------------------
+# NeMo -> HF against megatron itself (no project mapping in the fixture)
+# --------------------------------------------------------------------------------------------------
+def _indep_to_hf(made, name: str, out: Path):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["convert", str(made["indep"]["src"][name]), "--to", "hf", str(out), "--threads", "1"]) == 0
+    return AutoModelForCausalLM.from_pretrained(str(out)).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2_nemo1_dist_tp2", "qwen2_nemo1_per_rank_tp2", "qwen2_nemo2_tp2",
+                                  "llama_nemo1_dist_pp2", "llama_nemo1_per_rank_pp2_dir", "llama_nemo2_pp2"])
+def test_megatron_written_checkpoint_to_hf_gives_megatron_logits(made, tmp_path, name):
+    """A megatron-core GPTModel built from NeMo's config, with megatron's own random parameters, saved by
+    megatron in NeMo's layout (Qwen2: TP=2, QKV bias, untied; Llama: PP=2, tied) -> `sdsearch convert --to hf`:
+    the HF model's fp32 logits are megatron's forward logits on the same tokens."""
+    family = name.split("_")[0]
+    want = made["indep"]["logits"][family]
+    model = _indep_to_hf(made, name, tmp_path / "hf")
+    assert model.config.model_type == family
+    assert model.config.vocab_size == want.shape[-1]                         # no padding in these configs
+    assert model.config.tie_word_embeddings == (family == "llama")
+    assert model.config.num_key_value_heads == 2 and model.config.num_attention_heads == 4
+    got = _logits_of(model, torch.tensor(ind.IDS))
+    assert want.std() > 0.3                                                  # logits that tell weights apart
+    diff = (got - want).abs().max().item()
+    assert diff <= ATOL, diff
+
+
+def _logits_of(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def test_megatron_per_rank_shards_map_to_hf_by_hand(made, tmp_path):
+    """Hand-written oracle, from megatron's per-rank semantics (not our mapping): at TP=2 rank r holds query
+    group r; its local linear_qkv rows are [q head 0 of the group, q head 1, k, v] (16 rows each: megatron's
+    SelfAttention splits [ng, (np/ng + 2) * hn]); linear_fc1's local rows are [gate_r; up_r] (the SwiGLU chunk of
+    the local output); linear_proj / linear_fc2 are row parallel (rank r: input columns r*n/2 ...)."""
+    shards = made["indep"]["qwen2_shards"]
+    hf = _indep_to_hf(made, "qwen2_nemo1_per_rank_tp2", tmp_path / "a").state_dict()
+    hf_dist = _indep_to_hf(made, "qwen2_nemo2_tp2", tmp_path / "b").state_dict()
+    assert all(torch.equal(hf[k], hf_dist[k]) for k in hf)                  # per-rank and dist forms agree
+    d, per_group, ffn_local = 16, 2, 64
+    L = "model.layers.0."
+    pre = "decoder.layers.0."
+    for r in range(2):
+        w = shards[r][pre + "self_attention.linear_qkv.weight"]
+        b = shards[r][pre + "self_attention.linear_qkv.bias"]
+        assert w.shape == (4 * d, 64) and b.shape == (4 * d,)
+        for j in range(per_group):
+            head = r * per_group + j
+            assert torch.equal(hf[L + "self_attn.q_proj.weight"][head * d:(head + 1) * d], w[j * d:(j + 1) * d])
+            assert torch.equal(hf[L + "self_attn.q_proj.bias"][head * d:(head + 1) * d], b[j * d:(j + 1) * d])
+        for name, at in (("k_proj", 2), ("v_proj", 3)):
+            assert torch.equal(hf[L + f"self_attn.{name}.weight"][r * d:(r + 1) * d], w[at * d:(at + 1) * d])
+            assert torch.equal(hf[L + f"self_attn.{name}.bias"][r * d:(r + 1) * d], b[at * d:(at + 1) * d])
+        fc1 = shards[r][pre + "mlp.linear_fc1.weight"]
+        assert fc1.shape == (2 * ffn_local, 64)
+        assert torch.equal(hf[L + "mlp.gate_proj.weight"][r * ffn_local:(r + 1) * ffn_local], fc1[:ffn_local])
+        assert torch.equal(hf[L + "mlp.up_proj.weight"][r * ffn_local:(r + 1) * ffn_local], fc1[ffn_local:])
+        proj = shards[r][pre + "self_attention.linear_proj.weight"]
+        assert torch.equal(hf[L + "self_attn.o_proj.weight"][:, r * 32:(r + 1) * 32], proj)
+        fc2 = shards[r][pre + "mlp.linear_fc2.weight"]
+        assert torch.equal(hf[L + "mlp.down_proj.weight"][:, r * ffn_local:(r + 1) * ffn_local], fc2)
+    # and both TP ranks computed the same (gathered) logits
+    assert torch.equal(made["indep"]["logits"]["qwen2"], made["indep"]["qwen2_rank1_logits"])
+
+
+def test_to_nemo_of_megatron_checkpoint_is_megatron_save(made, tmp_path):
+    """megatron's own TP=2 / PP=2 saves -> HF -> our `--to nemo`: the dist checkpoint holds the same keys, and
+    every tensor equal to the one megatron wrote (read with torch's DCP converter, not our reader)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def dcp(directory: Path) -> dict:
+        f = directory.parent / (directory.name + ".pt")
+        dcp_to_torch_save(str(directory), str(f))
+        return torch.load(f, weights_only=False)
+
+    for family, src, tp_pp in (("qwen2", "qwen2_nemo2_tp2", ["--tp", "2"]),
+                               ("llama", "llama_nemo1_per_rank_pp2_dir", ["--pp", "2"])):
+        hf_dir, nemo = tmp_path / f"{family}_hf", tmp_path / f"{family}.nemo"
+        assert main(["convert", str(made["indep"]["src"][src]), "--to", "hf", str(hf_dir), "--threads", "1"]) == 0
+        assert main(["convert", str(hf_dir), "--to", "nemo", str(nemo), *tp_pp, "--threads", "1"]) == 0
+        tree = _untar(nemo, tmp_path / f"{family}_tree")
+        mine, real = dcp(tree / "model_weights"), dcp(made["indep"]["dir"] / family / "model_weights")
+        assert sorted(mine) == sorted(real)
+        tensors = [k for k, v in real.items() if isinstance(v, torch.Tensor)]
+        assert len(tensors) == {"qwen2": 10, "llama": 8}[family]   # llama: no QKV bias, tied (no output layer)
+        for k in tensors:
+            assert mine[k].dtype == real[k].dtype and torch.equal(mine[k], real[k]), k
 
 
 # --------------------------------------------------------------------------------------------------

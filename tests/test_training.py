@@ -48,10 +48,14 @@ def test_exact_resume(tmp_path):
     resumed = run(tiny_overrides(model_dir, tmp_path / "b", 4, **{"trainer.resume": True}, **extra))
     pa, pb = final_params(tmp_path / "a"), final_params(tmp_path / "b")
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
-    # The parameters moved (the test would pass vacuously otherwise).
-    from safetensors.torch import load_file
-    p0 = load_file(model_dir / "model.safetensors")
-    assert any(not torch.equal(p0[k], pa[k]) for k in pa)
+    # Not vacuous: every term was active and the policy left the reference. The k3 KL to the frozen reference
+    # is 0 before the first update (the same weights score the same tokens) and positive after every one;
+    # advantages of both signs reached the surrogate; the JSD had query positions to work on.
+    hist = straight["history"]
+    assert abs(hist[0]["actor/kl_loss"]) < 1e-7 and all(h["actor/kl_loss"] > 1e-4 for h in hist[1:])
+    assert not any(h["actor/update_skipped"] for h in hist)
+    assert any(h["critic/advantages/max"] > 0 > h["critic/advantages/min"] and h["actor/pg_loss"] != 0 for h in hist)
+    assert all(h["sd/query_tokens"] > 0 and math.isfinite(h["sd/jsd"]) and h["sd/jsd"] > 0 for h in hist)
     # (compared as JSON text: bit-exact floats, and a NaN sd/jsd equals itself)
     strip = lambda h: json.dumps([{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in h])
     assert strip(straight["history"]) == strip(resumed["history"])
@@ -66,7 +70,7 @@ def test_grpo_and_sd_search_metrics(micro_model_dir, tmp_path):
     for key in ("critic/score/mean", "env/number_of_valid_search", "sd/jsd", "sd/agreement", "actor/kl_loss",
                 "actor/pg_clipfrac", "actor/entropy", "actor/pg_loss", "perf/throughput", "timing_s/gen",
                 "timing_s/teacher", "timing_s/update_actor", "timing_s/retrieval"):
-        assert key in row and not (isinstance(row[key], float) and math.isinf(row[key]))
+        assert key in row and math.isfinite(row[key]), (key, row.get(key))   # NaN fails too
     summary = run(tiny_overrides(micro_model_dir[0], tmp_path / "grpo", 1, algorithm="grpo"))
     assert math.isnan(summary["history"][0]["sd/jsd"]) and summary["history"][0]["timing_s/teacher"] == 0.0
 
@@ -119,9 +123,26 @@ def test_non_finite_loss_skips_the_step(micro_model):
     stats = actor.train_step(lambda i: p.sum() * float("nan"), 1)
     assert stats["skipped"]
     assert all(torch.equal(before[k], v) for k, v in micro_model.state_dict().items())
+    # the skipped step took no optimizer step, so this is Adam's first: with m = (1 - b1) g, v = (1 - b2) g^2
+    # and the bias corrections, p <- p - lr g / (|g| + eps), g = the clipped gradient of 1e-3 |p|^2 summed over
+    # the 2 micro-batches
+    params_before = {n: q.detach().clone() for n, q in micro_model.named_parameters()}
+    name = next(n for n, q in micro_model.named_parameters() if q is p)
     stats = actor.train_step(lambda i: (p ** 2).sum() * 1e-3, 2)
     assert not stats["skipped"]
-    assert any(not torch.equal(before[k], v) for k, v in micro_model.state_dict().items())
+    x = params_before[name].double()
+    g = 2 * 2e-3 * x
+    norm = g.norm()
+    assert stats["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    g = g * min(1.0, 1.0 / (norm.item() + 1e-6))        # clip_grad_norm_ at actor.grad_clip = 1
+    want = x - 1e-2 * g / (g.abs() + 1e-8)
+    assert torch.allclose(p.detach().double(), want, rtol=0, atol=1e-6)
+    # the loss's direction: every non-zero weight stepped toward 0, and the loss fell
+    step, nz = p.detach().double() - x, x != 0
+    assert nz.float().mean() > 0.9 and (step[nz] * x[nz] < 0).all() and (step[~nz] == 0).all()
+    assert (p.detach().double() ** 2).sum() < (x ** 2).sum()
+    # no gradient, no step: every other parameter is bit-identical
+    assert all(torch.equal(q, params_before[n]) for n, q in micro_model.named_parameters() if n != name)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -713,12 +713,33 @@ def train_overrides(actor: str, mode: str, out_dir: Path) -> list[str]:
     if mode == "gpu":
         o += ["model.device=cuda", "trainer.questions_per_step=8", "rollout.group_size=5", "model.threads=8"]
     else:
-        o += ["trainer.questions_per_step=2", "rollout.group_size=2", "rollout.max_turns=1",
-              "rollout.max_new_tokens=12", "data.dev_questions=2", "data.test_questions=2", "model.threads=1"]
+        o += ["trainer.questions_per_step=2", "rollout.group_size=4", "rollout.max_turns=2",
+              "rollout.max_new_tokens=48", "data.dev_questions=2", "data.test_questions=2", "model.threads=1"]
     if actor == "megatron":
         o += ["megatron.tensor_parallel=1", "megatron.pipeline_parallel=1", "megatron.distributed_optimizer=true",
               f"megatron.dtype={'bf16' if mode == 'gpu' else 'auto'}"]
     return o
+
+
+def first_update_measured(update, tensors_of, captured: dict):
+    """`grpo.update_policy`, measuring the first update's direction on its own rollouts with the actor's log-probs
+    (`Actor.logprobs_at`, at the rollout temperature): `surrogate_gain`, the sum over rollouts of advantage x the
+    change of their policy tokens' log-probs (positive when the update follows the GRPO surrogate; reported, not
+    judged: bf16 model weights on the GPU can round lr-1e-6 changes away), with the advantages' absolute sum and
+    the step's query tokens (the SD-Search term acts at those)."""
+    def measured(actor, ref, trajs, adv, teacher, cfg, pad_id):
+        if "first_update" in captured:
+            return update(actor, ref, trajs, adv, teacher, cfg, pad_id)
+        rollouts = [tensors_of([t], pad_id, actor.device)[:3] for t in trajs]
+        logprobs = lambda: [actor.logprobs_at(b, r, c, cfg.rollout.temperature, with_grad=False).double().cpu()
+                            for b, r, c in rollouts]  # noqa: E731
+        before = logprobs()
+        m, stats = update(actor, ref, trajs, adv, teacher, cfg, pad_id)
+        gain = sum(float(a) * float((n - o).sum()) for a, o, n in zip(adv.tolist(), before, logprobs()))
+        captured["first_update"] = {"surrogate_gain": gain, "adv_abs_sum": float(adv.abs().sum()),
+                                    "query_tokens": int(m["n_query"])}
+        return m, stats
+    return measured
 
 
 def check_train(actor: str, mode: str, out: Path) -> dict:
@@ -737,6 +758,7 @@ def check_train(actor: str, mode: str, out: Path) -> dict:
         return c
 
     grpo.build_components = build_and_snapshot
+    grpo.update_policy = first_update_measured(grpo.update_policy, grpo.micro_batch_tensors, captured)
     run_dir = Path(tempfile.mkdtemp(prefix=f"sdsearch_gpu_{actor}_"))
     argv = ["train", *train_overrides(actor, mode, run_dir)]
     print("$ sdsearch " + " ".join(argv))
@@ -758,7 +780,7 @@ def check_train(actor: str, mode: str, out: Path) -> dict:
                "lr": [r.get("actor/lr") for r in rows], "skipped": [r.get("actor/update_skipped") for r in rows],
                "score": [r.get("critic/score/mean") for r in rows], "grad_norm": [r.get("actor/grad_norm") for r in rows],
                "entropy": [r.get("actor/entropy") for r in rows], "loss": [r.get("actor/loss") for r in rows],
-               "step_s": [r.get("timing_s/step") for r in rows]}
+               "step_s": [r.get("timing_s/step") for r in rows], "first_update": captured.get("first_update")}
     print(f"{actor}: {len(rows)} steps; master weights {dtypes} ({n} values, optimizer "
           f"{figures['optimizer']}), model parameters {model_dtype} on {figures['device']}; "
           f"{100 * moved / max(n, 1):.1f}% of the master values moved, largest update {max_step:.3g} "

@@ -46,12 +46,22 @@ def test_dry_run_exercises_every_check(tmp_path):
     assert any("GPU only" in s for s in by_name["train_megatron"]["skipped"])
     assert any("GPU only" in s for s in by_name["logits"]["skipped"])
     assert any("nvidia-smi" in s for s in by_name["env"]["skipped"])
-    # the training checks ran 3 steps at lr 1e-6 and moved the fp32 master weights
+    # the training checks ran 3 steps at lr 1e-6 and moved the fp32 master weights, and the first update moved the
+    # policy the way the GRPO surrogate says, measured on its own rollouts (a group's rewards differed): the
+    # rollouts with a positive advantage gained log-probability, those with a negative one lost it (a flipped
+    # objective gives the opposite sign, about as large)
+    gains = {}
     for actor in ("hf", "megatron"):
         f = by_name[f"train_{actor}"]["figures"]
         assert f["steps"] == 3 and f["lr"] == [1e-6] * 3 and f["master_dtypes"] == ["torch.float32"]
         assert f["moved_fraction"] > 0.5
+        first = f["first_update"]
+        assert first["adv_abs_sum"] > 0, "the first step's groups all scored alike: no policy gradient to check"
+        assert first["surrogate_gain"] > 0, first
+        gains[actor] = first["surrogate_gain"]
         assert (out / f"metrics_{actor}.jsonl").exists()
+    # on the CPU both actors are fp32 and see the same rollouts: Megatron's first update is the hf one's
+    assert gains["megatron"] == pytest.approx(gains["hf"], rel=1e-2)
     assert "tracking" in by_name["train_megatron"]["figures"]
     # what the GPU run builds and the CPU run does not (the bf16 frozen reference) builds here too
     assert not by_name["train_megatron"].get("predicted_gpu_failures"), by_name["train_megatron"]

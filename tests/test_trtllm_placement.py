@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from fake_trtllm import shard_of
 from nemo_sdsearch.rollout.trtllm_placement import (PLACEMENT_FORMS, DeviceSlot, EnginePlacement, cpu_device_id,
                                                     engine_bundles, engine_environment, job_bundles)
 
@@ -159,13 +160,21 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
     from nemo_sdsearch.algorithms.setup import build_components, close_components
     from nemo_sdsearch.config import load_config
 
-    loads = []
+    loads, updates = [], []
     real_load = hf.load_model_and_tokenizer
     hf.load_model_and_tokenizer = lambda *a, **k: loads.append(a) or real_load(*a, **k)
-    overrides = {"actor": "megatron", "megatron.tensor_parallel": 2, "generator": "trtllm",
+    real_update = grpo.update_policy
+
+    def recorded_update(actor, ref, trajs, adv, *a, **k):  # this replica's rollouts and advantages
+        updates.append({"trajs": trajs, "adv": adv.clone()})
+        return real_update(actor, ref, trajs, adv, *a, **k)
+
+    grpo.update_policy = recorded_update
+    # GRPO, 2 turns (a search, then an answer): a group's rewards differ, so the update has a policy gradient
+    overrides = {"actor": "megatron", "megatron.tensor_parallel": 2, "generator": "trtllm", "algorithm": "grpo",
                  "trtllm.tensor_parallel": 2, "cluster.gpus_per_node": 4, "model.path": model_dir, "model.threads": 1,
-                 "trainer.steps": 1, "trainer.seed": 5, "trainer.questions_per_step": 2, "rollout.group_size": 2,
-                 "rollout.max_new_tokens": 24, "rollout.max_turns": 1, "rollout.max_context": 1024,
+                 "trainer.steps": 1, "trainer.seed": 0, "trainer.questions_per_step": 2, "rollout.group_size": 4,
+                 "rollout.max_new_tokens": 48, "rollout.max_turns": 2, "rollout.max_context": 1024,
                  "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.final_test_eval": False,
                  "trainer.out_dir": out, "grpo.micro_batch_size": 2, "optim.lr": 1e-4}
     cfg = load_config("tiny_cpu", [f"{k}={v}" for k, v in overrides.items()])
@@ -177,7 +186,7 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
     grpo.train(cfg, progress=False, components=c)
     from nemo_sdsearch.models.megatron.builder import replica_wait_group
 
-    res = {"environ_after": {k: os.environ.get(k) for k in LAUNCHER_ENV}, "engine": None,
+    res = {"environ_after": {k: os.environ.get(k) for k in LAUNCHER_ENV}, "engine": None, "updates": updates,
            "whole_model_loads": len(loads), "pid": os.getpid(), "bytes_read": bytes_read,
            "wait_group": (torch.distributed.get_backend(c.actor.replica_group), c.actor.replica_group is replica_wait_group(),
                           c.actor.replica_ranks)}
@@ -192,7 +201,8 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
             "max_input_len": llm.args.max_input_len, "max_num_tokens": llm.args.max_num_tokens,
             "bundles": placement.placement_bundle_indices, "group": table["name"], "group_bundles": table["bundles"],
             "workers": [ray.get(w.info.remote()) for w in llm.workers],
-            "held": [ray.get(w.weights.remote()) for w in llm.workers], "requests": llm.requests}
+            "served": ray.get(llm.workers[0].weights.remote()),  # what worker 0 decodes with
+            "shards": [ray.get(w.shards.remote()) for w in llm.workers], "requests": llm.requests}
     close_components(c)
     if rank == 0:
         res["groups_after"] = [g["name"] for g in ray.util.placement_group_table().values()
@@ -248,12 +258,29 @@ def test_one_engine_per_replica_on_its_own_devices_refitted_by_its_own_ranks(tmp
     assert [r["wait_group"] for r in results] == [("gloo", True, [0, 1])] * 2 + [("gloo", True, [2, 3])] * 2
     # the launcher's variables are back for the trainer
     assert all(r["environ_after"] == LAUNCHER_ENV for r in results)
-    # final/ was written (by rank 0, from the weight stream) and every worker of both engines holds those weights
+    # final/ was written (by rank 0, from the weight stream); every worker of both engines holds its own shard of
+    # those weights and worker 0 decodes with the weights assembled from both workers' shards: exactly final/
     final = load_file(out / "final" / "model.safetensors")
     for e in (e0, e1):
-        for held in e["held"]:
-            assert all(torch.equal(held[k], final[k]) for k in final)
-    initial = load_file(default_model_dir() / "model.safetensors")
-    assert any(not torch.equal(initial[k], final[k]) for k in final)
+        assert all(torch.equal(e["served"][k], final[k]) for k in final)
+        for rank, shards in enumerate(e["shards"]):
+            assert shards and all(torch.equal(t, shard_of(final[n], rank, 2)) for n, t in shards.items()), rank
+    # the update moved the policy the way the GRPO surrogate says, over both replicas' rollouts (each replica
+    # leader's share; the other ranks of a replica saw the same): rollouts with a positive advantage gained
+    # log-probability, those with a negative one lost it
+    from test_trtllm_training import policy_logprobs, surrogate_gain
+    from transformers import AutoModelForCausalLM
+
+    assert [len(r["updates"]) for r in results] == [1] * 4
+    assert [len(r["updates"][0]["trajs"]) for r in results] == [4] * 4
+    shares = [results[0]["updates"][0], results[2]["updates"][0]]
+    adv = torch.cat([u["adv"] for u in shares])
+    trajs = [t for u in shares for t in u["trajs"]]
+    assert adv.abs().sum() > 0, "every group's rollouts scored alike: no policy gradient to check"
+    before = AutoModelForCausalLM.from_pretrained(str(default_model_dir())).eval()
+    after = AutoModelForCausalLM.from_pretrained(str(out / "final")).eval()
+    gain = surrogate_gain([policy_logprobs(before, t, 1.0) for t in trajs],
+                          [policy_logprobs(after, t, 1.0) for t in trajs], adv)
+    assert gain > 0, (gain, adv)
     # the job's placement group was removed at the end, after the engines shut down
     assert results[0]["groups_after"] == []

@@ -95,9 +95,10 @@ class TRTLLMGenerator(Generator):
     tokenizer: the tokenizer the rollout engine decodes with (defaults to the one in `model_dir`).
     sampler_type: "TRTLLMSampler" (default: honours per-request seeds, temperature-scaled log-probs)
         or "TorchSampler".
-    logprobs_source: "auto" (the sampler's log-probs where they are the project's convention, see
-        `_logprob_plan`), "sampler" (always the sampler's), or "logits" (computed here from the returned
-        generation logits: exact for every sampler, costs vocab floats per generated token).
+    logprobs_source: "auto" or "sampler" (the sampler's log-probs, in the mode that gives the project's
+        convention, see `_logprob_plan`; a sampling setting for which no mode gives it is refused with a
+        ValueError), or "logits" (computed here from the returned generation logits: exact for every
+        sampler and setting, costs vocab floats per generated token).
     streaming: watch every token with our StopChecker and abort at the first stop (exact torch
         semantics); False relies on TensorRT-LLM's token-id stop words and cuts afterwards.
     llm_kwargs: extra `LLM(...)` arguments (override ours).
@@ -290,20 +291,30 @@ class TRTLLMGenerator(Generator):
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _logprob_plan(self, params: SamplingParams) -> str:
-        """Where the sampled log-probs come from: 'sampler', 'processed' or 'logits'.
+        """Where the sampled log-probs come from: 'sampler' (the TRTLLMSampler's), 'raw' / 'processed' (the
+        TorchSampler's, in that `logprobs_mode`) or 'logits'.
 
-        The project's convention is log_softmax(logits / T) before top-p (T = 1 for greedy)."""
-        if self.logprobs_source != "auto":
-            return self.logprobs_source
+        The project's convention is log_softmax(logits / T) over the whole vocabulary, before top-p (T = 1 for
+        greedy). What each sampler returns (docs/trtllm.md, "Log-probs per sampler"): the TRTLLMSampler
+        log softmax(logits / T) before top-k / top-p, i.e. the convention; the TorchSampler's "raw" mode (its
+        default) log_softmax(logits) without the temperature: the convention at T = 1 and for greedy; its
+        "processed" mode log_softmax(logits / T) renormalised over the tokens top-k / top-p kept: the convention
+        when nothing is cut (top_p = 1, top_k = 0)."""
+        if self.logprobs_source == "logits":
+            return "logits"
         if self.sampler_type == "TRTLLMSampler":
-            return "sampler"  # temperature-scaled, before top-p (see the module docstring: V + A)
+            return "sampler"
         if params.temperature in (0, 1):
-            return "sampler"  # TorchSampler RAW log-probs are log_softmax(logits): exact at T = 1
+            return "raw"
         if "logprobs_mode" in self._sp_fields and params.top_p == 1.0:
-            return "processed"  # after temperature; top-p does nothing at 1
-        raise ValueError(f"TorchSampler cannot return log_softmax(logits / T) log-probs for temperature="
-                         f"{params.temperature}, top_p={params.top_p} in this TensorRT-LLM; use "
-                         "sampler_type='TRTLLMSampler' or logprobs_source='logits'")
+            return "processed"
+        why = ("its log-probs renormalised over the top-p set (logprobs_mode='processed') are not either"
+               if "logprobs_mode" in self._sp_fields else
+               "this TensorRT-LLM's SamplingParams has no logprobs_mode, so it has no temperature-scaled ones")
+        raise ValueError(f"TorchSampler returns log_softmax(logits) without the temperature, not the "
+                         f"log_softmax(logits / T) the trainer expects, at temperature={params.temperature}, "
+                         f"top_p={params.top_p}; {why}. Use sampler_type='TRTLLMSampler' or "
+                         "logprobs_source='logits'")
 
     def _sampling_params(self, params: SamplingParams, seed: int, plan: str):
         kw: dict[str, Any] = dict(max_tokens=params.max_new_tokens, seed=seed, detokenize=False,
@@ -318,8 +329,8 @@ class TRTLLMGenerator(Generator):
             kw.update(top_k=1, top_p=None, temperature=None)  # greedy at the default temperature 1
         else:
             kw.update(top_k=0, top_p=params.top_p, temperature=params.temperature)
-        if plan == "processed":
-            kw["logprobs_mode"] = "processed"
+        if plan in ("raw", "processed"):  # the TorchSampler's mode, said explicitly where the release has it
+            kw["logprobs_mode"] = plan
         return self._SP(**{k: v for k, v in kw.items() if k in self._sp_fields})
 
     async def _turn(self, context: list[int], params: SamplingParams, seed: int) -> Completion:

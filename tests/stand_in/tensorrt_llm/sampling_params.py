@@ -1,6 +1,14 @@
-"""`tensorrt_llm.SamplingParams`: the fields the project sets (a dataclass, as the real one is)."""
+"""`tensorrt_llm.SamplingParams`: the fields the project sets (a dataclass, as the real one is), and
+`LogprobMode`, the TorchSampler's log-prob convention (`logprobs_mode`: "raw", the default, or "processed"; the
+upstream tests pass these strings; _torch/pyexecutor/sampler.py says what each returns)."""
 
+import enum
 from dataclasses import dataclass
+
+
+class LogprobMode(str, enum.Enum):
+    RAW = "raw"
+    PROCESSED = "processed"
 
 
 @dataclass
@@ -16,5 +24,9 @@ class SamplingParams:
     end_id: int | None = None
     pad_id: int | None = None
     logprobs: int | None = None
+    logprobs_mode: LogprobMode = LogprobMode.RAW
     detokenize: bool = True
     return_generation_logits: bool = False
+
+    def __post_init__(self):
+        self.logprobs_mode = LogprobMode(getattr(self.logprobs_mode, "value", self.logprobs_mode))

@@ -1,12 +1,32 @@
-"""The engine worker: one Ray actor per rank of an engine, on the placement-group bundle it was given."""
+"""The engine worker: one Ray actor per rank of an engine, on the placement-group bundle it was given.
+
+Tensor parallelism as the stand-in models it: a refit hands every worker the full Hugging Face tensors (its own
+device's handles); each worker keeps only its shard, the `rank`-th of `world_size` pieces of every flattened
+tensor, as a real worker keeps its slice. Worker 0 decodes with the weights assembled from EVERY worker's shard
+(the driver gathers them after the refit's final call, `LLM._collective_rpc`), so a worker that got the wrong
+tensors, or none, changes what the engine generates."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 
+from tensorrt_llm._torch.pyexecutor.sampler import step
 from tensorrt_llm._torch.virtual_memory import WEIGHT_TAGS, ExecutorMemoryType
+
+
+def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Worker `rank`'s piece of a tensor: the rank-th of `world` near-equal pieces of it, flattened."""
+    return torch.tensor_split(t.detach().reshape(-1), world)[rank].clone()
+
+
+def canonical_names(model) -> dict[str, str]:
+    """Each state-dict name -> the first name of the same tensor (a tied lm_head.weight -> the embedding)."""
+    first: dict = {}
+    return {k: first.setdefault((v.data_ptr(), tuple(v.shape)), k)
+            for k, v in model.state_dict(keep_vars=True).items()}
 
 
 class RayWorker:
@@ -17,7 +37,12 @@ class RayWorker:
 
         torch.set_num_threads(1)  # the same floating-point sums whatever the node's core count
         self.rank, self.world_size, self.enable_sleep = rank, world_size, enable_sleep
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.names = canonical_names(model)
+        state = model.state_dict()
+        self.shapes = {n: tuple(state[n].shape) for n in set(self.names.values())}
+        self.shard = {n: shard_of(state[n], rank, world_size) for n in self.shapes}
+        self.model = model if rank == 0 else None  # worker 0 decodes (with every worker's shards, `assemble`)
         self.node_ip = ray.util.get_node_ip_address()
         # the device of this bundle: the k-th bundle of the group on this node is the node's k-th device
         table = ray.util.placement_group_table(placement_group)
@@ -46,8 +71,14 @@ class RayWorker:
                 "environ": dict(os.environ), "requests": self.requests,
                 "prefix_cache_resets": self.prefix_cache_resets, "senders": sorted(self.senders)}
 
+    def shards(self) -> dict:
+        """This worker's shard of every weight (the driver assembles them; the tests compare them)."""
+        return {n: t.clone() for n, t in self.shard.items()}
+
     def weights(self) -> dict:
-        """Stand-in only: the weights this worker holds (for the tests' assertions)."""
+        """Stand-in only: the weights worker 0 decodes with (assembled from every worker's shard)."""
+        if self.model is None:
+            raise RuntimeError(f"worker {self.rank} holds a shard only; worker 0 decodes")
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def sleep(self, tags) -> None:
@@ -55,8 +86,11 @@ class RayWorker:
         self.asleep |= set(tags)
         if set(tags) & WEIGHT_TAGS:  # the weights are released: a refit must bring every one back
             with torch.no_grad():
-                for p in self.model.parameters():
-                    p.fill_(float("nan"))
+                for t in self.shard.values():
+                    t.fill_(float("nan"))
+                if self.model is not None:
+                    for p in self.model.parameters():
+                        p.fill_(float("nan"))
             self.weights_released, self.reloaded = True, set()
 
     def wakeup(self, tags) -> None:
@@ -76,26 +110,36 @@ class RayWorker:
 
     # -- weights ------------------------------------------------------------------------------------------
     def _load_weights(self, named) -> None:
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, t in named:
-                if name not in state:
-                    raise KeyError(f"update_weights: the model has no weight {name!r}")
-                state[name].copy_(t)
-                self.reloaded.add(name)
+        for name, t in named:
+            if name not in self.names:
+                raise KeyError(f"update_weights: the model has no weight {name!r}")
+            target = self.names[name]
+            if t.numel() != self.shard_numel(target):
+                raise ValueError(f"update_weights: {name} has {tuple(t.shape)}, the model {self.shapes[target]}")
+            self.shard[target] = shard_of(t.float(), self.rank, self.world_size)
+            self.reloaded.add(target)
+
+    def shard_numel(self, name: str) -> int:
+        n = 1
+        for d in self.shapes[name]:
+            n *= d
+        return n
 
     def _finish_weights(self) -> None:
         if self.weights_released:
-            names = {n for n, _ in self.model.named_parameters()}
-            missing = sorted(names - self.reloaded)
+            missing = sorted(set(self.shapes) - self.reloaded)
             if missing:
                 raise RuntimeError(f"weights released by sleep were not all reloaded: {missing[:5]}")
             self.weights_released = False
         self.prefix_cache_resets += 1  # the real finish resets the prefix cache
         return None
 
-    def weights_digest(self) -> float:
-        return float(sum(p.double().sum() for p in self.model.parameters()))
+    def assemble(self, shards: list[dict]) -> None:
+        """Worker 0: decode with the weights made of every worker's shard (in rank order)."""
+        state = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, shape in self.shapes.items():
+                state[name].copy_(torch.cat([s[name] for s in shards]).view(shape))
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,27 +150,17 @@ class RayWorker:
             raise RuntimeError("generate after sleep released the weights and before a refit")
         self.requests += 1
         gen = torch.Generator().manual_seed(int(sp["seed"] or 0))
-        greedy = sp["top_k"] == 1
-        temp = 1.0 if greedy or sp["temperature"] is None else float(sp["temperature"])
-        top_p = sp["top_p"]
         words = sp["stop_words"]  # [(source, [ids])]: strings tokenized by the driver, and stop_token_ids
         out, lps = [], []
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         result = self.model(torch.tensor([prompt]), use_cache=True)
         reason, stop_reason = None, None
         while True:
-            logits = result.logits[0, -1].float()
-            logp = torch.log_softmax(logits / temp, -1)
-            if greedy:
-                tok = int(logits.argmax())
-            else:
-                probs = logp.exp()
-                if top_p is not None and top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    keep = sorted_p.cumsum(-1) - sorted_p < top_p
-                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-                tok = int(torch.multinomial(probs, 1, generator=gen))
+            tok, entries = step(result.logits[0, -1], sampler_type=sp["sampler_type"], temperature=sp["temperature"],
+                                top_k=sp["top_k"], top_p=sp["top_p"], logprobs=sp["logprobs"],
+                                logprobs_mode=sp["logprobs_mode"], generator=gen)
             out.append(tok)
-            lps.append((tok, float(logp[tok]), int((logp > logp[tok]).sum()) + 1))
+            lps.append(entries)
             if sp["end_id"] is not None and sp["end_id"] >= 0 and tok == sp["end_id"]:
                 reason = "stop"
             elif len(out) >= sp["max_tokens"]:
@@ -140,4 +174,4 @@ class RayWorker:
                         break
             if reason is not None:
                 return {"token_ids": out, "logprobs": lps, "finish_reason": reason, "stop_reason": stop_reason}
-            result = self.model(torch.tensor([[tok]]), past_key_values=result.past_key_values, use_cache=True)
+            result = self.model(torch.tensor([[tok]]), use_cache=True, **{key: result[key]})

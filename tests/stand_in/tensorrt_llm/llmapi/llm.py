@@ -37,7 +37,8 @@ class RequestOutput:
     def _fill(self, d: dict) -> None:
         o = self.outputs[0]
         o.token_ids = list(d["token_ids"])
-        o.logprobs = [{t: Logprob(lp, r)} for t, lp, r in d["logprobs"]] if self._want_logprobs else []
+        o.logprobs = ([{t: Logprob(lp, r) for t, lp, r in entries} for entries in d["logprobs"]]
+                      if self._want_logprobs else [])
         o.finish_reason, o.stop_reason = d["finish_reason"], d["stop_reason"]
         self.finished = True
 
@@ -83,6 +84,8 @@ class LLM:
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.tokenizer = tokenizer
+        # "auto" (the default) is the TorchSampler unless beam search is on (the stand-in has none)
+        self.sampler_type = "TorchSampler" if self.args.sampler_type == "auto" else self.args.sampler_type
         os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         self._started_cluster = False
         try:
@@ -163,7 +166,9 @@ class LLM:
         end_id = sp.end_id if sp.end_id is not None else self.tokenizer.eos_token_id
         request = {"seed": sp.seed, "top_k": sp.top_k, "top_p": sp.top_p, "temperature": sp.temperature,
                    "max_tokens": sp.max_tokens, "stop_words": words, "end_id": end_id,
-                   "include_stop_str_in_output": sp.include_stop_str_in_output}
+                   "include_stop_str_in_output": sp.include_stop_str_in_output,
+                   "sampler_type": self.sampler_type, "logprobs": sp.logprobs,
+                   "logprobs_mode": getattr(getattr(sp, "logprobs_mode", None), "value", "raw")}
         self.requests += 1
         return RequestOutput(self.workers[0].generate.remote(prompt, request), sp.logprobs is not None)
 
@@ -172,10 +177,8 @@ class LLM:
         import ray
 
         out = ray.get([w.call.remote(method, tuple(args), kwargs) for w in self.workers])
-        if method == "update_weights" and args and args[0] is None:
-            digests = ray.get([w.weights_digest.remote() for w in self.workers])
-            if len(set(digests)) > 1:
-                raise RuntimeError(f"the engine's workers hold different weights after the refit: {digests}")
+        if method == "update_weights" and args and args[0] is None:  # worker 0 decodes with every worker's shard
+            ray.get(self.workers[0].assemble.remote(ray.get([w.shards.remote() for w in self.workers])))
         return out
 
     def shutdown(self) -> None:

@@ -24,7 +24,7 @@ class KvCacheConfig:
 
 _FIELDS = {"model": None, "tokenizer": None, "backend": "pytorch", "dtype": "auto", "tensor_parallel_size": 1,
            "kv_cache_config": None, "max_batch_size": 256, "max_seq_len": None, "max_input_len": None,
-           "max_num_tokens": None, "sampler_type": "TRTLLMSampler", "orchestrator_type": None,
+           "max_num_tokens": None, "sampler_type": "auto", "orchestrator_type": None,
            "ray_worker_extension_cls": None, "gather_generation_logits": False, "enable_sleep": False,
            "trust_remote_code": False}
 if PLACEMENT == "ray_placement_config":
@@ -56,6 +56,8 @@ class TorchLlmArgs:
             raise ValueError(f"TorchLlmArgs: extra inputs are not permitted: {unknown}")
         for k, default in self.model_fields.items():
             setattr(self, k, kwargs.get(k, default))
+        if self.sampler_type not in ("auto", "TorchSampler", "TRTLLMSampler"):
+            raise ValueError(f"TorchLlmArgs: unknown sampler_type {self.sampler_type!r}")
         ray_only = [k for k in ("ray_placement_config", "ray_worker_extension_cls", "placement_groups")
                     if getattr(self, k, None) is not None]
         if ray_only and self.orchestrator_type != "ray":

@@ -22,7 +22,7 @@ class WorkerExtension:
         return None
 
     def check_weights_updated(self) -> bool:
-        return all(bool((p == 0).all()) for p in self.model.parameters())
+        return all(bool((t == 0).all()) for t in self.shard.values())
 
     def reset_prefix_cache(self) -> None:
         self.prefix_cache_resets += 1

@@ -63,3 +63,22 @@ def test_the_cap_drops_whole_attempts_from_the_end_wrong_ones_first():
     # the gold footer, when asked for, survives the cap: attempts are dropped before it
     with_gold = hindsight_block(attempts, HindsightConfig(max_tokens=12, include_gold=True), gold_answer=GOLD)
     assert lines(with_gold)[-1] == f'The correct answer is "{GOLD}".'
+
+
+def test_group_blocks_one_per_question_with_its_first_gold_answer():
+    """`sd_search.group_hindsight_blocks`: one block per group of G rollouts, from that group's own attempts; with
+    include_gold the footer names the question's first gold answer (the others are aliases)."""
+    from types import SimpleNamespace
+
+    from nemo_sdsearch.algorithms.sd_search import group_hindsight_blocks
+
+    def traj(queries, em, gold):
+        return SimpleNamespace(queries=list(queries), exact_match=em, answer=None, golden_answers=gold)
+
+    trajs = [traj(["a b"], 1.0, ["alma", "alma smith"]), traj(["c"], 0.0, ["alma", "alma smith"]),
+             traj(["d e"], 0.0, ["tarn"]), traj(["d e"], 0.0, ["tarn"])]
+    sd = SimpleNamespace(include_answers=False, include_gold=True, max_hindsight_tokens=256)
+    blocks = group_hindsight_blocks(trajs, 2, sd, lambda s: len(s.split()))
+    assert len(blocks) == 2
+    assert lines(blocks[0])[-1] == 'The correct answer is "alma".' and "a b" in blocks[0] and "d e" not in blocks[0]
+    assert lines(blocks[1])[-1] == 'The correct answer is "tarn".' and "d e" in blocks[1] and "a b" not in blocks[1]

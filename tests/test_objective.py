@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import zlib
 from types import SimpleNamespace
 
@@ -146,8 +147,11 @@ def _case(name):
         base["old"] = [lp - o for lp, o in zip(logp, offsets)]
     if name.startswith("kl"):
         base["kl_coef"] = 0.3
-        base["ref"] = [lp + d for lp, d in zip(logp, [1.2, -0.8, 0.3, -2.5, 3.5, -0.1])]
-        base["kl_clamp"] = {"kl": 10.0, "kl_clamped": 0.5, "kl_unclamped": None, "kl_off": 10.0}[name]
+        # kl_wide: a clamp of 30 and a reference 30.5 nats below the policy: k3 = 29.5 is exact (no clamp binds)
+        # (-30.5: inside (-clamp - 1, -clamp), where a log-ratio clamp at the value clamp itself would bind)
+        d = [1.2, -30.5 if name == "kl_wide" else -0.8, 0.3, -2.5, 3.5, -0.1]
+        base["ref"] = [lp + x for lp, x in zip(logp, d)]
+        base["kl_clamp"] = {"kl": 10.0, "kl_clamped": 0.5, "kl_unclamped": None, "kl_off": 10.0, "kl_wide": 30.0}[name]
         if name == "kl_off":  # reference log-probs present, coefficient 0: no KL term and no KL metric
             base["kl_coef"] = 0.0
     if name.startswith("sd"):
@@ -161,7 +165,7 @@ def _case(name):
     return base
 
 
-CASES = ["grpo_ratio_one", "grpo_clipped", "kl", "kl_clamped", "kl_unclamped", "kl_off", "sd", "sd_beta0", "sd_beta1",
+CASES = ["grpo_ratio_one", "grpo_clipped", "kl", "kl_clamped", "kl_unclamped", "kl_off", "kl_wide", "sd", "sd_beta0", "sd_beta1",
          "sd_beta03"]
 
 
@@ -260,9 +264,57 @@ def test_opsd_loss_equals_the_fp64_oracle(tau):
     torch.testing.assert_close(x.grad, torch.tensor(fd_gradient(oracle, s), dtype=D), rtol=1e-6, atol=1e-8)
 
 
-def test_opsd_weights_follow_eq7_and_the_token_mean():
-    # three pairs' policy masks; position 0 is never a target
+def test_group_advantages_and_the_sequence_surrogate_follow_their_formulas():
+    from nemo_sdsearch.losses.policy import group_advantages, grpo_surrogate
+
+    # A_i = (R_i - mean) / (unbiased std + eps), per group; eps large enough to show in the value
+    r = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    mean = 1 / 3
+    std = math.sqrt(((1 - mean) ** 2 + 2 * mean ** 2) / 2)
+    expected = [(x - mean) / (std + 0.1) for x in r[:3]] + [0.0, 0.0, 0.0]
+    assert group_advantages(r, 3, eps=0.1).tolist() == pytest.approx(expected, rel=1e-6)
+    assert group_advantages(r, 3, normalize_std=False).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], rel=1e-6)
+    # [batch, time] surrogate: per-sequence means, then the mean over sequences; its stats
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], dtype=D)
+    old = logp - torch.tensor([[0.5, 0.05, -0.5], [0.1, -0.05, 0.0]], dtype=D)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0], dtype=D)
+    loss, stats = grpo_surrogate(logp, old, adv, mask, clip_eps=0.2, reduction="sequence")
+    per_tok = [[-min(math.exp(x) * a, min(max(math.exp(x), 0.8), 1.2) * a) for x in row]
+               for row, a in zip([[0.5, 0.05, -0.5], [0.1, -0.05, 0.0]], [1.0, -2.0])]
+    expected = ((per_tok[0][0] + per_tok[0][1]) / 2 + sum(per_tok[1]) / 3) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    ratios = [math.exp(0.5), math.exp(0.05), math.exp(0.1), math.exp(-0.05), 1.0]
+    assert stats.ratio_mean == pytest.approx(sum(ratios) / 5, rel=1e-10)
+    assert stats.clip_fraction == pytest.approx(1 / 5)
+
+
+def test_bf16_student_with_more_rows_than_vocabulary_gets_every_rows_gradient():
+    """The chunked divergences scale a low-precision gradient chunk by chunk over the ROWS: with more rows than
+    vocabulary entries (and more than one chunk) every row's gradient is still the fp64 oracle's (bf16 tolerance)."""
+    from nemo_sdsearch.losses.divergences import clipped_forward_kl as ckl
+    from nemo_sdsearch.losses.divergences import generalized_jsd
+
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(9, 3, generator=g, dtype=D)).to(torch.bfloat16)
+    t = (torch.randn(9, 3, generator=g, dtype=D)).to(torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, 9, dtype=D)
+    s_list, t_list = s.double().tolist(), t.double().tolist()
+    for fn, oracle in ((lambda x: generalized_jsd(x, t, 0.5, 1.0, chunk_rows=2), lambda L, i: jsd(t_list[i], L[i], 0.5, 1.0)),
+                       (lambda x: ckl(x, t, 10.0, 1.0, chunk_rows=2), lambda L, i: clipped_forward_kl(t_list[i], L[i], 10.0))):
+        x = s.clone().requires_grad_()
+        (fn(x).double() * w).sum().backward()
+        grad = fd_gradient(lambda L: sum(w[i].item() * oracle(L, i) for i in range(9)), s_list)
+        torch.testing.assert_close(x.grad.double(), torch.tensor(grad, dtype=D), rtol=2e-2, atol=2e-3)
+
+
+def test_opsd_counts_and_weights_follow_eq7_and_the_token_mean():
+    from nemo_sdsearch.algorithms.opsd import opsd_counts
+
+    # three pairs' policy masks; position 0 is never a target (a one-token prompt makes position 1 a target)
     masks = [[True, True, True, False], [False, False, True], [True, False, False]]
+    assert opsd_counts(masks) == (2, 3)
+    assert opsd_counts([[False, True], [True, False, False, False]]) == (1, 1)
     # trajectory (eq. 7): 1/|R_tau| within a pair, then the mean over the pairs that have positions
     traj = opsd_weights(masks, "trajectory", n_pairs=2, n_positions=3)
     assert traj.tolist() == pytest.approx([1 / (2 * 2), 1 / (2 * 2), 1 / (1 * 2)])
@@ -365,8 +417,9 @@ def _trajectories(tok):
     for qid, question, gold in QUESTIONS:
         for turns in ROLLOUTS[qid]:
             t = Trajectory.start(qid, question, [gold], encode(prompts.student(question)))
-            for text, info in turns:
-                ids = encode(" " + text)
+            for k, (text, info) in enumerate(turns):
+                # the last turn ends in the EOS the policy sampled, as the engine records it
+                ids = encode(" " + text) + ([tok.eos_token_id] if k == len(turns) - 1 else [])
                 t.add_policy(ids, [-1.0] * len(ids), decode)
                 if "<search>" in text:
                     t.queries.append(text.split("<search>")[1].split("</search>")[0].strip())
@@ -407,7 +460,8 @@ def _teacher(trajs, prompts, encode, cfg):
     return sd_search.teacher_sequences(trajs, blocks, 2, lambda q, b: encode(prompts.teacher(q, b)))
 
 
-def test_recipe_micro_batches_carry_the_right_tokens_advantages_and_teacher_positions(lm):
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_recipe_micro_batches_carry_the_right_tokens_advantages_and_teacher_positions(lm, reduction):
     """`policy_micro_batches` (the recipe's assembly) against each trajectory's own masks and plain forwards:
     the targets are the sampled tokens, each position carries its rollout's advantage, the query flags are
     the rollout's query mask, the weights sum to one, the student logits at column j are the model's
@@ -415,14 +469,17 @@ def test_recipe_micro_batches_carry_the_right_tokens_advantages_and_teacher_posi
     teacher sequence (column j + shift)."""
     from nemo_sdsearch.algorithms.grpo import policy_micro_batches
 
+    t_start = time.perf_counter()
     model, tok = lm
     trajs, prompts, encode = _trajectories(tok)
-    cfg = _cfg(algorithm="sd_search")
+    cfg = _cfg(algorithm="sd_search", **{"grpo.reduction": reduction})
     teacher = _teacher(trajs, prompts, encode, cfg)
     assert all(t.shift > 0 for t in teacher)
     actor = _actor(model)
+    n_scored = [sum(1 for j, p in enumerate(t.policy_mask()) if p and j > 0) for t in trajs]
     adv = torch.tensor([0.7, -0.7, 0.4, -0.4])
-    (mbs,) = policy_micro_batches(actor, None, trajs, adv, teacher, cfg, tok.pad_token_id, {"teacher_s": 0.0})
+    timer = {"teacher_s": 0.0}
+    (mbs,) = policy_micro_batches(actor, None, trajs, adv, teacher, cfg, tok.pad_token_id, timer)
     assert len(mbs) == 2  # micro-batches of 3 and 1: padding in the first
     seen, total_weight, first = set(), 0.0, 0
     for mb in mbs:
@@ -439,6 +496,9 @@ def test_recipe_micro_batches_carry_the_right_tokens_advantages_and_teacher_posi
             assert mb.advantages[k].item() == pytest.approx(adv[mi[r]].item())
             assert bool(mb.is_query[k]) == t.query_mask()[j]
             total_weight += mb.token_weights[k].item()
+            # token: 1 / (all scored positions); sequence: 1 / (the rollout's positions * rollouts)
+            expected_w = 1 / sum(n_scored) if reduction == "token" else 1 / (n_scored[mi[r]] * len(trajs))
+            assert mb.token_weights[k].item() == pytest.approx(expected_w)
             torch.testing.assert_close(student[k], _forward(model, t.token_ids)[j - 1], rtol=1e-4, atol=1e-4)
             if t.query_mask()[j]:
                 ts = teacher[mi[r]]
@@ -449,7 +509,23 @@ def test_recipe_micro_batches_carry_the_right_tokens_advantages_and_teacher_posi
         assert k_query == (0 if teacher_logits is None else teacher_logits.shape[0])
     expected = {(i, j) for i, t in enumerate(trajs) for j, p in enumerate(t.policy_mask()) if p and j > 0}
     assert seen == expected
+    assert 0 < timer["teacher_s"] < time.perf_counter() - t_start  # the teacher passes, timed
     assert total_weight == pytest.approx(1.0)
+
+
+def test_hf_actor_skips_a_step_with_a_non_finite_loss_or_gradient(lm):
+    model, _ = lm
+    actor = _actor(model)
+    before = [p.detach().clone() for p in actor.model.parameters()]
+    x = next(actor.model.parameters())
+    # a NaN loss, an infinite loss, and a finite loss (0) whose gradient is infinite (d sqrt(u)/du at u = 0)
+    for loss_of in (lambda: x.sum() * float("nan"), lambda: x.sum() * float("inf"), lambda: (x - x.detach()).sqrt().sum()):
+        out = actor.train_step(lambda i: loss_of(), 1)
+        assert out["skipped"] is True, out
+        assert all(torch.equal(a, b) for a, b in zip(before, actor.model.parameters()))
+    out = actor.train_step(lambda i: x.sum(), 1)
+    assert out["skipped"] is False and out["grad_norm"] > 0
+    assert not torch.equal(before[0], x.detach())
 
 
 def _pool_and_pairs(trajs):
@@ -649,7 +725,7 @@ def test_full_parameter_opsd_step_lowers_the_clipped_kl_to_the_teacher(lm):
     assert sum(_opsd_oracle_terms(student.model, teacher.model, items, tau)) < before * (1 - 1e-4)
 
 
-def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, micro_model_dir, tmp_path):
+def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path):
     """The real LoRA OPSD round (`opsd_round`), two steps on a batch holding every pair: the loss it logs at
     step 2 (after one update) is below the loss at step 1 (before any)."""
     import json
@@ -666,7 +742,28 @@ def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, micro_mo
                                           "rollout.max_turns": 1, "rollout.max_new_tokens": 8,
                                           "model.device": "cpu"})
     pool, pairs = _pool_and_pairs(trajs)
-    opsd_round(cfg, micro_model_dir[0], pool, pairs, load_questions(cfg)["dev"][:1], tmp_path, Console(quiet=True))
-    rows = [json.loads(line) for line in (tmp_path / "opsd_metrics.jsonl").read_text().splitlines()]
+    # the warm start barely reads its context (a KL of ~5e-5 between the two prompts): perturbed weights make the
+    # teacher's longer prompt matter, so that a wrong sequence, shift or prompt shows in the loss
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "opsd"
+    opsd_round(cfg, model_dir, pool, pairs, load_questions(cfg)["dev"][:1], out, Console(quiet=True))
+    rows = [json.loads(line) for line in (out / "opsd_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert 0 < rows[1]["loss"] < rows[0]["loss"] * (1 - 1e-4)
+    assert (out / "merged" / "model.safetensors").is_file()  # what the next stage's loaders read
+    # step 1 runs before any update (the adapter starts at zero): its loss is eq. 7 on the base model
+    from nemo_sdsearch.algorithms.search_e1 import opsd_items
+
+    _, prompts, encode = _trajectories(tok)
+    items = opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
+                       lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    per_pair = [_opsd_oracle_terms(model, model, [it], cfg.search_e1.tau_clip) for it in items]
+    eq7 = sum(sum(terms) / len(terms) for terms in per_pair) / len(per_pair)
+    assert rows[0]["loss"] == pytest.approx(eq7, rel=1e-3)

@@ -105,6 +105,14 @@ def test_student_is_the_most_different_wrong_rollout():
     assert p.distance == levenshtein(ref, rs[2].text)
 
 
+def test_student_tie_goes_to_the_earlier_rollout():
+    # two wrong rollouts at the same distance from the reference: the earlier one is the student
+    rs = [R("abc", True, 1, 3), R("abx", False, 1, 3), R("xbc", False, 1, 3), R("ayc", False, 1, 3)]
+    assert mine_pair(0, rs).student == 1
+    rs = [R("abc", True, 1, 3), R("abx", False, 1, 3), R("xyc", False, 1, 3), R("xbz", False, 1, 3)]
+    assert mine_pair(0, rs).student == 2
+
+
 def test_fallback_to_most_different_correct_rollout():
     rs = [R("abc", True, 1, 3), R("abd", True, 2, 3), R("zzzzzz", True, 2, 6)]
     p = mine_pair(0, rs)

@@ -55,6 +55,14 @@ class OPSDLoss:
         return loss, {"kl_sum": float(terms.detach().sum()), "n": int(terms.numel())}
 
 
+def opsd_counts(policy_masks) -> tuple[int, int]:
+    """(pairs with at least one scored position, scored positions) of a step's batch of pairs, from their
+    student policy masks (position 0 is never a target): the global counts `opsd_weights` normalises by."""
+    n_positions = sum(sum(m[1:]) for m in policy_masks)
+    n_pairs = sum(1 for m in policy_masks if any(m[1:]))
+    return n_pairs, n_positions
+
+
 def opsd_weights(policy_masks, normalization: str, n_pairs: int, n_positions: int) -> torch.Tensor:
     """Loss weight of every scored position (row-major over the micro-batch, as `opsd_loss_terms` returns
     them). trajectory (the paper's eq. 7): 1 / |R_tau| per position of a pair, then the mean over the
@@ -92,9 +100,7 @@ def opsd_step(actor, teacher, batch: list, e1, pad_id: int) -> dict:
     """One optimizer step on the step's pairs `batch` (the same list on every rank; this replica takes every
     dp-th pair). Returns {"loss", "skipped", "grad_norm"} for the whole batch (all replicas)."""
     dp = actor.dp_size
-    masks = [it[3] for it in batch]
-    n_pos = sum(sum(m[1:]) for m in masks)
-    n_pairs = sum(1 for m in masks if any(m[1:]))
+    n_pairs, n_pos = opsd_counts([it[3] for it in batch])
     mine = batch[actor.dp_rank::dp]
     # A replica without a pair (fewer mined pairs than replicas) still takes part in the step's collectives: it
     # scores the step's first pair at weight 0, so its gradient and loss are zero and every rank decides alike.

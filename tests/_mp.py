@@ -4,28 +4,40 @@
 MASTER_ADDR / MASTER_PORT / LOCAL_RANK in each as torchrun does, calls `fn(rank, world_size, *args)`,
 and returns the list of the values the ranks returned (they must be picklable). A failing rank's
 traceback is re-raised in the caller. `fn` must be importable (defined at module level).
+
+The rendezvous goes through a TCPStore that the parent opens on a port the OS picks and keeps open until the
+workers are done (`rendezvous_store`), as torchrun's agent does for its workers: no port is chosen, released
+and bound again later by a child (another process could take it in between).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
-import socket
 import time
 import traceback
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def rendezvous_store():
+    """A TCPStore server on port 0 (the OS picks a free port and it stays bound), open for the `with` block; yields
+    the environment that makes `torch.distributed.init_process_group` (env:// or tcp://) in child processes join
+    it as clients: MASTER_ADDR, MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE=True, which is how torchrun's
+    workers use the store their agent holds."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store
 
 
-def _entry(rank, world_size, port, fn, args, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank, world_size, env, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), **env)
     import torch
 
     torch.set_num_threads(1)
@@ -39,10 +51,14 @@ def _entry(rank, world_size, port, fn, args, queue):
 
 
 def run_workers(fn, world_size: int, *args, timeout: float = 600.0):
+    with rendezvous_store() as env:
+        return _run_workers(fn, world_size, args, timeout, env)
+
+
+def _run_workers(fn, world_size: int, args, timeout: float, env: dict):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, env, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE
+from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, HOLD_ENV
 from nemo_sdsearch.algorithms.state import check_free_disk, checkpoint_bytes, rotate_checkpoints
 from nemo_sdsearch.config import ConfigError, load_config
 
@@ -79,10 +79,32 @@ def test_training_keeps_k_checkpoints_plus_the_best(micro_model_dir, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step_000004"
 
 
-def _train_cli(args, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "nemo_sdsearch.cli", "train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def _train_cli(args, hold=None, env=None, log=None) -> subprocess.Popen:
+    """`sdsearch train ARGS` in a subprocess, its output in a pipe or, with `log`, that file (a run held while
+    nobody reads its pipe could fill it and block); `hold=(n, dir)`: held at the start of step n until it is
+    signalled (SDSEARCH_TEST_HOLD, algorithms/preemption.py; `wait_held`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    env.pop(HOLD_ENV, None)
+    if hold is not None:
+        env[HOLD_ENV] = f"{hold[0]}:{hold[1]}"
+    cmd = [sys.executable, "-m", "nemo_sdsearch.cli", "train", *args]
+    if log is None:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_held(procs, folder: Path, ranks=(0,), timeout_s: float = 600.0) -> dict[int, int]:
+    """Until every rank of `ranks` is held (SDSEARCH_TEST_HOLD): their pids by rank. Fails when a process of
+    `procs` (one or a list) ends first."""
+    procs = procs if isinstance(procs, list) else [procs]
+    deadline = time.monotonic() + timeout_s
+    while not all((folder / f"held.{r}").exists() for r in ranks):
+        ended = [p.args for p in procs if p.poll() is not None]
+        assert not ended, f"ended before it was held: {ended[0]}"
+        assert time.monotonic() < deadline, "not held"
+        time.sleep(0.01)
+    return {r: int((folder / f"held.{r}").read_text()) for r in ranks}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -96,21 +118,25 @@ def test_sigusr1_checkpoints_the_running_step_and_the_resumed_run_matches(micro_
 
     model = micro_model_dir[0]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    steps = {"trainer.steps": 8}  # the micro model's steps take a fraction of a second: room for the signal
+    steps = {"trainer.steps": 5}
     p = _train_cli(_overrides(model, straight, **steps))
     out_straight, _ = p.communicate(timeout=500)
     assert p.returncode == 0, out_straight[-3000:]
-    p = _train_cli(_overrides(model, cut, **steps))
-    deadline = time.monotonic() + 400
-    while not _rows(cut) and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGUSR1)  # during step 2 (or later): that step is finished and saved
-    out_cut, _ = p.communicate(timeout=300)
+    hold, log = tmp_path / "hold", tmp_path / "cut.log"
+    hold.mkdir()
+    p = _train_cli(_overrides(model, cut, **steps), hold=(3, hold), log=log)
+    try:
+        wait_held(p, hold)
+        p.send_signal(signal.SIGUSR1)  # during step 3 (held there until the signal): that step is finished and saved
+        p.wait(timeout=300)
+    finally:
+        p.kill()
+        p.wait()
+    out_cut = log.read_text()
     tail = "\n".join(line for line in out_cut.splitlines() if line.startswith(("step ", "preempted", "[")))[-2000:]
     assert p.returncode == EXIT_REQUEUE, tail
-    done = len(_rows(cut))
-    assert 1 <= done < 8, tail
-    assert _steps(cut) == [done] and "preempt" in out_cut.lower()
+    assert len(_rows(cut)) == 3, tail
+    assert _steps(cut) == [3] and f"preempted (signal {int(signal.SIGUSR1)}): step 3 checkpointed" in out_cut, tail
     p = _train_cli(_overrides(model, cut, **steps, **{"trainer.resume": True}))
     out_resumed, _ = p.communicate(timeout=500)
     assert p.returncode == 0, out_resumed[-3000:]

@@ -49,6 +49,23 @@ def test_merged_model_gives_adapter_on_logits(lora_model):
     assert torch.allclose(logits_of(merged, ids), on, atol=1e-5)
 
 
+def hand_opsd_terms(peft_model, student, teacher, shift, mask, tau):
+    """fp64 oracle of opsd_loss_terms for one sequence, from full forwards: at each policy position j >= 1 the
+    student (adapter on) predicts token j from logits[j - 1] of its own sequence, the teacher (adapter off,
+    frozen) from logits[j - 1 + shift] of the teacher sequence; term = sum_v min(p_v log(p_v / q_v), tau),
+    p the teacher's distribution and q the student's."""
+    s_logits = logits_of(peft_model, student).double()
+    with peft_model.disable_adapter():
+        t_logits = logits_of(peft_model, teacher).double()
+    out = []
+    for j in range(1, len(student)):
+        if mask[j]:
+            log_q = torch.log_softmax(s_logits[j - 1], -1)
+            log_p = torch.log_softmax(t_logits[j - 1 + shift], -1)
+            out.append(torch.clamp(log_p.exp() * (log_p - log_q), max=tau).sum())
+    return torch.stack(out)
+
+
 def test_opsd_loss_only_at_policy_positions(lora_model):
     _, peft_model = lora_model
     t = Trajectory.start("q", "Q", ["a"], [5, 6, 7])
@@ -58,7 +75,11 @@ def test_opsd_loss_only_at_policy_positions(lora_model):
     teacher = [20, 21, 22, 23] + t.response_ids()
     terms = opsd_loss_terms(peft_model, 0, [t.token_ids], [teacher], [1], [t.policy_mask()], 10.0)
     assert terms.shape == (5,)  # 3 + 2 policy tokens, none of the 4 information tokens
-    assert (terms <= 10.0 * peft_model.config.vocab_size).all() and (terms > -1e-6).all()
+    want = hand_opsd_terms(peft_model, t.token_ids, teacher, 1, t.policy_mask(), 10.0)
+    assert torch.allclose(terms.double(), want, rtol=1e-4, atol=1e-6), (terms, want)
+    # the teacher read at the student's positions (no shift) would be a different loss
+    unshifted = hand_opsd_terms(peft_model, t.token_ids, teacher, 0, t.policy_mask(), 10.0)
+    assert (unshifted - want).abs().max() > 1e-3
     only_info = Trajectory.start("q", "Q", ["a"], [5, 6])
     only_info.add_environment([11, 12], SpanType.INFORMATION)
     assert opsd_loss_terms(peft_model, 0, [only_info.token_ids], [[1] + only_info.token_ids], [1],
@@ -70,11 +91,21 @@ def test_clip_bound_holds_per_term(lora_model):
     seq = list(range(5, 30))
     mask = [False] * 5 + [True] * 20
     tiny = opsd_loss_terms(peft_model, 0, [seq], [seq], [0], [mask], 1e-3)
-    # sum_v min(term_v, tau) <= vocab * tau, and with a tiny tau every positive term is clipped
-    assert (tiny <= 1e-3 * peft_model.config.vocab_size + 1e-9).all()
     same = opsd_loss_terms(peft_model, 0, [seq], [seq], [0], [mask], 10.0)
-    # Teacher = the frozen policy on the same context: KL(base || base + adapter) > 0 but finite.
-    assert torch.isfinite(same).all() and (same > 0).all()
+    # Teacher = the frozen policy on the same context: per position sum_v min(p_v log(p_v / q_v), tau), the
+    # clip applied per vocabulary entry (before the sum), values checked against the fp64 hand computation
+    want_tiny = hand_opsd_terms(peft_model, seq, seq, 0, mask, 1e-3)
+    want = hand_opsd_terms(peft_model, seq, seq, 0, mask, 10.0)
+    assert torch.allclose(tiny.double(), want_tiny, rtol=1e-4, atol=1e-7), (tiny, want_tiny)
+    assert torch.allclose(same.double(), want, rtol=1e-4, atol=1e-6), (same, want)
+    # the tiny tau bites (clipped < unclipped everywhere), tau = 10 does not (no entry reaches it): the plain
+    # KL(base || base + adapter), > 0
+    assert (tiny.double() < want - 1e-4).all()
+    s_lp = torch.log_softmax(logits_of(peft_model, seq).double(), -1)
+    with peft_model.disable_adapter():
+        t_lp = torch.log_softmax(logits_of(peft_model, seq).double(), -1)
+    kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)[4:24]      # positions 5..24 predicted from rows 4..23
+    assert torch.allclose(same.double(), kl, rtol=1e-4, atol=1e-6) and (kl > 1e-4).all()
 
 
 def test_reference_text_omits_information_by_default(char_tokenizer):
@@ -106,6 +137,10 @@ def test_pool_is_appended_and_resumed(micro_model, tokenizer, bundle, tmp_path):
     assert calls == [[qs[2].id]]  # only the missing question was rolled out again
     assert [t.token_ids for t in full[0]] == [t.token_ids for t in first[0]]
     assert all(len(g) == 2 for g in full) and len(path.read_text().splitlines()) == 3
+    # ... and the resumed pool is the pool of a run that never stopped (a batch's seed is its place in the whole
+    # question list, not among the questions left)
+    straight = build_pool(engine, qs, 2, seed=0, path=tmp_path / "straight.jsonl", batch_questions=1)
+    assert [[t.token_ids for t in g] for g in full] == [[t.token_ids for t in g] for g in straight]
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [q.id for q in qs]
 

@@ -1,5 +1,6 @@
 """GRPO / SD-Search training: exact resume, the teacher pass, the query-only JSD, bad input."""
 
+import copy
 import json
 import math
 
@@ -79,6 +80,7 @@ def test_teacher_pass_has_no_gradient(micro_model):
     from nemo_sdsearch.models.base import SequenceBatch
     from nemo_sdsearch.models.hf import HFActor
 
+    micro_model = copy.deepcopy(micro_model)  # the session's model is shared: train a copy
     actor = HFActor(micro_model, lr=1e-3)
     batch = SequenceBatch.from_lists([[5, 6, 7, 8], [9, 10, 11]], pad_id=1)
     rows, cols = torch.tensor([0, 0, 1]), torch.tensor([1, 3, 2])
@@ -117,6 +119,7 @@ def test_only_query_positions_enter_the_jsd():
 def test_non_finite_loss_skips_the_step(micro_model):
     from nemo_sdsearch.models.hf import HFActor
 
+    micro_model = copy.deepcopy(micro_model)  # the session's model is shared: train a copy
     actor = HFActor(micro_model, lr=1e-2)
     before = {k: v.clone() for k, v in micro_model.state_dict().items()}
     p = next(micro_model.parameters())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import socket
+import os
 import traceback
 import warnings
 from datetime import timedelta
@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _mp import rendezvous_store
 
 from nemo_sdsearch.losses.divergences import (
     clipped_forward_kl_dense,
@@ -65,15 +66,10 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gathe
                "all_gather_object", "broadcast_object_list", "all_reduce_coalesced")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # every rank a client of the parent's store on `port`
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=90))
 
@@ -447,7 +443,8 @@ def _worker(rank, world, port, out_dir):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    with rendezvous_store() as env:  # held open by this process: no port released for a child to bind
+        mp.spawn(_worker, args=(WORLD, int(env["MASTER_PORT"]), str(out_dir)), nprocs=WORLD, join=True)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -591,6 +588,7 @@ def _megatron_worker(rank, world, port, out_dir):
 
 def test_default_group_is_megatron_tp_group(tmp_path):
     pytest.importorskip("megatron.core")
-    mp.spawn(_megatron_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    with rendezvous_store() as env:
+        mp.spawn(_megatron_worker, args=(2, int(env["MASTER_PORT"]), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         assert (tmp_path / f"megatron{r}.txt").read_text() == "ok"

@@ -15,6 +15,9 @@
   of the recipe's estimate `trainer.step_time_s` and the mean of the last steps), the signal is noted and
   handled as SIGUSR1 is; otherwise (or with no estimate at all) the process says why and exits with
   `EXIT_TERMINATED` immediately, losing only the step in flight.
+
+Tests deliver their signals at a known step through `SDSEARCH_TEST_HOLD` (`StopRequest.step_started`); it is unset
+in every real run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ EXIT_REQUEUE = 75      # EX_TEMPFAIL: "try again later"
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as the default action would exit
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 LEAD_ENV = "SDSEARCH_SIGNAL_LEAD_S"  # set by slurm/common.sh from the script's #SBATCH --signal=...@<lead>
+HOLD_ENV = "SDSEARCH_TEST_HOLD"     # test-only: "<step>:<dir>" (see StopRequest.step_started)
 
 
 class Preempted(SystemExit):
@@ -74,7 +78,7 @@ class StopRequest:
     never fires. The loop calls `step_started()` / `step_finished()` around each step."""
 
     def __init__(self, signals=SIGNALS, grace_s: float = 20.0, step_time_s: float | None = None, say=None):
-        self.signum: int | None = None
+        self.signum: int | str | None = None  # the signal; "on another rank" once agreed on a rank that had none
         self.grace_s, self.step_time_s = float(grace_s), step_time_s
         self.durations: list[float] = []
         self.step: int | None = None
@@ -95,6 +99,25 @@ class StopRequest:
     # -- the loop's side --------------------------------------------------------------------------------
     def step_started(self, step: int) -> None:
         self.step, self.started, self.at_boundary = step, time.monotonic(), False
+        hold = os.environ.get(HOLD_ENV)
+        if hold and int(hold.split(":", 1)[0]) == step + 1:
+            self._hold(hold.split(":", 1)[1])
+
+    def _hold(self, folder: str, timeout_s: float = 600.0) -> None:
+        """Test hook (SDSEARCH_TEST_HOLD=<n>:<dir>): at the start of step n (counted from 1, as metrics.jsonl
+        counts) this rank writes its pid to <dir>/held.<RANK> and waits until a signal is noted or <dir>/release
+        exists, then removes the file. A test sends its signal to a run held there, mid-step at a known step,
+        instead of racing steps that take milliseconds; it knows a rank took the signal when its file is gone."""
+        from pathlib import Path
+
+        rank = os.environ.get("RANK", "0")
+        held, release, tmp = (Path(folder) / name for name in (f"held.{rank}", "release", f".held.{rank}.tmp"))
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(held)
+        deadline = time.monotonic() + timeout_s
+        while self.signum is None and not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.unlink()
 
     def step_finished(self) -> None:
         """The step's work is done; until the next `step_started` the loop is at a boundary (it agrees on a stop
@@ -125,8 +148,11 @@ class StopRequest:
         return max(0.0, expected - (time.monotonic() - self.started))
 
     def agreed(self, actor) -> bool:
-        """Collective: True on every rank when any rank was signalled."""
-        return actor.any_rank(self.signum is not None)
+        """Collective: True on every rank when any rank was signalled (a rank that was not says so in `signum`)."""
+        stop = actor.any_rank(self.signum is not None)
+        if stop and self.signum is None:
+            self.signum = "on another rank"
+        return stop
 
     # -- the signals' side ------------------------------------------------------------------------------
     def _note(self, signum, frame) -> None:

@@ -13,14 +13,17 @@ One cycle:
      the mean over pairs (eq. 7). Greedy dev EM every few steps; the best adapter is merged into fp32.
 Every stage boundary is recorded in search_e1_state.json, so `trainer.resume=true` continues where a
 run stopped (a GRPO round resumes from its own checkpoints, the pool from its file); without it the run
-directory must be empty (or `trainer.overwrite=true`), so nothing of an earlier run is reused.
+directory must be empty (or `trainer.overwrite=true`), so nothing of an earlier run is reused. A resumed run
+ends with the files and weights of a run that was never stopped (tests/test_faults.py kills one at each stage).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,11 +37,21 @@ from nemo_sdsearch.core.prompts import reference_block
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.spans import INFO_CLOSE
 from nemo_sdsearch.core.trajectory import Trajectory
-from nemo_sdsearch.algorithms.opsd import opsd_weights
+from nemo_sdsearch.algorithms.opsd import opsd_counts, opsd_weights
 from nemo_sdsearch.losses.divergences import clipped_forward_kl
 from nemo_sdsearch.models.base import SequenceBatch
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KILL_ENV = "SDSEARCH_E1_KILL_AT"  # test-only fault injection (`_kill_point`); unset in every real run
+
+
+def _kill_point(point: str) -> None:
+    """Fault injection for tests/test_faults.py: SIGKILL this process when SDSEARCH_E1_KILL_AT names `point`, as a
+    crash there would end it (no handler runs, nothing more is written). Points: `pool` (a batch of the pool is
+    on disk), `pairs` (the pool is complete and mining.json written), `opsd` (an OPSD step's row written),
+    `merge` (the OPSD round's merged weights written, the round not yet recorded as done)."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,14 +110,22 @@ def read_pool(path: Path, repair: bool) -> dict[str, list[Trajectory]]:
     return done
 
 
+def _pool_batches(questions: list[QA], done: dict, batch_questions: int):
+    """(seed offset, questions still to roll out) per batch of the pool. Batches and their seeds are fixed by
+    the position in the whole question list, not among those left, so a resumed pool rolls its missing
+    questions out exactly as a run that never stopped."""
+    for i in range(0, len(questions), batch_questions):
+        batch = [q for q in questions[i:i + batch_questions] if q.id not in done]
+        if batch:
+            yield i, batch
+
+
 def build_pool(engine, questions: list[QA], k: int, seed: int, path: Path, batch_questions: int = 8) -> list[list[Trajectory]]:
     """K rollouts per question, appended to `path` (jsonl, one question per line); resumes a partial file (a
     last line cut by a crash is dropped: `read_pool`)."""
     done = read_pool(path, repair=True)
-    todo = [q for q in questions if q.id not in done]
     with open(path, "a") as f:
-        for i in range(0, len(todo), batch_questions):
-            batch = todo[i:i + batch_questions]
+        for i, batch in _pool_batches(questions, done, batch_questions):
             trajs = engine.run(batch, n_samples=k, seed=seed + i)
             for j, q in enumerate(batch):
                 group = trajs[j * k:(j + 1) * k]
@@ -224,9 +245,13 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
 
     e1, r = cfg.search_e1, cfg.rollout
     out.mkdir(parents=True, exist_ok=True)
+    (out / "opsd_metrics.jsonl").unlink(missing_ok=True)  # a round a crash stopped starts over: its rows too
     # fp32 base weights (bf16 autocast on CUDA): the adapter is merged into fp32 weights and saved so,
     # since a bf16 merge would round most of a small adapter delta away.
     model, tok = load_model_and_tokenizer(model_dir, device=cfg.model.device, training=True)
+    # the adapter's init, seeded as start_stage seeds the full round: a resumed run (which did not run the GRPO
+    # round in this process) draws the adapter of a run that never stopped
+    torch.manual_seed(cfg.trainer.seed)
     peft_model = add_lora(model, cfg)
     prompts = make_prompt_format(cfg, tok)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
@@ -246,8 +271,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     history = [{"step": 0, **_dev_history(best)}]
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
-        n_pos = sum(sum(it[3][1:]) for it in batch)
-        n_pairs = sum(1 for it in batch if any(it[3][1:]))
+        n_pairs, n_pos = opsd_counts([it[3] for it in batch])
         opt.zero_grad(set_to_none=True)
         total = 0.0
         peft_model.train()
@@ -278,6 +302,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
         history.append(row)
         with open(out / "opsd_metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        _kill_point("opsd")
     # Keep the best adapter (step 0 = no change if none beat the start), merge, save.
     peft_model.load_state_dict(best["state"], strict=False)
     merged = peft_model.merge_and_unload()
@@ -334,11 +359,9 @@ def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, pa
 
     done = read_pool(path, repair=rank0)
     barrier()  # every rank has read the file before rank 0 appends to it
-    todo = [q for q in questions if q.id not in done]
     dp = actor.dp_size
     with (open(path, "a") if rank0 else contextlib.nullcontext()) as f:
-        for i in range(0, len(todo), batch_questions):
-            batch = todo[i:i + batch_questions]
+        for i, batch in _pool_batches(questions, done, batch_questions):
             mine = batch[actor.dp_rank::dp]
             trajs = engine.run(mine, n_samples=k, seed=seed + i) if actor.is_replica_leader and mine else []
             trajs = actor.broadcast_in_replica([t.to_dict() for t in trajs] if actor.is_replica_leader else None)
@@ -349,6 +372,7 @@ def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, pa
                 for q in batch:
                     f.write(json.dumps({"question_id": q.id, "rollouts": [t.to_dict() for t in done[q.id]]}) + "\n")
                 f.flush()
+            _kill_point("pool")
     return [done[q.id] for q in questions]
 
 
@@ -366,6 +390,8 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
 
     e1 = cfg.search_e1
     start_stage(c, e1.opsd_lr, cfg.trainer.seed)  # the teacher: the round's start weights, frozen
+    if rank0:
+        (out / "opsd_metrics.jsonl").unlink(missing_ok=True)  # a round a crash stopped starts over: its rows too
     prompts = make_prompt_format(cfg, c.tok)
     decode = lambda ids: c.tok.decode(ids, skip_special_tokens=False)
     encode = lambda t: c.tok.encode(t, add_special_tokens=False)
@@ -397,6 +423,7 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
         if rank0:
             with open(out / "opsd_metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+        _kill_point("opsd")
     if best["step"] != e1.opsd_steps:  # the actor trained past the kept step: back to the kept weights
         barrier()  # rank 0 wrote out/merged
         c.actor.load_weights_from_dir(out / "merged")
@@ -490,6 +517,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
         else:
             console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")
             result = {"best_step": None, "best_dev_em": None, "best_dev_first_query_hit": None, "history": []}
+        _kill_point("merge")
         state["done"].append(f"{cycle}/opsd")
         state["model"] = str(model_dir)
         before = result["history"][0] if result["history"] else {}  # step 0: the GRPO round's end weights
@@ -541,6 +569,7 @@ def pool_and_pairs(cfg: TrainConfig, c, cycle: int, pdir: Path, console, rank0: 
     report_d["pool_seconds"] = time.perf_counter() - t0
     if rank0:
         (pdir / "mining.json").write_text(json.dumps(report_d, indent=1))
+    _kill_point("pairs")
     console.print("pair mining: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in report_d.items()))
     return pool, pairs, report_d

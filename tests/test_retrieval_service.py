@@ -256,7 +256,9 @@ def test_fuzz_malformed_requests_only_4xx(bm25_server):
 
 
 @pytest.mark.slow
-def test_load_20000_requests_concurrency_64(bm25_server, bundle):
+def test_load_5000_requests_concurrency_64(bm25_server, bundle):
+    """Sustained load (about 80 requests per connection) with no error, every query counted once, and batching
+    at work. Throughput is bench/retrieval.py's job; the pure-Python client sets this test's time (~90 req/s)."""
     queries = [h.query for q in bundle.test for h in q.hops]
 
     async def load():
@@ -272,15 +274,15 @@ def test_load_20000_requests_concurrency_64(bm25_server, bundle):
                     if r.status_code != 200 or len(r.json()["result"]) != 1:
                         errors += 1
 
-            await asyncio.gather(*(one(i) for i in range(20_000)))
+            await asyncio.gather(*(one(i) for i in range(5_000)))
             return errors
 
     before = httpx.get(bm25_server.url + "/health").json()
     assert asyncio.run(load()) == 0
     after = httpx.get(bm25_server.url + "/health").json()
-    assert after["queries"] - before["queries"] == 20_000
+    assert after["queries"] - before["queries"] == 5_000
     # Dynamic batching coalesced concurrent requests.
-    assert after["batches"] - before["batches"] < 20_000
+    assert after["batches"] - before["batches"] < 5_000
 
 
 def test_client_survives_a_server_restart(corpus_file, tmp_path, bundle):

@@ -60,6 +60,8 @@ LogprobMode = _sp_module.LogprobMode
 sampler = _load("_torch/pyexecutor/sampler.py", "stand_in_sampler")
 MEMORY_TAGS = {t.value for t in _load("_torch/virtual_memory.py", "stand_in_virtual_memory").ExecutorMemoryType}
 WEIGHT_TAGS = {"model", "draft_model"}
+_shards = _load("executor/shards.py", "stand_in_shards")
+shard_of, canonical_names = _shards.shard_of, _shards.canonical_names
 
 
 def sampling_params_without(*names: str):
@@ -169,18 +171,6 @@ class FakeResult:
 
 
 # -- the engine's workers: tensor-parallel shards ----------------------------------------------------------
-def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Worker `rank`'s piece of a tensor: the rank-th of `world` near-equal pieces of it, flattened."""
-    return torch.tensor_split(t.detach().reshape(-1), world)[rank].clone()
-
-
-def canonical_names(model) -> dict[str, str]:
-    """Each state-dict name -> the first name of the same tensor (a tied lm_head.weight -> the embedding)."""
-    first: dict = {}
-    return {k: first.setdefault((v.data_ptr(), tuple(v.shape)), k)
-            for k, v in model.state_dict(keep_vars=True).items()}
-
-
 class FakeWorker:
     """One rank of the engine: its device id and its shard of every weight."""
 

@@ -15,18 +15,7 @@ import torch
 
 from tensorrt_llm._torch.pyexecutor.sampler import step
 from tensorrt_llm._torch.virtual_memory import WEIGHT_TAGS, ExecutorMemoryType
-
-
-def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Worker `rank`'s piece of a tensor: the rank-th of `world` near-equal pieces of it, flattened."""
-    return torch.tensor_split(t.detach().reshape(-1), world)[rank].clone()
-
-
-def canonical_names(model) -> dict[str, str]:
-    """Each state-dict name -> the first name of the same tensor (a tied lm_head.weight -> the embedding)."""
-    first: dict = {}
-    return {k: first.setdefault((v.data_ptr(), tuple(v.shape)), k)
-            for k, v in model.state_dict(keep_vars=True).items()}
+from tensorrt_llm.executor.shards import canonical_names, shard_of
 
 
 class RayWorker:

@@ -306,6 +306,14 @@ def test_bf16_student_with_more_rows_than_vocabulary_gets_every_rows_gradient():
         (fn(x).double() * w).sum().backward()
         grad = fd_gradient(lambda L: sum(w[i].item() * oracle(L, i) for i in range(9)), s_list)
         torch.testing.assert_close(x.grad.double(), torch.tensor(grad, dtype=D), rtol=2e-2, atol=2e-3)
+    # the log-probs' backward walks the rows chunk by chunk too
+    from nemo_sdsearch.losses.vocab_parallel import token_logprobs
+
+    targets = [0, 2, 1, 1, 0, 2, 2, 0, 1]
+    x = s.double().clone().requires_grad_()
+    (token_logprobs(x, torch.tensor(targets), 0.7, chunk_rows=2) * w).sum().backward()
+    grad = fd_gradient(lambda L: sum(w[i].item() * log_softmax(L[i], 0.7)[targets[i]] for i in range(9)), s_list)
+    torch.testing.assert_close(x.grad, torch.tensor(grad, dtype=D), rtol=1e-6, atol=1e-8)
 
 
 def test_opsd_counts_and_weights_follow_eq7_and_the_token_mean():
@@ -327,6 +335,8 @@ def test_opsd_counts_and_weights_follow_eq7_and_the_token_mean():
 def _vocab_parallel_worker(rank, world, names):
     import torch.distributed as dist
 
+    from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_argmax
+
     dist.init_process_group("gloo")
     V_pad = 8  # V = 7 real columns + one of TP padding, holding garbage
     out = {}
@@ -343,6 +353,9 @@ def _vocab_parallel_worker(rank, world, names):
         loss, sums = _loss_fn(c, {"group": dist.group.WORLD, "vocab_size": V})(shard, mb)
         loss.backward()
         out[name] = (loss.item(), sums, shard.grad.tolist())
+        # the global argmax (the agreement metric's), on its own: agreement compares two argmaxes, which would
+        # hide an error both share
+        out[name + "/argmax"] = vocab_parallel_argmax(shard.detach(), dist.group.WORLD, V).tolist()
         if name == "grpo_clipped":  # and the OPSD loss on the same shards
             t = torch.randn(N, V_pad, generator=torch.Generator().manual_seed(3), dtype=D)
             t[:, V:] = 80.0
@@ -361,6 +374,7 @@ def test_vocab_parallel_loss_equals_the_fp64_oracle_shard_by_shard():
 
     names = ["grpo_clipped", "kl_clamped", "sd", "sd_beta0"]
     ranks = run_workers(_vocab_parallel_worker, 2, names, timeout=300)
+    maxima = []
     for name in names:
         c = _case(name)
         expected, expected_sums = grpo_sd_oracle(c["logits"], c)
@@ -373,6 +387,10 @@ def test_vocab_parallel_loss_equals_the_fp64_oracle_shard_by_shard():
         torch.testing.assert_close(torch.tensor(full_grad, dtype=D)[:, :V], torch.tensor(grad, dtype=D),
                                    rtol=1e-6, atol=1e-8)
         assert all(row[V] == 0.0 for row in full_grad), "no gradient into the padding column"
+        argmax = [max(range(V), key=row.__getitem__) for row in c["logits"]]
+        assert ranks[0][name + "/argmax"] == ranks[1][name + "/argmax"] == argmax
+        maxima += argmax
+    assert any(a >= 4 for a in maxima) and any(a < 4 for a in maxima)  # maxima on both ranks' shards
     loss, t, w, _ = ranks[0]["opsd"]
     s = _case("grpo_clipped")["logits"]
     oracle = lambda L: sum(wi * clipped_forward_kl(t[i], L[i], 0.05) for i, wi in enumerate(w))

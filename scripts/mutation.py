@@ -3,7 +3,7 @@
 the loss-facing parts of the algorithms, run the tests that cover the changed file, and report every mutant
 the tests did not kill (a surviving mutant is a missing test, or an equivalent mutant to be named).
 
-    python scripts/mutation.py                      # every target (about an hour on 2 cores)
+    python scripts/mutation.py                      # every target, every category (over an hour on 2 cores)
     python scripts/mutation.py --files losses/policy.py --categories sign
     python scripts/mutation.py --list               # the mutants only, nothing run
     python scripts/mutation.py --report docs/testing.md   # rewrite the report section of docs/testing.md
@@ -63,7 +63,7 @@ TARGETS: dict[str, tuple[list[str] | None, list[str]]] = {
     "algorithms/grpo.py": (["micro_batch_tensors", "policy_micro_batches", "_teacher_pass", "update_policy"],
                            ["tests/test_objective.py"]),
     "algorithms/search_e1.py": (["opsd_loss_terms", "opsd_items", "opsd_round", "pool_records"],
-                                ["tests/test_objective.py", "tests/test_search_e1.py"]),
+                                ["tests/test_objective.py", "tests/test_search_e1.py", "tests/test_faults.py"]),
     "models/hf.py": (["logits_at", "logprobs_at", "teacher_logits_at", "train_step"],
                      ["tests/test_objective.py"]),
 }
@@ -106,6 +106,16 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
         "on CPU both load fp32 (training=True only changes the dtype on CUDA, where no test runs)",
     ("algorithms/search_e1.py", "opsd_round", "False -> True", "encode = lambda s: tok.encode(s, add_special_tokens=False)"):
         "the project's tokenizers add no special tokens when asked to (no BOS): the same ids",
+    ("algorithms/search_e1.py", "opsd_round", "True -> False",
+     'merged.save_pretrained(out / "merged", safe_serialization=True)'):
+        "transformers 5 writes safetensors whatever safe_serialization says (test_objective checks the file)",
+    ("losses/vocab_parallel.py", "forward", "index [0] -> [-1]", "parts[0] = (p * (t - s)).sum(-1)"):
+        "forward KL: `parts` has one row (k = 1), so parts[-1] is parts[0]",
+    ("losses/vocab_parallel.py", "forward", "index [0] -> [-1]", "parts[0] = (q * g).sum(-1)"):
+        "reverse KL: `parts` has one row (k = 1), so parts[-1] is parts[0]",
+    ("losses/vocab_parallel.py", "forward", "index [0] -> [-1]",
+     "g = q.mul_(g.sub_(parts[0][:, None]))      # q (g - loss)"):
+        "reverse KL: `parts` has one row (k = 1), so parts[-1] is parts[0]",
     ("algorithms/opsd.py", "opsd_step", "slice upper 1 -> 2",
      "mbs = opsd_micro_batches(batch[:1] if idle else mine, actor, teacher, pad_id, e1.opsd_micro_batch_size, weights)"):
         "the idle replica's pairs are scored at weight 0: one pair or two, the gradient is zero",
@@ -513,6 +523,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=Path, default=None, help="rewrite the mutation-report section of this markdown file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy")
     ap.add_argument("--no-fork", action="store_true", help="a fresh interpreter per mutant (slower; no preloading)")
+    ap.add_argument("--rerun-survivors", type=Path, default=None, metavar="JSON",
+                    help="take every result of an earlier --json file and run again only the mutants that survived "
+                         "there (after new tests were written); the report covers them all")
     args = ap.parse_args(argv)
     files = args.files or list(TARGETS)
     unknown = [f for f in files if f not in TARGETS]
@@ -521,6 +534,18 @@ def main(argv=None) -> int:
     mutants = [m for f in files for m in mutants_of(f, TARGETS[f][0]) if m.category in args.categories]
     counts = {c: sum(m.category == c for m in mutants) for c in args.categories}
     print(f"{len(mutants)} mutants in {len(files)} files: {counts}", flush=True)
+    if args.rerun_survivors:
+        earlier = {(r["file"], r["function"], r["what"], r["code"]): r for r in json.loads(args.rerun_survivors.read_text())}
+        todo = []
+        for m in mutants:
+            r = earlier.get((m.file, m.function, m.what, m.code))
+            if r is None or r["status"] == "survived":
+                todo.append(m)  # new since that run, or survived it
+            elif not m.why:
+                m.status, m.seconds, m.killed_by = r["status"], r["seconds"], r["killed_by"]
+        print(f"re-running {len(todo)} mutants (survivors of {args.rerun_survivors} and new ones)", flush=True)
+    else:
+        todo = mutants
     if args.list:
         for m in mutants:
             print(f"{m.file}:{m.line} {m.function}: {m.category}: {m.what}")
@@ -532,7 +557,7 @@ def main(argv=None) -> int:
         if fork:
             preload()
         baseline(root, files, args.timeout, fork)
-        run(mutants, root, args.timeout, lambda s: print(s, flush=True), fork)
+        run(todo, root, args.timeout, lambda s: print(s, flush=True), fork)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

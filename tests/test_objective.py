@@ -785,3 +785,31 @@ def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path
     per_pair = [_opsd_oracle_terms(model, model, [it], cfg.search_e1.tau_clip) for it in items]
     eq7 = sum(sum(terms) / len(terms) for terms in per_pair) / len(per_pair)
     assert rows[0]["loss"] == pytest.approx(eq7, rel=1e-3)
+
+
+def test_an_idle_replica_still_runs_one_micro_batch_at_weight_zero(lm):
+    """Fewer pairs than data-parallel replicas: replica 1 of 2 has no pair of its own. It must still run one
+    micro-batch (so that it takes part in the step's collectives, as every rank must) and contribute nothing."""
+    from nemo_sdsearch.algorithms.opsd import opsd_step
+    from nemo_sdsearch.algorithms.search_e1 import opsd_items
+    from nemo_sdsearch.models.hf import HFActor
+
+    class SecondReplica(HFActor):  # the real HF actor seen as replica 1 of 2 (the other replica adds nothing)
+        dp_size, dp_rank = 2, 1
+
+    model, tok = lm
+    trajs, prompts, encode = _trajectories(tok)
+    cfg = _cfg(algorithm="search_e1", **{"search_e1.adapter": "full"})
+    pool, pairs = _pool_and_pairs(trajs)
+    items = opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
+                       lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    actor, teacher = SecondReplica(copy.deepcopy(model), lr=1e-3, grad_clip=0.0), _actor(model)
+    seen = []
+    real_train_on = actor.train_on
+    actor.train_on = lambda mbs, fn: (seen.append(mbs), real_train_on(mbs, fn))[1]
+    before = [p.detach().clone() for p in actor.model.parameters()]
+    out = opsd_step(actor, teacher, items[:1], cfg.search_e1, tok.pad_token_id)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].weights.numel() > 0
+    assert float(seen[0][0].weights.abs().sum()) == 0.0
+    assert out["loss"] == 0.0 and not out["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(before, actor.model.parameters()))

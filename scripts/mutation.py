@@ -220,8 +220,8 @@ def _edits(node: ast.AST):
             if _is_const(bound) and isinstance(bound.value, int) and abs(bound.value) <= 2:
                 for d in (-1, 1):
                     v = bound.value + d
-                    def move(n, part=part, v=v):
-                        setattr(n, part, ast.Constant(v) if v != 0 else None)
+                    def move(n, part=part, v=v):  # a lower bound of 0 is written as none; x[:0] stays x[:0]
+                        setattr(n, part, None if v == 0 and part == "lower" else ast.Constant(v))
                         return n
                     yield "shift", f"slice {part} {bound.value} -> {v}", move
     elif isinstance(node, ast.Subscript) and _is_const(node.slice, (0, -1, 1)):
@@ -535,13 +535,17 @@ def main(argv=None) -> int:
     counts = {c: sum(m.category == c for m in mutants) for c in args.categories}
     print(f"{len(mutants)} mutants in {len(files)} files: {counts}", flush=True)
     if args.rerun_survivors:
-        earlier = {(r["file"], r["function"], r["what"], r["code"]): r for r in json.loads(args.rerun_survivors.read_text())}
+        # (two mutants of one line differ by their column: `mkdir(parents=True, exist_ok=True)`)
+        earlier = {(r["file"], r["function"], r["what"], r["code"], r["col"]): r
+                   for r in json.loads(args.rerun_survivors.read_text())}
         todo = []
         for m in mutants:
-            r = earlier.get((m.file, m.function, m.what, m.code))
-            if r is None or r["status"] == "survived":
+            r = earlier.get((m.file, m.function, m.what, m.code, m.col))
+            if m.why:
+                m.status = "equivalent"
+            elif r is None or r["status"] == "survived":
                 todo.append(m)  # new since that run, or survived it
-            elif not m.why:
+            else:
                 m.status, m.seconds, m.killed_by = r["status"], r["seconds"], r["killed_by"]
         print(f"re-running {len(todo)} mutants (survivors of {args.rerun_survivors} and new ones)", flush=True)
     else:

@@ -770,7 +770,7 @@ def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    out = tmp_path / "opsd"
+    out = tmp_path / "cycle_1" / "opsd"  # (the round makes its directory, parents included)
     opsd_round(cfg, model_dir, pool, pairs, load_questions(cfg)["dev"][:1], out, Console(quiet=True))
     rows = [json.loads(line) for line in (out / "opsd_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -556,6 +556,16 @@ def _pool_and_pairs(trajs):
     return pool, pairs
 
 
+def _opsd_items(tok, pool, pairs, cfg):
+    """Search-E1's (student ids, teacher ids, shift, policy mask) per pair, as the round builds them."""
+    from nemo_sdsearch.algorithms.search_e1 import opsd_items
+    from nemo_sdsearch.core.prompts import prompt_format
+
+    prompts, encode = prompt_format(tok, "default", "none"), lambda s: tok.encode(s, add_special_tokens=False)
+    return opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
+                      lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+
+
 def _opsd_oracle_terms(student_model, teacher_model, items, tau):
     """Per scored position: sum_v min(p log(p/q), tau) with q the student's prediction of token j in the
     student sequence and p the teacher's prediction of the same token in the teacher sequence."""
@@ -573,14 +583,13 @@ def test_search_e1_lora_teacher_reads_the_same_token_through_its_longer_prompt(l
     """Search-E1's LoRA OPSD terms (`opsd_items` + `opsd_loss_terms`): the student is the adapted model on
     the student prompt, the teacher the model with the adapter off on the teacher prompt (reference
     trajectory included), both at the same response token."""
-    from nemo_sdsearch.algorithms.search_e1 import add_lora, opsd_items, opsd_loss_terms
+    from nemo_sdsearch.algorithms.search_e1 import add_lora, opsd_loss_terms
 
     model, tok = lm
-    trajs, prompts, encode = _trajectories(tok)
+    trajs, _, _ = _trajectories(tok)
     cfg = _cfg(algorithm="search_e1")
     pool, pairs = _pool_and_pairs(trajs)
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
-    items = opsd_items(pool, pairs, decode, lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    items = _opsd_items(tok, pool, pairs, cfg)
     assert all(shift > 0 for _, _, shift, _ in items)
     base = copy.deepcopy(model)
     peft = add_lora(copy.deepcopy(model), cfg)
@@ -599,14 +608,12 @@ def test_search_e1_lora_teacher_reads_the_same_token_through_its_longer_prompt(l
 
 def test_full_parameter_opsd_teacher_reads_the_same_token_through_its_longer_prompt(lm):
     from nemo_sdsearch.algorithms.opsd import opsd_micro_batches
-    from nemo_sdsearch.algorithms.search_e1 import opsd_items
 
     model, tok = lm
-    trajs, prompts, encode = _trajectories(tok)
+    trajs, _, _ = _trajectories(tok)
     cfg = _cfg(algorithm="search_e1")
     pool, pairs = _pool_and_pairs(trajs)
-    items = opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                       lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    items = _opsd_items(tok, pool, pairs, cfg)
     student, teacher = _actor(model), _actor(model)
     with torch.no_grad():  # the student has moved away from the frozen teacher
         for p in student.model.parameters():
@@ -727,14 +734,12 @@ def test_sd_search_update_lowers_the_jsd_to_the_hindsight_teacher_at_query_posit
 
 def test_full_parameter_opsd_step_lowers_the_clipped_kl_to_the_teacher(lm):
     from nemo_sdsearch.algorithms.opsd import opsd_step
-    from nemo_sdsearch.algorithms.search_e1 import opsd_items
 
     model, tok = lm
-    trajs, prompts, encode = _trajectories(tok)
+    trajs, _, _ = _trajectories(tok)
     cfg = _cfg(algorithm="search_e1", **{"search_e1.adapter": "full"})
     pool, pairs = _pool_and_pairs(trajs)
-    items = opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                       lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    items = _opsd_items(tok, pool, pairs, cfg)
     student, teacher = _actor(model), _actor(model)
     tau = cfg.search_e1.tau_clip
     before = sum(_opsd_oracle_terms(student.model, teacher.model, items, tau))
@@ -777,11 +782,7 @@ def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path
     assert 0 < rows[1]["loss"] < rows[0]["loss"] * (1 - 1e-4)
     assert (out / "merged" / "model.safetensors").is_file()  # what the next stage's loaders read
     # step 1 runs before any update (the adapter starts at zero): its loss is eq. 7 on the base model
-    from nemo_sdsearch.algorithms.search_e1 import opsd_items
-
-    _, prompts, encode = _trajectories(tok)
-    items = opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                       lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    items = _opsd_items(tok, pool, pairs, cfg)
     per_pair = [_opsd_oracle_terms(model, model, [it], cfg.search_e1.tau_clip) for it in items]
     eq7 = sum(sum(terms) / len(terms) for terms in per_pair) / len(per_pair)
     assert rows[0]["loss"] == pytest.approx(eq7, rel=1e-3)
@@ -791,18 +792,16 @@ def test_an_idle_replica_still_runs_one_micro_batch_at_weight_zero(lm):
     """Fewer pairs than data-parallel replicas: replica 1 of 2 has no pair of its own. It must still run one
     micro-batch (so that it takes part in the step's collectives, as every rank must) and contribute nothing."""
     from nemo_sdsearch.algorithms.opsd import opsd_step
-    from nemo_sdsearch.algorithms.search_e1 import opsd_items
     from nemo_sdsearch.models.hf import HFActor
 
     class SecondReplica(HFActor):  # the real HF actor seen as replica 1 of 2 (the other replica adds nothing)
         dp_size, dp_rank = 2, 1
 
     model, tok = lm
-    trajs, prompts, encode = _trajectories(tok)
+    trajs, _, _ = _trajectories(tok)
     cfg = _cfg(algorithm="search_e1", **{"search_e1.adapter": "full"})
     pool, pairs = _pool_and_pairs(trajs)
-    items = opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                       lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+    items = _opsd_items(tok, pool, pairs, cfg)
     actor, teacher = SecondReplica(copy.deepcopy(model), lr=1e-3, grad_clip=0.0), _actor(model)
     seen = []
     real_train_on = actor.train_on

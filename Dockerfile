@@ -22,7 +22,10 @@ WORKDIR /opt/nemo_sdsearch
 RUN python -c "import megatron.core, torch; print('torch', torch.__version__, 'mcore', megatron.core.__version__)" \
     && pip show tensorrt_llm transformer_engine > /dev/null
 
-# Pin everything the image already has, then add faiss-gpu and the project's remaining dependencies.
+# Pin everything the image already has, then add faiss-gpu and the project's remaining dependencies. A
+# dependency range of pyproject.toml that excludes an image version fails this install: constraints/ngc-26.04.txt
+# records the 26.04 image's versions (from public sources) and tests/test_ngc_constraints.py checks the ranges
+# against them without building the image (the retrieval server's uvicorn range among them: see docs/retrieval.md).
 RUN pip list --format=freeze | grep -v -i -E '^(nemo[-_]sdsearch)==' > /opt/image-constraints.txt
 
 COPY pyproject.toml README.md ./

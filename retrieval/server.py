@@ -11,11 +11,13 @@ next batch), and hands each request its rows at its own topk; a failed search an
 batch with a 500 and the next batch is served. Every input is validated; a bad request gets a 4xx JSON error
 saying what is wrong, and no input can crash the server. `--port 0` binds a free port and reports it.
 
-Every connection is bounded while it is read (`GuardedHttpProtocol`, uvicorn's httptools protocol with
-deadlines): the request head must arrive within `header_timeout_s` of connecting (or of the previous
-answer), the body within `body_timeout_s` of the head, a body over `max_request_bytes` is refused with
-413 before it is read, and beyond `max_connections` open connections a new one gets 503. Idle, slowloris
-and short-body clients are closed on time, so a handful of them cannot exhaust the file descriptors.
+Every connection is bounded while it is read (`ConnectionGuard`: our own asyncio protocol around the one uvicorn
+would use, given to uvicorn through its public `http` option, plus an ASGI wrapper that reports finished answers;
+no uvicorn class is subclassed, so any uvicorn the pyproject range admits serves it): the request head must
+arrive within `header_timeout_s` of connecting (or of the previous answer), the body within `body_timeout_s` of
+the head, a body over `max_request_bytes` is refused with 413 before it is read, and beyond `max_connections`
+open connections a new one gets 503. Idle, slowloris and short-body clients are closed on time, so a handful of
+them cannot exhaust the file descriptors.
 All limits live in `Limits`; each is a `serve` flag and a row in docs/retrieval.md.
 """
 
@@ -57,7 +59,7 @@ class Limits:
     max_queries: int = _limit(512, "queries in one request (400 beyond)")
     max_topk: int = _limit(100, "largest topk (400 beyond)")
     max_query_chars: int = _limit(4096, "characters in one query (400 beyond)")
-    # Per connection, enforced while reading (GuardedHttpProtocol), before a slow or large client can hold a
+    # Per connection, enforced while reading (ConnectionGuard), before a slow or large client can hold a
     # file descriptor or memory for long.
     header_timeout_s: float = _limit(10.0, "seconds from connecting (or from the previous answer on a kept-alive "
                                            "connection) until the request line and headers are in; then the "
@@ -115,181 +117,382 @@ def _error_response(status: int, message: str, extra_headers: str = "") -> bytes
             f"content-length: {len(body)}\r\n{extra_headers}connection: close\r\n\r\n").encode() + body
 
 
-def guarded_protocol(limits: Limits, stats: ConnectionStats) -> type:
-    """uvicorn's httptools protocol with read deadlines, size caps and a connection cap (`uvicorn.run(http=...)`).
+def _client_key(address) -> tuple[str, int] | None:
+    """A TCP peer address as uvicorn puts it in the ASGI scope's "client": (host, port)."""
+    if isinstance(address, (tuple, list)) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
+
+
+class ConnectionGuard:
+    """Read deadlines, size caps, a connection cap and lingering close around uvicorn, on public interfaces only.
+
+    uvicorn takes an asyncio protocol class for its `http` option and calls it once per connection; here that
+    class (`protocol`) is our own `asyncio.Protocol`, `GuardedConnection`, which holds the protocol uvicorn would
+    have used itself (`http`, "httptools" by default, built with the arguments uvicorn passed) and stands between
+    it and the socket: every byte read goes through our own httptools parser first (httptools' public parser
+    API), which tells where the request head ends, how large the body is and when the message is complete;
+    uvicorn's protocol sees the connection through `_GuardedTransport`, an `asyncio.Transport` of ours. Whether
+    an answer is complete is told by the ASGI side: `wrap(app)` is the application uvicorn serves, and reports
+    each finished answer to the connection it came on (found by the ASGI scope's "client", the peer address).
+    Nothing here subclasses or patches uvicorn's classes or reads their state: the guard relies on the asyncio
+    protocol and transport contract, the ASGI spec, uvicorn's documented Config options and the name table behind
+    its `--http` choices (`uvicorn.config.HTTP_PROTOCOLS`, to build the protocol `http` names).
 
     uvicorn's own keep-alive timer starts only after an answer, so a client that connects and sends nothing,
     or one header line now and then, or less body than it announced, would be held forever. Here each
     connection has one deadline for what it is waiting for: the request head (armed at connect and after each
     answer), then the body (armed when the head is complete), none while the application answers. One lazy
-    timer per connection checks it: moving a deadline later costs no new timer, so the fast path (small
-    requests on kept-alive connections) adds two clock reads per request.
+    timer per connection checks it: moving a deadline later costs no new timer.
     """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpProtocol(HttpToolsProtocol):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._reading = "head"  # what the parser waits for: "head" (request line + headers) or "body"
-            self._deadline = None  # loop time by which that must be in; None while a request is being answered
-            self._since = 0.0  # loop time when the deadline was set (for the stats' Waits)
+    def __init__(self, limits: "Limits", stats: "ConnectionStats", http: str = "httptools"):
+        from uvicorn.config import HTTP_PROTOCOLS  # the table behind uvicorn's documented `--http` choices
+        from uvicorn.importer import import_from_string
+
+        self.limits, self.stats = limits, stats
+        self.inner_class = import_from_string(HTTP_PROTOCOLS[http])
+        self.connections: dict[tuple[str, int], GuardedConnection] = {}  # open, accepted, by peer address
+        guard = self
+
+        class Protocol(GuardedConnection):
+            def __init__(self, *args, **kwargs):  # whatever uvicorn passes goes to its own protocol
+                super().__init__(guard, lambda: guard.inner_class(*args, **kwargs))
+
+        self.protocol = Protocol
+
+    def wrap(self, app):
+        """`app` as an ASGI application that tells the guard when each answer on a connection is complete."""
+        connections = self.connections
+
+        async def guarded_app(scope, receive, send):
+            conn = connections.get(_client_key(scope.get("client"))) if scope["type"] == "http" else None
+            if conn is None:
+                return await app(scope, receive, send)
+            answered = False
+
+            async def send_and_track(message):
+                nonlocal answered
+                await send(message)
+                if not answered and message["type"] == "http.response.body" and not message.get("more_body"):
+                    answered = True
+                    conn.answered()
+
+            try:
+                await app(scope, receive, send_and_track)
+            finally:  # no complete answer (uvicorn answers 500 itself, or the client went away)
+                if not answered:
+                    conn.answered()
+
+        return guarded_app
+
+
+class GuardedConnection(asyncio.Protocol):
+    """One connection of a `ConnectionGuard`: the socket's protocol, holding uvicorn's (see ConnectionGuard)."""
+
+    def __init__(self, guard: ConnectionGuard, make_inner):
+        import httptools
+
+        self.guard, self.limits, self.stats = guard, guard.limits, guard.stats
+        self._make_inner, self.inner = make_inner, None
+        self._inner_open = False  # uvicorn's protocol has the connection (made, not lost)
+        self.transport = self.loop = None
+        self._key = None
+        self._parser = httptools.HttpRequestParser(self)  # None once it cannot follow the stream (upgrade, error)
+        self._parse_error = httptools.HttpParserError
+        self._reading = "head"  # what the parser waits for: "head" (request line + headers) or "body"
+        self._in_message = False  # a byte of the request being read has arrived
+        self._pending = 0  # requests whose head is complete and whose answer is not
+        self._answering = False  # part of an answer has been written and the answer is not complete
+        self._kind = None  # the deadline armed: "head", "body" or None (none while the application answers)
+        self._deadline = None  # loop time by which that must be in
+        self._since = 0.0  # loop time when the deadline was set (for the stats' Waits)
+        self._timer = None
+        self._timer_at = 0.0
+        self._head_bytes = self._body_bytes = 0
+        self._content_length = None
+        self._message_completed = False
+        self._accepted = False
+        self._done = False  # we answered or closed on our own, or uvicorn closed: input is dropped from now on
+
+    # -- the socket's side -------------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport, self.loop = transport, asyncio.get_running_loop()
+        limits, stats = self.limits, self.stats
+        if stats.open >= limits.max_connections:
+            self._done = True
+            stats.refused_over_max_connections += 1
+            transport.write(_error_response(
+                503, f"the server holds its limit of {limits.max_connections} open connections "
+                     "(--max-connections); retry shortly", "retry-after: 1\r\n"))
+            self._close_after_answer()
+            return
+        self._accepted = True
+        stats.open += 1
+        self._key = _client_key(transport.get_extra_info("peername"))
+        if self._key is not None:
+            self.guard.connections[self._key] = self
+        self.inner = self._make_inner()
+        self._inner_open = True
+        self.inner.connection_made(_GuardedTransport(self))
+        self._update()
+
+    def connection_lost(self, exc):
+        if self._timer is not None:
+            self._timer.cancel()
             self._timer = None
-            self._timer_at = 0.0
-            self._head_bytes = self._body_bytes = 0
-            self._content_length = None
-            self._message_completed = False
+        self._deadline = self._kind = None
+        if self._accepted:
             self._accepted = False
-            self._refused = False  # we answered (or closed) on our own: the parser's remaining callbacks are moot
+            self.stats.open -= 1
+            if self._key is not None and self.guard.connections.get(self._key) is self:
+                del self.guard.connections[self._key]
+        self._detach(exc)
 
-        # -- connection -----------------------------------------------------------------------------
-        def connection_made(self, transport):
-            if stats.open >= limits.max_connections:
-                self.transport, self._refused = transport, True
-                stats.refused_over_max_connections += 1
-                transport.write(_error_response(
-                    503, f"the server holds its limit of {limits.max_connections} open connections "
-                         "(--max-connections); retry shortly", "retry-after: 1\r\n"))
-                self._close_after_answer()
+    def data_received(self, data):
+        if self._done:
+            return  # lingering: read and dropped
+        self._message_completed = False
+        if self._parser is not None:
+            try:
+                self._parser.feed_data(data)
+            except self._parse_error:  # an upgrade, or a request uvicorn's parser refuses too (400 and close)
+                self._parser = None
+            if self._done:
                 return
-            self._accepted = True
-            stats.open += 1
-            super().connection_made(transport)
-            self._expect(limits.header_timeout_s)
+        # All of `data` was request head unless a message ended in it (then the next head's first bytes go
+        # uncounted: at most one read).
+        if self._reading == "head" and not self._message_completed:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self.stats.too_large += 1
+                self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes "
+                                  "(--max-header-bytes)")
+                return
+        self.inner.data_received(data)
 
-        def connection_lost(self, exc):
+    def eof_received(self):
+        if self._inner_open and not self._done:
+            return self.inner.eof_received()
+        return None  # the client's end of a lingering close: the transport closes
+
+    def pause_writing(self):
+        if self._inner_open:
+            self.inner.pause_writing()
+
+    def resume_writing(self):
+        if self._inner_open:
+            self.inner.resume_writing()
+
+    # -- our parser's callbacks (httptools.HttpRequestParser) -------------------------------------------
+    def on_message_begin(self):
+        self._in_message, self._content_length = True, None
+
+    def on_header(self, name: bytes, value: bytes):
+        if name.lower() == b"content-length":
+            self._content_length = int(value) if value.strip().isdigit() else None
+
+    def on_headers_complete(self):
+        if self._done:
+            return
+        self._reading, self._head_bytes, self._body_bytes = "body", 0, 0
+        if self._content_length is not None and self._content_length > self.limits.max_request_bytes:
+            self.stats.too_large += 1
+            self._refuse(413, f"the request body has {self._content_length} bytes; the limit is "
+                              f"{self.limits.max_request_bytes} (--max-request-bytes)")
+            return
+        self._pending += 1
+        self._update()
+
+    def on_body(self, body: bytes):
+        if self._done:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self.limits.max_request_bytes:
+            self.stats.too_large += 1
+            self._refuse(413, f"the request body exceeds {self.limits.max_request_bytes} bytes (--max-request-bytes)")
+
+    def on_message_complete(self):
+        if self._done:
+            return
+        self._reading, self._in_message, self._message_completed = "head", False, True
+        self._update()
+
+    # -- the application's side ----------------------------------------------------------------------------
+    def answered(self) -> None:
+        """The application's answer to the oldest pending request is complete (from `ConnectionGuard.wrap`)."""
+        self._pending = max(0, self._pending - 1)
+        self._answering = False
+        self._update()
+
+    # -- deadlines ------------------------------------------------------------------------------------------
+    def _update(self) -> None:
+        """Arm the deadline of what the connection waits for now: the head when no request is pending, the body
+        of the request being read when no earlier one is still being answered (a pipelined request waits, its
+        reading paused by uvicorn), none otherwise. A deadline of the kind already armed keeps its time."""
+        if self._done or self.transport is None:
+            return
+        if self._reading == "head":
+            kind = "head" if self._pending == 0 else None
+        else:
+            kind = "body" if self._pending <= 1 else None
+        if kind == self._kind:
+            return
+        self._kind = kind
+        if kind is None:
+            self._deadline = None
+            return
+        self._since = self.loop.time()
+        at = self._since + (self.limits.header_timeout_s if kind == "head" else self.limits.body_timeout_s)
+        self._deadline = at
+        if self._timer is None or at < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
-                self._timer = None
-            self._deadline = None
-            if self._accepted:
-                self._accepted = False
-                stats.open -= 1
-                super().connection_lost(exc)
+            self._timer, self._timer_at = self.loop.call_at(at, self._check_deadline), at
 
-        def data_received(self, data):
-            if self._refused:
-                return
-            self._message_completed = False
-            super().data_received(data)
-            # All of `data` was request head unless a message ended in it (then the next head's first bytes go
-            # uncounted: at most one read).
-            if self._reading == "head" and not self._message_completed and not self._refused:
-                self._head_bytes += len(data)
-                if self._head_bytes > limits.max_header_bytes:
-                    stats.too_large += 1
-                    self._refuse(431, f"request line and headers exceed {limits.max_header_bytes} bytes "
-                                      "(--max-header-bytes)")
-
-        # -- parser callbacks -------------------------------------------------------------------------
-        def on_headers_complete(self):
-            if self._refused:
-                return
-            self._reading, self._head_bytes, self._body_bytes = "body", 0, 0
-            self._content_length = None
-            for name, value in self.headers:
-                if name == b"content-length":
-                    self._content_length = int(value) if value.isdigit() else None
-            if self._content_length is not None and self._content_length > limits.max_request_bytes:
-                stats.too_large += 1
-                self._refuse(413, f"the request body has {self._content_length} bytes; the limit is "
-                                  f"{limits.max_request_bytes} (--max-request-bytes)")
-                return
-            super().on_headers_complete()
-            if self.pipeline:  # queued behind a request being answered; reading is paused until then
-                self._deadline = None
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._deadline is None or self._done or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if now < self._deadline:  # moved later since the timer was set
+            self._timer, self._timer_at = self.loop.call_at(self._deadline, self._check_deadline), self._deadline
+            return
+        limits, stats = self.limits, self.stats
+        if self._kind == "head":
+            stats.header_timeouts += 1
+            stats.header_timeout_waits.add(now - self._since, now - self._deadline)
+            if not self._in_message:  # nothing of a request arrived: nothing to answer
+                self._done = True
+                self._deadline = self._kind = None
+                self.transport.close()
+                self._detach(None)
             else:
-                self._expect(limits.body_timeout_s)
+                self._refuse(408, f"the request line and headers did not arrive within {limits.header_timeout_s}s "
+                                  "(--header-timeout-s)")
+        else:
+            stats.body_timeouts += 1
+            stats.body_timeout_waits.add(now - self._since, now - self._deadline)
+            expected = f" of {self._content_length}" if self._content_length is not None else ""
+            self._refuse(408, f"the request body did not arrive within {limits.body_timeout_s}s "
+                              f"(--body-timeout-s): got {self._body_bytes}{expected} bytes")
 
-        def on_body(self, body):
-            if self._refused:
-                return
-            self._body_bytes += len(body)
-            if self._body_bytes > limits.max_request_bytes:
-                stats.too_large += 1
-                self._refuse(413, f"the request body exceeds {limits.max_request_bytes} bytes (--max-request-bytes)")
-                return
-            super().on_body(body)
+    # -- closing ---------------------------------------------------------------------------------------------
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` with `message` in our own words and close: the request is not handed on, and uvicorn's
+        protocol is told the connection is gone (the application's answer, if it ever comes, is dropped)."""
+        self._done = True
+        self._deadline = self._kind = None
+        answering = self._answering and self._pending > 0
+        self._detach(None)
+        if self.transport.is_closing():
+            return
+        if answering:  # half an answer is out: nothing more can be said on this connection
+            self.transport.close()
+            return
+        self.transport.write(_error_response(status, message))
+        self._close_after_answer()
 
-        def on_message_complete(self):
-            if self._refused:
-                return
-            self._reading, self._deadline, self._message_completed = "head", None, True
-            super().on_message_complete()
+    def _detach(self, exc) -> None:
+        """uvicorn's protocol loses the connection (once): its application's pending receive() ends."""
+        if self._inner_open:
+            self._inner_open = False
+            self.inner.connection_lost(exc)
 
-        def on_response_complete(self):
-            super().on_response_complete()
-            if self.transport.is_closing():
-                return
-            if self._reading == "body":  # a pipelined request whose body is still to come, or one answered early
-                if self._deadline is None:
-                        self._expect(limits.body_timeout_s)
-            elif self.cycle.response_complete:  # nothing in flight: the next request's head is due
-                self._expect(limits.header_timeout_s)
+    def _inner_close(self) -> None:
+        """uvicorn closes the connection (keep-alive timeout, `connection: close`, a request it refused): it is
+        closed with lingering, and uvicorn's protocol is told it is lost at once, as asyncio would."""
+        if self._done:
+            return
+        self._done = True
+        self._deadline = self._kind = None
+        self._close_after_answer()
+        self.loop.call_soon(self._detach, None)
 
-        # -- deadlines ----------------------------------------------------------------------------------
-        def _expect(self, seconds: float) -> None:
-            self._since = self.loop.time()
-            at = self._since + seconds
-            self._deadline = at
-            if self._timer is None or at < self._timer_at:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer, self._timer_at = self.loop.call_at(at, self._check_deadline), at
+    def _close_after_answer(self) -> None:
+        """Lingering close (nginx's lingering_close): send the answer and FIN, then read and drop what the
+        client still sends until it closes or LINGER_S pass. Closing a socket whose input was not read
+        makes the kernel answer with RST, which can destroy our answer in the client's receive buffer
+        before the client reads it (a slowloris client keeps writing header lines while we answer)."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        try:
+            transport.resume_reading()  # uvicorn may have paused reading; what arrives now is dropped
+        except RuntimeError:
+            pass
+        transport.write_eof()  # the client's read sees the answer, then end of stream; its close ends ours
+        self.loop.call_later(LINGER_S, transport.close)
 
-        def _check_deadline(self) -> None:
-            self._timer = None
-            if self._deadline is None or self.transport.is_closing():
-                return
-            now = self.loop.time()
-            if now < self._deadline:  # moved later since the timer was set
-                self._timer, self._timer_at = self.loop.call_at(self._deadline, self._check_deadline), self._deadline
-                return
-            if self._reading == "head":
-                stats.header_timeouts += 1
-                stats.header_timeout_waits.add(now - self._since, now - self._deadline)
-                if self._head_bytes == 0:  # nothing of a request arrived: nothing to answer
-                    self._refused = True
-                    self.transport.close()
-                else:
-                    self._refuse(408, f"the request line and headers did not arrive within {limits.header_timeout_s}s "
-                                      "(--header-timeout-s)")
-            else:
-                stats.body_timeouts += 1
-                stats.body_timeout_waits.add(now - self._since, now - self._deadline)
-                expected = f" of {self._content_length}" if self._content_length is not None else ""
-                self._refuse(408, f"the request body did not arrive within {limits.body_timeout_s}s "
-                                  f"(--body-timeout-s): got {self._body_bytes}{expected} bytes")
 
-        def _refuse(self, status: int, message: str) -> None:
-            """Answer `status` with `message` in our own words and close: the request is not handed on."""
-            self._refused = True
-            self._deadline = None
-            if self.transport.is_closing():
-                return
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                cycle.disconnected = True  # the application's answer, if it ever comes, is dropped
-                if cycle.response_started:  # half an answer is out: nothing more can be said on this connection
-                    self.transport.close()
-                    return
-            self.transport.write(_error_response(status, message))
-            self._close_after_answer()
+class _GuardedTransport(asyncio.Transport):
+    """The connection as uvicorn's protocol sees it: the socket's transport, except that closing it closes with
+    lingering (`GuardedConnection._inner_close`), and that nothing is written once the guard has answered."""
 
-        def _close_after_answer(self) -> None:
-            """Lingering close (nginx's lingering_close): send the answer and FIN, then read and drop what the
-            client still sends until it closes or LINGER_S pass. Closing a socket whose input was not read
-            makes the kernel answer with RST, which can destroy our answer in the client's receive buffer
-            before the client reads it (a slowloris client keeps writing header lines while we answer)."""
-            transport = self.transport
-            if not transport.can_write_eof():
-                transport.close()
-                return
-            if getattr(self, "flow", None) is not None:
-                self.flow.resume_reading()  # data_received drops everything now that we have refused
-            transport.write_eof()  # the client's read sees the answer, then end of stream; its close ends ours
-            self.loop.call_later(LINGER_S, transport.close)
+    def __init__(self, conn: GuardedConnection):
+        super().__init__()
+        self._conn, self._real = conn, conn.transport
 
-    return GuardedHttpProtocol
+    def write(self, data) -> None:
+        conn = self._conn
+        if conn._done or not conn._inner_open:
+            return
+        if not conn._answering and not data.startswith(b"HTTP/1.1 100 "):  # an interim 100 Continue is no answer
+            conn._answering = True
+        self._real.write(data)
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def close(self) -> None:
+        if self._conn._inner_open:
+            self._conn._inner_close()
+
+    def is_closing(self) -> bool:
+        return self._conn._done or not self._conn._inner_open or self._real.is_closing()
+
+    def abort(self) -> None:
+        self._conn._done = True
+        self._real.abort()
+
+    def get_extra_info(self, name, default=None):
+        return self._real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        if not self.is_closing():
+            self._real.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.is_closing():
+            self._real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    def can_write_eof(self) -> bool:
+        return self._real.can_write_eof()
+
+    def write_eof(self) -> None:
+        if not self.is_closing():
+            self._real.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def get_write_buffer_limits(self):
+        return self._real.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._real.set_write_buffer_limits(high, low)
+
+    def get_protocol(self):
+        return self._conn.inner
+
+    def set_protocol(self, protocol) -> None:  # a protocol switch (uvicorn's websocket upgrade; the server has none)
+        self._conn.inner = protocol
 
 
 class SearchError(RuntimeError):
@@ -573,13 +776,17 @@ def _announce(host: str, port: int, port_file) -> None:
         os.replace(tmp, path)
 
 
-def uvicorn_config(app, host: str, port: int, limits: Limits | None = None):
-    """The uvicorn configuration of `serve`: the connection guard of `limits` on `create_app`'s app."""
+def uvicorn_config(app, host: str, port: int, limits: Limits | None = None, http: str = "httptools"):
+    """The uvicorn configuration of `serve`: the connection guard of `limits` (`ConnectionGuard`, around uvicorn's
+    `http` protocol) on `create_app`'s app. Only documented Config options: the guard's protocol class as `http`,
+    its ASGI wrapper as the app, `proxy_headers` off (the wrapper finds a request's connection by the peer address
+    in the ASGI scope, which forwarded-for headers would rewrite)."""
     import uvicorn
 
     limits = limits or Limits()
-    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(limits, app.state.connections), ws="none",
-                          timeout_keep_alive=limits.keep_alive_s, log_level="warning", access_log=False)
+    guard = ConnectionGuard(limits, app.state.connections, http)
+    return uvicorn.Config(guard.wrap(app), host=host, port=port, http=guard.protocol, ws="none", proxy_headers=False,
+                          lifespan="on", timeout_keep_alive=limits.keep_alive_s, log_level="warning", access_log=False)
 
 
 def _fit_file_limit(limits: Limits) -> Limits:

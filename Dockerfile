@@ -26,7 +26,10 @@ RUN python -c "import megatron.core, torch; print('torch', torch.__version__, 'm
 # dependency range of pyproject.toml that excludes an image version fails this install: constraints/ngc-26.04.txt
 # records the 26.04 image's versions (from public sources) and tests/test_ngc_constraints.py checks the ranges
 # against them without building the image (the retrieval server's uvicorn range among them: see docs/retrieval.md).
-RUN pip list --format=freeze | grep -v -i -E '^(nemo[-_]sdsearch)==' > /opt/image-constraints.txt
+# One pin per name, the version Python imports (scripts/image_constraints.py: `pip list` would pin a package once per
+# site-packages that holds it, and two versions of one name make the install unresolvable).
+COPY scripts/image_constraints.py /opt/image_constraints.py
+RUN python /opt/image_constraints.py --exclude nemo-sdsearch > /opt/image-constraints.txt
 
 COPY pyproject.toml README.md ./
 COPY nemo_sdsearch ./nemo_sdsearch

@@ -115,3 +115,28 @@ def test_the_check_covers_the_dockerfile_install_and_names_each_conflict():
         "python 3.12.3 (the image's) is outside requires-python >=3.13",
         f"transformers<6,>=5.4 excludes the image's transformers=={pins['transformers']}",
         f"uvicorn<0.55,>=0.54 excludes the image's uvicorn=={pins['uvicorn']}"]
+
+
+def test_image_constraints_pin_each_name_once_at_the_imported_version(tmp_path):
+    """The Dockerfile's /opt/image-constraints.txt: a package present in two site-packages at two versions (the NGC
+    image's venv over its system site-packages) is pinned once, at the version Python imports (the first on
+    sys.path); `pip list --format=freeze` would pin both and make the install unresolvable."""
+    import subprocess
+    import sys
+
+    first, second = tmp_path / "venv_site", tmp_path / "system_site"
+    for site, version in ((first, "2.0"), (second, "1.0")):
+        info = site / f"demo_pkg-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: Demo_Pkg\nVersion: {version}\n")
+    (second / "other_pkg-3.1.dist-info").mkdir()
+    (second / "other_pkg-3.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: other.pkg\nVersion: 3.1\n")
+    env = {"PYTHONPATH": f"{first}:{second}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "image_constraints.py"), "--exclude", "Other_Pkg"],
+                         capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert "demo-pkg==2.0" in out and not any(line.startswith("demo-pkg==1.0") for line in out)
+    assert not any(line.startswith("other-pkg==") for line in out)  # excluded by its name in another spelling
+    names = [line.partition("==")[0] for line in out]
+    assert len(names) == len(set(names)) and "pytest" in names  # this interpreter's own packages, once each
+    assert "FROM" in (REPO / "Dockerfile").read_text() and "image_constraints.py --exclude nemo-sdsearch" in \
+        (REPO / "Dockerfile").read_text()

@@ -359,8 +359,9 @@ def test_convert_chain_hf_nemo_sdsearch_archive_megatron_hf(made, tmp_path):
     assert main(["convert", str(arc), "--to", "megatron", str(mdir)]) == 0
     out = _to_hf_and_compare(made, mdir, "qwen2", tmp_path)
     assert (out["dir"] / "tokenizer.json").read_bytes() == (fx.ASSETS / "tokenizer.json").read_bytes()
-    # Llama has no Megatron-actor (Qwen2-only) layout: a clear error, exit code 2
-    assert main(["convert", str(made["ours"]["llama"]), "--to", "megatron", str(tmp_path / "x")]) == 2
+    # Llama has a Megatron-actor layout too (checkpoint.families): .nemo -> Megatron TP=2 directory -> HF, bit-exact
+    assert main(["convert", str(made["ours"]["llama"]), "--to", "megatron", str(tmp_path / "x"), "--tp", "2"]) == 0
+    _to_hf_and_compare(made, tmp_path / "x", "llama", tmp_path / "llama")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -299,3 +299,62 @@ def test_parse_shard_size():
     for bad in ["", "GB", "5XB", "-1GB", "5 G B", 0, -3, True, "0MB"]:
         with pytest.raises(ValueError, match="max_shard_size"):
             parse_shard_size(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen3 and Llama-3.x: a live Megatron model's stream (q/k norms included) feeds the writer and the refit
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def family_streams():
+    """The weight stream of a TP=1 Megatron actor of each tiny family config (tests/test_model_families.py),
+    made once: `make` gives a fresh `iter_weights()` of that actor."""
+    import warnings
+
+    pytest.importorskip("megatron.core")
+    from test_model_families import NAMES
+    from test_model_families import make_hf as family_hf
+
+    from nemo_sdsearch.models.megatron.actor import MegatronActor
+    from nemo_sdsearch.models.megatron.builder import init_parallel, teardown_parallel
+
+    warnings.filterwarnings("ignore")
+    init_parallel(1)
+    try:
+        sources = {name: family_hf(name, seed=4) for name in NAMES}
+        actors = {name: MegatronActor.from_hf(m) for name, m in sources.items()}
+        yield {name: (sources[name], actors[name].iter_weights) for name in NAMES}
+    finally:
+        teardown_parallel()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+def test_megatron_stream_of_other_families_writes_and_refits(family_streams, name, tmp_path):
+    from fake_trtllm import fake_generator
+    from test_model_families import hf_logits as family_logits
+    from test_model_families import make_hf as family_hf
+    from transformers import AutoModelForCausalLM
+
+    from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
+
+    source, stream = family_streams[name]
+    tied = source.config.tie_word_embeddings
+    expected = [k for k in source.state_dict() if not (tied and k == "lm_head.weight")]
+    assert ("model.layers.0.self_attn.q_norm.weight" in expected) == (name == "qwen3")
+    # the streaming HF writer: the directory transformers loads is the source, same logits
+    live = LiveBytes()
+    out = save_hf_checkpoint_from_stream(live.wrap(stream()), tmp_path / "hf", source.config, shard_bytes=60_000)
+    assert live.count == len(expected) and live.peak <= 60_000 + live.largest < live.total
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(loaded) is type(source)
+    got, ref = loaded.state_dict(), source.state_dict()
+    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert torch.equal(family_logits(loaded), family_logits(source))
+    # the TRT-LLM refit (API double) of a generator holding other weights: it then holds the source's
+    gen = fake_generator(family_hf(name, seed=5), TOKENIZER, refit_bucket_bytes=40_000)
+    try:
+        gen.refit(stream())
+        assert [n for b in gen.llm.refits[0] for n, _ in b] == expected
+        held = gen.llm.model.state_dict()
+        assert all(torch.equal(held[k], ref[k]) for k in ref)
+    finally:
+        gen.shutdown()

@@ -1,4 +1,4 @@
-"""NeMo's own checkpoint formats for Megatron GPT-family models (Qwen2 / Qwen2.5 and Llama), read into HF
+"""NeMo's own checkpoint formats for Megatron GPT-family models (Qwen2 / Qwen2.5, Qwen3 dense and Llama), read into HF
 and written from HF. NeMo is not a dependency: the layouts below were built from NeMo's source and are
 read with plain torch (and megatron-core to write the weights).
 
@@ -20,8 +20,9 @@ Formats read (`read_nemo`):
       megatron_amp_O2; local-spec or Transformer Engine names; `_extra_state` entries), merged here
       over TP (column / row parallel rules, SwiGLU fc1 halves per rank) and PP (stage layer offsets).
 * **NeMo 2.0 checkpoint directory** (`nemo.lightning`: `context/` + `weights/`): `context/model.yaml`
-  (`_target_: ...Qwen2Model` / `...LlamaModel`, `config:` with megatron TransformerConfig field names:
-  `num_layers`, `ffn_hidden_size`, `num_query_groups`, `add_qkv_bias`, `rotary_base`, `seq_length`,
+  (`_target_: ...Qwen2Model` / `...Qwen3Model` / `...LlamaModel`, `config:` with megatron TransformerConfig field
+  names: `num_layers`, `ffn_hidden_size`, `num_query_groups`, `add_qkv_bias`, `qk_layernorm`, `kv_channels`,
+  `rotary_base`, `seq_length` (Qwen3Config: `max_position_embeddings`),
   `share_embeddings_and_output_weights`, Llama 3.1's `scale_factor` / `low_freq_factor` /
   `high_freq_factor` / `old_context_len`, ...), `context/nemo_tokenizer/` (the HF tokenizer files), and
   `weights/` a dist checkpoint whose keys carry `module.` (one per wrapper) instead of `model.`.
@@ -42,11 +43,15 @@ nemo_to_hf}.py` and NeMo 2.0 `collections/llm/gpt/model/{qwen2,llama}.py` import
 | layers.i.input_layernorm.weight | decoder.layers.i.self_attention.linear_qkv.layer_norm_weight |
 | self_attn.{q,k,v}_proj.weight (+ .bias: Qwen2) | …self_attention.linear_qkv.{weight,bias}: per query group [q heads, k, v] |
 | self_attn.o_proj.weight | …self_attention.linear_proj.weight |
+| self_attn.{q,k}_norm.weight (Qwen3) | …self_attention.{q,k}_layernorm.weight |
 | layers.i.post_attention_layernorm.weight | decoder.layers.i.mlp.linear_fc1.layer_norm_weight |
 | mlp.gate_proj / mlp.up_proj | …mlp.linear_fc1.weight = cat(gate, up) |
 | mlp.down_proj.weight | …mlp.linear_fc2.weight |
 | model.norm.weight | decoder.final_layernorm.weight |
 | lm_head.weight (untied) | output_layer.weight |
+
+The family: `qkv_bias` -> Qwen2, `qk_layernorm` -> Qwen3 (NeMo 2.0's Qwen3Config; a NeMo 1.x model_config.yaml
+with `qk_layernorm: true`, no bias and rmsnorm / swiglu is the same architecture), neither -> Llama.
 
 The local layer spec names the two norms `input_layernorm.weight` / `pre_mlp_layernorm.weight` in a
 per-rank state dict; they are mapped to the TE names. Every step is a copy, a concatenation or a slice:
@@ -69,9 +74,9 @@ from pathlib import Path
 
 import torch
 
+from nemo_sdsearch.checkpoint.families import (FAMILIES, LLAMA, QWEN2, QWEN3, check_supported, hf_config_class,
+                                              rope_config)
 from nemo_sdsearch.checkpoint.qwen2 import fuse_qkv, split_qkv
-
-QWEN2, LLAMA = "qwen2", "llama"
 MODEL_CONFIG = "model_config.yaml"
 MODEL_WEIGHTS = "model_weights"          # NeMo 1.x dist checkpoint directory (ckpt_to_dir("model_weights.ckpt"))
 LEGACY_WEIGHTS = "model_weights.ckpt"    # NeMo 1.x per-rank torch.save files
@@ -92,6 +97,7 @@ LAYER = "decoder.layers."
 IN_NORM = "self_attention.linear_qkv.layer_norm_weight"
 QKV_W, QKV_B = "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"
 PROJ = "self_attention.linear_proj.weight"
+Q_NORM, K_NORM = "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"
 MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
 FC1, FC2 = "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"
 LOCAL_SPEC_NAMES = {"input_layernorm.weight": IN_NORM, "pre_mlp_layernorm.weight": MLP_NORM}
@@ -105,7 +111,7 @@ _IGNORED = re.compile(r"(_extra_state$|_extra_state/|rotary_pos_emb\.inv_freq$)"
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class GPTSpec:
-    """What the weight mapping and the configs need to know about a Qwen2 / Llama model."""
+    """What the weight mapping and the configs need to know about a Qwen2 / Qwen3 / Llama model."""
 
     family: str
     num_layers: int
@@ -125,7 +131,11 @@ class GPTSpec:
 
     @property
     def qkv_bias(self) -> bool:
-        return self.family == QWEN2
+        return FAMILIES[self.family].qkv_bias
+
+    @property
+    def qk_layernorm(self) -> bool:
+        return FAMILIES[self.family].qk_layernorm
 
     @property
     def qkv_rows(self) -> int:
@@ -133,37 +143,16 @@ class GPTSpec:
 
 
 def _hf_rope(hf_config) -> tuple[float, dict | None]:
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
-    merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0) or 10000.0))
-    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        return theta, {"rope_type": "linear", "factor": float(merged["factor"])}
-    if kind == "llama3":
-        return theta, {"rope_type": "llama3", "factor": float(merged["factor"]),
-                       "low_freq_factor": float(merged["low_freq_factor"]),
-                       "high_freq_factor": float(merged["high_freq_factor"]),
-                       "original_max_position_embeddings": int(merged["original_max_position_embeddings"])}
-    raise NotImplementedError(f"RoPE scaling {kind!r}: NeMo's GPT models know linear "
-                              "(seq_len_interpolation_factor) and llama3 (Llama 3.1) scaling only")
+    return rope_config(hf_config)
 
 
 _EXTRA_HF_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def spec_from_hf(hf_config) -> GPTSpec:
-    family = getattr(hf_config, "model_type", None)
-    if family not in (QWEN2, LLAMA):
-        raise ValueError(f"model_type {family!r}: NeMo conversion supports qwen2 and llama")
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf_config.hidden_act!r}: NeMo's Qwen2 / Llama use SwiGLU (silu)")
-    if family == QWEN2 and getattr(hf_config, "use_sliding_window", False):
-        raise NotImplementedError("Qwen2 sliding-window attention has no NeMo GPT equivalent")
-    if family == LLAMA and (getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)):
-        raise NotImplementedError("Llama with attention_bias / mlp_bias: not a NeMo Llama layout")
+    if getattr(hf_config, "model_type", None) is None:
+        raise ValueError("a HF config without model_type: NeMo conversion supports qwen2, qwen3 and llama")
+    family = check_supported(hf_config).name
     theta, scaling = _hf_rope(hf_config)
     heads = hf_config.num_attention_heads
     return GPTSpec(
@@ -179,9 +168,7 @@ def spec_from_hf(hf_config) -> GPTSpec:
 
 
 def hf_config_from_spec(spec: GPTSpec, vocab_size: int):
-    """A transformers Qwen2Config / LlamaConfig (`vocab_size`: the HF vocabulary)."""
-    from transformers import LlamaConfig, Qwen2Config
-
+    """A transformers Qwen2Config / Qwen3Config / LlamaConfig (`vocab_size`: the HF vocabulary)."""
     kw = dict(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.ffn_hidden_size,
               num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
               num_key_value_heads=spec.num_query_groups, max_position_embeddings=spec.max_position_embeddings,
@@ -192,11 +179,14 @@ def hf_config_from_spec(spec: GPTSpec, vocab_size: int):
         kw["head_dim"] = spec.kv_channels
     if spec.rope_scaling:
         kw["rope_scaling"] = dict(spec.rope_scaling)
-    if spec.family == QWEN2:
-        if spec.rope_scaling:
-            raise NotImplementedError("RoPE scaling on a Qwen2-family (qkv_bias) NeMo model")
-        return Qwen2Config(use_sliding_window=False, **kw)
-    return LlamaConfig(attention_bias=False, mlp_bias=False, **kw)
+    if spec.family == QWEN2 and spec.rope_scaling:
+        raise NotImplementedError("RoPE scaling on a Qwen2-family (qkv_bias) NeMo model")
+    if spec.family == QWEN3:
+        kw["head_dim"] = spec.kv_channels  # Qwen3Config's default is 128, not hidden / heads
+    cls = hf_config_class(spec.family)
+    if spec.family == LLAMA:
+        return cls(attention_bias=False, mlp_bias=False, **kw)
+    return cls(use_sliding_window=False, **kw)
 
 
 def _check(cond: bool, where, msg: str) -> None:
@@ -220,8 +210,10 @@ def spec_from_nemo1(cfg: Mapping, where="model_config.yaml") -> GPTSpec:
            f"position_embedding_type {cfg.get('position_embedding_type')!r} (rope expected)")
     _check(float(get("rotary_percentage", 1.0)) == 1.0, where, "rotary_percentage != 1")
     _check(not get("rotary_interleaved", False), where, "rotary_interleaved")
-    _check(not get("bias", True), where, "bias: true (biases on every linear layer: not Qwen2 / Llama)")
-    _check(not get("qk_layernorm", False), where, "qk_layernorm")
+    _check(not get("bias", True), where, "bias: true (biases on every linear layer: not Qwen2 / Qwen3 / Llama)")
+    qkv_bias, qk_norm = bool(get("qkv_bias", False)), bool(get("qk_layernorm", False))
+    _check(not (qkv_bias and qk_norm), where, "qkv_bias and qk_layernorm together (neither Qwen2 nor Qwen3)")
+    _check(not get("layernorm_zero_centered_gamma", False), where, "layernorm_zero_centered_gamma")
     _check(not get("num_moe_experts", None), where, "mixture of experts")
     _check(not get("apply_embedding_scaling", False), where, "apply_embedding_scaling (Gemma)")
     _check(get("transformer_block_type", "pre_ln") == "pre_ln", where, "transformer_block_type != pre_ln")
@@ -235,7 +227,7 @@ def spec_from_nemo1(cfg: Mapping, where="model_config.yaml") -> GPTSpec:
                    "high_freq_factor": float(get("high_freq_factor", 4)),
                    "original_max_position_embeddings": int(get("old_context_len", 8192))}
     return GPTSpec(
-        family=QWEN2 if get("qkv_bias", False) else LLAMA, num_layers=int(cfg["num_layers"]), hidden_size=hidden,
+        family=QWEN2 if qkv_bias else QWEN3 if qk_norm else LLAMA, num_layers=int(cfg["num_layers"]), hidden_size=hidden,
         ffn_hidden_size=int(cfg["ffn_hidden_size"]), num_attention_heads=heads,
         num_query_groups=int(get("num_query_groups", heads)), kv_channels=int(get("kv_channels", hidden // heads)),
         layernorm_epsilon=float(get("layernorm_epsilon", 1e-5)), rotary_base=float(get("rotary_base", 10000)),
@@ -287,6 +279,7 @@ def nemo1_config(spec: GPTSpec, tp: int, pp: int, dtype: torch.dtype, tokenizer:
         "persist_layer_norm": True,
         "bias": False,
         "qkv_bias": spec.qkv_bias,
+        "qk_layernorm": spec.qk_layernorm,
         "activation": "fast-swiglu",
         "headscale": False,
         "transformer_block_type": "pre_ln",
@@ -355,7 +348,7 @@ def spec_from_nemo2(model_yaml: Mapping, where="context/model.yaml") -> GPTSpec:
     _check(float(get("rotary_percent", 1.0)) == 1.0, where, "rotary_percent != 1")
     _check(not get("rotary_interleaved", False), where, "rotary_interleaved")
     _check(not get("add_bias_linear", True), where, "add_bias_linear (biases on every linear layer)")
-    _check(not get("qk_layernorm", False), where, "qk_layernorm")
+    _check(not get("layernorm_zero_centered_gamma", False), where, "layernorm_zero_centered_gamma")
     _check(not get("num_moe_experts", None), where, "mixture of experts")
     heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
     scaling = None
@@ -366,16 +359,20 @@ def spec_from_nemo2(model_yaml: Mapping, where="context/model.yaml") -> GPTSpec:
                    "low_freq_factor": float(get("low_freq_factor", 1.0)),
                    "high_freq_factor": float(get("high_freq_factor", 4.0)),
                    "original_max_position_embeddings": int(get("old_context_len", 8192))}
-    qkv_bias = bool(get("add_qkv_bias", False))
-    family = QWEN2 if qkv_bias else LLAMA
-    if not qkv_bias and "qwen2" in target.lower():
+    qkv_bias, qk_norm = bool(get("add_qkv_bias", False)), bool(get("qk_layernorm", False))
+    _check(not (qkv_bias and qk_norm), where, "add_qkv_bias and qk_layernorm together (neither Qwen2 nor Qwen3)")
+    family = QWEN2 if qkv_bias else QWEN3 if qk_norm else LLAMA
+    low = target.lower()
+    if family != QWEN3 and "qwen3" in low:
+        raise NotImplementedError(f"{where}: a Qwen3 model without qk_layernorm")
+    if family != QWEN2 and "qwen2" in low:
         raise NotImplementedError(f"{where}: a Qwen2 model without add_qkv_bias")
     return GPTSpec(
         family=family, num_layers=int(cfg["num_layers"]), hidden_size=hidden,
         ffn_hidden_size=int(cfg["ffn_hidden_size"]), num_attention_heads=heads,
         num_query_groups=int(get("num_query_groups", heads)), kv_channels=int(get("kv_channels", hidden // heads)),
         layernorm_epsilon=float(get("layernorm_epsilon", 1e-5)), rotary_base=float(get("rotary_base", 10000)),
-        max_position_embeddings=int(get("seq_length", 2048)),
+        max_position_embeddings=int(get("max_position_embeddings", get("seq_length", 2048))),
         tied=bool(get("share_embeddings_and_output_weights", False)),
         vocab_size=int(cfg["vocab_size"]) if get("vocab_size", None) else None,
         init_method_std=float(get("init_method_std", 0.02)), rope_scaling=scaling)
@@ -389,7 +386,7 @@ def _hf(i: int, name: str) -> str:
 
 
 def hf_to_global(hf_state: Mapping[str, torch.Tensor], spec: GPTSpec, rows: int | None = None) -> dict[str, torch.Tensor]:
-    """Global Megatron weights of a HF Qwen2 / Llama state dict (`rows`: embedding rows, zero-padded)."""
+    """Global Megatron weights of a HF Qwen2 / Qwen3 / Llama state dict (`rows`: embedding rows, zero-padded)."""
     nh, ng, hd = spec.num_attention_heads, spec.num_query_groups, spec.kv_channels
 
     def pad(t):
@@ -409,6 +406,9 @@ def hf_to_global(hf_state: Mapping[str, torch.Tensor], spec: GPTSpec, rows: int 
             out[pre + QKV_B] = fuse_qkv(g("self_attn.q_proj.bias"), g("self_attn.k_proj.bias"),
                                         g("self_attn.v_proj.bias"), nh, ng, hd)
         out[pre + PROJ] = g("self_attn.o_proj.weight").clone()
+        if spec.qk_layernorm:
+            out[pre + Q_NORM] = g("self_attn.q_norm.weight").clone()
+            out[pre + K_NORM] = g("self_attn.k_norm.weight").clone()
         out[pre + MLP_NORM] = g("post_attention_layernorm.weight").clone()
         out[pre + FC1] = torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")], 0)
         out[pre + FC2] = g("mlp.down_proj.weight").clone()
@@ -427,6 +427,8 @@ def expected_shapes(spec: GPTSpec, rows: int) -> dict[str, tuple[int, ...]]:
                     pre + MLP_NORM: (H,), pre + FC1: (2 * F, H), pre + FC2: (H, F)})
         if spec.qkv_bias:
             out[pre + QKV_B] = (spec.qkv_rows,)
+        if spec.qk_layernorm:
+            out[pre + Q_NORM] = out[pre + K_NORM] = (spec.kv_channels,)
     if not spec.tied:
         out[OUTPUT] = (rows, H)
     return out
@@ -446,7 +448,7 @@ def check_global(state: Mapping[str, torch.Tensor], spec: GPTSpec, where) -> int
     unknown = sorted(set(state) - set(want))
     if missing or unknown:
         raise KeyError(f"{where}: the weights do not match a {spec.family} model with {spec.num_layers} layers"
-                       f"{' (qkv bias)' if spec.qkv_bias else ''}: missing {missing[:4]}, unexpected {unknown[:4]}")
+                       f"{' (qkv bias)' if spec.qkv_bias else ''}{' (q/k layernorm)' if spec.qk_layernorm else ''}: missing {missing[:4]}, unexpected {unknown[:4]}")
     for k, shape in want.items():
         if tuple(state[k].shape) != shape:
             raise ValueError(f"{where}: {k} has shape {tuple(state[k].shape)}, the config says {shape}")
@@ -467,6 +469,9 @@ def global_to_hf(state: Mapping[str, torch.Tensor], spec: GPTSpec, vocab_size: i
             if bias is not None:
                 out[_hf(i, f"self_attn.{name}_proj.bias")] = bias[j].clone()
         out[_hf(i, "self_attn.o_proj.weight")] = state[pre + PROJ].clone()
+        if spec.qk_layernorm:
+            out[_hf(i, "self_attn.q_norm.weight")] = state[pre + Q_NORM].clone()
+            out[_hf(i, "self_attn.k_norm.weight")] = state[pre + K_NORM].clone()
         gate, up = torch.chunk(state[pre + FC1], 2, 0)
         out[_hf(i, "mlp.gate_proj.weight")] = gate.clone()
         out[_hf(i, "mlp.up_proj.weight")] = up.clone()
@@ -874,7 +879,7 @@ def pack_nemo(path, root) -> Path:
 
 def save_nemo1(path, hf_config, hf_state: Mapping[str, torch.Tensor], tokenizer_src=None, tp: int = 1,
                pp: int = 1, tokenizer_name: str | None = None) -> Path:
-    """A NeMo 1.x `.nemo` (dist-checkpoint form) of a HF Qwen2 / Llama model. `tp` / `pp` become
+    """A NeMo 1.x `.nemo` (dist-checkpoint form) of a HF Qwen2 / Qwen3 / Llama model. `tp` / `pp` become
     `tensor_model_parallel_size` / `pipeline_model_parallel_size` (the weights themselves are global: NeMo
     loads them at any layout); the embedding is padded (zero rows) only when `tp` does not divide the
     vocabulary. `tokenizer_name`: what NeMo's `tokenizer.type` names (a hub name or a lasting path; by

@@ -1,13 +1,15 @@
-"""HF Qwen2 state dict <-> megatron-core GPTModel state dicts, at any tensor / pipeline parallel size.
+"""HF state dict <-> megatron-core GPTModel state dicts, at any tensor / pipeline parallel size, for the Qwen2,
+Qwen3 and Llama families (`checkpoint.families`; the module keeps its old name, the mapping was Qwen2-only).
 
-The Megatron layout (Megatron-Bridge's Qwen2 mapping is the reference; this is our own code):
+The Megatron layout (Megatron-Bridge's Qwen2 / Qwen3 / Llama mappings are the reference; this is our own code):
 
 | HF | Megatron (local spec; TE spec name in brackets) | TP split |
 |---|---|---|
 | model.embed_tokens.weight [V, H] | embedding.word_embeddings.weight [Vp/tp, H] | rows padded V -> Vp with zeros, split on dim 0 |
 | layers.i.input_layernorm.weight | decoder.layers.i.input_layernorm.weight [self_attention.linear_qkv.layer_norm_weight] | replicated |
-| self_attn.{q,k,v}_proj.{weight,bias} | self_attention.linear_qkv.{weight,bias} | fused per query group (below), split on dim 0 |
+| self_attn.{q,k,v}_proj.weight (+ .bias: Qwen2) | self_attention.linear_qkv.{weight,bias} | fused per query group (below), split on dim 0 |
 | self_attn.o_proj.weight | self_attention.linear_proj.weight | dim 1 (row parallel) |
+| self_attn.{q,k}_norm.weight [head_dim] (Qwen3) | self_attention.{q,k}_layernorm.weight (both specs) | replicated |
 | layers.i.post_attention_layernorm.weight | decoder.layers.i.pre_mlp_layernorm.weight [mlp.linear_fc1.layer_norm_weight] | replicated |
 | mlp.gate_proj / mlp.up_proj | mlp.linear_fc1.weight | per rank: cat(gate shard, up shard) on dim 0 |
 | mlp.down_proj.weight | mlp.linear_fc2.weight | dim 1 (row parallel) |
@@ -46,8 +48,8 @@ from functools import partial
 
 import torch
 
-from nemo_sdsearch.models.megatron.builder import (DEFAULT_VOCAB_DIVISOR, ModelLayout, check_qwen2, head_dim,
-                                                   layout_for)
+from nemo_sdsearch.checkpoint.families import check_supported, family_of
+from nemo_sdsearch.models.megatron.builder import DEFAULT_VOCAB_DIVISOR, ModelLayout, head_dim, layout_for
 
 HF_EMBED = "model.embed_tokens.weight"
 HF_NORM = "model.norm.weight"
@@ -64,6 +66,8 @@ def _mg_layer_names(te: bool) -> dict[str, str]:
         "qkv_w": "self_attention.linear_qkv.weight",
         "qkv_b": "self_attention.linear_qkv.bias",
         "proj": "self_attention.linear_proj.weight",
+        "q_norm": "self_attention.q_layernorm.weight",
+        "k_norm": "self_attention.k_layernorm.weight",
         "mlp_norm": "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight",
         "fc1": "mlp.linear_fc1.weight",
         "fc2": "mlp.linear_fc2.weight",
@@ -148,7 +152,7 @@ def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelL
     """The Megatron state dict of one (tp_rank, pp_rank), reading HF tensors by name through `get`
     (a dict's `__getitem__`, or a safetensors reader with `part`: then only this rank's parts of the tensors it
     needs are read, plus the replicated norm weights)."""
-    check_qwen2(hf_config)
+    fam = check_supported(hf_config)
     tp, pp = layout.tp, layout.pp
     L = hf_config.num_hidden_layers
     if L % pp:
@@ -175,8 +179,12 @@ def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelL
 
         out[pre + names["input_norm"]] = g("input_layernorm.weight").clone()
         out[pre + names["qkv_w"]] = _read_qkv(get, qkv("weight"), nh, ng, hd, tp, tp_rank)
-        out[pre + names["qkv_b"]] = _read_qkv(get, qkv("bias"), nh, ng, hd, tp, tp_rank)
+        if fam.qkv_bias:
+            out[pre + names["qkv_b"]] = _read_qkv(get, qkv("bias"), nh, ng, hd, tp, tp_rank)
         out[pre + names["proj"]] = part("self_attn.o_proj.weight", dim=1)
+        if fam.qk_layernorm:  # per head, the same on every rank
+            out[pre + names["q_norm"]] = g("self_attn.q_norm.weight").clone()
+            out[pre + names["k_norm"]] = g("self_attn.k_norm.weight").clone()
         out[pre + names["mlp_norm"]] = g("post_attention_layernorm.weight").clone()
         out[pre + names["fc1"]] = torch.cat([part("mlp.gate_proj.weight"), part("mlp.up_proj.weight")], 0)
         out[pre + names["fc2"]] = part("mlp.down_proj.weight", dim=1)
@@ -191,7 +199,7 @@ def megatron_shard(get: Callable[[str], torch.Tensor], hf_config, layout: ModelL
 
 def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config, tp: int = 1, pp: int = 1, te: bool = False,
                    vocab_divisor: int = DEFAULT_VOCAB_DIVISOR) -> list[dict[str, torch.Tensor]]:
-    """Per-rank Megatron state dicts (index `pp_rank * tp + tp_rank`) of a HF Qwen2 state dict."""
+    """Per-rank Megatron state dicts (index `pp_rank * tp + tp_rank`) of a HF Qwen2 / Qwen3 / Llama state dict."""
     layout = layout_for(hf_config, tp, pp, te, vocab_divisor)
     return [megatron_shard(hf_state.__getitem__, hf_config, layout, t, p) for p in range(pp) for t in range(tp)]
 
@@ -251,8 +259,9 @@ class HFTensorSource:
 def stage_sources(hf_config, tp: int, te: bool, pp_rank: int = 0, pp: int = 1, first: bool = True,
                   last: bool = True, vocab_size: int | None = None) -> list[HFTensorSource]:
     """The HF tensors of one pipeline stage (`first`: it holds the embedding; `last`: the final norm and
-    the output layer), in the order `Qwen2ForCausalLM.state_dict()` lists them. A tied `lm_head.weight`
+    the output layer), in the order `<Family>ForCausalLM.state_dict()` lists them. A tied `lm_head.weight`
     is not among them (it is `model.embed_tokens.weight`, and HF files leave it out)."""
+    fam = family_of(hf_config)
     nh, ng, hd = hf_config.num_attention_heads, hf_config.num_key_value_heads, head_dim(hf_config)
     if nh % tp or ng % tp:
         raise ValueError(f"tp={tp} must divide num_attention_heads={nh} and num_key_value_heads={ng}")
@@ -271,8 +280,12 @@ def stage_sources(hf_config, tp: int, te: bool, pp_rank: int = 0, pp: int = 1, f
         for j, proj in enumerate("qkv"):
             part = partial(_qkv_part, j=j, n_heads=nh // tp, n_groups=ng // tp, hd=hd)
             add(f"self_attn.{proj}_proj.weight", "qkv_w", part, 0)
-            add(f"self_attn.{proj}_proj.bias", "qkv_b", part, 0)
+            if fam.qkv_bias:
+                add(f"self_attn.{proj}_proj.bias", "qkv_b", part, 0)
         add("self_attn.o_proj.weight", "proj", dim=1)
+        if fam.qk_layernorm:
+            add("self_attn.q_norm.weight", "q_norm")
+            add("self_attn.k_norm.weight", "k_norm")
         add("mlp.gate_proj.weight", "fc1", partial(_fc1_part, j=0), 0)
         add("mlp.up_proj.weight", "fc1", partial(_fc1_part, j=1), 0)
         add("mlp.down_proj.weight", "fc2", dim=1)
@@ -310,10 +323,10 @@ def merge_stage(tp_states: list[Mapping[str, torch.Tensor]], hf_config, pp_rank:
 
 def megatron_to_hf(per_rank_states: list[Mapping[str, torch.Tensor]], hf_config, pp: int = 1,
                    include_tied_lm_head: bool = True) -> dict[str, torch.Tensor]:
-    """A HF Qwen2 state dict from per-rank Megatron state dicts (index `pp_rank * tp + tp_rank`).
+    """A HF state dict from per-rank Megatron state dicts (index `pp_rank * tp + tp_rank`).
     With tied embeddings `lm_head.weight` is the same tensor as `model.embed_tokens.weight` (as in
-    `Qwen2ForCausalLM.state_dict()`), unless `include_tied_lm_head=False` (as `save_pretrained` writes)."""
-    check_qwen2(hf_config)
+    `<Family>ForCausalLM.state_dict()`), unless `include_tied_lm_head=False` (as `save_pretrained` writes)."""
+    check_supported(hf_config)
     if len(per_rank_states) % pp:
         raise ValueError(f"{len(per_rank_states)} rank states do not split into pp={pp} stages")
     tp = len(per_rank_states) // pp
@@ -374,7 +387,7 @@ def local_weights(model) -> dict[str, torch.Tensor]:
 
 
 def iter_hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
-    """The HF tensors of a live sharded GPTModel, one at a time, in `Qwen2ForCausalLM.state_dict()` order
+    """The HF tensors of a live sharded GPTModel, one at a time, in `<Family>ForCausalLM.state_dict()` order
     (a tied `lm_head.weight` left out), each a new tensor on the model's device.
 
     Every rank of the model-parallel group (tp x pp) must iterate the stream to its end, in step: each
@@ -387,7 +400,7 @@ def iter_hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
     mine = local_weights(model)
-    check_qwen2(hf_config)
+    check_supported(hf_config)
     sources = stage_sources(hf_config, tp, _is_te([mine]), pp_rank, pp, first=MG_EMBED in mine,
                             last=MG_NORM in mine)
     device = next(iter(mine.values())).device

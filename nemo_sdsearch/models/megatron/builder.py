@@ -1,11 +1,15 @@
-"""Process groups and a megatron-core `GPTModel` for the Qwen2 family, built from a HF config.
+"""Process groups and a megatron-core `GPTModel` for the Qwen2, Qwen3 and Llama families, built from a HF config.
 
-Qwen2 / Qwen2.5 in Megatron terms: RMSNorm (eps = `rms_norm_eps`), SwiGLU MLP (`gated_linear_unit`
-with SiLU, no MLP bias), grouped-query attention (`num_query_groups = num_key_value_heads`), a bias on
-the fused QKV projection only (`add_qkv_bias=True`, `add_bias_linear=False`), RoPE with
-`rotary_base = rope_theta` in the non-interleaved (rotate-half) layout HF uses, tied or untied
+Shared by the three (`checkpoint.families` says what differs): RMSNorm (eps = `rms_norm_eps`), SwiGLU MLP
+(`gated_linear_unit` with SiLU, no MLP bias), grouped-query attention (`num_query_groups =
+num_key_value_heads`, `kv_channels = head_dim`), no bias on the linear layers (`add_bias_linear=False`), RoPE
+with `rotary_base = rope_theta` in the non-interleaved (rotate-half) layout HF uses, tied or untied
 input/output embeddings, and the vocabulary padded to a multiple of `make_vocab_size_divisible_by * tp`
-(the padded rows are zero and their logits are never used: see `actor.MegatronActor`).
+(the padded rows are zero and their logits are never used: see `actor.MegatronActor`). Qwen2 adds a bias
+on the fused QKV projection (`add_qkv_bias=True`); Qwen3 a per-head RMSNorm on queries and keys before RoPE
+(`qk_layernorm=True`, layer spec built with `qk_layernorm=True`); Llama 3.1 / 3.2 the llama3 RoPE scaling
+(`rope_scaling=True`, `rope_scaling_factor`), older long-context Llamas linear scaling
+(`seq_len_interpolation_factor`).
 
 The layer spec is Megatron's local spec (`get_gpt_layer_local_spec`) unless Transformer Engine is
 importable and the model goes to CUDA, in which case it is the TE spec (norms fused into
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_sdsearch.checkpoint.families import check_supported, megatron_rope_kwargs, rope_config
 from nemo_sdsearch.models.megatron.cpu_compat import apply_cpu_compat
 
 DEFAULT_VOCAB_DIVISOR = 128
@@ -140,16 +145,9 @@ def teardown_parallel() -> None:
 # config
 # --------------------------------------------------------------------------------------------------
 def rope_theta(hf_config) -> float:
-    """`rope_theta` of a Qwen2 config (transformers 5 keeps it in `rope_parameters`, 4.x at top level);
-    only the default (unscaled) RoPE is supported."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    scaling = getattr(hf_config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in (None, "default"):
-        raise NotImplementedError(f"RoPE scaling {kind!r} is not supported by the Megatron Qwen2 mapping")
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(hf_config, "rope_theta", 10000.0))
+    """`rope_theta` of a HF config (transformers 5 keeps it in `rope_parameters`, 4.x at top level); a RoPE
+    scaling kind the mapping does not support is refused (`families.rope_config`)."""
+    return rope_config(hf_config)[0]
 
 
 def head_dim(hf_config) -> int:
@@ -163,15 +161,16 @@ def padded_vocab_size(vocab_size: int, tp: int, divisor: int = DEFAULT_VOCAB_DIV
     return pad_vocab_size(vocab_size, tp, divisor)
 
 
-def check_qwen2(hf_config) -> None:
-    mt = getattr(hf_config, "model_type", "qwen2")
-    if mt not in ("qwen2",):
-        raise ValueError(f"model_type {mt!r}: the Megatron builder and converter support the Qwen2 family")
-    if getattr(hf_config, "use_sliding_window", False):
-        raise NotImplementedError("Qwen2 sliding-window attention is not supported by the Megatron actor")
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r}: Qwen2 uses silu")
+def check_model(hf_config):
+    """The `families.Family` of a HF config, refusing what the Megatron mapping does not compute exactly
+    (another model_type, sliding windows, attention / MLP biases outside Qwen2's QKV bias, activations other
+    than SiLU, RoPE scalings megatron-core 0.16 cannot express)."""
+    fam = check_supported(hf_config)
+    megatron_rope_kwargs(hf_config)
+    return fam
+
+
+check_qwen2 = check_model  # the old name (the mapping was Qwen2-only)
 
 
 def use_te_spec(spec: str = "auto") -> bool:
@@ -193,12 +192,12 @@ def use_te_spec(spec: str = "auto") -> bool:
 
 def transformer_config_from_hf(hf_config, tp: int = 1, pp: int = 1, dtype=torch.float32, te: bool = False,
                                **overrides):
-    """A megatron `TransformerConfig` equivalent to a HF Qwen2 config."""
+    """A megatron `TransformerConfig` equivalent to a HF Qwen2 / Qwen3 / Llama config."""
     import torch.nn.functional as F
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    check_qwen2(hf_config)
+    fam = check_model(hf_config)
     if hf_config.num_attention_heads % tp or hf_config.num_key_value_heads % tp:
         raise ValueError(f"tp={tp} must divide num_attention_heads={hf_config.num_attention_heads} and "
                          f"num_key_value_heads={hf_config.num_key_value_heads}")
@@ -217,7 +216,8 @@ def transformer_config_from_hf(hf_config, tp: int = 1, pp: int = 1, dtype=torch.
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=fam.qkv_bias,
+        qk_layernorm=fam.qk_layernorm,
         rotary_interleaved=False,
         hidden_dropout=0.0,
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
@@ -240,7 +240,7 @@ def transformer_config_from_hf(hf_config, tp: int = 1, pp: int = 1, dtype=torch.
         attention_softmax_in_fp32=True,
         # RL batches change length every step; the pipeline schedules must then exchange shapes.
         # Quirk (0.16): variable_seq_lengths is rejected with the default MoE dispatcher ("allgather")
-        # even for dense models, so name the alltoall one (unused: Qwen2 has no experts).
+        # even for dense models, so name the alltoall one (unused: these models have no experts).
         variable_seq_lengths=pp > 1,
         moe_token_dispatcher_type="alltoall",
         attention_backend=AttnBackend.auto if te else AttnBackend.local,
@@ -284,8 +284,9 @@ def build_gpt_model(hf_config, tp: int | None = None, pp: int | None = None, dty
     pp = pp or parallel_state.get_pipeline_model_parallel_world_size()
     te = use_te_spec(spec)
     config = transformer_config_from_hf(hf_config, tp, pp, dtype, te=te, **config_overrides)
-    layer_spec = get_gpt_layer_with_transformer_engine_spec() if te else \
-        get_gpt_layer_local_spec(normalization="RMSNorm")
+    qk = config.qk_layernorm
+    layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk) if te else \
+        get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
@@ -301,7 +302,7 @@ def build_gpt_model(hf_config, tp: int | None = None, pp: int | None = None, dty
         share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=rope_theta(hf_config),
+        **megatron_rope_kwargs(hf_config),
         vp_stage=vp_stage,
     )
     model.layout = layout_for(hf_config, tp, pp, te, vocab_divisor)

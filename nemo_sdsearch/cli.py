@@ -181,13 +181,13 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from nemo_sdsearch.checkpoint.convert import convert
+    from nemo_sdsearch.checkpoint.convert import MissingDependency, convert
 
     _threads(args.threads)
     try:
-        info = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp)
-    except (NotImplementedError, KeyError) as err:  # an architecture or a key layout we do not convert
-        raise ValueError(str(err).strip("'\"")) from err
+        info = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp, tokenizer=args.tokenizer)
+    except (NotImplementedError, KeyError, MissingDependency) as err:  # an architecture or a key layout we do
+        raise ValueError(str(err).strip("'\"")) from err                # not convert; megatron-core missing
     print(f"sdsearch convert: {info['from']} {args.src} -> {info['to']} {info['out']} "
           f"({info['tensors']} HF tensors, tp={info['tp']} pp={info['pp']}, "
           f"tokenizer {'copied' if info['tokenizer'] else 'not found'})")
@@ -299,11 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     x.set_defaults(fn=cmd_world)
 
     c = sub.add_parser("convert", help="convert between HF directories, NeMo checkpoints (1.x .nemo, 2.0 "
-                                       "directories; Qwen2 and Llama), Megatron weight directories, sdsearch "
-                                       "training archives and training checkpoints")
+                                       "directories; Qwen2 and Llama), Megatron-LM / Megatron-Bridge / NeMo-RL "
+                                       "checkpoints, Megatron weight directories, sdsearch training archives and "
+                                       "training checkpoints")
     c.add_argument("src", help="HF model directory, NeMo 1.x .nemo file (or its unpacked directory), NeMo 2.0 "
-                               "checkpoint directory (context/ + weights/), Megatron weight directory, sdsearch "
-                               "training archive or training checkpoint")
+                               "checkpoint directory (context/ + weights/), Megatron-LM checkpoint (its root with "
+                               "latest_checkpointed_iteration.txt, or an iter_N directory), Megatron-Bridge "
+                               "checkpoint (root or iter_N with run_config.yaml), NeMo-RL step_N directory, "
+                               "Megatron weight directory, sdsearch training archive or training checkpoint")
     c.add_argument("--to", required=True, choices=["hf", "megatron", "nemo", "sdsearch-archive"],
                    help="hf: HF directory; nemo: a NeMo 1.x .nemo in NeMo's own layout and key names (a "
                         "dist checkpoint, as NeMo's MegatronGPTModel saves it); megatron: this project's per-rank weight "
@@ -312,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron / sdsearch-archive output "
                                                       "(nemo: the size recorded in model_config.yaml)")
     c.add_argument("--pp", type=int, default=1, help="pipeline parallel size, likewise")
+    c.add_argument("--tokenizer", metavar="DIR",
+                   help="HF tokenizer directory for the output (its files are copied; the config's missing "
+                        "bos/eos/pad ids are set from it). Needed where the source holds no tokenizer: a .nemo "
+                        "naming a hub id or an absent path, a Megatron-LM / Bridge / NeMo-RL checkpoint without "
+                        "tokenizer/, a training checkpoint")
     c.add_argument("--threads", type=int)
     c.set_defaults(fn=cmd_convert)
 

@@ -110,12 +110,18 @@ def load_tensors(path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_tensors(path, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor under `prefix` (e.g. 'model.' in NeMo 1.x, 'module.' in NeMo 2.0), the prefix
-    removed, layer-stacked tensors split into per-layer entries `decoder.layers.{i}.<name>`. Optimizer
-    state and `_extra_state` objects are left out."""
+MODEL_ROOTS = ("embedding.", "decoder.", "output_layer.")   # a GPTModel's own sharded keys
+
+
+def load_model_tensors(path, prefix: str, roots: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix` (e.g. 'model.' in NeMo 1.x, 'module.' in NeMo 2.0, '' in Megatron-LM /
+    Megatron-Bridge checkpoints), the prefix removed, layer-stacked tensors split into per-layer entries
+    `decoder.layers.{i}.<name>`. `roots`: keep only names (after the prefix) starting with one of these
+    (`MODEL_ROOTS` where the model keys carry no prefix and the optimizer state, `optimizer.…`, sits
+    next to them). `_extra_state` objects are left out."""
     shapes = tensor_shapes(path)
-    keys = [k for k in shapes if k.startswith(prefix) and not k.endswith("_extra_state")]
+    keys = [k for k in shapes if k.startswith(prefix) and not k.endswith("_extra_state")
+            and (roots is None or k[len(prefix):].startswith(tuple(roots)))]
     if not keys:
         raise KeyError(f"{path}: no tensor under {prefix!r} (keys: {sorted(shapes)[:5]} ...)")
     out: dict[str, torch.Tensor] = {}

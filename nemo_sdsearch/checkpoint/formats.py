@@ -99,7 +99,9 @@ def write_hf_dir(out, hf_config, state: dict[str, torch.Tensor], tokenizer_src=N
     config, safetensors shards, a tied `lm_head.weight` left out) and the tokenizer files of `tokenizer_src`."""
     from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
 
-    out = save_hf_checkpoint_from_stream(state, out, hf_config, write=True)
+    gen = Path(tokenizer_src) / "generation_config.json" if tokenizer_src is not None else None
+    out = save_hf_checkpoint_from_stream(state, out, hf_config, write=True,
+                                         generation_config=gen if gen is not None and gen.is_file() else None)
     if tokenizer_src is not None:
         copy_tokenizer(tokenizer_src, out)
     return out

@@ -63,11 +63,14 @@ def parse_shard_size(size: int | str) -> int:
 
 def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None,
                                    max_shard_size: int | str = MAX_SHARD_SIZE, write: bool | None = None, *,
-                                   shard_bytes: int | None = None) -> Path | None:
+                                   shard_bytes: int | None = None, generation_config=None) -> Path | None:
     """Write `weights` (a weight stream of (HF name, tensor) pairs, or a Mapping) as a HF model directory.
 
     `max_shard_size`: as `save_pretrained`'s ("5GB", "500MB", "2GiB" or bytes); `shard_bytes` (bytes) is
     the older spelling of the same and wins when given.
+    `generation_config`: the source model's generation config (a `GenerationConfig`, a dict, or a
+    directory / file holding `generation_config.json`), written as is: it keeps what the model config
+    cannot say (an Instruct model's EOS list `[151645, 151643]`); default: derived from `hf_config`.
     `write`: whether this process writes; default: rank 0 of the default process group (or the only
     process). In a distributed run EVERY rank calls this with its stream (the stream is a collective);
     the other ranks drain it, keeping nothing, and return None. Returns the directory on the writer."""
@@ -129,7 +132,7 @@ def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None,
         index = {"metadata": {"total_parameters": totals["params"], "total_size": totals["size"]},
                  "weight_map": {k: names[weight_map[k]] for k in sorted(weight_map)}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _write_configs(out, hf_config, dtypes)
+    _write_configs(out, hf_config, dtypes, generation_config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
@@ -148,8 +151,22 @@ def _temporary(out: Path, i: int) -> Path:
     return out / f"model-{i + 1:05d}.safetensors.tmp"
 
 
-def _write_configs(out: Path, hf_config, dtypes: set[torch.dtype]) -> None:
-    """config.json (dtype and architectures filled in, as `save_pretrained` does) and generation_config.json."""
+def _generation_config(source):
+    from transformers import GenerationConfig
+
+    if isinstance(source, GenerationConfig):
+        return source
+    if isinstance(source, Mapping):
+        return GenerationConfig.from_dict(dict(source))
+    path = Path(source)
+    if path.is_dir():
+        path = path / "generation_config.json"
+    return GenerationConfig.from_dict(json.loads(path.read_text()))
+
+
+def _write_configs(out: Path, hf_config, dtypes: set[torch.dtype], generation_config=None) -> None:
+    """config.json (dtype and architectures filled in, as `save_pretrained` does) and generation_config.json
+    (the given one, else derived from the config)."""
     from transformers import GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -159,4 +176,5 @@ def _write_configs(out: Path, hf_config, dtypes: set[torch.dtype]) -> None:
     if not getattr(cfg, "architectures", None) and cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
     cfg.save_pretrained(str(out))
-    GenerationConfig.from_model_config(cfg).save_pretrained(str(out))
+    gen = GenerationConfig.from_model_config(cfg) if generation_config is None else _generation_config(generation_config)
+    gen.save_pretrained(str(out))

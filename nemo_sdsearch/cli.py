@@ -16,6 +16,13 @@ def _threads(n: int | None) -> None:
     torch.set_num_threads(n or min(4, os.cpu_count() or 1))
 
 
+def run_config_presets() -> list[str]:
+    """The names `sdsearch eval --preset` takes (eval/run_config.py PRESETS)."""
+    from nemo_sdsearch.eval.run_config import PRESETS
+
+    return list(PRESETS)
+
+
 def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -32,11 +39,11 @@ def cmd_eval(args) -> int:
 
     console = Console()
     _threads(args.threads)
-    # every rollout setting: explicit flag > the trained run's config.json (--run) > the schema default
+    # every rollout setting: explicit flag > --preset > the trained run's config.json (--run) > the schema default
     run = run_config.load_run(args.run) if args.run else None
     flags = {s.name: getattr(args, s.name) for s in run_config.SPECS}
-    flags["no_retrieval"] = args.no_retrieval
-    settings = run_config.resolve(flags, run)
+    flags["no_retrieval"], flags["max_obs_tokens"] = args.no_retrieval, args.max_obs_tokens
+    settings = run_config.resolve(flags, run, preset=args.preset)
     retriever_kind, url = settings["retriever"].value, settings["retrieval_url"].value
     if args.model:
         model_dir, model_source = Path(args.model), "--model"
@@ -66,12 +73,13 @@ def cmd_eval(args) -> int:
     value = {k: s.value for k, s in settings.items()}
     cfg = RolloutConfig(max_turns=value["max_turns"], max_new_tokens=value["max_new_tokens"],
                         max_context=value["max_context"], topk=value["topk"], temperature=0.0,
-                        retrieval=not args.no_retrieval, normalization=value["normalization"])
+                        retrieval=not args.no_retrieval, normalization=value["normalization"],
+                        max_obs_tokens=value["max_obs_tokens"])
     record = {"model": run_config.Setting(str(model_dir), model_source),
               "data": run_config.Setting(", ".join(datasets), data_source), **settings,
               "temperature": run_config.Setting(0.0, "greedy (as the run's own dev/test evaluation)")}
-    table = Table(title="sdsearch eval settings (flag > " + (f"run {run.directory}/config.json" if run else "run")
-                  + " > default)")
+    table = Table(title="sdsearch eval settings (flag > " + (f"--preset {args.preset} > " if args.preset else "")
+                  + (f"run {run.directory}/config.json" if run else "run") + " > default)")
     for col in ("setting", "value", "from"):
         table.add_column(col)
     for name, s in record.items():
@@ -221,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
                                    "(a `sdsearch train` output directory) the rollout settings and the prompt "
                                    "format are the trained run's (DIR/config.json) and the model is DIR/final; "
                                    "every flag given explicitly overrides the run. Without --run, the defaults "
-                                   "are the training config's defaults (conf/tiny_cpu.yaml).")
+                                   "are the training config's defaults (conf/tiny_cpu.yaml). --preset search_r1 "
+                                   "applies Search-R1's evaluation budgets over the run's (docs/search_r1.md); "
+                                   "explicit flags still override it.")
     e.add_argument("--run", metavar="DIR",
                    help="a trained run's directory (trainer.out_dir): its rollout budgets, retriever, EM "
                         "normalisation, prompt and test files; the model DIR/final")
-    e.add_argument("--data", nargs="+", help="FlashRAG jsonl files (default: the run's data.test_files, else "
-                                             "the bundled test world)")
+    e.add_argument("--data", nargs="+", help="question files: FlashRAG jsonl (one set per file) or Search-R1 "
+                                             "parquet / jsonl (one set per data_source: its test.parquet gives "
+                                             "the seven benchmarks; parquet needs pyarrow) (default: the run's "
+                                             "data.test_files, else the bundled test world)")
     e.add_argument("--corpus", help="Search-R1 corpus jsonl for --data")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"], help="bundled split")
     e.add_argument("--model", help="model directory (default: the run's final/, else the embedded tiny model)")
@@ -237,12 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="a running retrieval service (python -m nemo_sdsearch.retrieval serve, or Search-R1's own); its corpus is used instead "
                         "of --corpus (default: the run's cluster.retrieval_url when its retriever is http)")
     e.add_argument("--no-retrieval", action="store_true", help="searches return nothing (ablation)")
+    e.add_argument("--preset", choices=sorted(run_config_presets()),
+                   help="a paper's evaluation settings over the run's and the defaults (explicit flags override "
+                        "it): search_r1 = Search-R1's budgets (2 searching turns, 500 tokens per turn, 500 "
+                        "tokens per information block, top 3, a 4096-token context per turn, its prompt and EM; "
+                        "the table with sources: docs/search_r1.md)")
     e.add_argument("--topk", type=int, help="passages per search (default: the run's rollout.topk, else 3)")
     e.add_argument("--max-turns", type=int, help="searches allowed (default: the run's rollout.max_turns, else 4)")
     e.add_argument("--max-new-tokens", type=int,
                    help="tokens per turn (default: the run's rollout.max_new_tokens, else 96)")
     e.add_argument("--max-context", type=int,
                    help="context tokens (default: the run's rollout.max_context, else 1024)")
+    e.add_argument("--max-obs-tokens", type=int,
+                   help="tokens of one search's information block (Search-R1's max_obs_length; default: no cap, "
+                        "information is cut only to fit --max-context)")
     e.add_argument("--max-concurrent-rows", type=int,
                    help="rollouts holding a KV slot at once (default: the run's rollout.max_concurrent_rows, "
                         "else 256; 0 = all)")

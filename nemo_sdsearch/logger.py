@@ -13,6 +13,16 @@ Backends:
 - wandb, mlflow: optional extras (`pip install -c constraints.txt -e '.[wandb]'`, `'.[mlflow]'`), imported only
   when named; `check_backends` refuses a missing one before any model is loaded.
 metrics.jsonl is not a backend: the recipe always writes it (a resumed run truncates it to its checkpoint).
+
+A resumed run (trainer.resume=true: a requeued SLURM job) logs into the SAME W&B / MLflow run: each checkpoint
+stores `MetricsLoggers.run_ids()` ({"wandb": id, "mlflow": id}) and `build_loggers(..., run_ids=...)` reopens them
+(W&B: `wandb.init(id=..., resume="allow")`; MLflow: the run set RUNNING again); a fresh run (no checkpoint,
+trainer.overwrite=true) opens new ones. A run stopped for a requeue ends its backends' run as preempted (MLflow
+KILLED), an error as failed, the end of training as finished. The steps a hard kill lost after the last
+checkpoint are trained and logged again: TensorBoard purges the old events, metrics.jsonl drops the old rows,
+MLflow keeps both points of such a step in the history and W&B keeps the first (its history only moves
+forward); a signalled stop (preemption, USR1 before the time limit) checkpoints its last step, so nothing is
+logged twice.
 Only rank 0 logs; the other ranks hold an empty `MetricsLoggers`. Values that are not finite numbers (NaN
 `sd/jsd` under algorithm=grpo) go to metrics.jsonl only; booleans are logged as 0 / 1.
 """
@@ -62,9 +72,16 @@ def _fmt(v) -> str:
     return f"{v:.4g}"
 
 
+FINISHED, PREEMPTED, FAILED = "FINISHED", "KILLED", "FAILED"   # how a run ends (MLflow's run statuses)
+
+
 class MetricsLogger:
     """One backend. `log` takes a training step's metrics, `log_eval` an evaluation's, both keyed by the
-    names of the README's Metrics section; `close` ends the run on the backend (flushes, finishes)."""
+    names of the README's Metrics section; `close` ends the run on the backend (flushes, finishes) with a
+    status (FINISHED, PREEMPTED: stopped for a requeue, FAILED). `run_id`: the backend's run (W&B, MLflow),
+    stored with each checkpoint so that a resumed run reopens it; None for the others."""
+
+    run_id: str | None = None
 
     def log(self, step: int, metrics: dict) -> None:
         raise NotImplementedError
@@ -75,7 +92,7 @@ class MetricsLogger:
     def start(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str = FINISHED) -> None:
         pass
 
 
@@ -129,7 +146,7 @@ class ConsoleLogger(MetricsLogger):
         if self.progress is not None:
             self.progress.start()
 
-    def close(self) -> None:
+    def close(self, status: str = FINISHED) -> None:
         if self.progress is not None:
             self.progress.stop()
 
@@ -146,12 +163,16 @@ class TensorBoardLogger(MetricsLogger):
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = FINISHED) -> None:
         self.writer.close()
 
 
 class WandbLogger(MetricsLogger):
-    def __init__(self, project: str, name: str, config: dict, mode: str, directory: Path):
+    """`run_id`: continue that run (`resume="allow"`: W&B creates it if it does not exist; offline, a second
+    `offline-run-*-<id>` folder that `wandb sync` uploads into the same run)."""
+
+    def __init__(self, project: str, name: str, config: dict, mode: str, directory: Path,
+                 run_id: str | None = None):
         import wandb
 
         directory = Path(os.environ.get("WANDB_DIR") or directory)
@@ -159,17 +180,25 @@ class WandbLogger(MetricsLogger):
         kwargs = {"project": project, "name": name, "config": config, "dir": str(directory)}
         if mode != "auto":   # auto: wandb's own choice (WANDB_MODE, else online)
             kwargs["mode"] = mode
+        if run_id:
+            kwargs.update(id=run_id, resume="allow")
         try:
             self.run = wandb.init(**kwargs)
         except wandb.errors.Error as e:
             raise ConfigError(f"config key logger.wandb_mode: wandb.init failed ({str(e).strip().splitlines()[0]}); "
                               "log in (WANDB_API_KEY) or set logger.wandb_mode=offline") from None
+        self.run_id = self.run.id
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log(scalars(metrics), step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = FINISHED) -> None:
+        if status == PREEMPTED:
+            try:
+                self.run.mark_preempting()   # the W&B UI shows the run as preempted, not crashed
+            except Exception:  # noqa: BLE001 - a status hint only (not every mode supports it)
+                pass
+        self.run.finish(exit_code=0 if status == FINISHED else 1)
 
 
 def mlflow_tracking_uri(configured: str | None, out_dir: Path) -> str:
@@ -183,16 +212,32 @@ class MLflowLogger(MetricsLogger):
     that names no server writes one, so the variable is set for file stores (a server or database URI is
     used as given)."""
 
-    def __init__(self, project: str, name: str, params: dict, tracking_uri: str):
+    def __init__(self, project: str, name: str, params: dict, tracking_uri: str, run_id: str | None = None):
         from mlflow import MlflowClient
 
         if urlparse(tracking_uri).scheme in ("", "file"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
-        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-        self._log_params(params)
+        logged: dict = {}
+        if run_id and self._exists(run_id):   # a resumed run: the same MLflow run, running again
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            logged = self.client.get_run(run_id).data.params
+        else:
+            exp = self.client.get_experiment_by_name(project)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
+            self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        # MLflow refuses to change a logged parameter: a resumed run logs only the keys new to the run (its
+        # trainer.resume=true and any other changed value stay as the first attempt logged them)
+        self._log_params({k: v for k, v in params.items() if k not in logged})
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:  # not in this tracking store (another logger.mlflow_tracking_uri): a new run
+            return False
 
     def _log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -209,8 +254,8 @@ class MLflowLogger(MetricsLogger):
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = FINISHED) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -243,24 +288,33 @@ class MetricsLoggers(MetricsLogger):
         for b in self.backends:
             b.start()
 
-    def close(self) -> None:
+    def run_ids(self) -> dict[str, str]:
+        """{backend name: its run id} of the backends that have runs (wandb, mlflow): what a checkpoint
+        stores so that a resumed run logs into the same runs."""
+        names = {WandbLogger: "wandb", MLflowLogger: "mlflow"}
+        return {names[type(b)]: b.run_id for b in self.backends if type(b) in names and b.run_id}
+
+    def close(self, status: str = FINISHED) -> None:
         if not self.closed:
             self.closed = True
             for b in self.backends:
-                b.close()
+                b.close(status)
 
     def __enter__(self) -> "MetricsLoggers":
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from nemo_sdsearch.algorithms.preemption import Preempted
+
+        self.close(FINISHED if exc_type is None else PREEMPTED if issubclass(exc_type, Preempted) else FAILED)
 
 
 def build_loggers(cfg, out_dir: Path, console, rank0: bool = True, live: bool = True,
-                  start_step: int = 0) -> MetricsLoggers:
+                  start_step: int = 0, run_ids: dict | None = None) -> MetricsLoggers:
     """The backends of `cfg.logger.backends` for a run writing into `out_dir` (rank 0 only; others get none).
-    `live=False` turns the progress bar off (plain lines instead)."""
+    `live=False` turns the progress bar off (plain lines instead). `run_ids`: the runs a resumed run continues
+    (`MetricsLoggers.run_ids()` as its checkpoint stored them); a backend without one opens a new run."""
     if not rank0:
         return MetricsLoggers([])
     from nemo_sdsearch.config import to_dict
@@ -269,16 +323,17 @@ def build_loggers(cfg, out_dir: Path, console, rank0: bool = True, live: bool = 
     check_backends(lg.backends)
     name = lg.run_name or cfg.trainer.out_dir
     made: list[MetricsLogger] = []
+    run_ids = run_ids or {}
     for backend in dict.fromkeys(lg.backends):   # in the order given, each once
         if backend == "console":
             made.append(ConsoleLogger(console, cfg.trainer.steps, cfg.algorithm, start_step, live))
         elif backend == "tensorboard":
             made.append(TensorBoardLogger(out_dir / "tensorboard", start_step))
         elif backend == "wandb":
-            made.append(WandbLogger(lg.project, name, to_dict(cfg), lg.wandb_mode, out_dir))
+            made.append(WandbLogger(lg.project, name, to_dict(cfg), lg.wandb_mode, out_dir, run_ids.get("wandb")))
         elif backend == "mlflow":
             made.append(MLflowLogger(lg.project, name, flatten(to_dict(cfg)),
-                                     mlflow_tracking_uri(lg.mlflow_tracking_uri, out_dir)))
+                                     mlflow_tracking_uri(lg.mlflow_tracking_uri, out_dir), run_ids.get("mlflow")))
         else:
             raise ConfigError(f"config key logger.backends: unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     return MetricsLoggers(made)

@@ -67,6 +67,14 @@ def logged_run(micro_model_dir, tmp_path_factory):
             "summary": json.loads((out / "summary.json").read_text())}
 
 
+SOURCE_KEY = "val/test_score/<data_source>"   # the README's row for Search-R1's per-source validation scores
+
+
+def documented_name(key: str) -> str:
+    """The README row a logged key belongs to (`val/test_score/nq` -> `val/test_score/<data_source>`)."""
+    return SOURCE_KEY if key.startswith("val/test_score/") else key
+
+
 TEST_KEYS = ("val/test_em", "val/test_first_query_hit", "val/test_evidence_hit_per_search", "val/test_evidence_recall")
 QUERY_RATES = ("first_query_hit", "evidence_hit_per_search", "evidence_recall")
 
@@ -111,16 +119,22 @@ def test_metrics_jsonl_keys_are_the_documented_ones(logged_run):
     assert len(documented) == len(set(documented))
     rows = logged_run["rows"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    logged = {k for r in rows for k in r} | set(TEST_KEYS)
+    logged = {documented_name(k) for r in rows for k in r} | set(TEST_KEYS)
     assert logged == set(documented), (sorted(logged - set(documented)), sorted(set(documented) - logged))
     assert "val/dev_em" in rows[-1] and "val/dev_em" not in rows[0]
+    # the bundled world's dev questions have no data_source: verl's "unknown", one source, so the dev EM
+    assert rows[-1]["val/test_score/unknown"] == rows[-1]["val/dev_em"]
+    assert [k for k in rows[-1] if k.startswith("val/test_score/")] == ["val/test_score/unknown"]
     evals = logged_run["summary"]["evals"]
-    dev = {k: rows[-1][k] for k in ("val/dev_em", "val/dev_f1", *(f"val/dev_{q}" for q in QUERY_RATES))}
+    dev = {k: rows[-1][k] for k in ("val/dev_em", "val/dev_f1", *(f"val/dev_{q}" for q in QUERY_RATES),
+                                    "val/test_score/unknown")}
     same = lambda a, b: json.dumps(a) == json.dumps(b)  # (NaN equals NaN)
     assert same(evals, [{"step": 0, **val_test_metrics(logged_run["summary"]["start_test"])},
                         {"step": STEPS, **dev}, {"step": STEPS, **val_test_metrics(logged_run["summary"]["end_test"])}])
     for r in rows:   # the rollout figures hold together
         assert r["response_length/min"] <= r["response_length/mean"] <= r["response_length/max"]
+        assert 0 < r["prompt_length/min"] <= r["prompt_length/mean"] <= r["prompt_length/max"] <= 512 - 12
+        assert 0.0 <= r["prompt_length/clip_ratio"] <= 1.0
         assert r["critic/advantages/min"] <= r["critic/advantages/max"]
         for k in ("critic/score/mean", "env/finish_ratio", "env/ratio_of_valid_action", "response_length/clip_ratio",
                   "env/first_query_hit", "env/evidence_recall"):
@@ -289,7 +303,7 @@ def test_rollout_figures_from_the_engine(char_tokenizer):
     retriever = _SlowRetriever(0.05)
     engine = RolloutEngine(ScriptedTurns(char_tokenizer, lambda row, question: turns[row]), retriever,
                            RolloutConfig(max_turns=2, max_new_tokens=40, max_context=4000))
-    trajs = engine.run([QA("q1", "Q1?", ["yes"]), QA("q2", "Q2?", ["yes"])], n_samples=2)
+    trajs = engine.run([QA("q1", "Q1?", ["yes"]), QA("q2", "The second question?", ["yes"])], n_samples=2)
     assert [t.invalid_actions for t in trajs] == [0, 1, 2, 0]
     assert [t.truncated_turns for t in trajs] == [0, 0, 2, 0]
     assert [t.finish_reason for t in trajs] == ["answer", "answer", "no_answer", "answer"]
@@ -298,7 +312,10 @@ def test_rollout_figures_from_the_engine(char_tokenizer):
     assert share[1] == 0.0 and share[0] == share[2] and share[3] > share[0] >= 0.05 / 3
     assert sum(share) == pytest.approx(engine.stats.retrieval_s, rel=1e-9)
     adv = group_advantages(torch.tensor([t.exact_match for t in trajs]), 2, eps=1e-6)
-    one, resp, total = rollout_metrics(Replica(0, 1), trajs, adv)
+    prompts = [t.prompt_length for t in trajs]   # (question 2's prompt is 17 characters longer)
+    assert prompts[0] == prompts[1] == prompts[2] - 17 == prompts[3] - 17
+    room = prompts[2]                            # the longer prompts fill the room: half the rollouts
+    one, resp, total = rollout_metrics(Replica(0, 1), trajs, adv, prompt_room=room)
     n_pol = torch.tensor([sum(t.policy_mask()) for t in trajs], dtype=torch.float64)
     assert one["critic/score/mean"] == 0.5 and one["env/finish_ratio"] == 0.75
     assert one["env/number_of_valid_search"] == 1.0 and one["env/number_of_actions/mean"] == 2.5
@@ -310,10 +327,152 @@ def test_rollout_figures_from_the_engine(char_tokenizer):
     assert one["critic/advantages/mean"] == pytest.approx(float((adv.double() * n_pol).sum() / n_pol.sum()))
     assert (one["critic/advantages/max"], one["critic/advantages/min"]) == (float(adv.max()), float(adv.min()))
     assert total == sum(len(t.token_ids) for t in trajs)
+    assert one["prompt_length/mean"] == sum(prompts) / 4
+    assert (one["prompt_length/max"], one["prompt_length/min"]) == (max(prompts), min(prompts))
+    assert one["prompt_length/clip_ratio"] == 0.5
+    assert rollout_metrics(Replica(0, 1), trajs, adv, prompt_room=room + 1)[0]["prompt_length/clip_ratio"] == 0.0
     # two replicas, one question group each: the same figures
     second = Replica(1, 2)
-    rollout_metrics(second, trajs[2:], adv[2:])
-    two, resp2, total2 = rollout_metrics(Replica(0, 2, others=second.sent), trajs[:2], adv[:2])
+    rollout_metrics(second, trajs[2:], adv[2:], prompt_room=room)
+    two, resp2, total2 = rollout_metrics(Replica(0, 2, others=second.sent), trajs[:2], adv[:2], prompt_room=room)
     assert two.keys() == one.keys() and (resp2, total2) == (resp, total)
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-12), k
+
+
+def test_validation_scores_per_data_source_as_search_r1_logs_them(char_tokenizer):
+    """The dev evaluation of the recipe (`sharded_greedy_em(..., by_source=True)` -> `eval_metrics`) adds
+    Search-R1 / verl's `val/test_score/<data_source>`: the mean reward (EM) of each source's questions (a
+    question without a source is verl's "unknown"); the same figures from one process and from two replicas
+    holding every other question each."""
+    from nemo_sdsearch.algorithms.grpo import eval_metrics
+    from nemo_sdsearch.algorithms.setup import sharded_greedy_em
+    from nemo_sdsearch.core.qa import QA
+    from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine
+
+    # every rollout answers "yes": right where the gold answer is "yes"
+    gold = [("nq", "yes"), ("hotpotqa", "no"), ("nq", "no"), ("hotpotqa", "no"), ("hotpotqa", "yes"), (None, "yes")]
+    questions = [QA(f"q{i}", f"Question {i}?", [g], {"data_source": s} if s else {}) for i, (s, g) in enumerate(gold)]
+    engine = RolloutEngine(ScriptedTurns(char_tokenizer, lambda row, q: ["<answer> yes </answer>"]), None,
+                           RolloutConfig(max_turns=1, max_new_tokens=40, max_context=4000, temperature=0.0))
+    one = eval_metrics("dev", sharded_greedy_em(Replica(0, 1), engine, questions, 4, by_source=True))
+    assert one["val/dev_em"] == pytest.approx(3 / 6)
+    scores = {k: v for k, v in one.items() if k.startswith("val/test_score/")}
+    assert scores == pytest.approx({"val/test_score/nq": 1 / 2, "val/test_score/hotpotqa": 1 / 3,
+                                    "val/test_score/unknown": 1.0})
+    second = Replica(1, 2)
+    sharded_greedy_em(second, engine, questions, 4, by_source=True)
+    two = eval_metrics("dev", sharded_greedy_em(Replica(0, 2, others=second.sent), engine, questions, 4,
+                                                by_source=True))
+    assert two == pytest.approx(one)
+    # the final test evaluation (and Search-E1's, the ablation's) is not split by source
+    plain = eval_metrics("test", sharded_greedy_em(Replica(0, 1), engine, questions, 4))
+    assert plain == {"val/test_em": pytest.approx(0.5)}
+
+
+def _mlflow_runs(out: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("nemo_sdsearch")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def _mlflow_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.skipif(OPTIONAL != ["wandb", "mlflow"], reason="needs both optional extras ('.[wandb]', '.[mlflow]')")
+def test_a_resumed_run_logs_into_the_same_wandb_and_mlflow_runs(micro_model_dir, tmp_path, monkeypatch):
+    """`sdsearch train` for one step (checkpointed), then the same run resumed to two steps (what a requeued
+    SLURM job does): the checkpoint stores the W&B and MLflow run ids and the resumed run logs into those runs;
+    MLflow's file store ends with ONE run holding steps 1 and 2 (FINISHED), W&B's offline folders hold one run
+    id with step 1 in the first attempt and step 2 in the second. A fresh run opens new ones."""
+    import torch
+    from rich.console import Console
+
+    from nemo_sdsearch.algorithms import grpo
+    from nemo_sdsearch.logger import build_loggers
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    for k in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "run"
+    base = [f"model.path={micro_model_dir[0]}", "model.threads=1", "trainer.questions_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=12", "rollout.max_turns=1", "rollout.max_context=512",
+            "trainer.eval_every=0", "trainer.save_every=1", "trainer.final_test_eval=false",
+            "grpo.micro_batch_size=2", f"trainer.out_dir={out}", "logger.backends=[wandb,mlflow]"]
+    first = io.StringIO()
+    grpo.train(load_config("tiny_cpu", [*base, "trainer.steps=1"]), Console(file=first), progress=False)
+    client, (run,) = _mlflow_runs(out)
+    stored = torch.load(out / "checkpoints" / "step_000001" / "state.pt", weights_only=False)["logger_runs"]
+    assert stored["mlflow"] == run.info.run_id and set(stored) == {"wandb", "mlflow"}
+    assert "logging into the same runs" not in first.getvalue()
+
+    second = io.StringIO()
+    grpo.train(load_config("tiny_cpu", [*base, "trainer.steps=2", "trainer.resume=true"]), Console(file=second),
+               progress=False)
+    assert "resumed from step 1" in second.getvalue()
+    assert f"logging into the same runs: wandb {stored['wandb']}, mlflow {stored['mlflow']}" in second.getvalue()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    client, runs = _mlflow_runs(out)
+    assert [r.info.run_id for r in runs] == [stored["mlflow"]]            # one MLflow run
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.resume"] == "False"                   # the first attempt's parameters stay
+    for key in ("critic/score/mean", "response_length/mean", "prompt_length/mean"):
+        assert _mlflow_history(client, run.info.run_id, key) == [(r["step"], pytest.approx(r[key])) for r in rows]
+    # W&B (offline): one folder per attempt, one run id, step 1 then step 2
+    folders = sorted(glob.glob(str(tmp_path / "wandb_dir" / "wandb" / "offline-run-*")))
+    assert len(folders) == 2, folders
+    steps = []
+    for folder in folders:
+        (log,) = glob.glob(f"{folder}/run-*.wandb")
+        records = list(wandb_records(Path(log)))
+        assert {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"} == {stored["wandb"]}
+        steps.append(sorted(json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
+                            for i in r.history.item if (i.key or "/".join(i.nested_key)) == "_step"))
+    assert steps == [[1], [2]]
+    # a fresh run (no stored ids: trainer.overwrite=true, or no checkpoint yet) opens a new MLflow run
+    cfg = load_config("tiny_cpu", base)
+    with build_loggers(cfg, out, Console(file=io.StringIO())) as fresh:
+        new = fresh.run_ids()
+    assert set(new) == {"wandb", "mlflow"} and new["mlflow"] != stored["mlflow"] and new["wandb"] != stored["wandb"]
+    assert len(_mlflow_runs(out)[1]) == 2
+
+
+@pytest.mark.skipif("mlflow" not in OPTIONAL, reason="mlflow is an optional extra ('.[mlflow]')")
+def test_a_run_stopped_for_a_requeue_ends_its_mlflow_run_as_preempted(tmp_path, monkeypatch):
+    """A preemption (`Preempted` leaving the loggers' block) ends the MLflow run KILLED, an error FAILED; the
+    resumed run reopens it RUNNING and finishes it."""
+    from rich.console import Console
+
+    from nemo_sdsearch.algorithms.preemption import Preempted
+    from nemo_sdsearch.logger import build_loggers
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("tiny_cpu", ["logger.backends=[mlflow]", f"trainer.out_dir={tmp_path}"])
+    console = Console(file=io.StringIO())
+    with pytest.raises(Preempted):
+        with build_loggers(cfg, tmp_path, console) as loggers:
+            loggers.log(1, {"step": 1, "critic/score/mean": 0.25})
+            raise Preempted(1)
+    ids = loggers.run_ids()
+    client, (run,) = _mlflow_runs(tmp_path)
+    assert run.info.status == "KILLED"
+    resumed = build_loggers(cfg, tmp_path, console, start_step=1, run_ids=ids)
+    assert resumed.run_ids() == ids and client.get_run(ids["mlflow"]).info.status == "RUNNING"
+    with pytest.raises(RuntimeError):
+        with resumed:
+            resumed.log(2, {"step": 2, "critic/score/mean": 0.5})
+            raise RuntimeError("a crash")
+    assert client.get_run(ids["mlflow"]).info.status == "FAILED"
+    with build_loggers(cfg, tmp_path, console, start_step=2, run_ids=ids) as again:
+        again.log(3, {"step": 3, "critic/score/mean": 0.75})
+    (run,) = _mlflow_runs(tmp_path)[1]
+    assert run.info.status == "FINISHED"
+    assert _mlflow_history(client, run.info.run_id, "critic/score/mean") == [(1, 0.25), (2, 0.5), (3, 0.75)]

@@ -104,14 +104,17 @@ def _env(tmp_path, **extra) -> dict:
             "SDSEARCH_OUT": str(tmp_path / "run"), **extra}
 
 
-def test_end_of_allocation_signal_checkpoints_the_running_step_and_the_job_resumes(slurm_cluster, tmp_path):
+def test_end_of_allocation_signal_checkpoints_the_running_step_and_the_job_resumes(slurm_cluster, tmp_path,
+                                                                                  monkeypatch):
     """SIGUSR1 to the batch shell (what `#SBATCH --signal=B:USR1@60` sends before the time limit), with no
     periodic checkpoint at all (save_every=0): the trap passes it to the training step, the trainer
     checkpoints the step it was in and exits with status 75, the script requeues the job, and the requeued
-    job resumes from that step and completes."""
+    job resumes from that step and completes. With logger.backends=[console,mlflow] (MLflow's default file store
+    in the run directory) both attempts log into ONE MLflow run: the checkpoint stores its id."""
     overrides = [o for o in TINY if not o.startswith(("trainer.steps", "trainer.save_every"))]
-    overrides += ["trainer.steps=4", "trainer.save_every=0"]
-    job = _sbatch([f"--output={tmp_path}/slurm-%j.out", "slurm/train_tiny.sh", *overrides], _env(tmp_path))
+    overrides += ["trainer.steps=4", "trainer.save_every=0", "logger.backends=[console,mlflow]"]
+    env = {k: v for k, v in _env(tmp_path).items() if k != "MLFLOW_TRACKING_URI"}
+    job = _sbatch([f"--output={tmp_path}/slurm-%j.out", "slurm/train_tiny.sh", *overrides], env)
     out_file = tmp_path / f"slurm-{job}.out"
 
     def detail() -> str:  # the batch output, the trainer's log and the daemons' logs: a post-mortem
@@ -144,9 +147,18 @@ def test_end_of_allocation_signal_checkpoints_the_running_step_and_the_job_resum
     assert "stopped for a signal (status 75): requeueing" in out, tail
     stopped = int(re.search(r"preempted \(signal \d+\): step (\d+) checkpointed", log).group(1))
     assert 1 <= stopped < 4 and f"resumed from step {stopped}" in log, tail
-    rows = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip()]
-    assert rows == [1, 2, 3, 4], tail
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], tail
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    # one MLflow run for both attempts: steps 1..stopped logged before the requeue, the rest after, each once
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "run" / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("nemo_sdsearch").experiment_id])
+    assert run.info.status == "FINISHED" and f"logging into the same runs: mlflow {run.info.run_id}" in log, tail
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "critic/score/mean"))
+    assert history == [(r["step"], pytest.approx(r["critic/score/mean"])) for r in rows], (history, tail)
 
 
 # The two-node jobs: one question group per data-parallel replica (TP 1 x DP 2, a replica per node), long enough

@@ -42,6 +42,7 @@ from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check
                                             truncate_jsonl)
 from nemo_sdsearch.config import ConfigError, TrainConfig, to_dict
 from nemo_sdsearch.core.trajectory import Trajectory
+from nemo_sdsearch.eval.harness import SOURCE
 from nemo_sdsearch.logger import build_loggers, check_backends
 from nemo_sdsearch.losses.grpo_sd_loss import METRIC_SUMS, GRPOSDLoss, PolicyMicroBatch, token_weights
 from nemo_sdsearch.losses.policy import group_advantages
@@ -225,7 +226,8 @@ def rl_step(run: "Run", step: int) -> dict:
         m, stats = update_policy(actor, c.ref, trajs, adv, teacher, cfg, c.tok.pad_token_id)
     update_s = time.perf_counter() - t_update - m["teacher_s"]
     refit_generator(actor, c.weight_sink)  # (refit time counts in timing_s/step)
-    rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv, {q.id: q.metadata for q in questions})
+    rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv, {q.id: q.metadata for q in questions},
+                                                       prompt_room=cfg.rollout.max_context - cfg.rollout.max_new_tokens)
     n_policy, n_query = m["n_policy"], m["n_query"]
     per_token = lambda v: v / max(n_policy, 1)
     per_query = lambda v: v / n_query if teacher is not None and n_query else float("nan")  # no query: no JSD
@@ -248,16 +250,22 @@ def rl_step(run: "Run", step: int) -> dict:
 
 
 def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor,
-                    metadata: Mapping[str, Mapping] | None = None) -> tuple[dict, float, float]:
+                    metadata: Mapping[str, Mapping] | None = None,
+                    prompt_room: int | None = None) -> tuple[dict, float, float]:
     """The rollout side of a step's row over the whole batch (sums over the replicas; the extremes from each
-    replica's own, gathered as a [dp, 4] sum with one row per replica), and the batch's generated and total
+    replica's own, gathered as a [dp, 6] sum with one row per replica), and the batch's generated and total
     token counts. With `metadata` (question id -> its FlashRAG metadata) the query-level metrics of the rollouts
     whose question records evidence passages (world/evidence.py): `env/first_query_hit`,
     `env/evidence_hit_per_search`, `env/evidence_recall`; left out of the row when no rollout of the whole batch
-    has evidence (the all-reduced count decides, the same on every rank)."""
+    has evidence (the all-reduced count decides, the same on every rank).
+    `prompt_length/*` (verl's compute_data_metrics): the prompt's tokens per rollout; its clip_ratio the fraction
+    of prompts that fill `prompt_room` (rollout.max_context - rollout.max_new_tokens: the longest prompt the
+    engine takes, as verl counts prompts at data.max_prompt_length; 0 without a room)."""
     dp = actor.dp_size
     n_pol = torch.tensor([sum(t.policy_mask()) for t in trajs], dtype=torch.float64)
     resp = torch.tensor([t.num_sampled_tokens for t in trajs], dtype=torch.float64)
+    prompt = torch.tensor([t.prompt_length for t in trajs], dtype=torch.float64)
+    prompt_full = float((prompt >= prompt_room).sum()) if prompt_room is not None else 0.0
     adv = adv.to(torch.float64)
     query = metric_sums(trajectory_query_metrics(t, (metadata or {}).get(t.question_id)) for t in trajs)
     sums = torch.tensor([
@@ -265,19 +273,21 @@ def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor,
         float(resp.sum()), sum(t.truncated for t in trajs), sum(t.num_turns for t in trajs),
         sum(t.num_searches for t in trajs), sum(t.finish_reason == "answer" for t in trajs),
         sum(1 - t.invalid_actions / max(t.num_turns, 1) for t in trajs), sum(len(t.token_ids) for t in trajs),
-        *query], dtype=torch.float64)
-    extremes = torch.zeros(dp, 4, dtype=torch.float64)
-    extremes[actor.dp_rank] = torch.stack([adv.max(), adv.min(), resp.max(), resp.min()])
+        float(prompt.sum()), prompt_full, *query], dtype=torch.float64)
+    extremes = torch.zeros(dp, 6, dtype=torch.float64)
+    extremes[actor.dp_rank] = torch.stack([adv.max(), adv.min(), resp.max(), resp.min(), prompt.max(), prompt.min()])
     total = actor.all_reduce_dp(torch.cat([sums, extremes.flatten()]))
-    head, ext = total[:len(sums)].tolist(), total[len(sums):].view(dp, 4)
+    head, ext = total[:len(sums)].tolist(), total[len(sums):].view(dp, 6)
     (n, score, adv_tok, n_tok, resp_sum, truncated, turns, searches, answered, valid,
-     tokens), query = head[:-len(query)], head[-len(query):]
+     tokens, prompt_sum, prompt_clipped), query = head[:-len(query)], head[-len(query):]
     n = max(n, 1)
     return {"critic/score/mean": score / n,
             "critic/advantages/mean": adv_tok / max(n_tok, 1), "critic/advantages/max": float(ext[:, 0].max()),
             "critic/advantages/min": float(ext[:, 1].min()),
             "response_length/mean": resp_sum / n, "response_length/max": float(ext[:, 2].max()),
             "response_length/min": float(ext[:, 3].min()), "response_length/clip_ratio": truncated / n,
+            "prompt_length/mean": prompt_sum / n, "prompt_length/max": float(ext[:, 4].max()),
+            "prompt_length/min": float(ext[:, 5].min()), "prompt_length/clip_ratio": prompt_clipped / n,
             "env/number_of_actions/mean": turns / n, "env/number_of_valid_search": searches / n,
             "env/finish_ratio": answered / n, "env/ratio_of_valid_action": valid / n,
             **{f"env/{k}": v for k, v in query_rates(query).items()}}, resp_sum, tokens
@@ -286,10 +296,13 @@ def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor,
 def eval_metrics(split: str, result: dict) -> dict:
     """The `val/*` metrics of a greedy evaluation (`sharded_greedy_em`'s result) of split "dev" or "test":
     `val/<split>_em` (and `val/dev_f1`), and the query-level `val/<split>_first_query_hit`,
-    `val/<split>_evidence_hit_per_search`, `val/<split>_evidence_recall` when its questions record evidence."""
+    `val/<split>_evidence_hit_per_search`, `val/<split>_evidence_recall` when its questions record evidence.
+    A result evaluated per data_source (the dev evaluation, Search-R1's validation) adds Search-R1 / verl's
+    `val/test_score/<data_source>`: the mean reward (EM) of that source's questions."""
     a = result["all"]
     out = {f"val/{split}_em": a["em"], **({"val/dev_f1": a["f1"]} if split == "dev" else {})}
     out.update({f"val/{split}_{k}": a[k] for k in QUERY_RATES if k in a})
+    out.update({f"val/test_score/{k[len(SOURCE):]}": r["em"] for k, r in result.items() if k.startswith(SOURCE)})
     return out
 
 
@@ -327,12 +340,17 @@ class Run:
         self.sampler = QuestionSampler(len(c.data["train"]), cfg.trainer.seed)
         self.history, self.evals, self.start_test, self.start_step, self.best = [], [], None, 0, None
         self.saved_step = 0
+        self.logger_runs: dict[str, str] = {}  # the W&B / MLflow runs a resumed run continues (its checkpoint's)
         if cfg.trainer.save_every or cfg.trainer.keep_last:
             check_free_disk(out, checkpoint_bytes(c.actor.hf_config, cfg.actor == "megatron"),
                             cfg.trainer.min_free_disk_checkpoints)
         self._resume()
         self.loggers = build_loggers(cfg, out, self.console, rank0=self.rank0, live=progress,
-                                     start_step=self.start_step)
+                                     start_step=self.start_step, run_ids=self.logger_runs)
+        continued = {k: v for k, v in self.loggers.run_ids().items() if self.logger_runs.get(k) == v}
+        if continued:
+            self.console.print("logging into the same runs: " + ", ".join(f"{k} {v}" for k, v in continued.items()),
+                               soft_wrap=True)  # one line, also in a SLURM log
         if cfg.trainer.final_test_eval and self.start_test is None:
             self.console.print("evaluating the start weights on the test world ...")
             self.start_test = self.greedy("test")
@@ -345,9 +363,11 @@ class Run:
     def encode(self, text: str) -> list[int]:
         return self.c.tok.encode(text, add_special_tokens=False)
 
-    def greedy(self, split: str) -> dict:
-        """Greedy EM of the current weights on a split (sharded over the replicas)."""
-        return sharded_greedy_em(self.c.actor, self.engine(split), self.c.data[split], self.cfg.trainer.eval_batch_size)
+    def greedy(self, split: str, by_source: bool = False) -> dict:
+        """Greedy EM of the current weights on a split (sharded over the replicas); with `by_source` also per
+        data_source (the validation's `val/test_score/<data_source>`)."""
+        return sharded_greedy_em(self.c.actor, self.engine(split), self.c.data[split], self.cfg.trainer.eval_batch_size,
+                                 by_source=by_source)
 
     def _resume(self) -> None:
         state = load_latest_checkpoint(self.out) if self.cfg.trainer.resume else None
@@ -362,6 +382,7 @@ class Run:
         self.history, self.evals, self.start_test, self.start_step = (state["history"], state["evals"],
                                                                       state["start_test"], state["step"])
         self.best = state.get("best")
+        self.logger_runs = dict(state.get("logger_runs") or {})  # (a checkpoint written before it existed: none)
         self.saved_step = self.start_step
         if self.rank0:
             truncate_jsonl(self.out / "metrics.jsonl", self.start_step)
@@ -384,7 +405,7 @@ class Run:
         t = self.cfg.trainer
         if not (t.eval_every and step % t.eval_every == 0):
             return {}
-        val = eval_metrics("dev", self.greedy("dev"))
+        val = eval_metrics("dev", self.greedy("dev", by_source=True))
         self.evals.append({"step": step, **val})
         return val
 
@@ -413,7 +434,7 @@ class Run:
             self.best = {"step": step, "val/dev_em": self.evals[-1]["val/dev_em"]}
         loop_state = {"sampler": self.sampler.state(), "rng": rng_state(), "step": step, "history": self.history,
                       "evals": self.evals, "start_test": self.start_test, "config": to_dict(self.cfg),
-                      "best": self.best}
+                      "best": self.best, "logger_runs": self.loggers.run_ids()}
         self.c.actor.save_state(self.out / "checkpoints", step,
                                 lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
         self.saved_step = step

@@ -280,28 +280,30 @@ def greedy_em(engine, questions, batch_size: int) -> dict:
     return {k: Score.from_sums(s).mean() for k, s in greedy_sums(engine, questions, batch_size).items()}
 
 
-def greedy_sums(engine, questions, batch_size: int) -> dict[str, list[float]]:
-    """`greedy_em` as the sums behind it, per kind (`eval.harness.Score.sums`): shards add up."""
+def greedy_sums(engine, questions, batch_size: int, by_source: bool = False) -> dict[str, list[float]]:
+    """`greedy_em` as the sums behind it, per kind (and per data_source: `by_source`; `eval.harness.Score.sums`):
+    shards add up."""
     from nemo_sdsearch.eval.harness import evaluate
 
-    report = evaluate(engine, {"x": questions}, batch_size=batch_size, progress=False)
+    report = evaluate(engine, {"x": questions}, batch_size=batch_size, progress=False, by_source=by_source)
     return report.sums["x"]
 
 
-def sharded_greedy_em(actor, engine, questions, batch_size: int) -> dict:
+def sharded_greedy_em(actor, engine, questions, batch_size: int, by_source: bool = False) -> dict:
     """`greedy_em` over all `questions`, each data-parallel replica evaluating its share `questions[r::dp]`
     (its leader generates, then shares the result in the replica); the per-kind sums are all-reduced over
     the replicas, so every rank returns the whole result (exactly `greedy_em`'s at dp = 1)."""
-    from nemo_sdsearch.eval.harness import Score
+    from nemo_sdsearch.eval.harness import SOURCE, Score, data_source
 
     local = None
     if actor.is_replica_leader:
         share = questions[actor.dp_rank::actor.dp_size]
-        local = greedy_sums(engine, share, batch_size) if share else {}
+        local = greedy_sums(engine, share, batch_size, by_source) if share else {}
     local = actor.broadcast_in_replica(local)
     if actor.dp_size == 1:
         return {k: Score.from_sums(s).mean() for k, s in local.items()}
     kinds = ["all"] + sorted({q.kind for q in questions if q.kind is not None})
+    kinds += sorted({SOURCE + data_source(q) for q in questions}) if by_source else []
     sums = torch.zeros(len(kinds), len(Score.SUMS), dtype=torch.float64)  # n, em, f1, ... summed (Score.SUMS)
     for i, k in enumerate(kinds):
         if k in local:

@@ -175,8 +175,21 @@ def _table1_label(name: str) -> str:
     return next((label for k, label in _TABLE1 if key == k), name)
 
 
+# The key prefix of a per-data_source score (`evaluate(..., by_source=True)`: the training's validation, logged
+# as Search-R1 / verl log it, `val/test_score/<data_source>`).
+SOURCE = "data_source:"
+
+
+def data_source(q: QA) -> str:
+    """A question's data_source (a Search-R1 row's column, else its FlashRAG metadata's); verl's "unknown"
+    for a question without one (the bundled world)."""
+    return str(q.metadata.get("data_source") or "unknown")
+
+
 def evaluate(engine: RolloutEngine, datasets: dict[str, Sequence[QA]], batch_size: int = 32,
-             progress: bool = True, seed: int = 0) -> EvalReport:
+             progress: bool = True, seed: int = 0, by_source: bool = False) -> EvalReport:
+    """Greedy rollouts of every question; per dataset the scores of all its questions ("all"), of each
+    question kind and, with `by_source`, of each data_source (keys `SOURCE + name`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     report = EvalReport(normalization=engine.cfg.normalization)
@@ -198,6 +211,8 @@ def evaluate(engine: RolloutEngine, datasets: dict[str, Sequence[QA]], batch_siz
                     scores["all"].add(em, f1, t.num_searches, qm)
                     if q.kind is not None:
                         scores[q.kind].add(em, f1, t.num_searches, qm)
+                    if by_source:
+                        scores[SOURCE + data_source(q)].add(em, f1, t.num_searches, qm)
                     pred = {"id": q.id, "kind": q.kind, "prediction": t.answer, "golden_answers": q.golden_answers,
                             "em": em, "f1": f1, "queries": t.queries, "retrieved_ids": t.retrieved_ids,
                             "finish_reason": t.finish_reason}

@@ -5,7 +5,8 @@
 that model must use the rollout budgets and the prompt it was trained with: this module reads them from the
 run and resolves every evaluation setting as
 
-    explicit flag  >  the run's config.json  >  the schema default (nemo_sdsearch.config)
+    explicit flag  >  --preset (a paper's evaluation budgets: PRESETS)  >  the run's config.json  >  the schema
+    default (nemo_sdsearch.config)
 
 recording where each value came from, so the printed table and results.md state it.
 
@@ -51,7 +52,26 @@ SPECS: tuple[Spec, ...] = (
     Spec("instruction", "prompt.instruction", "--instruction", str),
     Spec("chat_template", "prompt.chat_template", "--chat-template", str),
 )
-BUDGETS = ("max_new_tokens", "max_context", "max_turns", "topk")
+BUDGETS = ("max_new_tokens", "max_context", "max_turns", "topk", "max_obs_tokens")
+
+# `sdsearch eval --preset NAME`: a paper's evaluation settings, over the run's (explicit flags still win):
+# setting -> (value, where the paper's code sets it). max_obs_tokens is an evaluation setting only (no training
+# key: 0, no cap, without the preset or --max-obs-tokens). docs/search_r1.md has the table.
+PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    # Search-R1 (PeterGriffinJin/Search-R1: train_grpo.sh / train_ppo.sh; the validation that produced its
+    # table runs the same generation config, greedy: verl/trainer/ppo/ray_trainer.py `_validate`)
+    "search_r1": {
+        "max_turns": (2, "max_turns=2: searching turns, then a final turn without search"),
+        "max_new_tokens": (500, "data.max_response_length=500: tokens per generation call (one turn)"),
+        "max_context": (4596, "data.max_prompt_length=4096 (the context a turn is generated from) + a "
+                              "500-token turn"),
+        "topk": (3, "retriever.topk=3"),
+        "max_obs_tokens": (500, "data.max_obs_length=500: tokens of one search's information block"),
+        "instruction": ("search_r1", "its prompt (make_prefix in scripts/data_process/nq_search.py)"),
+        "chat_template": ("auto", "verl's RLHFDataset: the tokenizer's chat template when it has one"),
+        "normalization": ("squad", "its EM (verl/utils/reward_score/qa_em.py normalize_answer)"),
+    },
+}
 
 
 @dataclass
@@ -173,13 +193,17 @@ def _trained_model(d: Path) -> tuple[Path | None, str]:
     return None, "run (none)"
 
 
-def resolve(flags: dict[str, Any], run: TrainedRun | None) -> dict[str, Setting]:
-    """Every setting of SPECS: the flag when given (not None), else the run's value, else the default."""
+def resolve(flags: dict[str, Any], run: TrainedRun | None, preset: str | None = None) -> dict[str, Setting]:
+    """Every setting of SPECS: the flag when given (not None), else the preset's (`PRESETS[preset]`), else the
+    run's value, else the default; and max_obs_tokens (flag, else the preset's, else 0: no cap)."""
     base = defaults()
+    chosen = PRESETS[preset] if preset else {}
     out: dict[str, Setting] = {}
     for spec in SPECS:
         if flags.get(spec.name) is not None:
             out[spec.name] = Setting(flags[spec.name], spec.flag)
+        elif spec.name in chosen:
+            out[spec.name] = Setting(chosen[spec.name][0], f"--preset {preset} ({chosen[spec.name][1]})")
         elif run is not None and spec.name in run.values:
             out[spec.name] = Setting(run.values[spec.name], f"run {spec.key}")
         else:
@@ -199,6 +223,13 @@ def resolve(flags: dict[str, Any], run: TrainedRun | None) -> dict[str, Setting]
                               f"bm25/dense")
     else:
         out["retrieval_url"] = Setting(None, f"unused ({out['retriever'].value} retriever)")
+    if flags.get("max_obs_tokens") is not None:
+        out["max_obs_tokens"] = Setting(flags["max_obs_tokens"], "--max-obs-tokens")
+    elif "max_obs_tokens" in chosen:
+        value, where = chosen["max_obs_tokens"]
+        out["max_obs_tokens"] = Setting(value, f"--preset {preset} ({where})")
+    else:
+        out["max_obs_tokens"] = Setting(0, "default (no cap: information is cut only to fit max_context)")
     ctx, new = out["max_context"], out["max_new_tokens"]
     if ctx.value <= new.value:
         raise RunDirError(f"max_context {ctx.value} ({ctx.source}) must exceed max_new_tokens {new.value} "

@@ -41,11 +41,12 @@ class RolloutConfig:
     top_p: float = 1.0
     retrieval: bool = True  # False: every search returns no passages (the "no search" ablation)
     normalization: str = "squad"  # answer normalisation of the EM reward (core.reward)
+    max_obs_tokens: int = 0  # > 0: an information block is cut to this many tokens (Search-R1's max_obs_length)
 
     def __post_init__(self):
-        if self.max_turns < 0 or self.topk < 1 or self.max_context <= self.max_new_tokens:
+        if self.max_turns < 0 or self.topk < 1 or self.max_context <= self.max_new_tokens or self.max_obs_tokens < 0:
             raise ValueError(f"invalid rollout config {self}: need max_turns >= 0, topk >= 1, "
-                             "max_context > max_new_tokens")
+                             "max_context > max_new_tokens, max_obs_tokens >= 0")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"answer normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
@@ -180,7 +181,8 @@ class RolloutEngine:
                 t = trajs[row]
                 room = cfg.max_context - len(t.token_ids) - cfg.max_new_tokens
                 if row in passages:
-                    ids = self._information_ids(passages[row], room)
+                    cap = min(room, cfg.max_obs_tokens) if cfg.max_obs_tokens else room
+                    ids = self._information_ids(passages[row], cap)
                 else:
                     ids = self._feedback if len(self._feedback) <= room else None
                 if ids is None:

@@ -28,8 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", default="dense", choices=["dense", "bm25"])
     b.add_argument("--encoder", help="local HF encoder directory (default: the bundled MiniLM)")
     b.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"])
-    b.add_argument("--query-prefix", default="", help='E5: "query: "')
-    b.add_argument("--passage-prefix", default="", help='E5: "passage: "')
+    b.add_argument("--query-prefix", default="auto",
+                   help='prepended to every query at serving time, recorded in meta.json; "auto" (default) picks '
+                        'as Search-R1 does from the encoder\'s name: "query: " for E5, the BGE instruction for BGE, '
+                        '"" otherwise')
+    b.add_argument("--passage-prefix", default="auto",
+                   help='prepended to every passage; "auto" (default): "passage: " for E5, "" otherwise')
+    b.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "pooler"],
+                   help="how token states become one vector; auto (default): cls for BGE, mean otherwise (E5)")
     b.add_argument("--max-length", type=int, default=256)
     b.add_argument("--shard-size", type=int, default=10_000)
     b.add_argument("--batch-size", type=int, default=64)
@@ -44,12 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                                                    "a line without id gets its row number)")
     e.add_argument("--encoder", metavar="DIR", help="local HF directory of the encoder that made the index "
                                                     "(Search-R1: intfloat/e5-base-v2)")
-    e.add_argument("--query-prefix", default="auto",
+    e.add_argument("--query-prefix",
                    help='prepended to every query; "auto" (default) picks as Search-R1 does from the encoder\'s '
                         'name: "query: " for E5, the BGE instruction for BGE, "" otherwise')
-    e.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "pooler"],
+    e.add_argument("--pooling", choices=["auto", "mean", "cls", "pooler"],
                    help="how token states become one vector; auto (default): cls for BGE, mean otherwise (E5)")
-    e.add_argument("--max-length", type=int, default=256, help="query tokens kept (default 256, as Search-R1)")
+    e.add_argument("--max-length", type=int, help="query tokens kept (default 256, as Search-R1)")
     s.add_argument("--topk", type=int, default=3,
                    help="documents per query when a request gives no topk or topk null (default 3, as Search-R1)")
     s.add_argument("--host", default="127.0.0.1")
@@ -95,8 +101,19 @@ def main(argv=None) -> int:
 def _build(args) -> int:
     from .build import build_index
 
+    if args.kind == "dense":
+        from .encoder import convention_mismatch, encoder_settings
+
+        settings = encoder_settings(args.encoder, args.query_prefix, args.passage_prefix, args.pooling)
+        print(f"encoder {args.encoder or 'bundled MiniLM'}: query prefix {settings[0]!r}, passage prefix "
+              f"{settings[1]!r}, {settings[2]} pooling (recorded in meta.json; serve uses them)")
+        mismatch = convention_mismatch(args.encoder, *settings)
+        if mismatch:
+            print(f"retrieval build: warning: {mismatch}; an index built so retrieves worse than with the "
+                  "encoder's own convention (leave --query-prefix/--passage-prefix/--pooling at auto for it)",
+                  file=sys.stderr)
     meta = build_index(args.corpus, args.out, args.kind, args.encoder, args.index, args.query_prefix,
-                       args.passage_prefix, args.max_length, args.shard_size, args.batch_size)
+                       args.passage_prefix, args.max_length, args.shard_size, args.batch_size, pooling=args.pooling)
     if meta.get("unchanged"):
         print(f"{args.out} is up to date: a {meta['kind']} index of this corpus (sha256 "
               f"{meta['corpus']['sha256'][:12]}...) with these settings; nothing to do")
@@ -115,9 +132,8 @@ def _serve(p: argparse.ArgumentParser, args) -> int:
     if args.index and any(existing.values()):
         raise ValueError("give --index DIR (an index built by `build`) or --faiss-index/--corpus/--encoder (an "
                          "existing FAISS index), not both")
-    if args.index and (args.query_prefix, args.pooling, args.max_length) != ("auto", "auto", 256):
-        raise ValueError("--query-prefix, --pooling and --max-length go with --faiss-index: an index directory "
-                         "made by `build` records its own (meta.json)")
+    if args.index:
+        _check_index_encoding(args)
     if not args.index:
         missing = [flag for flag, value in existing.items() if not value]
         if len(missing) == 3:
@@ -145,11 +161,26 @@ def _serve(p: argparse.ArgumentParser, args) -> int:
 
         retriever = IndexRetriever(args.index, use_gpu=use_gpu)
         source = args.index
+        if retriever.kind == "dense":
+            from .encoder import convention_mismatch
+            from .index import rebuild_command
+
+            enc = retriever.encoder
+            log.info("index %s: encoder %s, query prefix %r, %s pooling, max length %d (as built, from meta.json)",
+                     args.index, enc.path, enc.query_prefix, enc.pooling, enc.max_length)
+            mismatch = convention_mismatch(enc.path, enc.query_prefix, enc.passage_prefix, enc.pooling)
+            if mismatch:
+                meta = {k: v for k, v in retriever.meta.items() if k not in ("query_prefix", "passage_prefix",
+                                                                            "pooling")}
+                log.warning("index %s was built with %s: it is served as built (queries encoded as its passages "
+                            "were), but it retrieves worse than an index built with the encoder's convention: "
+                            "`%s`", args.index, mismatch, rebuild_command(args.index, meta))
     else:
         from .encoder import auto_encoder_settings
         from .index import FaissFileRetriever
 
-        prefix, pooling = auto_encoder_settings(args.encoder, args.query_prefix, args.pooling)
+        prefix, pooling = auto_encoder_settings(args.encoder, args.query_prefix or "auto", args.pooling or "auto")
+        args.max_length = 256 if args.max_length is None else args.max_length
         log.info("encoder %s: query prefix %r, %s pooling, max length %d, L2-normalised", args.encoder, prefix,
                  pooling, args.max_length)
         retriever = FaissFileRetriever(args.faiss_index, args.corpus, args.encoder, prefix, pooling, args.max_length,
@@ -160,6 +191,31 @@ def _serve(p: argparse.ArgumentParser, args) -> int:
     serve(retriever, args.host, args.port, args.batch_window_ms, args.max_batch_queries, limits, args.topk,
           port_file=args.port_file)
     return 0
+
+
+def _check_index_encoding(args) -> None:
+    """An index directory made by `build` records how its passages were encoded (meta.json) and is served with
+    exactly that: --query-prefix/--pooling/--max-length may only repeat it; anything else is refused, since
+    queries encoded unlike the passages retrieve worse without any error."""
+    given = {"--query-prefix": ("query_prefix", args.query_prefix), "--pooling": ("pooling", args.pooling),
+             "--max-length": ("max_length", args.max_length)}
+    given = {flag: kv for flag, kv in given.items() if kv[1] is not None}
+    if not given:
+        return
+    from .index import read_meta, rebuild_command
+
+    meta = read_meta(args.index)
+    if meta.get("kind") != "dense":
+        raise ValueError(f"{', '.join(given)}: --index {args.index} is a {meta.get('kind')} index; these flags set "
+                         "how a dense index's queries are encoded (an existing FAISS index: --faiss-index)")
+    meta = {"pooling": "mean", **meta}  # built before pooling was recorded: mean
+    wrong = [f"{flag} {value!r} (built with {meta.get(key)!r})" for flag, (key, value) in given.items()
+             if value != "auto" and value != meta.get(key)]
+    if wrong:
+        raise ValueError(f"--index {args.index} was built with other encoding settings than {', '.join(wrong)}: its "
+                         "queries must be encoded as its passages were, and an index directory made by `build` "
+                         "records its own (meta.json), which serve uses: drop these flags, or build the index "
+                         f"again with other settings (`{rebuild_command(args.index, meta)}`, changed)")
 
 
 def _query(args) -> int:

@@ -58,6 +58,8 @@ def _same_build(meta: dict | None, wanted: dict) -> bool:
     """Whether an index directory's meta describes the build `wanted` (settings + corpus fingerprint)."""
     if meta is None:
         return False
+    if meta.get("kind") == "dense":
+        meta = {"pooling": "mean", **meta}  # built before pooling was recorded: always mean
     have, want = meta.get("corpus") or {}, wanted["corpus"]
     return (have.get("sha256") == want["sha256"] and have.get("size_bytes") == want["size_bytes"]
             and all(meta.get(k) == v for k, v in wanted.items() if k != "corpus"))
@@ -80,10 +82,13 @@ def _prepare(corpus: Path, stage: Path, meta: dict) -> tuple[CorpusStore, dict]:
 
 
 def build_index(corpus: str | Path, out: str | Path, kind: str = "dense", encoder: str | None = None,
-                index_type: str = "flat", query_prefix: str = "", passage_prefix: str = "", max_length: int = 256,
-                shard_size: int = 10_000, batch_size: int = 64, progress: bool = True) -> dict:
+                index_type: str = "flat", query_prefix: str = "auto", passage_prefix: str = "auto",
+                max_length: int = 256, shard_size: int = 10_000, batch_size: int = 64, progress: bool = True,
+                pooling: str = "auto") -> dict:
     """Build (or resume, or find up to date) the index of `corpus` in `out`; returns its meta.json (with
-    `"unchanged": True` when `out` already held this build)."""
+    `"unchanged": True` when `out` already held this build). Prefixes and pooling left at "auto" follow the
+    encoder's name (`encoder.encoder_settings`: E5 gets "query: " / "passage: "); meta.json records what was used,
+    and the server encodes queries with it."""
     corpus, out = Path(corpus), Path(out)
     if kind not in ("dense", "bm25"):
         raise ValueError(f"--kind must be dense or bm25, not {kind!r}")
@@ -97,11 +102,12 @@ def build_index(corpus: str | Path, out: str | Path, kind: str = "dense", encode
     t0 = time.perf_counter()
     wanted = {"kind": kind}
     if kind == "dense":
-        from .encoder import default_encoder_path
+        from .encoder import default_encoder_path, encoder_settings
 
+        query_prefix, passage_prefix, pooling = encoder_settings(encoder, query_prefix, passage_prefix, pooling)
         wanted.update(encoder=str(Path(encoder).resolve()) if encoder else str(default_encoder_path()),
                       index_type=index_type, query_prefix=query_prefix, passage_prefix=passage_prefix,
-                      max_length=max_length, shard_size=shard_size)
+                      pooling=pooling, max_length=max_length, shard_size=shard_size)
     wanted["corpus"] = corpus_fingerprint(corpus, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staging_dir(out)
@@ -148,7 +154,7 @@ def _build_in(stage: Path, corpus: Path, meta: dict, batch_size: int, progress: 
 
         shard_size = meta["shard_size"]
         enc = TextEncoder(meta["encoder"], meta["query_prefix"], meta["passage_prefix"], meta["max_length"],
-                          batch_size=batch_size)
+                          batch_size=batch_size, pooling=meta["pooling"])
         meta["dim"] = enc.dim
         (stage / "emb").mkdir(exist_ok=True)
         shards = list(range(0, n, shard_size))

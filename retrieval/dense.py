@@ -1,8 +1,10 @@
 """In-process dense retriever: FAISS inner-product index over normalised encoder embeddings.
 
 Passage embeddings are cached on disk (`cache_dir`, default ~/.cache/nemo_sdsearch/embeddings) under a
-key made of the corpus contents, the encoder directory and its passage prefix and max length, so a
-second start over the same corpus does not re-encode it. The cache file is written atomically.
+key made of the corpus contents, the encoder directory and its passage prefix, pooling and max length, so a
+second start over the same corpus does not re-encode it. The cache file is written atomically. The encoder's
+prefixes and pooling follow its name unless given (`TextEncoder`'s "auto": E5 gets "query: " / "passage: "),
+as the index builder chooses them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class DenseRetriever(Retriever):
 
     def _cache_key(self) -> str:
         h = hashlib.sha256()
-        for part in (str(self.encoder.path), self.encoder.passage_prefix, str(self.encoder.max_length)):
+        for part in (str(self.encoder.path), self.encoder.passage_prefix, str(self.encoder.max_length),
+                     self.encoder.pooling):
             h.update(part.encode() + b"\0")
         for row in self.corpus:
             h.update(row["contents"].encode() + b"\0")

@@ -1,7 +1,7 @@
 """The on-disk index format of the retrieval service, and loading it for search.
 
 DIR/
-  meta.json             kind (dense | bm25), encoder, prefixes, max length, FAISS index type, counts, the
+  meta.json             kind (dense | bm25), encoder, prefixes, pooling, max length, FAISS index type, counts, the
                         corpus fingerprint (path, size, mtime, SHA-256), the served files and their sizes
   corpus.jsonl          the corpus as given (Search-R1 format), never loaded whole
   corpus.offsets.npy    byte offset of every line, so a document is one seek + one readline
@@ -91,7 +91,9 @@ def rebuild_command(index_dir: str | Path, meta: dict | None) -> str:
            "--out", str(index_dir), "--kind", meta.get("kind", "dense")]
     if meta.get("kind") == "dense":
         flags = {"--encoder": "encoder", "--index": "index_type", "--query-prefix": "query_prefix",
-                 "--passage-prefix": "passage_prefix", "--max-length": "max_length", "--shard-size": "shard_size"}
+                 "--passage-prefix": "passage_prefix", "--pooling": "pooling", "--max-length": "max_length",
+                 "--shard-size": "shard_size"}
+        meta = {"pooling": "mean", **meta} if "query_prefix" in meta else meta  # older builds: mean, unrecorded
         cmd += [x for flag, key in flags.items() if key in meta for x in (flag, str(meta[key]))]
     return shlex.join(cmd)
 
@@ -139,7 +141,7 @@ class IndexRetriever(Retriever):
             from .encoder import TextEncoder
 
             self.encoder = TextEncoder(self.meta["encoder"], self.meta["query_prefix"], self.meta["passage_prefix"],
-                                       self.meta["max_length"], device=device)
+                                       self.meta["max_length"], device=device, pooling=self.meta.get("pooling", "mean"))
             self.index = read_faiss_index(self.dir / "index.faiss", use_gpu)
         elif self.kind == "bm25":
             import bm25s

@@ -216,7 +216,7 @@ def test_serve_flags_name_what_is_missing_or_wrong(search_r1_files, tmp_path, ca
         ([], "serve needs --index DIR"),
         (["--faiss-index", index, "--corpus", corpus], "needs --encoder too"),
         (["--index", str(tmp_path), "--faiss-index", index], "not both"),
-        (["--index", str(tmp_path), "--query-prefix", "query: "], "go with --faiss-index"),
+        (["--index", str(tmp_path), "--query-prefix", "query: "], "not an index directory"),
         (["--faiss-index", index, "--corpus", corpus, "--encoder", encoder, "--topk", "500"], "above --max-topk"),
     ]
     short = tmp_path / "short.jsonl"

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from nemo_sdsearch.core.qa import QA, is_search_r1_row, load_questions, read_rows
+from nemo_sdsearch.core.qa import QA, is_search_r1_row, load_questions, read_rows, unique_id
 
 
 def convert_row(row: dict, where: str, source: str) -> tuple[str, dict]:
@@ -59,13 +59,8 @@ def convert(paths: list[Path], out_dir: Path, split_by_source: bool = False, mer
     for name, rows in groups.items():
         target = out_dir / (merge if merge else f"{name}.jsonl")
         seen, unique = set(), []
-        for r in rows:  # ids must be unique within a file
-            rid = r["id"]
-            k = 1
-            while r["id"] in seen:
-                r["id"] = f"{rid}#{k}"
-                k += 1
-            seen.add(r["id"])
+        for r in rows:  # ids must be unique within a file (the trainer's rule: core/qa.py unique_id)
+            r["id"] = unique_id(r["id"], seen)
             unique.append(r)
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique), encoding="utf-8")

@@ -175,6 +175,30 @@ def test_train_config_reads_search_r1_parquet_and_flashrag_jsonl(tmp_path, bundl
     assert qs["dev"][0].id == bundle.dev[0].id
 
 
+def test_a_split_of_flashrag_files_numbered_alike_gets_unique_ids(tmp_path, bundle):
+    """FlashRAG numbers every dataset's rows alike (train_0 in NQ and in HotpotQA); the trainer keys rollouts and
+    Search-E1's pool by question id, so the second file's repeated ids get `#k` (the rule prepare_data's --merge
+    writes), and the questions themselves are kept as they are."""
+    from nemo_sdsearch.algorithms.setup import load_questions as questions_of_run
+    from nemo_sdsearch.config import load_config
+
+    def flashrag(name, qs):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**q.to_flashrag(), "id": f"train_{i}"}) + "\n" for i, q in enumerate(qs)))
+        return path
+
+    a, b = flashrag("nq", bundle.train[:3]), flashrag("hotpotqa", bundle.train[3:5])
+    dev = flashrag("dev", bundle.dev[:2])
+    cfg = load_config("tiny_cpu", [f"data.train_files=[{a},{b}]", f"data.dev_files=[{dev}]",
+                                   f"data.test_files=[{dev},{dev}]", "rollout.retriever=http",
+                                   "cluster.retrieval_url=http://127.0.0.1:9/retrieve"])
+    qs = questions_of_run(cfg)
+    assert [q.id for q in qs["train"]] == ["train_0", "train_1", "train_2", "train_0#1", "train_1#1"]
+    assert [q.question for q in qs["train"]] == [q.question for q in bundle.train[:5]]
+    assert [q.id for q in qs["test"]] == ["train_0", "train_1", "train_0#1", "train_1#1"]
+    assert [q.id for q in qs["dev"]] == ["train_0", "train_1"]
+
+
 def test_eval_reads_search_r1_parquet_like_the_flashrag_file(tmp_path, bundle):
     from nemo_sdsearch.cli import main
 

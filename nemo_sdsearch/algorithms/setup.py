@@ -19,13 +19,13 @@ from nemo_sdsearch.config import TrainConfig
 
 def load_questions(cfg: TrainConfig) -> dict:
     """train / dev / test questions: the user's FlashRAG files when given, else the bundled world."""
-    from nemo_sdsearch.core.qa import QA, load_questions as read_questions
+    from nemo_sdsearch.core.qa import QA, load_split
     from nemo_sdsearch.world.generator import build_bundle
 
     d = cfg.data
     if d.train_files:
-        read = lambda files: [q for f in files for q in read_questions(f)]  # FlashRAG jsonl / Search-R1 parquet
-        train, dev, test = read(d.train_files), read(d.dev_files), read(d.test_files)
+        # FlashRAG jsonl / Search-R1 parquet, several files per split, ids made unique over the split
+        train, dev, test = load_split(d.train_files), load_split(d.dev_files), load_split(d.test_files)
     else:
         bundle = build_bundle()
         qa = lambda qs: [QA.from_flashrag(q.to_flashrag()) for q in qs]

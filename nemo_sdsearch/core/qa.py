@@ -154,5 +154,28 @@ def load_benchmarks(paths) -> dict[str, list[QA]]:
     return sets
 
 
+def unique_id(rid: str, seen: set) -> str:
+    """`rid`, or `rid#1`, `rid#2`, ... : the first not in `seen`, which it is added to."""
+    new, k = rid, 1
+    while new in seen:
+        new, k = f"{rid}#{k}", k + 1
+    seen.add(new)
+    return new
+
+
+def load_split(paths) -> list[QA]:
+    """The questions of one split read from several files (the trainer's `data.*_files`), ids made unique: FlashRAG
+    numbers every dataset's rows alike (`train_0` in NQ and in HotpotQA) while the trainer keys rollouts and
+    Search-E1's pool by question id, so a repeated id gets a `#k` suffix (the first keeps its id), as
+    `scripts/prepare_data.py --merge` writes them."""
+    seen: set = set()
+    out = []
+    for path in paths:
+        for q in load_questions(path):
+            rid = unique_id(q.id, seen)
+            out.append(q if rid == q.id else QA(rid, q.question, q.golden_answers, q.metadata))
+    return out
+
+
 # The name the trainer and `sdsearch eval` call; it reads every format load_questions reads.
 load_flashrag = load_questions

@@ -14,6 +14,7 @@ DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 FENCE = re.compile(r"^(```|~~~)")
+DOCUMENT_SUFFIXES = (".md", ".rst", ".pdf", ".html")
 
 
 def _inside(path: Path) -> bool:
@@ -46,8 +47,10 @@ def problems(doc: Path, text: str) -> list[str]:
     for span in CODE_SPAN.findall(_prose(text)):
         token = span.strip().split()[0] if span.strip() else ""
         # Backticked paths name files of other projects too (`scripts/data_process/nq_search.py` of Search-R1, a
-        # tar member `./model_config.yaml`): only a path that climbs out of the page's folder is checked, and one
-        # into the checkout's parent folder (the development machine's `../shared/`, `/work/shared/...`).
+        # tar member `./model_config.yaml`) and the user's own (`/data/wiki-18.jsonl`, `/tmp/sdsearch-slurm`):
+        # only a path that climbs out of the page's folder is checked, and an absolute path to a document
+        # (`/work/shared/papers.md`: a design note of the development machine). The rule does not depend on
+        # where the checkout is (CI's may sit in /tmp, next to the scratch paths the docs name).
         if token.startswith("../"):  # relative to the page: must stay in the repository and exist
             path = (doc.parent / token).resolve()
             if not _inside(path):
@@ -56,8 +59,8 @@ def problems(doc: Path, text: str) -> list[str]:
                 found.append(f"path `{token}`: no such file")
         elif token.startswith("/"):
             path = Path(token)
-            if ROOT.parent in path.parents and not _inside(path):
-                found.append(f"path `{token}`: outside the repository")
+            if path.suffix.lower() in DOCUMENT_SUFFIXES and not _inside(path):
+                found.append(f"path `{token}`: a document outside the repository")
     return found
 
 
@@ -79,7 +82,7 @@ def test_the_checker_finds_what_it_must():
         found = problems(readme, text)
         assert len(found) == 1 and words in found[0], (text, found)
     good = ("[docs](docs/architecture.md) [web](https://example.com/x) [here](#metrics) `docs/methods.md` "
-            "`/data/wiki-18.jsonl` `runs/<job>/final` `docs/*.md`\n```\npython ../shared/x.py\n```")
+            "`/data/wiki-18.jsonl` `/tmp/sdsearch-slurm` `runs/<job>/final` `docs/*.md`\n```\npython ../shared/x.py\n```")
     assert problems(readme, good) == []
     doc = ROOT / "docs" / "cluster.md"
     assert problems(doc, "[back](../README.md) `../README.md`") == []

@@ -16,7 +16,9 @@ for both families); `sdsearch convert` round trips are bit-exact in weights and 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ import yaml
 pytest.importorskip("megatron.core")
 
 from _mp import run_workers  # noqa: E402 - tests/ is on sys.path under pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "nemo"))
+import nemo_fixtures as fx  # noqa: E402
 
 VOCAB = 300                  # padded to 384 (TP=1) / 512 (TP=2) by Megatron: the padding path is exercised
 SEQS = [[5, 17, 2, 250, 33, 8, 91, 140, 7, 66, 12, 299, 45, 3, 180, 21, 9],   # right-padded batch
@@ -54,13 +59,7 @@ NAMES = ("qwen3", "llama3")
 def make_hf(name: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(hf_config(name))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            z = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * z if "norm" in n else 0.08 * z)
-    return model.eval()
+    return fx.fill_weights(AutoModelForCausalLM.from_config(hf_config(name)), seed)
 
 
 def batch():
@@ -373,12 +372,6 @@ def _nemo2_dir(path, model, family_target: str, **config):
     Llama31Config (the TransformerConfig fields + NeMo's), weights/ a megatron-core dist checkpoint under
     `module.` (NeMo 2.0 has no writer here: the weights go through our HF -> global mapping, written by
     megatron-core's dist_checkpointing)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "nemo"))
-    import nemo_fixtures as fx
-
     from nemo_sdsearch.checkpoint import dist_ckpt, nemo_format
 
     spec = nemo_format.spec_from_hf(model.config)

@@ -67,13 +67,8 @@ class Server:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            interrupt(self.proc)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -148,6 +143,17 @@ def evidence_corpus(passages, questions, n):
 
 
 DENSE_QUESTIONS, DENSE_PASSAGES = 40, 1030
+
+
+def interrupt(proc: subprocess.Popen, wait_s: float = 10) -> None:
+    """Stop a server process as Ctrl-C does (SIGINT: its graceful shutdown), killed after `wait_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ with 413 before the body is read, a slowloris client cut with 408 at the header 
 closed without an answer, the connection cap answering 503 at connect, and /health's counters of all that."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from packaging.version import Version
 
 from nemo_sdsearch.retrieval.build import build_index
 from test_retrieval_hardening import exchange, read_response, status_and_error
-from test_retrieval_service import corpus_file  # noqa: F401 - a fixture
+from test_retrieval_service import corpus_file, interrupt  # noqa: F401 - corpus_file: a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = Path(__file__).resolve().parent / "fixtures" / "wheels"
@@ -111,13 +110,7 @@ class Child:
         return self.port
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc)
 
 
 def http_request(method: str, path: str, body: bytes = b"", extra: str = "") -> bytes:

@@ -141,11 +141,17 @@ LAUNCHER_ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PMI_RANK": "0", "P
 @pytest.fixture(scope="module")
 def ray_head():
     """A one-node Ray cluster (`ray start --head --block` through the project's own start and wait commands, with
-    this machine's node IP and a token, as a job script starts one) for this module; stopped at the end."""
+    this machine's node IP and a token, as a job script starts one) for this module; stopped at the end. Started
+    with the interpreter's environment off PATH (`/venv/bin/python -m ...` without activating it): the node's
+    `ray start` is the interpreter's own `ray` script all the same."""
     pytest.importorskip("ray")
     from nemo_sdsearch.rollout.ray_cluster import one_node_cluster
 
-    with one_node_cluster(cpus=4, env={**os.environ, "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000"}) as env:
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and os.path.realpath(d) != os.path.realpath(bin_dir))
+    env = {**os.environ, "PATH": path or os.defpath, "SDSEARCH_RAY_START_ARGS": "--object-store-memory=200000000"}
+    with one_node_cluster(cpus=4, env=env) as env:
         yield {"address": env["RAY_ADDRESS"], "token": env["RAY_AUTH_TOKEN"]}
 
 

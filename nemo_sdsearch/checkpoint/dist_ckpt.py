@@ -245,12 +245,11 @@ def save_model(directory, state: Mapping[str, torch.Tensor], prefix: str, num_la
     if started:
         import os
 
-        from nemo_sdsearch.models.megatron.builder import _free_port
+        from nemo_sdsearch.models.megatron.builder import init_single_process_group
 
         if not torch.cuda.is_available():
             apply_cpu_compat()  # dist_checkpointing calls torch.cuda.synchronize
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                             rank=0, world_size=1)
+        init_single_process_group("gloo")
         os.environ.setdefault("RANK", "0")
     try:
         if torch.distributed.get_world_size() != 1:

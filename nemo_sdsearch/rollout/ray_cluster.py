@@ -43,6 +43,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -124,9 +125,16 @@ def scrubbed_environment() -> dict[str, str]:
     return auth_environment(env)
 
 
+def ray_executable() -> str:
+    """The `ray` script of this interpreter's environment (the Ray this process imports, also when the venv is
+    not activated: `/venv/bin/python -m ...` leaves it off PATH), else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "ray")
+    return here if os.access(here, os.X_OK) else (shutil.which("ray") or "ray")
+
+
 def start_command(head_ip: str, port: int, gpus: int, cpus: int | None, me: str) -> list[str]:
     """The `ray start ... --block` of this node: the head when `me` is the head's address, else a worker."""
-    cmd = ["ray", "start", f"--node-ip-address={me}", f"--num-gpus={gpus}", "--disable-usage-stats", "--block"]
+    cmd = [ray_executable(), "start", f"--node-ip-address={me}", f"--num-gpus={gpus}", "--disable-usage-stats", "--block"]
     cmd += ["--head", f"--port={port}", "--include-dashboard=false"] if me == head_ip else [f"--address={head_ip}:{port}"]
     if cpus:
         cmd.append(f"--num-cpus={cpus}")

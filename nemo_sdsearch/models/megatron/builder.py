@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +40,13 @@ DEFAULT_DIST_TIMEOUT_MINUTES = 30.0
 # --------------------------------------------------------------------------------------------------
 # process groups
 # --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_single_process_group(backend: str, timeout: datetime.timedelta | None = None) -> None:
+    """A process group of this process alone over an in-memory store: no port is bound and nothing is left in
+    the environment (a MASTER_PORT set here would be inherited by child processes, which would then try to
+    listen on the port this process's store still holds)."""
+    kw = {} if timeout is None else {"timeout": timeout}
+    torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                         **kw)
 
 
 def dist_timeout_minutes(minutes: float | None = None) -> float:
@@ -80,18 +82,20 @@ def init_parallel(tp: int, pp: int = 1, backend: str | None = None, seed: int = 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if os.environ["WORLD_SIZE"] != "1":
-                raise ValueError("MASTER_PORT is not set: launch multi-process runs with torchrun "
-                                 "(or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself)")
-            os.environ["MASTER_PORT"] = str(_free_port())
+        alone = "MASTER_PORT" not in os.environ
+        if alone and os.environ["WORLD_SIZE"] != "1":
+            raise ValueError("MASTER_PORT is not set: launch multi-process runs with torchrun "
+                             "(or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself)")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend or ("nccl" if cuda else "gloo"),
-                                             rank=int(os.environ["RANK"]),
-                                             world_size=int(os.environ["WORLD_SIZE"]),
-                                             timeout=datetime.timedelta(minutes=minutes))
+        backend = backend or ("nccl" if cuda else "gloo")
+        if alone:  # one process without a launcher: an in-memory store, no port
+            init_single_process_group(backend, datetime.timedelta(minutes=minutes))
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            torch.distributed.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
+                                                 world_size=int(os.environ["WORLD_SIZE"]),
+                                                 timeout=datetime.timedelta(minutes=minutes))
     world = torch.distributed.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp}*{pp}")

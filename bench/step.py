@@ -6,6 +6,7 @@ the last query token) and the JSD at query positions. Step = generation + update
 the whole step, the update-only ratio is printed too.
 
     python bench/step.py [--model DIR] [--questions 8] [--group 5] [--repeats 2]
+    python bench/step.py --smoke     # the suite's run: that the bench works, not a measurement
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ def main():
     ap.add_argument("--group", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="the suite's check that the bench runs: 2 questions x 2, "
+                    "one repeat, one thread (the printed ratio is not a measurement)")
     args = ap.parse_args()
+    if args.smoke:
+        args.questions, args.group, args.repeats, args.threads = 2, 2, 1, 1
     overrides = [f"rollout.group_size={args.group}", f"trainer.questions_per_step={args.questions}",
                  f"model.threads={args.threads}"] + ([f"model.path={args.model}"] if args.model else [])
     cfg = load_config("tiny_cpu", overrides)
-    actor, ref, tok, data, engines = build_components(cfg)
+    c = build_components(cfg)
+    actor, ref, tok, data, engines = c.actor, c.ref, c.tok, c.data, c.engines
     encode = lambda s: tok.encode(s, add_special_tokens=False)
     prompts = make_prompt_format(cfg, tok)
     questions = data["train"][:args.questions]
@@ -57,9 +63,8 @@ def main():
         t0 = time.perf_counter()
         teacher = None
         if algorithm == "sd_search":
-            blocks = sd_search.group_hindsight_blocks(trajs, args.group, cfg.sd, lambda s: len(encode(s)))
-            teacher = sd_search.teacher_sequences(trajs, blocks, args.group,
-                                                  lambda q, b: encode(prompts.teacher(q, b)))
+            blocks = sd_search.rollout_hindsight_blocks(trajs, args.group, cfg.sd, lambda s: len(encode(s)))
+            teacher = sd_search.teacher_sequences(trajs, blocks, lambda q, b: encode(prompts.teacher(q, b)))
         update_policy(fresh, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
         return time.perf_counter() - t0
 

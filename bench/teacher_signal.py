@@ -74,7 +74,7 @@ def score_queries(actor, trajs, blocks, group_size: int, encode_teacher, sd_cfg,
     from nemo_sdsearch.losses.divergences import generalized_jsd_dense
     from nemo_sdsearch.models.base import SequenceBatch
 
-    teacher = teacher_sequences(trajs, blocks, group_size, encode_teacher)
+    teacher = teacher_sequences(trajs, [blocks[i // group_size] for i in range(len(trajs))], encode_teacher)
     out = []
     for lo in range(0, len(trajs), micro):
         mi = list(range(lo, min(lo + micro, len(trajs))))

@@ -92,6 +92,8 @@ class SDSection:
     include_answers: bool = False
     include_gold: bool = False
     max_hindsight_tokens: int = 256
+    hindsight_members: str = "group"   # group: every attempt, the rollout's own included; others: its own left out
+    hindsight_source: str = "own"      # own: its question's block; other_question: the next question's (placebo)
 
 
 @dataclass
@@ -146,6 +148,7 @@ class ArchSection:
     ffn_hidden_size: int = 0
     vocab_size: int = 0
     tied_embeddings: bool = True
+    max_position_embeddings: int = 0   # 0 = read from model.path's config.json when it is on this machine
 
 
 @dataclass
@@ -308,6 +311,7 @@ RANGES: dict[str, Range] = {
     "arch.num_kv_heads": Range(0, why="0 = unknown"),
     "arch.ffn_hidden_size": Range(0, why="0 = unknown"),
     "arch.vocab_size": Range(0, why="0 = unknown"),
+    "arch.max_position_embeddings": Range(0, why="0 = from model.path's config.json"),
     "megatron.tensor_parallel": _ONE,
     "megatron.pipeline_parallel": _ONE,
     "megatron.make_vocab_size_divisible_by": _ONE,
@@ -330,6 +334,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward.normalization": ("squad", "unicode"),
     "rollout.retriever": ("bm25", "dense", "http"),
     "grpo.reduction": ("token", "sequence"),
+    "sd.hindsight_members": ("group", "others"),
+    "sd.hindsight_source": ("own", "other_question"),
     "search_e1.loss_normalization": ("trajectory", "token"),
     "search_e1.adapter": ("lora", "full"),
     "megatron.dtype": ("auto", "bf16", "fp32"),
@@ -363,8 +369,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.actor == "hf" or cfg.algorithm != "search_e1" or cfg.search_e1.adapter == "full",
              "search_e1.adapter", "actor=megatron has no LoRA: use search_e1.adapter=full (full-parameter OPSD "
              "against the frozen copy of the round's start weights)")
+    _require(cfg.sd.hindsight_source == "own" or cfg.trainer.questions_per_step >= 2, "sd.hindsight_source",
+             "other_question (the placebo) needs trainer.questions_per_step >= 2: a rollout reads another question's "
+             "block from the same step")
     _require(cfg.trainer.questions_per_step % cfg.grpo.mini_batches == 0, "trainer.questions_per_step",
              "must be a multiple of grpo.mini_batches")
+    _check_positions(cfg)
     d = cfg.data
     _require(bool(d.train_files) == bool(d.dev_files) == bool(d.test_files), "data.train_files",
              "give train_files, dev_files and test_files together (or none: the bundled world)")
@@ -374,6 +384,49 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     check_layout(cfg)
     return cfg
+
+
+class ConfigWarning(UserWarning):
+    """A setting that runs, but not as a user would assume (said once at config time)."""
+
+
+def model_max_positions(cfg: TrainConfig) -> int | None:
+    """The model's `max_position_embeddings`: `arch.max_position_embeddings`, else model.path's config.json (the
+    embedded model's when model.path is null) when it is on this machine; None when unknown."""
+    import json
+
+    if cfg.arch.max_position_embeddings:
+        return cfg.arch.max_position_embeddings
+    if cfg.model.path:
+        directory = Path(cfg.model.path)
+    else:
+        from nemo_sdsearch.world.assets import DEFAULT_MODEL_DIR
+
+        directory = DEFAULT_MODEL_DIR
+    try:
+        return int(json.loads((directory / "config.json").read_text())["max_position_embeddings"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_positions(cfg: TrainConfig) -> None:
+    """The longest sequences the budgets allow against the model's positions: a rollout (rollout.max_context)
+    must fit (an error); a teacher sequence may not (a warning: the rollouts whose teacher sequence passes the
+    model's positions get no distillation term, counted as `sd/teacher_too_long`)."""
+    import warnings
+
+    positions = model_max_positions(cfg)
+    if not positions:
+        return
+    r = cfg.rollout
+    _require(r.max_context <= positions, "rollout.max_context",
+             f"{r.max_context} exceeds the model's {positions} positions (max_position_embeddings): rollouts would "
+             "run past what the model was trained for")
+    if cfg.algorithm == "sd_search" and r.max_context + cfg.sd.max_hindsight_tokens > positions:
+        warnings.warn(f"SD-Search's teacher sequence (a rollout, up to rollout.max_context={r.max_context} tokens, "
+                      f"plus a hindsight block of up to sd.max_hindsight_tokens={cfg.sd.max_hindsight_tokens}) can "
+                      f"pass the model's {positions} positions: a rollout whose teacher sequence does gets no JSD "
+                      "term (its share: sd/teacher_too_long)", ConfigWarning, stacklevel=3)
 
 
 def config_dir() -> Path:

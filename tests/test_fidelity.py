@@ -241,7 +241,7 @@ def test_sd_search_teacher_positions_line_up_under_a_chat_template(chat_tokenize
     enc = lambda s: tok.encode(s, add_special_tokens=False)
     trajs = [_trajectory(tok, fmt), _trajectory(tok, fmt)]
     block = "Hindsight from 2 attempts at this question:\nAttempt 1 (correct, x2): search \"Velora Works founder\""
-    seqs = teacher_sequences(trajs, [block], 2, lambda q, b: enc(fmt.teacher(q, b)))
+    seqs = teacher_sequences(trajs, [block] * len(trajs), lambda q, b: enc(fmt.teacher(q, b)))
     for t, s in zip(trajs, seqs):
         prompt_t = enc(fmt.teacher(t.question, block))
         assert s.shift == len(prompt_t) - t.prompt_length > 0

@@ -82,3 +82,91 @@ def test_group_blocks_one_per_question_with_its_first_gold_answer():
     assert len(blocks) == 2
     assert lines(blocks[0])[-1] == 'The correct answer is "alma".' and "a b" in blocks[0] and "d e" not in blocks[0]
     assert lines(blocks[1])[-1] == 'The correct answer is "tarn".' and "d e" in blocks[1] and "a b" not in blocks[1]
+
+
+def _group_trajs():
+    """Three questions x G = 3 rollouts, every rollout with queries of its own (q<question><member>)."""
+    from types import SimpleNamespace
+
+    out = []
+    for g, gold in enumerate(["alma", "tarn", "oskar"]):
+        for m in range(3):
+            out.append(SimpleNamespace(queries=[f"q{g}{m} first", f"q{g}{m} second"], exact_match=float(m == 1),
+                                       answer=None, golden_answers=[gold], question=f"question {g}",
+                                       token_ids=[0, 1, 2], prompt_length=2, query_mask=lambda: [False, False, True]))
+    return out
+
+
+def _sd(members="group", source="own", include_gold=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(include_answers=False, include_gold=include_gold, max_hindsight_tokens=256,
+                           hindsight_members=members, hindsight_source=source)
+
+
+def _teacher_prompts(trajs, blocks):
+    """The teacher prompt text of each trajectory, through teacher_sequences (a byte tokenizer)."""
+    from nemo_sdsearch.algorithms.sd_search import teacher_sequences
+
+    prompt = lambda q, b: f"{q}\n{b}\n"  # noqa: E731
+    seqs = teacher_sequences(trajs, blocks, lambda q, b: list(prompt(q, b).encode()))
+    return [bytes(s.token_ids[:s.shift + t.prompt_length]).decode() for s, t in zip(seqs, trajs)]
+
+
+def test_hindsight_members_group_lists_every_attempt_and_others_leaves_the_rollouts_own_out():
+    """sd.hindsight_members: `group` (the default) gives every rollout of a question the same block, its own
+    attempt included; `others` gives rollout i the block of the other G - 1 attempts: its teacher prompt holds
+    none of its own queries and every query of its siblings."""
+    from nemo_sdsearch.algorithms.sd_search import group_hindsight_blocks, rollout_hindsight_blocks
+
+    trajs = _group_trajs()
+    count = lambda s: len(s.split())  # noqa: E731
+    group = rollout_hindsight_blocks(trajs, 3, _sd("group"), count)
+    per_group = group_hindsight_blocks(trajs, 3, _sd("group"), count)
+    assert group == [per_group[i // 3] for i in range(9)]
+    for i, text in enumerate(_teacher_prompts(trajs, group)):
+        g = i // 3
+        assert all(f'"q{g}{m} first"' in text for m in range(3)) and "Hindsight from 3 attempts" in text
+    others = rollout_hindsight_blocks(trajs, 3, _sd("others", include_gold=True), count)
+    for i, text in enumerate(_teacher_prompts(trajs, others)):
+        g, me = divmod(i, 3)
+        assert f"q{g}{me}" not in text, (i, text)                               # none of its own queries
+        assert all(f'"q{g}{m} first" ; search "q{g}{m} second"' in text for m in range(3) if m != me)
+        assert not any(f"q{h}" in text for h in range(3) if h != g)             # nothing of another question
+        assert "Hindsight from 2 attempts" in text and text.startswith(f"question {g}\n")
+        assert lines(text)[-1] == f'The correct answer is "{["alma", "tarn", "oskar"][g]}".'
+        # the sibling that is correct (member 1) is listed as such, first
+        if me != 1:
+            assert lines(text)[2] == f'Attempt 1 (correct): search "q{g}1 first" ; search "q{g}1 second"'
+
+
+def test_hindsight_source_other_question_is_the_next_questions_block():
+    """sd.hindsight_source=other_question (the placebo): the teacher of a rollout reads its own question followed
+    by the (whole-group) block of the next question of the batch, cyclically; nothing of its own group's
+    attempts. One question alone cannot give a placebo: refused, at config time and at run time."""
+    import pytest
+
+    from nemo_sdsearch.algorithms.sd_search import group_hindsight_blocks, rollout_hindsight_blocks
+    from nemo_sdsearch.config import ConfigError, load_config
+
+    trajs = _group_trajs()
+    count = lambda s: len(s.split())  # noqa: E731
+    per_group = group_hindsight_blocks(trajs, 3, _sd(), count)
+    for members in ("group", "others"):
+        placebo = rollout_hindsight_blocks(trajs, 3, _sd(members, "other_question"), count)
+        assert placebo == [per_group[(i // 3 + 1) % 3] for i in range(9)]
+        for i, text in enumerate(_teacher_prompts(trajs, placebo)):
+            g, other = i // 3, (i // 3 + 1) % 3
+            assert text.startswith(f"question {g}\n") and f"q{g}" not in text
+            assert all(f'"q{other}{m} first"' in text for m in range(3))
+    with pytest.raises(ValueError, match="at least two questions"):
+        rollout_hindsight_blocks(trajs[:3], 3, _sd(source="other_question"), count)
+    with pytest.raises(ValueError, match="one per trajectory"):
+        _teacher_prompts(trajs, per_group)
+    with pytest.raises(ConfigError, match="sd.hindsight_source"):
+        load_config("tiny_cpu", ["algorithm=sd_search", "sd.hindsight_source=other_question",
+                                 "trainer.questions_per_step=1", "grpo.mini_batches=1"])
+    with pytest.raises(ConfigError, match="sd.hindsight_members"):
+        load_config("tiny_cpu", ["sd.hindsight_members=self"])
+    cfg = load_config("tiny_cpu", ["sd.hindsight_members=others", "sd.hindsight_source=other_question"])
+    assert (cfg.sd.hindsight_members, cfg.sd.hindsight_source) == ("others", "other_question")

@@ -474,8 +474,8 @@ def _forward(model, ids):
 def _teacher(trajs, prompts, encode, cfg):
     from nemo_sdsearch.algorithms import sd_search
 
-    blocks = sd_search.group_hindsight_blocks(trajs, 2, cfg.sd, lambda s: len(encode(s)))
-    return sd_search.teacher_sequences(trajs, blocks, 2, lambda q, b: encode(prompts.teacher(q, b)))
+    blocks = sd_search.rollout_hindsight_blocks(trajs, 2, cfg.sd, lambda s: len(encode(s)))
+    return sd_search.teacher_sequences(trajs, blocks, lambda q, b: encode(prompts.teacher(q, b)))
 
 
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
@@ -529,6 +529,60 @@ def test_recipe_micro_batches_carry_the_right_tokens_advantages_and_teacher_posi
     assert seen == expected
     assert 0 < timer["teacher_s"] < time.perf_counter() - t_start  # the teacher passes, timed
     assert total_weight == pytest.approx(1.0)
+
+
+def test_a_teacher_sequence_past_the_models_positions_gets_no_jsd_term(lm):
+    """The context-length guard: a rollout plus its hindsight block can pass max_position_embeddings (tiny_cpu:
+    1,024-token rollouts + a 256-token block, 1,024 positions). Its teacher sequence is dropped (None), its
+    query positions leave the JSD (flags off, not counted in n_query), the other rollouts keep theirs and their
+    teacher logits; at config time the budgets say so (a warning), and a rollout budget past the positions is
+    refused."""
+    import warnings
+
+    from nemo_sdsearch.algorithms import sd_search
+    from nemo_sdsearch.algorithms.grpo import policy_micro_batches
+    from nemo_sdsearch.config import ConfigError, ConfigWarning
+
+    model, tok = lm
+    trajs, prompts, encode = _trajectories(tok)
+    cfg = _cfg(algorithm="sd_search")
+    blocks = sd_search.rollout_hindsight_blocks(trajs, 2, cfg.sd, lambda s: len(encode(s)))
+    ids = lambda q, b: encode(prompts.teacher(q, b))  # noqa: E731
+    full = sd_search.teacher_sequences(trajs, blocks, ids)
+    lengths = [len(t.token_ids) for t in full]
+    limit = sorted(lengths)[-1] - 1               # the longest teacher sequence is one token too long
+    teacher = sd_search.teacher_sequences(trajs, blocks, ids, max_positions=limit)
+    dropped = [i for i, t in enumerate(teacher) if t is None]
+    assert dropped == [lengths.index(max(lengths))] and any(trajs[dropped[0]].query_mask())
+    assert all(t.token_ids == f.token_ids for t, f in zip(teacher, full) if t is not None)
+    actor = _actor(model)
+    adv = torch.tensor([0.7, -0.7, 0.4, -0.4])
+    (mbs,) = policy_micro_batches(actor, None, trajs, adv, teacher, cfg, tok.pad_token_id, {"teacher_s": 0.0})
+    (ref,) = policy_micro_batches(actor, None, trajs, adv, full, cfg, tok.pad_token_id, {"teacher_s": 0.0})
+    first = 0
+    for mb, full_mb in zip(mbs, ref):
+        mi = list(range(first, first + mb.batch.shape[0]))
+        first += len(mi)
+        rows = mb.rows.tolist()
+        for k, r in enumerate(rows):
+            assert bool(mb.is_query[k]) == (bool(full_mb.is_query[k]) and mi[r] not in dropped)
+        n_q = int(mb.is_query.sum())
+        logits = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits
+        assert (0 if logits is None else logits.shape[0]) == n_q
+        if n_q:  # the kept rollouts' teacher logits are the ones they had
+            keep = mb.is_query[full_mb.is_query]
+            torch.testing.assert_close(logits, full_mb.teacher_logits()[keep])
+    n_query = sum(int(mb.is_query.sum()) for mb in mbs)
+    assert n_query == sum(int(mb.is_query.sum()) for mb in ref) - sum(trajs[dropped[0]].query_mask()[1:])
+    assert all(mb.query_weight == pytest.approx(1 / n_query) for mb in mbs)
+    # config time: the tiny model's 1,024 positions against the budgets
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cfg(algorithm="sd_search")
+        _cfg(algorithm="sd_search", **{"sd.max_hindsight_tokens": 64, "rollout.max_context": 960})
+    assert [str(w.message).split(" (")[0] for w in caught if w.category is ConfigWarning] == ["SD-Search's teacher sequence"]
+    with pytest.raises(ConfigError, match="exceeds the model's 1024 positions"):
+        _cfg(**{"rollout.max_context": 1025})
 
 
 def test_hf_actor_skips_a_step_with_a_non_finite_loss_or_gradient(lm):

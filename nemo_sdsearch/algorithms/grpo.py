@@ -82,6 +82,9 @@ def policy_micro_batches(actor, ref, trajs: list[Trajectory], adv: torch.Tensor,
         idx = list(range(m * per_mini, (m + 1) * per_mini))
         micro = [idx[i:i + G.micro_batch_size] for i in range(0, len(idx), G.micro_batch_size)]
         tensors = [micro_batch_tensors([trajs[i] for i in mi], pad_id, actor.device) for mi in micro]
+        if teacher is not None:  # a rollout whose teacher sequence is too long has no JSD term (sd_search.py)
+            tensors = [(b, r, c, q & torch.tensor([teacher[i] is not None for i in mi], device=q.device)[r])
+                       for mi, (b, r, c, q) in zip(micro, tensors)]
         counts = torch.tensor([sum(int(r.numel()) for _, r, _, _ in tensors), sum(int(q.sum()) for *_, q in tensors),
                                len(idx)], dtype=torch.float64)
         n_tokens, n_query, n_seqs = (int(round(x)) for x in actor.all_reduce_dp(counts).tolist())
@@ -110,8 +113,9 @@ def _teacher_pass(actor, teacher, mi, rows, cols, is_q, pad_id, timer):
 
     def run():
         t0 = time.perf_counter()
-        tb = SequenceBatch.from_lists([teacher[i].token_ids for i in mi], pad_id, actor.device)
-        shift = torch.tensor([teacher[i].shift for i in mi], device=actor.device)
+        tb = SequenceBatch.from_lists([teacher[i].token_ids if teacher[i] else [pad_id] for i in mi], pad_id,
+                                      actor.device)   # (a rollout without a teacher has no query row here)
+        shift = torch.tensor([teacher[i].shift if teacher[i] else 0 for i in mi], device=actor.device)
         q_rows, q_cols = rows[is_q], cols[is_q]
         logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
         timer["teacher_s"] += time.perf_counter() - t0
@@ -218,8 +222,9 @@ def rl_step(run: "Run", step: int) -> dict:
     # 4. (SD-Search) hindsight blocks and teacher sequences
     teacher = None
     if cfg.algorithm == "sd_search":
-        blocks = sd_search.group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(run.encode(s)))
-        teacher = sd_search.teacher_sequences(trajs, blocks, G, lambda q, b: run.encode(run.prompts.teacher(q, b)))
+        blocks = sd_search.rollout_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(run.encode(s)))
+        teacher = sd_search.teacher_sequences(trajs, blocks, lambda q, b: run.encode(run.prompts.teacher(q, b)),
+                                              max_positions=actor.hf_config.max_position_embeddings)
     # 3 + 5. old/reference log-probs, then the update; the engine sleeps through it where it can
     t_update = time.perf_counter()
     with engine_asleep(c, cfg):
@@ -229,6 +234,8 @@ def rl_step(run: "Run", step: int) -> dict:
     rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv, {q.id: q.metadata for q in questions},
                                                        prompt_room=cfg.rollout.max_context - cfg.rollout.max_new_tokens)
     n_policy, n_query = m["n_policy"], m["n_query"]
+    too_long = (float(actor.all_reduce_dp(torch.tensor([float(sum(s is None for s in teacher))], dtype=torch.float64)))
+                / (len(trajs) * dp) if teacher is not None else 0.0)
     per_token = lambda v: v / max(n_policy, 1)
     per_query = lambda v: v / n_query if teacher is not None and n_query else float("nan")  # no query: no JSD
     loss_sum = float(actor.all_reduce_dp(torch.tensor([sum(s["loss"] for s in stats)], dtype=torch.float64)))
@@ -242,6 +249,7 @@ def rl_step(run: "Run", step: int) -> dict:
         "actor/grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
         "actor/lr": learning_rate(actor, cfg), "actor/update_skipped": any(s["skipped"] for s in stats),
         "sd/jsd": per_query(m["jsd_sum"]), "sd/agreement": per_query(m["agree"]), "sd/query_tokens": n_query,
+        **({"sd/teacher_too_long": too_long} if teacher is not None else {}),
         "timing_s/gen": gen_s, "timing_s/retrieval": sum(t.retrieval_s for t in trajs),
         "timing_s/teacher": m["teacher_s"], "timing_s/update_actor": update_s, "timing_s/step": step_s,
         "timing_per_token_ms/gen": 1000 * gen_s / max(resp_tokens, 1),

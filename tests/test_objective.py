@@ -100,7 +100,8 @@ def grpo_sd_oracle(logits, case):
             agree += max(range(len(teacher)), key=teacher.__getitem__) == max(range(len(logits[i])),
                                                                                 key=logits[i].__getitem__)
             n_query += 1
-    entropy = sum(-sum(math.exp(v) * v for v in log_softmax(row)) for row in logits)
+    # the entropy of the policy that samples: softmax(logits / T), T = rollout.temperature
+    entropy = sum(-sum(math.exp(v) * v for v in log_softmax(row, c["temperature"])) for row in logits)
     return loss, {"pg_sum": pg, "kl_sum": kl_sum, "clip": clip, "n_policy": len(logits), "jsd_sum": jsd_sum,
                   "agree": agree, "n_query": n_query, "entropy_sum": entropy}
 

@@ -94,12 +94,14 @@ class GRPOSDLoss:
             kl = k3_per_token(logp, mb.ref_logprobs.to(logp.device), clamp=self.kl_clamp)
             loss = loss + self.kl_coef * (kl * w).sum()
             sums["kl_sum"] = float(kl.detach().sum())
-        with torch.no_grad():
+        with torch.no_grad():  # the entropy of the sampling policy: softmax(logits / rollout.temperature)
             if shard is None:
-                lsm = torch.log_softmax(logits.detach(), -1)
+                x = logits.detach()
+                lsm = torch.log_softmax(x.to(torch.promote_types(x.dtype, torch.float32)) / self.temperature, -1)
                 sums["entropy_sum"] = float(-(lsm.exp() * lsm).sum())
             else:
-                sums["entropy_sum"] = float(vocab_parallel_entropy(logits.detach(), **shard).sum())
+                sums["entropy_sum"] = float(vocab_parallel_entropy(logits.detach(), temperature=self.temperature,
+                                                                   **shard).sum())
         sums["pg_sum"] = float(surr.detach().sum())
         sums["clip"], sums["n_policy"] = float(clipped.sum()), int(mb.rows.numel())
         teacher = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits

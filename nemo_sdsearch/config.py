@@ -69,6 +69,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.0   # linear warm-up over this fraction of trainer.steps (Search-R1: 0.285); 0 = none
 
 
 @dataclass
@@ -271,6 +272,7 @@ RANGES: dict[str, Range] = {
     "optim.weight_decay": _NONNEG,
     "optim.grad_clip": Range(0, why="the max global gradient norm; 0 = no clipping"),
     "optim.betas": Range(0, 1, hi_open=True, why="each of the two Adam betas"),
+    "optim.warmup_ratio": Range(0, 1, why="the fraction of trainer.steps the learning rate warms up over"),
     "grpo.clip_eps": Range(0, 1, lo_open=True, hi_open=True),
     "grpo.kl_coef": _NONNEG,
     "grpo.micro_batch_size": _ONE,
@@ -378,12 +380,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     d = cfg.data
     _require(bool(d.train_files) == bool(d.dev_files) == bool(d.test_files), "data.train_files",
              "give train_files, dev_files and test_files together (or none: the bundled world)")
+    _require(cfg.algorithm != "search_e1" or not set(map(_file_key, d.dev_files)) & set(map(_file_key, d.test_files)),
+             "data.test_files", "Search-E1 keeps the OPSD step with the best dev EM: the dev files are its selection "
+             "set and must not also be the test files (the reported test EM would include what selected it)")
     _require(not d.train_files or r.retriever == "http", "rollout.retriever",
              "questions from files need the retrieval service over their corpus (rollout.retriever=http)")
     from nemo_sdsearch.layout import check_layout
 
     check_layout(cfg)
     return cfg
+
+
+def _file_key(path) -> str:
+    """A question file as a comparable key (the same file named two ways is one)."""
+    return str(Path(path).expanduser().resolve())
 
 
 class ConfigWarning(UserWarning):

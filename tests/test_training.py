@@ -76,6 +76,19 @@ def test_grpo_and_sd_search_metrics(micro_model_dir, tmp_path):
     assert math.isnan(summary["history"][0]["sd/jsd"]) and summary["history"][0]["timing_s/teacher"] == 0.0
 
 
+def test_learning_rate_warms_up_linearly_over_the_warmup_ratio_of_the_steps(micro_model_dir, tmp_path):
+    """optim.warmup_ratio: step k (0-based) of the first W = ceil(ratio * steps) runs at lr * (k + 1) / W, then lr
+    (the rate the optimizer really held, as actor/lr logs it); 0 = lr from the first step."""
+    from nemo_sdsearch.algorithms.grpo import scheduled_lr
+
+    cfg = load_config("tiny_cpu", ["trainer.steps=12", "optim.lr=1e-3", "optim.warmup_ratio=0.285"])
+    assert [scheduled_lr(cfg, k) for k in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # W = ceil(3.42)
+    assert scheduled_lr(load_config("tiny_cpu", ["optim.lr=1e-3"]), 0) == 1e-3
+    summary = run(tiny_overrides(micro_model_dir[0], tmp_path / "w", 3, algorithm="grpo",
+                                 **{"optim.warmup_ratio": 0.5, "trainer.save_every": 0}))
+    assert [h["actor/lr"] for h in summary["history"]] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
 def test_teacher_pass_has_no_gradient(micro_model):
     from nemo_sdsearch.models.base import SequenceBatch
     from nemo_sdsearch.models.hf import HFActor
@@ -159,6 +172,20 @@ def test_non_finite_loss_skips_the_step(micro_model):
 def test_invalid_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config("tiny_cpu", [override])
+
+
+def test_search_e1_refuses_its_dev_files_as_test_files(tmp_path):
+    """Search-E1 selects the OPSD step on dev EM: dev files that are also test files (named two ways too) would
+    report a test EM that selected itself. The other algorithms only monitor on dev and may share them."""
+    files = {k: str(tmp_path / f"{k}.jsonl") for k in ("train", "dev")}
+    common = ["rollout.retriever=http", "cluster.retrieval_url=http://127.0.0.1:9/retrieve",
+              f"data.train_files=[{files['train']}]", f"data.dev_files=[{files['dev']}]"]
+    same = f"data.test_files=[{tmp_path}/./dev.jsonl]"
+    with pytest.raises(ConfigError, match=r"data\.test_files.*selection set"):
+        load_config("tiny_cpu", ["algorithm=search_e1", *common, same])
+    assert load_config("tiny_cpu", ["algorithm=sd_search", *common, same]).algorithm == "sd_search"
+    held_out = f"data.test_files=[{tmp_path}/test.jsonl]"
+    assert load_config("tiny_cpu", ["algorithm=search_e1", *common, held_out]).data.test_files
 
 
 def test_cli_train_bad_key_exits_2(capsys):

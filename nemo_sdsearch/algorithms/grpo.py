@@ -25,6 +25,7 @@ The recipe sees one `Actor` interface whatever the backend and layout (`algorith
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Mapping
@@ -226,6 +227,8 @@ def rl_step(run: "Run", step: int) -> dict:
         teacher = sd_search.teacher_sequences(trajs, blocks, lambda q, b: run.encode(run.prompts.teacher(q, b)),
                                               max_positions=actor.hf_config.max_position_embeddings)
     # 3 + 5. old/reference log-probs, then the update; the engine sleeps through it where it can
+    if cfg.optim.warmup_ratio:
+        set_learning_rate(actor, scheduled_lr(cfg, step))
     t_update = time.perf_counter()
     with engine_asleep(c, cfg):
         m, stats = update_policy(actor, c.ref, trajs, adv, teacher, cfg, c.tok.pad_token_id)
@@ -312,6 +315,22 @@ def eval_metrics(split: str, result: dict) -> dict:
     out.update({f"val/{split}_{k}": a[k] for k in QUERY_RATES if k in a})
     out.update({f"val/test_score/{k[len(SOURCE):]}": r["em"] for k, r in result.items() if k.startswith(SOURCE)})
     return out
+
+
+def scheduled_lr(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of 0-based step `step`: optim.lr after a linear warm-up over the first
+    W = ceil(optim.warmup_ratio * trainer.steps) steps, step k < W using optim.lr * (k + 1) / W (verl's constant
+    schedule with warm-up, which Search-R1 runs with lr_warmup_steps_ratio 0.285, starts at k / W: its first step
+    does not move the weights; here the first step already learns)."""
+    warmup = math.ceil(cfg.optim.warmup_ratio * cfg.trainer.steps)
+    return cfg.optim.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.optim.lr
+
+
+def set_learning_rate(actor, lr: float) -> None:
+    """Set every parameter group's learning rate of the actor's optimizer (HF: torch AdamW; Megatron: its
+    optimizer's param_groups, as megatron's own OptimizerParamScheduler sets them)."""
+    for group in getattr(getattr(actor, "optimizer", None), "param_groups", None) or []:
+        group["lr"] = lr
 
 
 def learning_rate(actor, cfg: TrainConfig) -> float:

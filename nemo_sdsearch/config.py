@@ -421,8 +421,9 @@ def model_max_positions(cfg: TrainConfig) -> int | None:
 
 def _check_positions(cfg: TrainConfig) -> None:
     """The longest sequences the budgets allow against the model's positions: a rollout (rollout.max_context)
-    must fit (an error); a teacher sequence may not (a warning: the rollouts whose teacher sequence passes the
-    model's positions get no distillation term, counted as `sd/teacher_too_long`)."""
+    must fit (an error); a teacher sequence may not (a warning: an SD-Search rollout whose teacher sequence passes
+    the model's positions gets no JSD term, counted as `sd/teacher_too_long`; such a Search-E1 pair is left out of
+    its OPSD round)."""
     import warnings
 
     positions = model_max_positions(cfg)
@@ -437,6 +438,11 @@ def _check_positions(cfg: TrainConfig) -> None:
                       f"plus a hindsight block of up to sd.max_hindsight_tokens={cfg.sd.max_hindsight_tokens}) can "
                       f"pass the model's {positions} positions: a rollout whose teacher sequence does gets no JSD "
                       "term (its share: sd/teacher_too_long)", ConfigWarning, stacklevel=3)
+    if cfg.algorithm == "search_e1" and r.max_context + cfg.search_e1.max_reference_tokens > positions:
+        warnings.warn(f"Search-E1's teacher sequence (a rollout, up to rollout.max_context={r.max_context} tokens, "
+                      "plus a reference of up to search_e1.max_reference_tokens="
+                      f"{cfg.search_e1.max_reference_tokens}) can pass the model's {positions} positions: an OPSD "
+                      "pair whose teacher sequence does is left out of its round", ConfigWarning, stacklevel=3)
 
 
 def config_dir() -> Path:

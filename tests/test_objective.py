@@ -611,14 +611,41 @@ def _pool_and_pairs(trajs):
     return pool, pairs
 
 
-def _opsd_items(tok, pool, pairs, cfg):
+def _opsd_items(tok, pool, pairs, cfg, max_positions=None):
     """Search-E1's (student ids, teacher ids, shift, policy mask) per pair, as the round builds them."""
     from nemo_sdsearch.algorithms.search_e1 import opsd_items
     from nemo_sdsearch.core.prompts import prompt_format
 
     prompts, encode = prompt_format(tok, "default", "none"), lambda s: tok.encode(s, add_special_tokens=False)
     return opsd_items(pool, pairs, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                      lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1)
+                      lambda q, b: encode(prompts.teacher(q, b)), cfg.search_e1, max_positions=max_positions)
+
+
+def test_opsd_pairs_past_the_models_positions_are_left_out(lm):
+    """Search-E1's context-length guard: a pair whose teacher sequence (the student's rollout after a prompt with
+    the reference) passes max_position_embeddings is left out of the round; the others are the same items; no
+    pair left is refused with the budgets to lower. The budgets are checked at config time (a warning)."""
+    import warnings
+
+    from nemo_sdsearch.config import ConfigWarning
+
+    model, tok = lm
+    trajs, _, _ = _trajectories(tok)
+    pool, pairs = _pool_and_pairs(trajs)
+    cfg = _cfg(algorithm="search_e1")
+    full = _opsd_items(tok, pool, pairs, cfg)
+    lengths = [len(it[1]) for it in full]
+    assert len(set(lengths)) == 2
+    kept = _opsd_items(tok, pool, pairs, cfg, max_positions=max(lengths) - 1)
+    assert kept == [it for it in full if len(it[1]) < max(lengths)] and len(kept) == 1
+    assert _opsd_items(tok, pool, pairs, cfg, max_positions=max(lengths)) == full
+    with pytest.raises(ValueError, match="max_reference_tokens"):
+        _opsd_items(tok, pool, pairs, cfg, max_positions=min(lengths) - 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cfg(algorithm="search_e1")                                            # 1,024 + 384 > 1,024
+        _cfg(algorithm="search_e1", **{"search_e1.max_reference_tokens": 64, "rollout.max_context": 960})
+    assert [str(w.message).split(" (")[0] for w in caught if w.category is ConfigWarning] == ["Search-E1's teacher sequence"]
 
 
 def _opsd_oracle_terms(student_model, teacher_model, items, tau):

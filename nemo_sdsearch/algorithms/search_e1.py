@@ -220,10 +220,15 @@ def opsd_loss_terms(peft_model, pad_id, student_seqs, teacher_seqs, shifts, poli
     return clipped_forward_kl(student_logits, teacher_logits, tau)
 
 
-def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1) -> list[tuple[list[int], list[int], int, list[bool]]]:
+def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1,
+               max_positions: int | None = None) -> list[tuple[list[int], list[int], int, list[bool]]]:
     """(student ids, teacher ids, shift, student policy mask) per mined pair. The teacher sequence is
     P_T(q, reference) followed by exactly the student's response tokens, so student position j is teacher
-    position j + shift; `teacher_prompt_ids(question, block)` gives P_T's ids (chat template included)."""
+    position j + shift; `teacher_prompt_ids(question, block)` gives P_T's ids (chat template included).
+
+    `max_positions` (the model's max_position_embeddings): a pair whose teacher sequence is longer (a student
+    rollout of up to rollout.max_context tokens plus a reference of up to search_e1.max_reference_tokens) is left
+    out of the round, never scored past the model's positions; a round whose every pair is too long is refused."""
     items = []
     for p in pairs:
         group = pool[p.question]
@@ -231,17 +236,22 @@ def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1) -> list[tuple[list[i
         block = reference_text(ref, decode, e1.reference_information, e1.max_reference_tokens)
         prompt = teacher_prompt_ids(stu.question, block)
         items.append((stu.token_ids, prompt + stu.response_ids(), len(prompt) - stu.prompt_length, stu.policy_mask()))
-    return items
+    if max_positions is None:
+        return items
+    kept = [it for it in items if len(it[1]) <= max_positions]
+    if items and not kept:
+        raise ValueError(f"every one of the {len(items)} OPSD pairs has a teacher sequence longer than the model's "
+                         f"{max_positions} positions: lower search_e1.max_reference_tokens "
+                         f"({e1.max_reference_tokens}) or rollout.max_context")
+    return kept
 
 
 def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
-    from nemo_sdsearch.algorithms.setup import greedy_em, make_prompt_format
+    from nemo_sdsearch.algorithms.setup import greedy_em, make_prompt_format, retrievers
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
     from nemo_sdsearch.config import rollout_config
     from nemo_sdsearch.rollout.engine import RolloutEngine
     from nemo_sdsearch.rollout.torch_generator import TorchGenerator
-    from nemo_sdsearch.world.generator import build_bundle
-    from nemo_sdsearch.retrieval import build_retriever
 
     e1, r = cfg.search_e1, cfg.rollout
     out.mkdir(parents=True, exist_ok=True)
@@ -259,10 +269,14 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
     dev_engine = RolloutEngine(TorchGenerator(peft_model, tok, max_concurrent_rows=r.max_concurrent_rows),
-                               build_retriever(r.retriever, build_bundle().train_world.passages, url=cfg.cluster.retrieval_url),
+                               retrievers(cfg)[0],   # the run's dev retriever: the service for the user's data
                                rollout_config(r, temperature=0.0, normalization=cfg.reward.normalization),
                                prompt_fn=prompts.student)
-    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1)
+    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1,
+                       max_positions=model.config.max_position_embeddings)
+    if len(items) < len(pairs):
+        console.print(f"[yellow]OPSD: {len(pairs) - len(items)} of {len(pairs)} pairs left out: their teacher sequence "
+                      f"passes the model's {model.config.max_position_embeddings} positions[/yellow]")
     rng = random.Random(cfg.trainer.seed)
     lora_state = lambda: {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
     dev = lambda: _dev_row(greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size))
@@ -395,7 +409,12 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     prompts = make_prompt_format(cfg, c.tok)
     decode = lambda ids: c.tok.decode(ids, skip_special_tokens=False)
     encode = lambda t: c.tok.encode(t, add_special_tokens=False)
-    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1)
+    positions = c.actor.hf_config.max_position_embeddings
+    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1,
+                       max_positions=positions)
+    if len(items) < len(pairs):
+        console.print(f"[yellow]OPSD: {len(pairs) - len(items)} of {len(pairs)} pairs left out: their teacher sequence "
+                      f"passes the model's {positions} positions[/yellow]")
     dev_engine = c.engines["dev"] if c.engines is not None else None
     dev = lambda: _dev_row(sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size))
     keep = lambda: save_hf_checkpoint_from_stream(c.actor.iter_weights(), out / "merged", c.actor.hf_config,

@@ -248,21 +248,26 @@ def _replica_trtllm_engine(cfg: TrainConfig, actor, tok, model_dir):
     return generator, sink, placement
 
 
+def retrievers(cfg: TrainConfig) -> tuple:
+    """(train and dev retriever, test retriever) of a run: the retrieval service over the user's corpus when
+    the questions come from files, else `rollout.retriever` over the bundled world's train / test passages."""
+    from nemo_sdsearch.retrieval import build_retriever
+    from nemo_sdsearch.world.generator import build_bundle
+
+    if cfg.data.train_files:  # the user's data: the retrieval service holds its corpus
+        service = build_retriever("http", [], url=cfg.cluster.retrieval_url)
+        return service, service
+    bundle = build_bundle()
+    return (build_retriever(cfg.rollout.retriever, bundle.train_world.passages, url=cfg.cluster.retrieval_url),
+            build_retriever(cfg.rollout.retriever, bundle.test_world.passages, url=cfg.cluster.retrieval_url))
+
+
 def _engines(cfg: TrainConfig, generator, tok) -> dict:
     """The train (sampling), dev and test (greedy) rollout engines over one generator."""
     from nemo_sdsearch.config import rollout_config
     from nemo_sdsearch.rollout.engine import RolloutEngine
-    from nemo_sdsearch.world.generator import build_bundle
-    from nemo_sdsearch.retrieval import build_retriever
 
-    if cfg.data.train_files:  # the user's data: the retrieval service holds its corpus
-        train_retriever = test_retriever = build_retriever("http", [], url=cfg.cluster.retrieval_url)
-    else:
-        bundle = build_bundle()
-        train_retriever = build_retriever(cfg.rollout.retriever, bundle.train_world.passages,
-                                          url=cfg.cluster.retrieval_url)
-        test_retriever = build_retriever(cfg.rollout.retriever, bundle.test_world.passages,
-                                         url=cfg.cluster.retrieval_url)
+    train_retriever, test_retriever = retrievers(cfg)
     norm = cfg.reward.normalization
     sample_cfg = rollout_config(cfg.rollout, normalization=norm)
     greedy_cfg = rollout_config(cfg.rollout, temperature=0.0, normalization=norm)

@@ -6,7 +6,8 @@ One step:
      the replica's other ranks (tensor / pipeline shards)
   2. reward = EM of the final answer; group-normalised advantages (a group never spans replicas)
   3. old and reference log-probs at policy positions (no grad)
-  4. [sd_search] a hindsight block per group; teacher sequences; teacher logits at query positions
+  4. [sd_search] a hindsight block per rollout (sd.hindsight_members / hindsight_source); teacher sequences;
+     teacher logits at query positions
   5. update: `GRPOSDLoss` (clipped surrogate + kl_coef * k3 KL [+ sd.coef * JSD at query positions]),
      normalised by the counts of the whole batch over all replicas, so any split trains like one process
 Periodic greedy dev evaluation (sharded over replicas), checkpoints, metrics.jsonl and the `logger.backends`

@@ -142,10 +142,6 @@ class GPTSpec:
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
 
-def _hf_rope(hf_config) -> tuple[float, dict | None]:
-    return rope_config(hf_config)
-
-
 _EXTRA_HF_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -153,7 +149,7 @@ def spec_from_hf(hf_config) -> GPTSpec:
     if getattr(hf_config, "model_type", None) is None:
         raise ValueError("a HF config without model_type: NeMo conversion supports qwen2, qwen3 and llama")
     family = check_supported(hf_config).name
-    theta, scaling = _hf_rope(hf_config)
+    theta, scaling = rope_config(hf_config)
     heads = hf_config.num_attention_heads
     return GPTSpec(
         family=family, num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,

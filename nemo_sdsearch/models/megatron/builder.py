@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_sdsearch.checkpoint.families import check_supported, megatron_rope_kwargs, rope_config
+from nemo_sdsearch.checkpoint.families import check_supported, megatron_rope_kwargs
 from nemo_sdsearch.models.megatron.cpu_compat import apply_cpu_compat
 
 DEFAULT_VOCAB_DIVISOR = 128
@@ -148,12 +148,6 @@ def teardown_parallel() -> None:
 # --------------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------------
-def rope_theta(hf_config) -> float:
-    """`rope_theta` of a HF config (transformers 5 keeps it in `rope_parameters`, 4.x at top level); a RoPE
-    scaling kind the mapping does not support is refused (`families.rope_config`)."""
-    return rope_config(hf_config)[0]
-
-
 def head_dim(hf_config) -> int:
     return int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
 
@@ -172,9 +166,6 @@ def check_model(hf_config):
     fam = check_supported(hf_config)
     megatron_rope_kwargs(hf_config)
     return fam
-
-
-check_qwen2 = check_model  # the old name (the mapping was Qwen2-only)
 
 
 def use_te_spec(spec: str = "auto") -> bool:

@@ -25,6 +25,20 @@ def test_recipes_carry_the_papers_hyper_parameters(name):
     assert est.peak_gib <= 0.9 * 80
 
 
+@pytest.mark.parametrize("name", ["qwen25_3b_search_e1", "qwen25_7b_search_e1"])
+def test_search_e1_recipes_train_every_weight_because_the_papers_lora_form_does_not_fit(name):
+    """The Qwen Search-E1 recipes run the full-parameter OPSD round at the policy's learning rate and set no
+    LoRA keys they would not use; the paper's LoRA form (actor=hf) is refused by the memory check, in the
+    training phase, which is why."""
+    cfg = load_config(name)
+    assert cfg.search_e1.adapter == "full" and cfg.search_e1.opsd_lr == cfg.optim.lr == 1e-6
+    text = (Path(__file__).parents[1] / "conf" / "qwen25_common.yaml").read_text()
+    assert "lora_r:" not in text and "lora_alpha:" not in text
+    with pytest.raises(ConfigError, match="training phase"):
+        load_config(name, ["actor=hf", "search_e1.adapter=lora", "megatron.tensor_parallel=1",
+                           "megatron.pipeline_parallel=1", "search_e1.opsd_lr=1e-5"])
+
+
 def test_parameter_count_matches_the_real_models():
     """parameter_count (a formula) == the tensors of the transformers model (7,615,616,512 and 3,085,938,688:
     Qwen2.5-7B / -3B's published 7.61B / 3.09B)."""

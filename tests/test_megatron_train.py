@@ -35,7 +35,7 @@ pytest.importorskip("megatron.core")
 # be compared token for token while the weights are equal to float noise.
 STEPS = 2
 LOSS_KEYS = ("sd/jsd", "sd/agreement", "actor/kl_loss", "actor/pg_loss", "actor/pg_clipfrac", "actor/entropy",
-             "actor/loss", "actor/grad_norm")
+             "actor/loss", "actor/grad_norm", "actor/pg_logit_grad_norm", "sd/logit_grad_norm")
 # counts over identical rollouts: equal; ROLLOUT_SUMS add fractions, in another order over replicas
 ROLLOUT_KEYS = ("critic/score/mean", "critic/advantages/max", "critic/advantages/min", "response_length/mean",
                 "response_length/max", "response_length/min", "response_length/clip_ratio",

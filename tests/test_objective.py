@@ -213,6 +213,27 @@ def test_grpo_sd_loss_value_gradient_and_metrics_equal_the_fp64_oracle(name):
         assert any(math.exp(v) - v - 1 > c["kl_clamp"] for v in d) and any(math.exp(v) - v - 1 < c["kl_clamp"] for v in d)
     if c["sd"] is not None:
         assert expected_sums["jsd_sum"] > 0 and 1 <= expected_sums["agree"] < expected_sums["n_query"]
+    _check_term_grad_norms(sums, c)
+
+
+def _term_grad_sq(c):
+    """The squared norms of the GRPO term's (surrogate + KL) and the SD term's gradients with respect to the
+    logits, by finite differences of the oracle with and without its SD term."""
+    pg_only = dict(c, sd=None)
+    pg = fd_gradient(lambda L: grpo_sd_oracle(L, pg_only)[0], c["logits"])
+    total = fd_gradient(lambda L: grpo_sd_oracle(L, c)[0], c["logits"])
+    sq = lambda g: sum(v * v for row in g for v in row)
+    return sq(pg), sq([[t - p for t, p in zip(tr, pr)] for tr, pr in zip(total, pg)])
+
+
+def _check_term_grad_norms(sums, c):
+    if c["sd"] is None:   # no SD term: nothing to balance, nothing measured
+        assert sums["pg_grad_sq"] == sums["sd_grad_sq"] == 0.0
+        return
+    pg_sq, sd_sq = _term_grad_sq(c)
+    assert pg_sq > 0 and sd_sq > 0
+    assert sums["pg_grad_sq"] == pytest.approx(pg_sq, rel=1e-6)
+    assert sums["sd_grad_sq"] == pytest.approx(sd_sq, rel=1e-6)
 
 
 def test_the_oracle_itself_is_right_on_hand_values():
@@ -385,6 +406,7 @@ def test_vocab_parallel_loss_equals_the_fp64_oracle_shard_by_shard():
             loss, sums, _ = ranks[rank][name]
             assert loss == pytest.approx(expected, rel=1e-10, abs=1e-12), (name, rank)
             _check_sums(sums, expected_sums)
+            _check_term_grad_norms(sums, c)   # both shards' squares, summed over the TP group
         torch.testing.assert_close(torch.tensor(full_grad, dtype=D)[:, :V], torch.tensor(grad, dtype=D),
                                    rtol=1e-6, atol=1e-8)
         assert all(row[V] == 0.0 for row in full_grad), "no gradient into the padding column"

@@ -253,12 +253,22 @@ def rl_step(run: "Run", step: int) -> dict:
         "actor/grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
         "actor/lr": learning_rate(actor, cfg), "actor/update_skipped": any(s["skipped"] for s in stats),
         "sd/jsd": per_query(m["jsd_sum"]), "sd/agreement": per_query(m["agree"]), "sd/query_tokens": n_query,
-        **({"sd/teacher_too_long": too_long} if teacher is not None else {}),
+        **({"sd/teacher_too_long": too_long, **term_grad_norms(m, dp, len(stats))} if teacher is not None else {}),
         "timing_s/gen": gen_s, "timing_s/retrieval": sum(t.retrieval_s for t in trajs),
         "timing_s/teacher": m["teacher_s"], "timing_s/update_actor": update_s, "timing_s/step": step_s,
         "timing_per_token_ms/gen": 1000 * gen_s / max(resp_tokens, 1),
         "perf/throughput": all_tokens / (step_s * world),
     }
+
+
+def term_grad_norms(m: Mapping, dp: int, n_optimizer_steps: int) -> dict:
+    """The two loss terms' gradient norms with respect to the policy logits (`GRPOSDLoss._logit_grad_sq`),
+    root mean square over the step's optimizer steps: `actor/pg_logit_grad_norm` (surrogate + KL) and
+    `sd/logit_grad_norm` (sd.coef x JSD). Each replica's loss carries the factor dp (its gradients are averaged
+    over the replicas), so the replicas' summed squares are divided by dp**2."""
+    scale = 1.0 / (dp * dp * max(n_optimizer_steps, 1))
+    return {"actor/pg_logit_grad_norm": math.sqrt(m["pg_grad_sq"] * scale),
+            "sd/logit_grad_norm": math.sqrt(m["sd_grad_sq"] * scale)}
 
 
 def rollout_metrics(actor, trajs: list[Trajectory], adv: torch.Tensor,

@@ -12,6 +12,15 @@ the whole rollout batch over all data-parallel replicas, see `token_weights`), s
 micro-batch losses of all replicas is the loss of the whole batch, whatever its split. `sums` are
 detached metric sums (pg_sum of the clipped surrogate, kl_sum, entropy_sum, clip, n_policy, jsd_sum, agree,
 n_query) to be added over micro-batches and replicas and divided by their counts at the end.
+
+The balance of the two terms: with an SD term, `pg_grad_sq` and `sd_grad_sq` are the squared norms of the
+GRPO term's (surrogate + KL) and the SD term's gradients with respect to this micro-batch's logits (summed
+over the vocabulary shards). Micro-batches and replicas hold disjoint positions, so their sum over a
+mini-batch is the squared norm of each term's gradient with respect to all the logits of the batch's loss:
+two extra backward passes through the loss head only (an [N, V] tensor each), none through the model. The
+JSD is a mean per query token and the surrogate a mean per policy token, so `sd.coef`'s effective weight moves
+with the query share; the ratio of these norms shows it. (A parameter-space split would need a second
+backward through the whole model per step.)
 """
 
 from __future__ import annotations
@@ -22,11 +31,12 @@ from typing import Callable
 import torch
 
 from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, k3_per_token
-from nemo_sdsearch.losses.vocab_parallel import (token_logprobs, vocab_parallel_argmax, vocab_parallel_entropy,
+from nemo_sdsearch.losses.vocab_parallel import (_resolve_group, token_logprobs, vocab_parallel_argmax, vocab_parallel_entropy,
                                                   vocab_parallel_logprobs)
 from nemo_sdsearch.models.base import SequenceBatch
 
-METRIC_SUMS = ("pg_sum", "kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query")
+METRIC_SUMS = ("pg_sum", "kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query",
+               "pg_grad_sq", "sd_grad_sq")
 
 
 @dataclass
@@ -94,6 +104,7 @@ class GRPOSDLoss:
             kl = k3_per_token(logp, mb.ref_logprobs.to(logp.device), clamp=self.kl_clamp)
             loss = loss + self.kl_coef * (kl * w).sum()
             sums["kl_sum"] = float(kl.detach().sum())
+        pg_loss = loss
         with torch.no_grad():  # the entropy of the sampling policy: softmax(logits / rollout.temperature)
             if shard is None:
                 x = logits.detach()
@@ -108,7 +119,10 @@ class GRPOSDLoss:
         if self.sd is not None and teacher is not None:
             is_q = mb.is_query.to(logits.device)
             jsd = jsd_at_queries(logits, is_q, teacher, self.sd, vocab_shard=shard)
-            loss = loss + self.sd.coef * mb.query_weight * jsd.sum()
+            sd_loss = self.sd.coef * mb.query_weight * jsd.sum()
+            loss = loss + sd_loss
+            if logits.requires_grad:
+                sums["pg_grad_sq"], sums["sd_grad_sq"] = self._logit_grad_sq(logits, pg_loss, sd_loss)
             with torch.no_grad():
                 if shard is None:
                     agree = logits[is_q].detach().argmax(-1) == teacher.argmax(-1)
@@ -116,3 +130,20 @@ class GRPOSDLoss:
                     agree = vocab_parallel_argmax(logits[is_q].detach(), **shard) == vocab_parallel_argmax(teacher, **shard)
             sums["jsd_sum"], sums["agree"], sums["n_query"] = float(jsd.detach().sum()), float(agree.sum()), int(is_q.sum())
         return loss, sums
+
+    def _logit_grad_sq(self, logits: torch.Tensor, *terms: torch.Tensor) -> tuple[float, ...]:
+        """Squared norms of each term's gradient with respect to `logits` (the whole vocabulary: the shards'
+        squares summed over the tensor-parallel group); the graph is kept for the loss's own backward."""
+        out = []
+        for term in terms:
+            if not term.requires_grad:
+                out.append(0.0)
+                continue
+            (g,) = torch.autograd.grad(term, logits, retain_graph=True, allow_unused=True)
+            out.append(torch.zeros((), dtype=torch.float64) if g is None else g.detach().double().pow(2).sum())
+        sq = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=logits.device) for x in out])
+        if self.vocab_shard is not None:
+            group, tp, _ = _resolve_group(self.vocab_shard.get("group"))
+            if tp > 1:
+                torch.distributed.all_reduce(sq, group=group)
+        return tuple(float(x) for x in sq.cpu())

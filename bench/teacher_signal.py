@@ -1,26 +1,34 @@
-"""Does SD-Search's teacher read its hindsight block? The credit signal at search-query tokens, measured.
+"""Manipulation check: does SD-Search's teacher read the outcomes in its hindsight block?
 
-    python bench/teacher_signal.py [--model DIR] [--questions 96] [--seed 0] [--out FILE] [key=value ...]
+    python bench/teacher_signal.py [--model DIR] [--questions 160] [--seed 0] [--out FILE] [--smoke] [key=value ...]
 
-SD-Search's teacher is the policy itself with a hindsight block (the group's queries and which attempts
-were correct) in its prompt; the JSD pulls the student toward it at query tokens. That moves the student
-the right way only if the teacher raises the probability of good queries and lowers that of bad ones
-relative to the student. This script rolls out `--questions` training questions x `rollout.group_size`
-with the model (the run's sampling settings), builds each group's hindsight block exactly as training
-does (`sd.*` keys), and for every search query of every rollout takes the teacher-student log-ratio of the
-whole query, log p_T(query) - log p_S(query) (the sum over its tokens, closing tag included, at
-temperature 1), and its mean per-token generalized JSD (`sd.beta`).
+SD-Search's teacher is the policy itself with a hindsight block (the group's queries and which attempts were
+correct) in its prompt; the JSD pulls the student toward it at query tokens. That credits the right queries
+only if the teacher, relative to the student, raises the probability of the queries of correct attempts and
+lowers that of wrong ones, and only if it does so *because of the outcome labels*.
 
-Queries are split two ways: by the outcome the block reports for their attempt (correct / wrong), and by
-whether the query retrieved an evidence passage of its question (the bundled world's metadata). The
-credit direction is the mean log-ratio of the good queries minus that of the bad ones (a 95% normal
-interval over queries); positive: the teacher prefers the good queries more than the student does.
-Everything is measured twice, with the real blocks and with a control that gives each group the block of
-another question (same format and length, no information about this question): only the difference
-between the two is what the teacher reads from its own group's hindsight.
+The script rolls out `--questions` training questions x `rollout.group_size` with the model (the run's sampling
+settings) and keeps the MIXED groups (some attempts correct, some wrong: the only groups whose labels say
+anything). For every search query of every kept rollout it takes the teacher - student log-ratio
+log p_T - log p_S of the query's tokens (closing tag included, temperature 1) two ways: per token (the mean
+over the query's tokens: no query-length confound) and per query (the sum). Four blocks are scored, each
+built by `sd_search.rollout_hindsight_blocks` from the run's `sd.*` keys:
 
-The figures go to the console (and, with --out, to a JSON file). Mixed groups (some attempts correct, some
-wrong) are where GRPO's advantage has a sign to give too; the table counts them.
+- real: the block training gives the rollout;
+- other question: another mixed group's block (`sd.hindsight_source=other_question`): same form, nothing about
+  this question (the placebo);
+- labels true / labels swapped: the rollout's group listed in group order (`sd.hindsight_order=group`), once
+  with the true outcome labels and once with every label flipped (correct <-> wrong): the same attempts in the
+  same order, so the two blocks differ only in the labels.
+
+The credit direction of a block is, within each mixed group, the mean log-ratio of the queries of correct
+attempts minus that of wrong attempts (question difficulty cancels), averaged over groups with a 95% interval
+over groups (a group-clustered interval: queries of one group are not independent). Contrasts are paired per
+group: real - other question (what the teacher reads from its own question's block) and labels true - labels
+swapped (the label effect: what the outcome labels alone change).
+
+It ends with TARGET lines. The pre-registered comparison (docs/results.md) runs only if the label effect's
+lower 95% bound (per token) is above 0.
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ import math
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 # bench/retrieval.py must not shadow the `retrieval` package
 sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+UNITS = ("per_token", "per_query")
 
 
 def query_spans(mask: list[bool]) -> list[tuple[int, int]]:
@@ -50,23 +61,15 @@ def query_spans(mask: list[bool]) -> list[tuple[int, int]]:
 
 
 def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% normal interval (nan half-width below two values)."""
-    if not xs:
-        return math.nan, math.nan
-    if len(xs) < 2:
-        return xs[0], math.nan
-    return statistics.mean(xs), 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))
+    """Mean and the half-width of its 95% t interval over the values (nan below two): the ablation's rule."""
+    from nemo_sdsearch.algorithms.ablation import t_interval
+
+    return t_interval(list(xs))
 
 
-def diff_ci(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Difference of two independent means and its 95% normal half-width."""
-    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
-    return ma - mb, math.hypot(ha / 1.96, hb / 1.96) * 1.96
-
-
-def score_queries(actor, trajs, blocks, group_size: int, encode_teacher, sd_cfg, pad_id: int,
-                  micro: int = 8) -> list[dict]:
-    """Per search query of every trajectory: {"traj", "query", "log_ratio", "jsd", "tokens"}."""
+def score_queries(actor, trajs, blocks, encode_teacher, sd_cfg, pad_id: int, micro: int = 8) -> list[dict]:
+    """Per search query of every trajectory, with `blocks[i]` the block trajectory i's teacher reads:
+    {"traj", "query", "log_ratio" (sum over its tokens), "per_token" (mean), "jsd" (mean per token), "tokens"}."""
     import torch
 
     from nemo_sdsearch.algorithms.grpo import micro_batch_tensors
@@ -74,7 +77,7 @@ def score_queries(actor, trajs, blocks, group_size: int, encode_teacher, sd_cfg,
     from nemo_sdsearch.losses.divergences import generalized_jsd_dense
     from nemo_sdsearch.models.base import SequenceBatch
 
-    teacher = teacher_sequences(trajs, [blocks[i // group_size] for i in range(len(trajs))], encode_teacher)
+    teacher = teacher_sequences(trajs, blocks, encode_teacher)
     out = []
     for lo in range(0, len(trajs), micro):
         mi = list(range(lo, min(lo + micro, len(trajs))))
@@ -90,115 +93,162 @@ def score_queries(actor, trajs, blocks, group_size: int, encode_teacher, sd_cfg,
             tok = batch.input_ids[q_rows, q_cols]
             lr = (teach.log_softmax(-1) - student.log_softmax(-1)).gather(-1, tok[:, None])[:, 0]
             jsd = generalized_jsd_dense(student, teach, sd_cfg.beta, 1.0)
-        # one query = one run of query positions in its trajectory's mask
-        where = {}
-        for k, (r, c) in enumerate(zip(q_rows.tolist(), q_cols.tolist())):
-            where[(r, c)] = k
+        where = {(r, c): k for k, (r, c) in enumerate(zip(q_rows.tolist(), q_cols.tolist()))}
         for r, i in enumerate(mi):
             for qi, (a, b) in enumerate(query_spans(trajs[i].query_mask())):
                 ks = [where[(r, c)] for c in range(a, b) if (r, c) in where]
                 if ks:
-                    out.append({"traj": i, "query": qi, "log_ratio": float(lr[ks].sum()),
+                    s = float(lr[ks].sum())
+                    out.append({"traj": i, "query": qi, "log_ratio": s, "per_token": s / len(ks),
                                 "jsd": float(jsd[ks].mean()), "tokens": len(ks)})
     return out
 
 
-def split_table(scored: list[dict], label) -> dict:
-    """{"good": [...], "bad": [...]} log-ratios of the queries `label(q)` calls True / False (None: skipped)."""
-    good = [q["log_ratio"] for q in scored if label(q) is True]
-    bad = [q["log_ratio"] for q in scored if label(q) is False]
-    return {"good": good, "bad": bad}
+def group_directions(scored: list[dict], correct: list[bool], group_size: int, unit: str) -> dict[int, float]:
+    """Per group: mean `unit` log-ratio of the queries of correct attempts - that of wrong attempts (groups
+    with queries on both sides only)."""
+    key = "log_ratio" if unit == "per_query" else "per_token"
+    sides: dict[int, tuple[list, list]] = {}
+    for q in scored:
+        g = q["traj"] // group_size
+        sides.setdefault(g, ([], []))[0 if correct[q["traj"]] else 1].append(q[key])
+    return {g: statistics.mean(c) - statistics.mean(w) for g, (c, w) in sides.items() if c and w}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    return [a[g] - b[g] for g in sorted(a.keys() & b.keys())]
+
+
+def flipped(trajs) -> list[bool]:
+    """Every trajectory's outcome label swapped (correct <-> wrong)."""
+    return [t.exact_match != 1.0 for t in trajs]
+
+
+def mixed_groups(trajs, group_size: int) -> list:
+    """The trajectories of the groups with some correct and some wrong attempts, groups kept whole, in order."""
+    out = []
+    for g in range(0, len(trajs), group_size):
+        group = trajs[g:g + group_size]
+        if 0 < sum(t.exact_match == 1.0 for t in group) < len(group):
+            out += group
+    return out
+
+
+def analyse(scored: dict[str, list[dict]], correct: list[bool], group_size: int) -> dict:
+    """Directions per block and the two paired contrasts, each as {mean, ci, lower, groups} per unit."""
+    out: dict = {}
+    for unit in UNITS:
+        d = {name: group_directions(s, correct, group_size, unit) for name, s in scored.items()}
+        rows = {f"direction/{name}": list(v.values()) for name, v in d.items()}
+        rows["read/real-other_question"] = paired(d["real"], d["other_question"])
+        rows["label_effect/true-swapped"] = paired(d["labels_true"], d["labels_swapped"])
+        out[unit] = {}
+        for name, xs in rows.items():
+            m, h = mean_ci(xs)
+            out[unit][name] = {"mean": m, "ci": h, "lower": m - h, "groups": len(xs)}
+    return out
+
+
+def target_lines(res: dict) -> list[str]:
+    """The pass/fail lines: the label effect (the gate of the pre-registered comparison) and the credit
+    direction the real block gives beyond another question's."""
+    lines = []
+    for key, what in (("label_effect/true-swapped", "label effect (labels true - swapped)"),
+                      ("read/real-other_question", "own block - other question's block")):
+        for unit in UNITS:
+            r = res[unit][key]
+            ok = r["lower"] > 0
+            lines.append(f"TARGET {what}, {unit.replace('_', ' ')}: lower 95% bound > 0 nats: "
+                         f"{r['mean']:+.4f} ± {r['ci']:.4f} over {r['groups']} mixed groups -> "
+                         f"{'PASS' if ok else 'FAIL'}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model directory (default: the embedded warm start)")
-    ap.add_argument("--questions", type=int, default=96, help="training questions rolled out (x group_size)")
+    ap.add_argument("--model", help="model directory (default: model.path, else the embedded warm start)")
+    ap.add_argument("--questions", type=int, default=160, help="training questions rolled out (x group_size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the figures as JSON here too")
+    ap.add_argument("--smoke", action="store_true", help="a few questions, one thread (the test suite's run)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of conf/tiny_cpu.yaml (sd.*, rollout.*)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.questions = min(args.questions, 8)
+        args.overrides = ["model.threads=1", *args.overrides]
 
     import random
-    from dataclasses import replace
 
     from rich.console import Console
     from rich.table import Table
 
-    from nemo_sdsearch.algorithms.sd_search import group_hindsight_blocks
+    from nemo_sdsearch.algorithms.sd_search import rollout_hindsight_blocks
     from nemo_sdsearch.algorithms.setup import build_components, close_components, make_prompt_format
     from nemo_sdsearch.config import load_config
     from nemo_sdsearch.world.assets import default_model_dir
-    from nemo_sdsearch.world.evidence import query_metrics
 
-    console = Console(width=150)
+    console = Console(width=160)
     cfg = load_config("tiny_cpu", args.overrides)
     model = args.model or cfg.model.path or str(default_model_dir())
-    cfg = replace(cfg, algorithm="sd_search", model=replace(cfg.model, path=model),
-                  grpo=replace(cfg.grpo, kl_coef=0.0))
+    cfg = replace(cfg, algorithm="sd_search", model=replace(cfg.model, path=model), grpo=replace(cfg.grpo, kl_coef=0.0))
     c = build_components(cfg)
     G = cfg.rollout.group_size
     pool = c.data["train"]
     picked = random.Random(args.seed).sample(range(len(pool)), min(args.questions, len(pool)))
     questions = [pool[i] for i in picked]
     console.print(f"rolling out {len(questions)} training questions x {G} with {model} ...")
-    trajs = c.engines["train"].run(questions, n_samples=G, seed=args.seed)
+    all_trajs = c.engines["train"].run(questions, n_samples=G, seed=args.seed)
+    trajs = mixed_groups(all_trajs, G)
+    n_mixed = len(trajs) // G
     encode = lambda s: c.tok.encode(s, add_special_tokens=False)  # noqa: E731
+    count = lambda s: len(encode(s))  # noqa: E731
     prompts = make_prompt_format(cfg, c.tok)
-    blocks = group_hindsight_blocks(trajs, G, cfg.sd, lambda s: len(encode(s)))
-    n_groups = len(blocks)
-    control = [blocks[(g + 1) % n_groups] for g in range(n_groups)]  # another question's block
     teacher_ids = lambda q, b: encode(prompts.teacher(q, b))  # noqa: E731
-
-    hits = []  # per trajectory: per search, did it retrieve evidence (None without metadata)
-    for t, q in zip(trajs, (q for q in questions for _ in range(G))):
-        m = query_metrics(t.retrieved_ids, q.metadata)
-        hits.append(m.evidence_hits if m is not None else None)
-    correct = [t.exact_match == 1.0 for t in trajs]
-    mixed = sum(0 < sum(correct[g * G:(g + 1) * G]) < G for g in range(n_groups))
-
-    results = {"model": model, "questions": len(questions), "group_size": G, "mixed_groups": mixed,
-               "rollouts_correct": sum(correct) / len(trajs), "sd": {"beta": cfg.sd.beta,
-               "include_answers": cfg.sd.include_answers, "include_gold": cfg.sd.include_gold}}
-    scored = {name: score_queries(c.actor, trajs, bl, G, teacher_ids, cfg.sd, c.tok.pad_token_id)
-              for name, bl in (("real", blocks), ("control", control))}
+    grouped = replace(cfg.sd, hindsight_order="group")
+    blocks = {"real": rollout_hindsight_blocks(trajs, G, cfg.sd, count)} if trajs else {}
+    if n_mixed >= 2:
+        blocks["other_question"] = rollout_hindsight_blocks(trajs, G, replace(cfg.sd, hindsight_source="other_question"),
+                                                            count)
+        blocks["labels_true"] = rollout_hindsight_blocks(trajs, G, grouped, count)
+        blocks["labels_swapped"] = rollout_hindsight_blocks(trajs, G, grouped, count, outcomes=flipped(trajs))
+    results = {"model": model, "questions": len(questions), "group_size": G, "mixed_groups": n_mixed,
+               "groups": len(questions), "rollouts_correct": sum(t.exact_match == 1.0 for t in all_trajs) / len(all_trajs),
+               "sd": {"beta": cfg.sd.beta, "include_answers": cfg.sd.include_answers,
+                      "hindsight_members": cfg.sd.hindsight_members, "hindsight_order": cfg.sd.hindsight_order}}
+    if n_mixed < 2:
+        close_components(c)
+        console.print(f"[red]{n_mixed} mixed group(s) among {len(questions)}: nothing to contrast; raise --questions[/red]")
+        for line in ("TARGET label effect (labels true - swapped): no mixed groups -> FAIL",):
+            print(line)
+        results["targets"] = {"label_effect": False, "read": False}
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return 0
+    scored = {name: score_queries(c.actor, trajs, bl, teacher_ids, cfg.sd, c.tok.pad_token_id)
+              for name, bl in blocks.items()}
     close_components(c)
-    # the same queries under both blocks: real - control per query is what the teacher read from its own group
-    control_lr = {(q["traj"], q["query"]): q["log_ratio"] for q in scored["control"]}
-    scored["read"] = [{**q, "log_ratio": q["log_ratio"] - control_lr[(q["traj"], q["query"])]}
-                      for q in scored["real"] if (q["traj"], q["query"]) in control_lr]
-    splits = {
-        "attempt correct / wrong": lambda q: correct[q["traj"]],
-        "query retrieved evidence / missed": lambda q: None if hits[q["traj"]] is None
-        or q["query"] >= len(hits[q["traj"]]) else bool(hits[q["traj"]][q["query"]]),
-    }
-    titles = {"real": "real hindsight", "control": "control (another question's block)",
-              "read": "real - control, per query (what the teacher reads from its own group's block)"}
-    table = Table(title="teacher - student log-ratio of a whole search query, nats (mean ± 95% CI)")
-    for col in ("hindsight", "split", "good queries", "bad queries", "credit direction (good - bad)"):
+    correct = [t.exact_match == 1.0 for t in trajs]
+    res = analyse(scored, correct, G)
+    results.update({"queries": len(scored["real"]), "analysis": res,
+                    "mean_jsd_per_token": {k: statistics.mean(q["jsd"] for q in s) for k, s in scored.items()}})
+    table = Table(title=f"teacher - student log-ratio at search queries, nats: within-group (correct - wrong) "
+                        f"means over {n_mixed} mixed groups (± 95% group-clustered t interval)")
+    for col in ("quantity", "per token", "per query", "groups"):
         table.add_column(col)
-    for name, qs in scored.items():
-        results[name] = {"queries": len(qs)}
-        if name != "read":
-            results[name]["mean_jsd_per_token"] = statistics.mean(q["jsd"] for q in qs) if qs else math.nan
-        for split, label in splits.items():
-            s = split_table(qs, label)
-            (mg, hg), (mb, hb), (d, hd) = mean_ci(s["good"]), mean_ci(s["bad"]), diff_ci(s["good"], s["bad"])
-            results[name][split] = {"good_mean": mg, "good_n": len(s["good"]), "bad_mean": mb,
-                                    "bad_n": len(s["bad"]), "direction": d, "direction_ci": hd}
-            table.add_row(titles[name], split, f"{mg:+.3f} ± {hg:.3f} (n={len(s['good'])})",
-                          f"{mb:+.3f} ± {hb:.3f} (n={len(s['bad'])})", f"{d:+.3f} ± {hd:.3f}")
+    for name in res["per_token"]:
+        a, b = res["per_token"][name], res["per_query"][name]
+        table.add_row(name, f"{a['mean']:+.4f} ± {a['ci']:.4f}", f"{b['mean']:+.4f} ± {b['ci']:.4f}", str(a["groups"]))
     console.print(table)
-    console.print(f"{sum(correct)} of {len(trajs)} rollouts correct; {mixed} of {n_groups} groups mixed "
-                  f"(some attempts correct, some wrong); mean JSD per query token "
-                  f"{results['real']['mean_jsd_per_token']:.4f} (real), {results['control']['mean_jsd_per_token']:.4f} (control)")
-    for split in splits:
-        r = results["read"][split]
-        console.print(f"credit the teacher reads from its own hindsight ({split}): {r['direction']:+.3f} "
-                      f"± {r['direction_ci']:.3f} nats per query")
+    console.print(f"{len(questions)} questions x {G}: {n_mixed} mixed groups, {len(scored['real'])} queries in them; "
+                  "mean JSD per query token " + ", ".join(f"{k} {v:.4f}" for k, v in results["mean_jsd_per_token"].items()))
+    lines = target_lines(res)
+    results["targets"] = {"label_effect": res["per_token"]["label_effect/true-swapped"]["lower"] > 0,
+                          "read": res["per_token"]["read/real-other_question"]["lower"] > 0}
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
         console.print(f"wrote {args.out}")
+    for line in lines:
+        print(line)
     return 0
 
 

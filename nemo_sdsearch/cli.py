@@ -113,7 +113,9 @@ def cmd_warmstart(args) -> int:
     cfg = WarmstartConfig(out=args.out, model=args.model, max_steps=args.steps, max_minutes=args.minutes,
                           seed=args.seed, batch_size=args.batch_size, lr=args.lr, init=args.init,
                           world_seed_base=args.world_seed_base, warmup_steps=args.warmup_steps,
-                          bf16=args.bf16, vague_queries=args.vague_queries)
+                          bf16=args.bf16, vague_queries=args.vague_queries,
+                          hindsight_targets=args.hindsight_targets, teacher_fraction=args.teacher_fraction,
+                          reference_fraction=args.reference_fraction)
     print("sdsearch warmstart resolved config:", json.dumps(cfg.__dict__, indent=1))
     record = run_warmstart(cfg)
     print(f"trained {record['steps']} steps; final loss {record['history'][-1]['loss'] if record['history'] else 'n/a'}; "
@@ -302,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="rate at which student demonstrations of questions phrased with the vague-habit template "
                         "search a hop with a vague query (the name without the relation keyword); 0: always "
                         "precise. Leaves the policy room to improve its queries (default 0.7, as shipped)")
+    w.add_argument("--hindsight-targets", choices=("precise", "outcome"), default="precise",
+                   help="teacher-format demonstrations: precise = the shipped stages' (target always the precise "
+                        "query, blocks outcome-sorted); outcome = the target copies an attempt labelled correct, "
+                        "attempts in group order, the student's habit when none is correct (world/demos.py)")
+    w.add_argument("--teacher-fraction", type=float, default=0.25, help="share of teacher-format demonstrations")
+    w.add_argument("--reference-fraction", type=float, default=0.1,
+                   help="share of Search-E1 reference-format demonstrations")
     w.set_defaults(fn=cmd_warmstart)
 
     x = sub.add_parser("world", help="write the bundled world (corpora and questions) as jsonl files; --audit: "

@@ -95,6 +95,8 @@ class SDSection:
     max_hindsight_tokens: int = 256
     hindsight_members: str = "group"   # group: every attempt, the rollout's own included; others: its own left out
     hindsight_source: str = "own"      # own: its question's block; other_question: the next question's (placebo)
+    hindsight_order: str = "outcome"   # outcome: correct attempts listed first; group: in group order (position
+                                       # says nothing about the outcome: only the labels do)
 
 
 @dataclass
@@ -337,6 +339,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.retriever": ("bm25", "dense", "http"),
     "grpo.reduction": ("token", "sequence"),
     "sd.hindsight_members": ("group", "others"),
+    "sd.hindsight_order": ("outcome", "group"),
     "sd.hindsight_source": ("own", "other_question"),
     "search_e1.loss_normalization": ("trajectory", "token"),
     "search_e1.adapter": ("lora", "full"),

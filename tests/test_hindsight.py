@@ -170,3 +170,24 @@ def test_hindsight_source_other_question_is_the_next_questions_block():
         load_config("tiny_cpu", ["sd.hindsight_members=self"])
     cfg = load_config("tiny_cpu", ["sd.hindsight_members=others", "sd.hindsight_source=other_question"])
     assert (cfg.sd.hindsight_members, cfg.sd.hindsight_source) == ("others", "other_question")
+
+
+def test_group_order_keeps_positions_and_the_cap_still_drops_wrong_attempts_first():
+    """order="group": the attempts in group order, so a position says nothing of an outcome; the cap drops the
+    last wrong attempt first, then correct ones from the end."""
+    block = hindsight_block([WRONG, SILENT, RIGHT], HindsightConfig(order="group"))
+    assert lines(block)[1:] == ['Attempt 1 (wrong): search "Velora Works headquarters"', "Attempt 2 (wrong): no search",
+                                'Attempt 3 (correct): search "Velora Works founder"']
+    count = lambda s: len(s)
+    full = len(block)
+    capped = hindsight_block([WRONG, SILENT, RIGHT], HindsightConfig(order="group", max_tokens=full - 1),
+                             count_tokens=count)
+    assert lines(capped)[1:] == ['Attempt 1 (wrong): search "Velora Works headquarters"',
+                                 'Attempt 2 (correct): search "Velora Works founder"']
+    only = hindsight_block([WRONG, SILENT, RIGHT], HindsightConfig(order="group", max_tokens=len(lines(capped)[0]) + 1 + 51),
+                           count_tokens=count)
+    assert lines(only)[1:] == ['Attempt 1 (correct): search "Velora Works founder"']
+    import pytest
+
+    with pytest.raises(ValueError, match="outcome | group"):
+        hindsight_block([WRONG], HindsightConfig(order="random"))

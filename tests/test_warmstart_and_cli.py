@@ -126,3 +126,48 @@ def test_cli_world_export(tmp_path):
 
     assert len(load_corpus(tmp_path / "test_corpus.jsonl")) >= 1000
     assert len(load_flashrag(tmp_path / "test.jsonl")) == 300
+
+
+def test_outcome_demonstrations_follow_the_labels_not_the_position_or_the_wording(bundle, tokenizer):
+    """hindsight_targets=outcome: the target copies an attempt labelled correct, and nothing else predicts it:
+    the correct attempts sit at every position, wrong-labelled attempts hold good plans in other wordings too,
+    and with no attempt labelled correct the target is the student's own habit (vague queries included)."""
+    import collections
+    import random
+
+    from nemo_sdsearch.retrieval import BM25Retriever
+    from nemo_sdsearch.world.demos import VAGUE_STYLES, VAGUE_TEMPLATE, DemoBuilder
+
+    builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
+                          teacher_fraction=1.0, vague_queries=1.0, hindsight_targets="outcome")
+    rng = random.Random(0)
+    positions, first, habit_vague, n_with = collections.Counter(), 0, [], 0
+    for q in bundle.train[:150]:
+        attempts, target, vague = builder.outcome_group(q, rng)
+        assert len(attempts) in (4, 5)
+        correct = [i for i, a in enumerate(attempts) if a.correct]
+        assert len(correct) <= 2
+        if target is None:
+            assert not correct
+            habit_vague.append(q.id)
+            continue
+        n_with += 1
+        assert tuple(target) in {attempts[i].queries for i in correct}       # the target copies a correct one
+        assert builder._hits(q, target)                                       # ... and would find the evidence
+        positions.update(correct)
+        first += tuple(target) == attempts[0].queries
+        # a wrong-labelled attempt with a good plan in another wording: the wording alone cannot tell
+        assert any(not a.correct and a.queries != tuple(target) for a in attempts)
+    assert n_with > 60 and len(habit_vague) > 15
+    assert set(positions) == {0, 1, 2, 3, 4}                                  # every position holds correct ones
+    assert first / n_with < 0.5                                               # "copy Attempt 1" does not pay
+    # with no attempt labelled correct the demonstration is the student's habit: vague for the habit template
+    built = [(q, builder.build(q, rng)) for q in [q for q in bundle.train if q.template == VAGUE_TEMPLATE][:80]]
+    prompt = lambda d: tokenizer.decode(d.token_ids[:d.prompt_length])  # noqa: E731
+    none_correct = [(q, d) for q, d in built if d is not None and "(correct" not in prompt(d)]
+    vague = lambda q, d: d.queries[0] in {style.format(e=q.hops[0].entity) for style in VAGUE_STYLES}  # noqa: E731
+    assert len(none_correct) > 5 and all(vague(q, d) for q, d in none_correct), \
+        "no attempt correct: the target is the habit (vague_queries=1.0: always vague)"
+    demos = [d for _, d in none_correct]
+    text = tokenizer.decode(demos[0].token_ids[:demos[0].prompt_length])
+    assert "Hindsight from" in text

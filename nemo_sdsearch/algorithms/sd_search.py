@@ -26,22 +26,32 @@ from nemo_sdsearch.losses.divergences import generalized_jsd
 from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_generalized_jsd
 
 
+def block_config(sd_cfg) -> HindsightConfig:
+    return HindsightConfig(include_answers=sd_cfg.include_answers, include_gold=sd_cfg.include_gold,
+                           max_tokens=sd_cfg.max_hindsight_tokens, order=getattr(sd_cfg, "hindsight_order", "outcome"))
+
+
+def _outcomes(trajs: Sequence[Trajectory], outcomes: Sequence[bool] | None) -> list[bool]:
+    return [t.exact_match == 1.0 for t in trajs] if outcomes is None else list(outcomes)
+
+
 def group_hindsight_blocks(trajs: Sequence[Trajectory], group_size: int, sd_cfg,
-                           count_tokens: Callable[[str], int]) -> list[str]:
-    """One hindsight block per group (consecutive `group_size` trajectories share a question)."""
-    cfg = HindsightConfig(include_answers=sd_cfg.include_answers, include_gold=sd_cfg.include_gold,
-                          max_tokens=sd_cfg.max_hindsight_tokens)
+                           count_tokens: Callable[[str], int], outcomes: Sequence[bool] | None = None) -> list[str]:
+    """One hindsight block per group (consecutive `group_size` trajectories share a question). `outcomes`:
+    the label each attempt gets (default: its exact match; a manipulation check passes others)."""
+    cfg = block_config(sd_cfg)
+    ok = _outcomes(trajs, outcomes)
     blocks = []
     for g in range(0, len(trajs), group_size):
         group = trajs[g:g + group_size]
-        attempts = [AttemptSummary(tuple(t.queries), t.exact_match == 1.0, t.answer) for t in group]
+        attempts = [AttemptSummary(tuple(t.queries), ok[g + k], t.answer) for k, t in enumerate(group)]
         blocks.append(hindsight_block(attempts, cfg, gold_answer=group[0].golden_answers[0],
                                       count_tokens=count_tokens))
     return blocks
 
 
 def rollout_hindsight_blocks(trajs: Sequence[Trajectory], group_size: int, sd_cfg,
-                             count_tokens: Callable[[str], int]) -> list[str]:
+                             count_tokens: Callable[[str], int], outcomes: Sequence[bool] | None = None) -> list[str]:
     """The hindsight block each rollout's teacher reads, one per trajectory (consecutive `group_size`
     trajectories share a question):
 
@@ -50,7 +60,9 @@ def rollout_hindsight_blocks(trajs: Sequence[Trajectory], group_size: int, sd_cf
       student toward a block that lists its own sample);
     - `sd.hindsight_source`: `own` (default) = its question's block; `other_question` = the placebo: the
       (whole-group) block of the next question of the batch, cyclically, so the teacher reads a block of the
-      same form and length whose outcomes say nothing about this question. Needs two questions or more."""
+      same form and length whose outcomes say nothing about this question. Needs two questions or more.
+
+    `outcomes`: the label each attempt gets (default: its exact match)."""
     members = getattr(sd_cfg, "hindsight_members", "group")
     source = getattr(sd_cfg, "hindsight_source", "own")
     if members not in ("group", "others") or source not in ("own", "other_question"):
@@ -61,18 +73,18 @@ def rollout_hindsight_blocks(trajs: Sequence[Trajectory], group_size: int, sd_cf
         if len(groups) < 2:
             raise ValueError("sd.hindsight_source=other_question needs at least two questions per replica and step "
                              f"(this one has {len(groups)}): raise trainer.questions_per_step")
-        whole = group_hindsight_blocks(trajs, group_size, sd_cfg, count_tokens)
+        whole = group_hindsight_blocks(trajs, group_size, sd_cfg, count_tokens, outcomes)
         return [whole[(i // group_size + 1) % len(groups)] for i in range(len(trajs))]
     if members == "group":
-        whole = group_hindsight_blocks(trajs, group_size, sd_cfg, count_tokens)
+        whole = group_hindsight_blocks(trajs, group_size, sd_cfg, count_tokens, outcomes)
         return [whole[i // group_size] for i in range(len(trajs))]
-    cfg = HindsightConfig(include_answers=sd_cfg.include_answers, include_gold=sd_cfg.include_gold,
-                          max_tokens=sd_cfg.max_hindsight_tokens)
+    cfg = block_config(sd_cfg)
+    ok = _outcomes(trajs, outcomes)
     out = []
-    for group in groups:
+    for start, group in zip(range(0, len(trajs), group_size), groups):
+        labels = ok[start:start + len(group)]
         for j in range(len(group)):
-            rest = group[:j] + group[j + 1:]
-            attempts = [AttemptSummary(tuple(t.queries), t.exact_match == 1.0, t.answer) for t in rest]
+            attempts = [AttemptSummary(tuple(t.queries), labels[k], t.answer) for k, t in enumerate(group) if k != j]
             out.append(hindsight_block(attempts, cfg, gold_answer=group[0].golden_answers[0],
                                        count_tokens=count_tokens))
     return out

@@ -9,10 +9,19 @@ search, the information block the *real* retriever returns for that query. Two f
 - reference format (Search-E1's teacher): prompt P_T(q, tau_ref) with a correct solution (its policy
   text and the passages it retrieved, as `search_e1.reference_text` renders a pool rollout) and the
   instruction to solve the question in its own words; the response reuses the reference's exact queries;
-- teacher format: prompt P_T(q) with a hindsight block over a synthetic group of attempts, some
-  correct, some wrong (wrong entity, wrong relation, missing hop). The response reuses the exact queries
-  of a correct attempt when there is one. This teaches the same weights to read a hindsight block the
-  way an instruct LLM would, so they can act as the SD-Search teacher.
+- teacher format: prompt P_T(q) with a hindsight block over a synthetic group of attempts. Two kinds of
+  target (`hindsight_targets`):
+  - `precise` (the shipped model's stages): attempts correct or wrong (wrong entity, wrong relation,
+    missing hop, vague), outcome-sorted blocks; the response reuses the exact queries of a correct
+    attempt when there is one, else the precise query. Its flaw: the correct attempt is always the
+    precise one, and listed first, so "a block is present -> write the precise query" and "copy Attempt 1"
+    pay as well as reading the labels do.
+  - `outcome` (`outcome_group`): 4 or 5 attempts in group order (random label positions), most of them
+    plans that would find the evidence, in different wordings (the precise styles and the vague ones that
+    happen to hit), a few that would not; which of the good plans are labelled correct is drawn at random
+    (a good search can still end in a wrong answer). The response copies an attempt labelled correct;
+    with none labelled correct it is the student's own habit (vague queries included). Neither the
+    presence of a block nor a position predicts the wording: only the labels do.
 
 Precise and vague queries (`vague_queries`): a precise query names the entity and the relation's keyword
 (one of `QUERY_STYLES`), and the bundled world is built so that it finds the evidence; a vague query
@@ -102,6 +111,7 @@ class DemoBuilder:
     teacher_fraction: float = 0.3
     reference_fraction: float = 0.0
     vague_queries: float = 0.0  # the student habit's rate of vague queries (module doc)
+    hindsight_targets: str = "precise"  # precise (the shipped stages) | outcome (module doc)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -119,11 +129,13 @@ class DemoBuilder:
             prompt = teacher_prompt(q.question, reference_block(solution))
             queries = ref_queries
         elif draw >= self.reference_fraction + self.teacher_fraction:  # student
-            if self.vague_queries > 0 and q.template == VAGUE_TEMPLATE:
-                vague = [rng.random() < self.vague_queries for _ in q.hops]
-                queries = [vague_query(h, rng.randrange(len(VAGUE_STYLES))) if v else query
-                           for h, v, query in zip(q.hops, vague, queries)]
-                return self._trajectory(q, prompt, queries, vague)
+            return self._trajectory(q, prompt, *self.habit(q, queries, rng))
+        elif self.hindsight_targets == "outcome":
+            attempts, target, vague = self.outcome_group(q, rng)
+            if target is None:   # no attempt labelled correct: the student's own habit
+                target, vague = self.habit(q, queries, rng)
+            cfg = HindsightConfig(include_answers=rng.random() < 0.3, order="group")
+            return self._trajectory(q, teacher_prompt(q.question, hindsight_block(attempts, cfg)), target, vague)
         else:
             attempts = []
             n_correct = rng.choice([0, 1, 1, 2, 3])
@@ -141,6 +153,54 @@ class DemoBuilder:
             cfg = HindsightConfig(include_answers=rng.random() < 0.3)
             prompt = teacher_prompt(q.question, hindsight_block(attempts, cfg))
         return self._trajectory(q, prompt, queries)
+
+    def habit(self, q: Question, queries: list[str], rng: random.Random) -> tuple[list[str], list[bool]]:
+        """The student's habit for `q` (its precise `queries`): each hop searched vaguely at `vague_queries`
+        for questions phrased with `VAGUE_TEMPLATE`, precisely otherwise."""
+        if self.vague_queries > 0 and q.template == VAGUE_TEMPLATE:
+            vague = [rng.random() < self.vague_queries for _ in q.hops]
+            return ([vague_query(h, rng.randrange(len(VAGUE_STYLES))) if v else query
+                     for h, v, query in zip(q.hops, vague, queries)], vague)
+        return list(queries), [False] * len(queries)
+
+    def _hits(self, q: Question, queries: Sequence[str]) -> bool:
+        """Every query of the plan finds its hop's evidence in the top-k (the real retriever)."""
+        if len(queries) != len(q.hops):
+            return False
+        return all(any(_is_evidence(h, d) for d in docs)
+                   for h, docs in zip(q.hops, self.retriever.search(list(queries), self.topk)))
+
+    def outcome_group(self, q: Question, rng: random.Random):
+        """(attempts in group order, the target queries or None, their vague flags): a synthetic group whose
+        labels alone say which wording to copy (module doc). A plan is good when every query finds its
+        evidence (precise styles always should; a vague one sometimes does); the correct labels go to 0, 1
+        or 2 of the good plans at random, wrong answers to the rest."""
+        n = rng.choice([4, 5])
+        plans = []   # (queries, vague flags, good)
+        for _ in range(n):
+            kind = rng.choices(("precise", "vague", "bad"), weights=(0.55, 0.25, 0.2))[0]
+            if kind == "precise":
+                style = rng.randrange(len(QUERY_STYLES))
+                qs, vague = [phrase_query(h, style) for h in q.hops], [False] * len(q.hops)
+            elif kind == "vague":
+                flags = [rng.random() < 0.7 for _ in q.hops]
+                qs = [vague_query(h, rng.randrange(len(VAGUE_STYLES))) if f else phrase_query(h, rng.randrange(3))
+                      for h, f in zip(q.hops, flags)]
+                vague = flags
+            else:
+                qs = _corrupt(q, [phrase_query(h, 0) for h in q.hops], rng, self.entities)
+                vague = [False] * len(qs)
+            plans.append((qs, vague, kind != "bad" and self._hits(q, qs)))
+        good = [i for i, p in enumerate(plans) if p[2]]
+        n_correct = min(rng.choice([0, 1, 1, 2]), len(good))
+        correct = set(rng.sample(good, n_correct))
+        attempts = [AttemptSummary(tuple(qs), i in correct, q.golden_answers[0] if i in correct
+                                   else rng.choice([e for e in self.entities if e != q.golden_answers[0]]))
+                    for i, (qs, _, _) in enumerate(plans)]
+        if not correct:
+            return attempts, None, None
+        pick = rng.choice(sorted(correct))
+        return attempts, list(plans[pick][0]), list(plans[pick][1])
 
     def _trajectory(self, q: Question, prompt: str, queries: list[str],
                     vague: Sequence[bool] | None = None) -> Trajectory | None:

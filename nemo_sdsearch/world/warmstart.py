@@ -56,6 +56,9 @@ class WarmstartConfig:
     # query (the name without the relation keyword) at this rate; 0 = every demonstration searches precisely.
     # It leaves the policy room to improve its queries (world/demos.py); the shipped model used 0.7.
     vague_queries: float = 0.7
+    # Teacher-format targets (world/demos.py): precise = the shipped stages' (the target never depends on the
+    # outcome labels); outcome = the target copies an attempt labelled correct, in group order.
+    hindsight_targets: str = "precise"
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -151,7 +154,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
             world, questions = bundle.train_world, bundle.train[:n_questions]
         builder = DemoBuilder(tok, BM25Retriever(world.passages), sorted(world.names),
                               teacher_fraction=cfg.teacher_fraction, reference_fraction=cfg.reference_fraction,
-                              vague_queries=cfg.vague_queries)
+                              vague_queries=cfg.vague_queries, hindsight_targets=cfg.hindsight_targets)
         return questions, builder
 
     if cfg.init:

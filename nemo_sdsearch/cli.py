@@ -170,7 +170,7 @@ def cmd_train(args) -> int:
 def cmd_ablate(args) -> int:
     from rich.console import Console
 
-    from nemo_sdsearch.algorithms.ablation import run_ablation
+    from nemo_sdsearch.algorithms.ablation import ALGORITHMS, run_ablation
     from nemo_sdsearch.config import load_config
 
     overrides = list(args.overrides) + [w for w in args.seeds if "=" in w]
@@ -185,8 +185,10 @@ def cmd_ablate(args) -> int:
     # the command that reproduces the results: resuming (reusing finished runs) changes none of them
     command = "sdsearch ablate " + " ".join(
         [f"--seeds {' '.join(map(str, args.seeds))}",
+         *([f"--arms {' '.join(args.arms)}"] if tuple(args.arms) != ALGORITHMS else []),
          *(o for o in args.overrides if not o.lstrip("+").startswith("trainer.resume="))])
-    run_ablation(cfg, args.seeds, Path(args.out), Path(args.results), command.strip(), Console())
+    run_ablation(cfg, args.seeds, Path(args.out), Path(args.results), command.strip(), Console(),
+                 algorithms=tuple(args.arms))
     return 0
 
 
@@ -220,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     # `--seeds 0 1 2 cycles=1`: argparse gives --seeds every word after it, so the key=value ones are
     # overrides (sorted out in cmd_ablate)
     a.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED")
+    a.add_argument("--arms", nargs="+", default=["grpo", "sd_search", "search_e1"], metavar="ARM",
+                   choices=["grpo", "sd_search", "sd_placebo", "sd_others", "search_e1"],
+                   help="the arms run (default: the three methods): grpo, sd_search, sd_placebo (SD-Search with "
+                        "another question's hindsight block), sd_others (SD-Search whose block leaves the rollout's "
+                        "own attempt out), search_e1")
     a.add_argument("--out", default="runs/ablation", help="run directories (finished runs are kept and reused)")
     a.add_argument("--results", default="docs/results.md", help="markdown results file (its PNG goes next to it)")
     a.add_argument("--config", default="tiny_cpu")

@@ -476,6 +476,18 @@ def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, dire
     return validate(cfg)
 
 
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`cfg` with `key=value` overrides (dot list), checked against the schema and validated as a loaded
+    config is (an ablation arm's settings on top of the study's config)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_first_line(e)) from None
+    return validate(OmegaConf.to_object(merged))
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__

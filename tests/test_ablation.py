@@ -50,6 +50,16 @@ def test_ablation_writes_results_and_reuses_finished_runs(micro_model_dir, tmp_p
         assert r["curve"] and all(len(p) == 3 and p[2] is not None for p in r["curve"])  # dev first-query hit too
     start = json.loads((tmp_path / "abl" / "start.json").read_text())
     assert len(start["questions"]) == 5 and start["dev_first_query_hit"] is not None
+    # Search-E1's first GRPO round is the GRPO arm's first grpo_steps steps with the same seed (paired): the
+    # same rollouts and the same update
+    rows = lambda path: [json.loads(l) for l in path.read_text().splitlines() if l.strip()]  # noqa: E731
+    same = ("critic/score/mean", "response_length/mean", "env/number_of_valid_search", "actor/pg_loss", "actor/entropy")
+    for seed in (0, 1):
+        grpo_rows = rows(tmp_path / "abl" / "grpo" / f"seed_{seed}" / "metrics.jsonl")
+        e1_rows = rows(tmp_path / "abl" / "search_e1" / f"seed_{seed}" / "cycle_0" / "grpo" / "metrics.jsonl")
+        assert len(e1_rows) == cfg.search_e1.grpo_steps < len(grpo_rows)
+        for a, b in zip(e1_rows, grpo_rows):
+            assert {k: a[k] for k in same} == pytest.approx({k: b[k] for k in same}, rel=1e-6), seed
     text = results.read_text()
     for label in ("warm start", "GRPO", "SD-Search", "Search-E1"):
         assert f"| {label} |" in text
@@ -111,6 +121,60 @@ def test_t_interval_of_three_values(monkeypatch, scipy):
     assert mean == pytest.approx(0.2) and half == pytest.approx(0.248414, abs=1e-4)
     mean, half = ablation.t_interval([0.4])
     assert mean == 0.4 and math.isnan(half)
+
+
+@pytest.mark.parametrize("scipy", [True, False])
+def test_one_sided_t_tail_and_holm_on_hand_values(monkeypatch, scipy):
+    if not scipy:  # the incomplete-beta fallback
+        monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    # tables: P(T_5 > 2.015) = 0.05, P(T_2 > 4.303) = 0.025, P(T_10 > 0) = 0.5; symmetry for negative t
+    assert ablation.t_sf(2.015048, 5) == pytest.approx(0.05, abs=1e-6)
+    assert ablation.t_sf(4.302653, 2) == pytest.approx(0.025, abs=1e-6)
+    assert ablation.t_sf(0.0, 10) == pytest.approx(0.5)
+    assert ablation.t_sf(-2.015048, 5) == pytest.approx(0.95, abs=1e-6)
+    # Holm: sorted p 0.01, 0.03, 0.04, 0.2 -> x4, x3, x2, x1 with the running maximum
+    assert ablation.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+
+
+def test_arms_contrasts_and_the_preregistered_family():
+    """Arms carry their overrides; the family is every arm against GRPO plus SD-Search against its placebo;
+    one-sided seed-paired t tests, Holm-adjusted, on hand numbers."""
+    from nemo_sdsearch.config import load_config
+
+    cfg = load_config("tiny_cpu")
+    assert ablation.arm_config(cfg, "sd_placebo").sd.hindsight_source == "other_question"
+    assert ablation.arm_config(cfg, "sd_others").sd.hindsight_members == "others"
+    assert ablation.arm_config(cfg, "sd_others").algorithm == "sd_search"
+    assert ablation.arm_config(cfg, "grpo").algorithm == "grpo"
+    with pytest.raises(ValueError, match="unknown ablation arm"):
+        ablation.arm_config(cfg, "placebo")
+    fqh = {"grpo": [0.50, 0.60, 0.55], "sd_search": [0.60, 0.70, 0.65], "sd_placebo": [0.52, 0.58, 0.57]}
+    runs = [_run(arm, seed, 0.5, v) for arm, vs in fqh.items() for seed, v in enumerate(vs)]
+    assert ablation.contrasts_of(runs) == [("sd_search", "grpo"), ("sd_placebo", "grpo"), ("sd_search", "sd_placebo")]
+    rows = {(r["method"], r["base"]): r for r in ablation.one_sided_tests(runs)}
+    # SD-Search - GRPO: +0.10 on every seed: sd 0 -> p 0; placebo - GRPO: +0.02, -0.02, +0.02: mean 1/150,
+    # sd 0.023094, t 0.5 over 2 df -> p 0.33333; SD-Search - placebo: +0.08, +0.12, +0.08: mean 0.09333,
+    # sd 0.023094, t 7.0 -> p 0.0099
+    assert rows[("sd_search", "grpo")]["p"] == 0.0
+    assert rows[("sd_placebo", "grpo")]["t"] == pytest.approx(0.5) and rows[("sd_placebo", "grpo")]["p"] == pytest.approx(1 / 3)
+    assert rows[("sd_search", "sd_placebo")]["t"] == pytest.approx(7.0)
+    p = rows[("sd_search", "sd_placebo")]["p"]
+    assert rows[("sd_search", "sd_placebo")]["p_holm"] == pytest.approx(2 * p)  # second smallest of three: x2
+    assert rows[("sd_placebo", "grpo")]["p_holm"] == pytest.approx(1 / 3)
+    assert [r["reject"] for r in rows.values()] == [True, False, True]
+    text = ablation.results_markdown({"all": {"n": 3, "em": 0.4}}, runs, 8, "cmd", "machine",
+                                     preregistration="## Pre-registration\n\nWritten before.\n")
+    assert text.index("## Pre-registration") < text.index("| method | runs |") < text.index("## Pre-registered tests")
+    assert "| SD-Search − SD-Search, placebo block | 3 | +0.093 |" in text
+
+
+def test_the_preregistration_section_survives_a_rewrite(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("# Title\n\n## Pre-registration\n\nRules.\n### Decision\n\nA.\n\n## Paired comparison\n\nold\n"
+                    "\n## Analysis\n\nreading\n")
+    assert ablation.kept_preregistration(path) == "## Pre-registration\n\nRules.\n### Decision\n\nA.\n\n"
+    assert ablation.kept_analysis(path) == "## Analysis\n\nreading\n"
+    assert ablation.kept_preregistration(tmp_path / "none.md") == ""
 
 
 def test_binomial_interval():
@@ -186,12 +250,17 @@ def test_ablate_command_line_takes_overrides_after_the_seeds(monkeypatch, tmp_pa
     from nemo_sdsearch import cli
 
     calls = []
-    monkeypatch.setattr(ablation, "run_ablation", lambda cfg, seeds, out, results, command, console: calls.append(
-        (cfg, seeds, command)))
+    monkeypatch.setattr(ablation, "run_ablation", lambda cfg, seeds, out, results, command, console, algorithms:
+                        calls.append((cfg, seeds, command, algorithms)))
     assert cli.main(["ablate", "--seeds", "0", "1", "cycles=1", "trainer.resume=true", "--out", str(tmp_path)]) == 0
-    cfg, seeds, command = calls[0]
-    assert seeds == [0, 1] and cfg.cycles == 1 and cfg.trainer.resume
+    cfg, seeds, command, arms = calls[0]
+    assert seeds == [0, 1] and cfg.cycles == 1 and cfg.trainer.resume and arms == ALGORITHMS
     assert command == "sdsearch ablate --seeds 0 1 cycles=1"
+    assert cli.main(["ablate", "--seeds", "3", "--arms", "grpo", "sd_placebo", "--out", str(tmp_path)]) == 0
+    assert calls[-1][3] == ("grpo", "sd_placebo") and calls[-1][2] == "sdsearch ablate --seeds 3 --arms grpo sd_placebo"
+    with pytest.raises(SystemExit):
+        cli.main(["ablate", "--seeds", "3", "--arms", "grpo", "placebo", "--out", str(tmp_path)])
+    calls.pop()
     assert cli.main(["ablate", "trainer.eval_every=7", "--seeds", "2", "--out", str(tmp_path)]) == 0
     assert calls[1][1] == [2] and calls[1][0].trainer.eval_every == 7
     with pytest.raises(SystemExit, match="integers"):

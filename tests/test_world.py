@@ -248,3 +248,17 @@ def test_vague_habit_of_the_demonstrations(bundle, tokenizer):
         elif d is not None:
             assert all(k in query for k, query in zip(keywords, d.queries)) and d.exact_match == 1.0
     assert any(d.answer is None for _, d in habit) and any(d.answer is not None for _, d in habit)
+
+
+def test_a_larger_test_set_extends_the_bundled_one():
+    """data.test_questions above the bundle's 300: drawn on from the same test world and seed, so the first 300
+    are the bundle's own; every question unique and answerable from the test world."""
+    from nemo_sdsearch.algorithms.setup import load_questions
+    from nemo_sdsearch.config import load_config
+
+    base = load_questions(load_config("tiny_cpu"))["test"]
+    big = load_questions(load_config("tiny_cpu", ["data.test_questions=1000"]))["test"]
+    assert len(base) == 300 and len(big) == 1000
+    assert [q.id for q in big[:300]] == [q.id for q in base] and [q.question for q in big[:300]] == [q.question for q in base]
+    assert len({q.id for q in big}) == len({q.question for q in big}) == 1000
+    assert all(q.metadata.get("evidence") for q in big)

@@ -26,8 +26,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ALGORITHMS = ("grpo", "sd_search", "search_e1")
-LABELS = {"grpo": "GRPO", "sd_search": "SD-Search", "search_e1": "Search-E1", "start": "warm start"}
+ALGORITHMS = ("grpo", "sd_search", "search_e1")   # the default arms: the three methods as configured
+# Every arm: (algorithm, its config overrides on top of the study's config). A run's result.json keeps the arm's
+# name under "algorithm" (a method arm's name is its algorithm's).
+ARMS = {
+    "grpo": ("grpo", ()),
+    "sd_search": ("sd_search", ()),
+    "sd_placebo": ("sd_search", ("sd.hindsight_source=other_question",)),   # another question's block
+    "sd_others": ("sd_search", ("sd.hindsight_members=others",)),           # the rollout's own attempt left out
+    "search_e1": ("search_e1", ()),
+}
+LABELS = {"grpo": "GRPO", "sd_search": "SD-Search", "search_e1": "Search-E1", "start": "warm start",
+          "sd_placebo": "SD-Search, placebo block", "sd_others": "SD-Search, others' attempts"}
 KINDS = ("all", "single_hop", "bridge", "comparison")
 METRICS = {"em": "EM", "first_query_hit": "first-query hit"}  # the compared test metrics (per question: 0/1)
 Z95 = 1.959963984540054  # the normal 0.975 quantile
@@ -77,13 +87,26 @@ def _test_eval(cfg, model_dir: str) -> tuple[dict, dict]:
         close_components(c)
 
 
+def arm_config(cfg, arm: str):
+    """The study's config as arm `arm` runs it (its algorithm and overrides)."""
+    from nemo_sdsearch.config import apply_overrides
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown ablation arm {arm!r}: choose from {', '.join(ARMS)}")
+    algorithm, overrides = ARMS[arm]
+    return apply_overrides(replace(cfg, algorithm=algorithm), list(overrides))
+
+
 def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
+    """Arm `algorithm` (a key of ARMS) with `seed`: train, evaluate on the test questions, keep result.json."""
     from nemo_sdsearch.algorithms import grpo, search_e1
 
-    run_dir = out / algorithm / f"seed_{seed}"
+    arm = algorithm
+    algorithm = ARMS[arm][0] if arm in ARMS else arm
+    run_dir = out / arm / f"seed_{seed}"
     done = run_dir / "result.json"
     if done.exists():
-        console.print(f"[dim]{algorithm} seed {seed}: done earlier, kept ({done})[/dim]")
+        console.print(f"[dim]{arm} seed {seed}: done earlier, kept ({done})[/dim]")
         result = json.loads(done.read_text())
         state_file = run_dir / "search_e1_state.json"
         if algorithm == "search_e1" and state_file.exists():  # the curve as this version draws it
@@ -91,11 +114,12 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
         return result
     budget, steps = rollout_budget(cfg)
     per_step = cfg.trainer.questions_per_step * cfg.rollout.group_size
-    rcfg = replace(cfg, algorithm=algorithm,
-                   trainer=replace(cfg.trainer, seed=seed, out_dir=str(run_dir), overwrite=False,
+    acfg = arm_config(cfg, arm)
+    rcfg = replace(acfg,
+                   trainer=replace(acfg.trainer, seed=seed, out_dir=str(run_dir), overwrite=False,
                                    final_test_eval=False,
                                    steps=steps if algorithm != "search_e1" else cfg.trainer.steps))
-    console.rule(f"ablation: {LABELS[algorithm]}, seed {seed}")
+    console.rule(f"ablation: {LABELS.get(arm, arm)}, seed {seed}")
     t0 = time.perf_counter()
     curve = []  # [rollouts consumed, dev EM, dev first-query hit or None]
     if algorithm == "search_e1":
@@ -110,7 +134,7 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
     # every method's final model is evaluated here the same way, with per-question outcomes (the runs
     # themselves skip their final test evaluation: trainer.final_test_eval=false above)
     test, questions = _test_eval(rcfg, model_dir)
-    result = {"algorithm": algorithm, "seed": seed, "rollouts": budget if algorithm == "search_e1" else steps * per_step,
+    result = {"algorithm": arm, "seed": seed, "rollouts": budget if algorithm == "search_e1" else steps * per_step,
               "test": test, "questions": questions, "curve": curve, "seconds": time.perf_counter() - t0,
               "model": model_dir}
     done.write_text(json.dumps(result, indent=1))
@@ -173,6 +197,77 @@ def binomial_interval(p: float, n: int) -> float:
     return Z95 * math.sqrt(p * (1 - p) / n) if n > 0 else math.nan
 
 
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom (scipy when installed, else the regularized
+    incomplete beta function: P(T > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 for t >= 0)."""
+    try:
+        from scipy.stats import t as student
+    except ImportError:
+        tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+        return tail if t >= 0 else 1.0 - tail
+    return float(student.sf(t, df))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (Lentz's continued fraction, Numerical Recipes 6.4)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down; reject where adjusted <= alpha controls the family-wise error)."""
+    order = sorted(range(len(pvalues)), key=pvalues.__getitem__)
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def one_sided_tests(results: list[dict], metric: str = "first_query_hit", alpha: float = 0.05) -> list[dict]:
+    """The pre-registered family: for each contrast (`contrasts_of`), the seed-paired differences on `metric`,
+    a one-sided paired t test of "method > base" (t = mean / (sd / sqrt(k)), k - 1 degrees of freedom), the
+    p-values Holm-adjusted over the family, and whether each is rejected at `alpha`."""
+    rows = []
+    for method, base in contrasts_of(results):
+        c = seed_paired([r for r in results if r["algorithm"] == method],
+                        [r for r in results if r["algorithm"] == base], metric)
+        diffs = list(c["diffs"].values())
+        if len(diffs) < 2:
+            continue
+        sd = statistics.stdev(diffs)
+        mean = statistics.fmean(diffs)
+        if sd == 0:
+            t, p = (math.inf, 0.0) if mean > 0 else (-math.inf if mean < 0 else 0.0, 1.0)
+        else:
+            t = mean / (sd / math.sqrt(len(diffs)))
+            p = t_sf(t, len(diffs) - 1)
+        rows.append({"method": method, "base": base, "metric": metric, "n": len(diffs), "mean": mean, "sd": sd,
+                     "t": t, "p": p})
+    for row, adj in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"], row["reject"] = adj, adj <= alpha
+    return rows
+
+
 def _excludes_zero(mean: float, half: float) -> bool:
     return half == half and (mean - half > 0 or mean + half < 0)
 
@@ -217,14 +312,32 @@ def question_paired(method: list[dict], base: list[dict], metric: str) -> dict:
             "worse": sum(d < -eps for d in diffs), "same": sum(abs(d) <= eps for d in diffs)}
 
 
-def paired_comparisons(results: list[dict], base: str = "grpo") -> list[dict]:
-    """Seed-paired and question-paired differences against `base` of every other method, for each metric in
-    `METRICS` (comparisons with nothing to pair are left out)."""
-    base_runs = [r for r in results if r["algorithm"] == base]
+def arms_of(results: list[dict]) -> list[str]:
+    """The arms `results` holds, in ARMS order (then any other name, sorted)."""
+    have = {r["algorithm"] for r in results}
+    return [a for a in ARMS if a in have] + sorted(have - set(ARMS))
+
+
+def contrasts_of(results: list[dict]) -> list[tuple[str, str]]:
+    """(method, base) pairs compared: every arm against GRPO, and SD-Search against its placebo (the
+    contrast that separates reading this question's outcomes from a block of text being present)."""
+    arms = arms_of(results)
+    out = [(a, "grpo") for a in arms if a != "grpo" and "grpo" in arms]
+    if "sd_search" in arms and "sd_placebo" in arms:
+        out.append(("sd_search", "sd_placebo"))
+    return out
+
+
+def paired_comparisons(results: list[dict], base: str | None = None) -> list[dict]:
+    """Seed-paired and question-paired differences of each contrast (`contrasts_of`; with `base`: every arm
+    against `base` only), for each metric in `METRICS` (comparisons with nothing to pair are left out)."""
+    pairs = contrasts_of(results) if base is None else [(a, base) for a in arms_of(results) if a != base]
     out = []
-    for alg in ALGORITHMS:
+    for alg, b in pairs:
         runs = [r for r in results if r["algorithm"] == alg]
-        if alg == base or not runs or not base_runs:
+        base_runs = [r for r in results if r["algorithm"] == b]
+        base = b
+        if not runs or not base_runs:
             continue
         for metric in METRICS:
             for fn in (seed_paired, question_paired):
@@ -286,10 +399,11 @@ def paired_markdown(results: list[dict]) -> list[str]:
     excludes 0 (in words), and the runs left out."""
     comps = paired_comparisons(results)
     lines = ["## Paired comparison against GRPO", "",
-             "Difference = method − GRPO on the test questions (positive: the method is better than GRPO).",
-             "- Seed-paired: per seed, the method's test mean minus GRPO's with the same seed; the mean over "
+             "Difference = method − base on the test questions (positive: the method is better than its base; the "
+             "base is GRPO, and for SD-Search also its placebo arm when the study has one).",
+             "- Seed-paired: per seed, the method's test mean minus the base's with the same seed; the mean over "
              "seeds ± t_{0.975,k−1}·sd/√k (k seeds). Its interval reflects the training randomness.",
-             "- Question-paired: per test question, the mean over the seeds of (method − GRPO) outcome (0/1 "
+             "- Question-paired: per test question, the mean over the seeds of (method − base) outcome (0/1 "
              "each); the mean over the n questions ± 1.96·sd/√n (normal approximation), and the number of "
              "questions the method does better / worse / the same on. Its interval reflects which test "
              "questions were drawn, for these trained models (not the seed-to-seed spread).",
@@ -312,15 +426,16 @@ def paired_markdown(results: list[dict]) -> list[str]:
         lines.append("Comparisons whose 95% CI excludes 0:")
         for c in hits:
             side = "better" if c["mean"] > 0 else "worse"
-            lines.append(f"- {LABELS[c['method']]} vs GRPO, {METRICS[c['metric']]}, {c['pairing'][:-1]}-paired: "
-                         f"{_ci(c)}: {LABELS[c['method']]} is {side} than GRPO.")
+            lines.append(f"- {LABELS[c['method']]} vs {LABELS[c['base']]}, {METRICS[c['metric']]}, "
+                         f"{c['pairing'][:-1]}-paired: {_ci(c)}: {LABELS[c['method']]} is {side} than "
+                         f"{LABELS[c['base']]}.")
         rest = len(comps) - len(hits)
         if rest:
             lines.append(f"- The other {rest} comparison{'s' if rest != 1 else ''} include{'s' if rest == 1 else ''} 0: "
                          "no difference from GRPO shown there.")
     else:
-        lines.append("No comparison's 95% CI excludes 0: neither SD-Search nor Search-E1 is distinguishable "
-                     "from GRPO on test EM or first-query hit in this run.")
+        lines.append("No comparison's 95% CI excludes 0: no method is distinguishable from its base on test EM "
+                     "or first-query hit in this run.")
     lines.append("")
     missing = [r for r in results if not r.get("questions")]
     if missing:
@@ -331,9 +446,30 @@ def paired_markdown(results: list[dict]) -> list[str]:
     return lines
 
 
+def tests_markdown(results: list[dict]) -> list[str]:
+    """The `## Pre-registered tests` section: one-sided seed-paired t tests of each contrast, Holm-adjusted
+    within the primary (first-query hit) and the secondary (EM) family."""
+    lines = ["## Pre-registered tests", "",
+             "One-sided paired t tests of \"method > base\" over the seeds (t = mean / (sd / √k), k − 1 degrees "
+             "of freedom); p-values Holm-adjusted within each family; rejected where the adjusted p ≤ 0.05.", ""]
+    for metric, family in (("first_query_hit", "primary"), ("em", "secondary")):
+        rows = one_sided_tests(results, metric)
+        if not rows:
+            continue
+        lines += [f"{family.capitalize()} endpoint, test {METRICS[metric]}:", "",
+                  "| contrast | seeds | mean difference | sd | t | p (one-sided) | p (Holm) | rejected |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            lines.append(f"| {LABELS.get(r['method'], r['method'])} − {LABELS.get(r['base'], r['base'])} | {r['n']} | "
+                         f"{_signed(r['mean'])} | {r['sd']:.3f} | {r['t']:.2f} | {r['p']:.4f} | {r['p_holm']:.4f} | "
+                         f"{'**yes**' if r['reject'] else 'no'} |")
+        lines.append("")
+    return lines if len(lines) > 4 else []
+
+
 def results_markdown(start: dict, results: list[dict], budget: int, command: str, machine: str,
                      analysis: str = "", normalization: str = "squad", wall_s: float | None = None,
-                     invocations: int = 1) -> str:
+                     invocations: int = 1, preregistration: str = "") -> str:
     """The results file. `start`: the warm start's test scores per kind; `wall_s`: the wall time of the
     `invocations` that produced the runs (an invocation reuses the runs earlier ones finished)."""
     seeds = sorted({r["seed"] for r in results})
@@ -345,6 +481,7 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
     lines = [
         "# Ablation: GRPO vs SD-Search vs Search-E1 on the tiny world",
         "",
+        *([preregistration.rstrip(), ""] if preregistration else []),
         f"Written by `{command}` on {machine}: {len(results)} runs, {total_min:.1f} min of training in all"
         + (f", {wall}." if wall else "."),
         f"Seeds {seeds}; equal rollout budget of about {budget} training rollouts per run; test metrics are greedy,",
@@ -360,7 +497,7 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
         "|---|---:|---|---|---:|",
         f"| {LABELS['start']} | 1 | {_start_cell(start, 'em')} | {_start_cell(start, 'first_query_hit')} | |",
     ]
-    for alg in ALGORITHMS:
+    for alg in arms_of(results):
         rs = [r for r in results if r["algorithm"] == alg]
         if not rs:
             continue
@@ -372,11 +509,11 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
               "|---|" + "---|" * len(KINDS),
               f"| {LABELS['start']} | " + " | ".join(f"{start[k]['em']:.3f}" if k in start else "n/a" for k in KINDS)
               + " |"]
-    for alg in ALGORITHMS:
+    for alg in arms_of(results):
         rs = [r for r in results if r["algorithm"] == alg]
         if rs:
             lines.append(f"| {LABELS[alg]} | " + " | ".join(_seed_cell(rs, "em", k) for k in KINDS) + " |")
-    lines += [""] + paired_markdown(results)
+    lines += [""] + paired_markdown(results) + tests_markdown(results)
     lines += ["Per run (test, all questions):", ""]
     for r in results:
         fqh = _run_value(r, "first_query_hit")
@@ -407,6 +544,19 @@ def kept_analysis(path: Path) -> str:
     return text[i:] if i >= 0 else ""
 
 
+def kept_preregistration(path: Path) -> str:
+    """The `## Pre-registration` section of an existing results file (up to the next `## ` header), kept
+    verbatim above the results: it was written and committed before the study ran."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    i = text.find("## Pre-registration")
+    if i < 0:
+        return ""
+    j = text.find("\n## ", i + 1)
+    return text[i:j + 1] if j >= 0 else text[i:]
+
+
 def plot_curves(results: list[dict], start_dev: float | None, path: Path,
                 start_dev_fqh: float | None = None) -> None:
     """Two panels against training rollouts consumed: dev EM and dev first-query hit (runs that recorded it),
@@ -419,7 +569,7 @@ def plot_curves(results: list[dict], start_dev: float | None, path: Path,
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for col, (ax, start, ylabel) in enumerate(zip(axes, (start_dev, start_dev_fqh),
                                                   ("dev EM (greedy)", "dev first-query hit (greedy)"))):
-        for i, alg in enumerate(ALGORITHMS):
+        for i, alg in enumerate(ARMS):
             labelled = False
             for r in (r for r in results if r["algorithm"] == alg):
                 pts = [(p[0], p[1 + col]) for p in r["curve"] if len(p) > 1 + col and p[1 + col] is not None]
@@ -463,6 +613,8 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     from nemo_sdsearch.world.assets import default_model_dir
 
     console = console or Console()
+    for arm in algorithms:   # every arm's config is valid before anything runs
+        arm_config(cfg, arm)
     check_out_dir(out, cfg.trainer.resume, cfg.trainer.overwrite)
     clear_out_dir(out, cfg.trainer.overwrite)
     t0 = time.perf_counter()
@@ -494,17 +646,20 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     plot_curves(results, start["dev"], results_path.parent / "results_curves.png", start.get("dev_first_query_hit"))
     results_path.write_text(results_markdown(start["test"], results, budget, command, describe_machine(cfg),
                                              kept_analysis(results_path), cfg.reward.normalization, spent["seconds"],
-                                             spent["invocations"]))
+                                             spent["invocations"], kept_preregistration(results_path)))
     table = Table(title="test metrics (methods: mean ± 95% t CI over seeds; warm start: ± binomial 95% CI)")
     for col in ("method", "runs", "EM", "first-query hit"):
         table.add_column(col)
     table.add_row(LABELS["start"], "1", _start_cell(start["test"], "em"), _start_cell(start["test"], "first_query_hit"))
     for alg in algorithms:
         rs = [r for r in results if r["algorithm"] == alg]
-        table.add_row(LABELS[alg], str(len(rs)), _seed_cell(rs, "em"), _seed_cell(rs, "first_query_hit"))
+        table.add_row(LABELS.get(alg, alg), str(len(rs)), _seed_cell(rs, "em"), _seed_cell(rs, "first_query_hit"))
     console.print(table)
     for c in paired_comparisons(results):
-        console.print(f"{LABELS[c['method']]} − GRPO, {METRICS[c['metric']]}, {c['pairing'][:-1]}-paired (n={c['n']}): "
-                      f"{_ci(c)}{'  CI excludes 0' if c['excludes_zero'] else ''}")
+        console.print(f"{LABELS[c['method']]} − {LABELS[c['base']]}, {METRICS[c['metric']]}, {c['pairing'][:-1]}-paired "
+                      f"(n={c['n']}): {_ci(c)}{'  CI excludes 0' if c['excludes_zero'] else ''}")
+    for r in one_sided_tests(results):
+        console.print(f"one-sided test {LABELS[r['method']]} > {LABELS[r['base']]} (first-query hit, {r['n']} seeds): "
+                      f"p {r['p']:.4f}, Holm {r['p_holm']:.4f}{'  rejected' if r['reject'] else ''}")
     console.print(f"wrote {results_path} and {results_path.parent / 'results_curves.png'} ({wall / 60:.1f} min)")
     return {"start": start, "results": results, "wall_s": wall}

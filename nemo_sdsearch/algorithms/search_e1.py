@@ -246,6 +246,13 @@ def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1,
     return kept
 
 
+def grpo_round_seed(seed: int, cycle: int) -> int:
+    """The seed of cycle `cycle`'s GRPO round: the run's own seed for the first (so the first round is the GRPO
+    baseline's first `grpo_steps` steps with the same seed, and an ablation pairs the two), a seed of its own
+    for every later round."""
+    return seed if cycle == 0 else seed * 101 + cycle
+
+
 def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
     from nemo_sdsearch.algorithms.setup import greedy_em, make_prompt_format, retrievers
     from nemo_sdsearch.models.hf import load_model_and_tokenizer
@@ -504,7 +511,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                            # a resumed run continues a round it left half done; a new run's
                                            # round directories are new (the run directory was empty)
                                            resume=cfg.trainer.resume,
-                                           seed=cfg.trainer.seed * 101 + cycle))
+                                           seed=grpo_round_seed(cfg.trainer.seed, cycle)))
             console.rule(f"cycle {cycle}: GRPO round ({e1.grpo_steps} steps)")
             start_stage(c, cfg.optim.lr, rcfg.trainer.seed)
             summary = grpo.train(rcfg, console, progress, components=grpo_c)

@@ -29,7 +29,10 @@ def load_questions(cfg: TrainConfig) -> dict:
     else:
         bundle = build_bundle()
         qa = lambda qs: [QA.from_flashrag(q.to_flashrag()) for q in qs]
-        train, dev, test = qa(bundle.train), qa(bundle.dev), qa(bundle.test)
+        # more test questions than the bundle's 300: drawn on from the same test world and seed (the first
+        # 300 are the bundle's own)
+        test = bundle.test if (d.test_questions or 0) <= len(bundle.test) else bundle.more_test(d.test_questions)
+        train, dev, test = qa(bundle.train), qa(bundle.dev), qa(test)
     return {"train": train[:d.train_questions] if d.train_questions else train,
             "dev": dev[:d.dev_questions] if d.dev_questions else dev,
             "test": test[:d.test_questions] if d.test_questions else test}

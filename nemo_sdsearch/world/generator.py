@@ -460,6 +460,13 @@ class Bundle:
     tokenizer_world: World | None = None
     tokenizer_questions: list[Question] | None = None
 
+    def more_test(self, n: int) -> list[Question]:
+        """`n` test questions of the test world: the same generator and seed as `test`, drawn on, so the first
+        len(test) are `test` itself (a larger test set for a study that needs the power)."""
+        out = make_questions(self.test_world, n, self.test_world.seed + 1, "test")
+        assert [q.question for q in out[:len(self.test)]] == [q.question for q in self.test[:n]]
+        return out
+
 
 # The tokenizer world comes first and no other world uses its name words: BPE merges whole names it saw
 # often (they become 1-2 tokens where any other name takes 3-4), and a model trained on other worlds

@@ -27,6 +27,12 @@ over groups (a group-clustered interval: queries of one group are not independen
 group: real - other question (what the teacher reads from its own question's block) and labels true - labels
 swapped (the label effect: what the outcome labels alone change).
 
+`--synthetic N` adds the same label contrast in the warm start's own demonstration format (N synthetic groups of
+the bundled training world, `DemoBuilder.outcome_group`): the log-probability of the first turn that copies the
+attempt labelled correct minus that of one copying a wrong-labelled attempt in another wording, with the true
+labels minus with those two labels swapped. It says whether the weights learned to read labels at all, apart
+from whether they do on the policy's own groups.
+
 It ends with TARGET lines. The pre-registered comparison (docs/results.md) runs only if the label effect's
 lower 95% bound (per token) is above 0.
 """
@@ -163,6 +169,51 @@ def target_lines(res: dict) -> list[str]:
     return lines
 
 
+def synthetic_label_effect(model, tok, n: int, seed: int = 1) -> list[float]:
+    """Per synthetic group (module doc): [log p(target turn) - log p(alternative turn)] under the true labels
+    minus the same under the two attempts' labels swapped, nats."""
+    import random
+
+    import torch
+
+    from nemo_sdsearch.core.hindsight import AttemptSummary, HindsightConfig, hindsight_block
+    from nemo_sdsearch.core.prompts import teacher_prompt
+    from nemo_sdsearch.retrieval import BM25Retriever
+    from nemo_sdsearch.world.demos import DemoBuilder, response_turns
+    from nemo_sdsearch.world.generator import build_bundle
+
+    bundle = build_bundle()
+    builder = DemoBuilder(tok, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
+                          hindsight_targets="outcome")
+    rng = random.Random(seed)
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+
+    def logp(prompt: str, text: str) -> float:
+        p, t = enc(prompt), enc(text)
+        ids = torch.tensor([p + t])
+        with torch.no_grad():
+            lsm = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        return float(lsm[len(p) - 1:].gather(-1, ids[0, len(p):, None]).sum())
+
+    out, order = [], HindsightConfig(order="group")
+    for q in bundle.train:
+        if len(out) >= n:
+            break
+        attempts, target, _ = builder.outcome_group(q, rng)
+        if target is None:
+            continue
+        alts = [a for a in attempts if not a.correct and a.queries != tuple(target) and len(a.queries) == len(q.hops)]
+        if not alts:
+            continue
+        alt = alts[0].queries
+        swapped = [AttemptSummary(a.queries, (not a.correct) if a.queries in (tuple(target), alt) else a.correct, a.answer)
+                   for a in attempts]
+        turn, alt_turn = response_turns(q, list(target)[:1])[0][0], response_turns(q, list(alt)[:1])[0][0]
+        true_p, swap_p = (teacher_prompt(q.question, hindsight_block(a, order)) for a in (attempts, swapped))
+        out.append((logp(true_p, turn) - logp(true_p, alt_turn)) - (logp(swap_p, turn) - logp(swap_p, alt_turn)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model directory (default: model.path, else the embedded warm start)")
@@ -170,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the figures as JSON here too")
     ap.add_argument("--smoke", action="store_true", help="a few questions, one thread (the test suite's run)")
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="also the label contrast on N synthetic groups in the warm start's demonstration format")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of conf/tiny_cpu.yaml (sd.*, rollout.*)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -225,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scored = {name: score_queries(c.actor, trajs, bl, teacher_ids, cfg.sd, c.tok.pad_token_id)
               for name, bl in blocks.items()}
+    if args.synthetic:
+        synth = synthetic_label_effect(c.actor.model, c.tok, args.synthetic)
+        m, h = mean_ci(synth)
+        results["synthetic_label_effect"] = {"mean": m, "ci": h, "groups": len(synth)}
+        console.print(f"label effect in the demonstration format ({len(synth)} synthetic groups, first turn, "
+                      f"target - alternative, true - swapped labels): {m:+.4f} ± {h:.4f} nats")
     close_components(c)
     correct = [t.exact_match == 1.0 for t in trajs]
     res = analyse(scored, correct, G)

@@ -102,7 +102,7 @@ def test_a_teacher_that_sees_the_student_prompt_has_zero_log_ratio_at_every_quer
 
 def test_the_bench_prints_its_target_lines_and_figures(ts, tmp_path, capsys):
     out = tmp_path / "signal.json"
-    assert ts.main(["--smoke", "--questions", "6", "--out", str(out), "rollout.group_size=3"]) == 0
+    assert ts.main(["--smoke", "--questions", "6", "--synthetic", "3", "--out", str(out), "rollout.group_size=3"]) == 0
     r = json.loads(out.read_text())
     assert r["questions"] == 6 and r["group_size"] == 3 and 0 <= r["mixed_groups"] <= 6
     printed = capsys.readouterr().out
@@ -115,5 +115,6 @@ def test_the_bench_prints_its_target_lines_and_figures(ts, tmp_path, capsys):
                               "direction/labels_swapped", "read/real-other_question", "label_effect/true-swapped"}
             assert all(v["groups"] <= r["mixed_groups"] for v in a.values())
         assert r["targets"]["label_effect"] == (r["analysis"]["per_token"]["label_effect/true-swapped"]["lower"] > 0)
+        assert r["synthetic_label_effect"]["groups"] == 3 and "demonstration format" in printed
     else:
         assert "no mixed groups" in printed and r["targets"] == {"label_effect": False, "read": False}

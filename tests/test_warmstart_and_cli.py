@@ -141,12 +141,12 @@ def test_outcome_demonstrations_follow_the_labels_not_the_position_or_the_wordin
     builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
                           teacher_fraction=1.0, vague_queries=1.0, hindsight_targets="outcome")
     rng = random.Random(0)
-    positions, first, habit_vague, n_with = collections.Counter(), 0, [], 0
+    positions, first, habit_vague, n_with, alternatives = collections.Counter(), 0, [], 0, 0
     for q in bundle.train[:150]:
         attempts, target, vague = builder.outcome_group(q, rng)
-        assert len(attempts) in (4, 5)
+        assert 2 <= len(attempts) <= 5
         correct = [i for i, a in enumerate(attempts) if a.correct]
-        assert len(correct) <= 2
+        assert len(correct) <= min(2, len(attempts) - 1)
         if target is None:
             assert not correct
             habit_vague.append(q.id)
@@ -156,9 +156,9 @@ def test_outcome_demonstrations_follow_the_labels_not_the_position_or_the_wordin
         assert builder._hits(q, target)                                       # ... and would find the evidence
         positions.update(correct)
         first += tuple(target) == attempts[0].queries
-        # a wrong-labelled attempt with a good plan in another wording: the wording alone cannot tell
-        assert any(not a.correct and a.queries != tuple(target) for a in attempts)
-    assert n_with > 60 and len(habit_vague) > 15
+        # a wrong-labelled attempt with a plan in another wording: the wording alone cannot tell
+        alternatives += any(not a.correct and a.queries != tuple(target) for a in attempts)
+    assert n_with > 60 and len(habit_vague) > 15 and alternatives > 0.8 * n_with
     assert set(positions) == {0, 1, 2, 3, 4}                                  # every position holds correct ones
     assert first / n_with < 0.5                                               # "copy Attempt 1" does not pay
     # with no attempt labelled correct the demonstration is the student's habit: vague for the habit template

@@ -16,7 +16,7 @@ search, the information block the *real* retriever returns for that query. Two f
     attempt when there is one, else the precise query. Its flaw: the correct attempt is always the
     precise one, and listed first, so "a block is present -> write the precise query" and "copy Attempt 1"
     pay as well as reading the labels do.
-  - `outcome` (`outcome_group`): 4 or 5 attempts in group order (random label positions), most of them
+  - `outcome` (`outcome_group`): 2 to 5 attempts in group order (random label positions), most of them
     plans that would find the evidence, in different wordings (the precise styles and the vague ones that
     happen to hit), a few that would not; which of the good plans are labelled correct is drawn at random
     (a good search can still end in a wrong answer). The response copies an attempt labelled correct;
@@ -174,8 +174,8 @@ class DemoBuilder:
         """(attempts in group order, the target queries or None, their vague flags): a synthetic group whose
         labels alone say which wording to copy (module doc). A plan is good when every query finds its
         evidence (precise styles always should; a vague one sometimes does); the correct labels go to 0, 1
-        or 2 of the good plans at random, wrong answers to the rest."""
-        n = rng.choice([4, 5])
+        or 2 of the good plans at random (never to every attempt), wrong answers to the rest."""
+        n = rng.choice([2, 3, 4, 5])
         plans = []   # (queries, vague flags, good)
         for _ in range(n):
             kind = rng.choices(("precise", "vague", "bad"), weights=(0.55, 0.25, 0.2))[0]
@@ -192,7 +192,7 @@ class DemoBuilder:
                 vague = [False] * len(qs)
             plans.append((qs, vague, kind != "bad" and self._hits(q, qs)))
         good = [i for i, p in enumerate(plans) if p[2]]
-        n_correct = min(rng.choice([0, 1, 1, 2]), len(good))
+        n_correct = min(rng.choice([0, 1, 1, 1, 2]), len(good), n - 1)
         correct = set(rng.sample(good, n_correct))
         attempts = [AttemptSummary(tuple(qs), i in correct, q.golden_answers[0] if i in correct
                                    else rng.choice([e for e in self.entities if e != q.golden_answers[0]]))

@@ -115,7 +115,8 @@ def cmd_warmstart(args) -> int:
                           world_seed_base=args.world_seed_base, warmup_steps=args.warmup_steps,
                           bf16=args.bf16, vague_queries=args.vague_queries,
                           hindsight_targets=args.hindsight_targets, teacher_fraction=args.teacher_fraction,
-                          reference_fraction=args.reference_fraction)
+                          reference_fraction=args.reference_fraction,
+                          teacher_query_weight=args.teacher_query_weight)
     print("sdsearch warmstart resolved config:", json.dumps(cfg.__dict__, indent=1))
     record = run_warmstart(cfg)
     print(f"trained {record['steps']} steps; final loss {record['history'][-1]['loss'] if record['history'] else 'n/a'}; "
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         "query, blocks outcome-sorted); outcome = the target copies an attempt labelled correct, "
                         "attempts in group order, the student's habit when none is correct (world/demos.py)")
     w.add_argument("--teacher-fraction", type=float, default=0.25, help="share of teacher-format demonstrations")
+    w.add_argument("--teacher-query-weight", type=float, default=1.0,
+                   help="loss weight of the search-query tokens of outcome teacher demonstrations (default 1)")
     w.add_argument("--reference-fraction", type=float, default=0.1,
                    help="share of Search-E1 reference-format demonstrations")
     w.set_defaults(fn=cmd_warmstart)

@@ -171,3 +171,41 @@ def test_outcome_demonstrations_follow_the_labels_not_the_position_or_the_wordin
     demos = [d for _, d in none_correct]
     text = tokenizer.decode(demos[0].token_ids[:demos[0].prompt_length])
     assert "Hindsight from" in text
+
+
+def test_teacher_query_weight_weights_only_the_query_tokens_of_teacher_demonstrations(bundle, tokenizer):
+    import random
+
+    from nemo_sdsearch.retrieval import BM25Retriever
+    from nemo_sdsearch.world.demos import DemoBuilder
+    from nemo_sdsearch.world.warmstart import collate, demo_loss, loss_weights
+
+    builder = DemoBuilder(tokenizer, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
+                          teacher_fraction=0.5, hindsight_targets="outcome")
+    rng = random.Random(0)
+    demos = [d for d in (builder.build(q, rng) for q in bundle.train[:30]) if d is not None]
+    teacher = [d for d in demos if getattr(d, "demo_format", None) == "teacher"]
+    assert teacher and len(teacher) < len(demos)
+    ids, attn, policy, info = collate(demos, tokenizer.pad_token_id)
+    assert loss_weights(demos, ids.shape[1], 1.0) is None
+    w = loss_weights(demos, ids.shape[1], 4.0)
+    for i, d in enumerate(demos):
+        q = torch.zeros(ids.shape[1], dtype=torch.bool)
+        q[:len(d.token_ids)] = torch.tensor(d.query_mask())
+        expected = 4.0 if getattr(d, "demo_format", None) == "teacher" else 1.0
+        assert bool(q.any()) and torch.all(w[i][q] == expected) and torch.all(w[i][~q] == 1.0)
+    # the weighted policy loss is the weighted mean of the per-token cross-entropies
+    from transformers import Qwen2ForCausalLM
+    from nemo_sdsearch.world.model_config import qwen2_config
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(qwen2_config("micro", len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
+    with torch.no_grad():
+        _, plain = demo_loss(model, ids, attn, policy, info, 0.0)
+        _, weighted = demo_loss(model, ids, attn, policy, info, 0.0, weights=w)
+        _, ones = demo_loss(model, ids, attn, policy, info, 0.0, weights=torch.ones_like(w))
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        pw = policy[:, 1:] * w[:, 1:]
+        assert float(weighted) == pytest.approx(float((ce * pw).sum() / pw.sum()), rel=1e-5)
+    assert float(ones) == pytest.approx(float(plain), rel=1e-6)

@@ -135,7 +135,10 @@ class DemoBuilder:
             if target is None:   # no attempt labelled correct: the student's own habit
                 target, vague = self.habit(q, queries, rng)
             cfg = HindsightConfig(include_answers=rng.random() < 0.3, order="group")
-            return self._trajectory(q, teacher_prompt(q.question, hindsight_block(attempts, cfg)), target, vague)
+            t = self._trajectory(q, teacher_prompt(q.question, hindsight_block(attempts, cfg)), target, vague)
+            if t is not None:
+                t.demo_format = "teacher"   # read by warmstart.loss_weights
+            return t
         else:
             attempts = []
             n_correct = rng.choice([0, 1, 1, 2, 3])

@@ -59,6 +59,10 @@ class WarmstartConfig:
     # Teacher-format targets (world/demos.py): precise = the shipped stages' (the target never depends on the
     # outcome labels); outcome = the target copies an attempt labelled correct, in group order.
     hindsight_targets: str = "precise"
+    # Loss weight of the search-query tokens of outcome teacher demonstrations (1 = every policy token alike).
+    # The tokens where the labels decide the wording are ~1% of the policy tokens; weighting them up
+    # concentrates the gradient on reading the labels.
+    teacher_query_weight: float = 1.0
 
 
 def tokenizer_corpus(bundle, rng: random.Random) -> list[str]:
@@ -103,9 +107,25 @@ def collate(trajs, pad_id: int):
     return ids, attn, policy, info
 
 
-def demo_loss(model, ids, attn, policy, info, info_weight: float, bf16: bool = False):
+def loss_weights(trajs, n: int, teacher_query_weight: float):
+    """[B, n] per-token weights of the policy loss: 1, and `teacher_query_weight` on the search-query tokens of
+    teacher-format demonstrations (`demo_format == "teacher"`); None when the weight is 1."""
+    import torch
+
+    if teacher_query_weight == 1.0:
+        return None
+    w = torch.ones((len(trajs), n))
+    for i, t in enumerate(trajs):
+        if getattr(t, "demo_format", None) == "teacher":
+            q = torch.tensor(t.query_mask())
+            w[i, :len(q)][q] = teacher_query_weight
+    return w
+
+
+def demo_loss(model, ids, attn, policy, info, info_weight: float, bf16: bool = False, weights=None):
     """(total loss, policy-token loss): next-token cross-entropy on policy tokens + weighted on passages.
-    bf16: the forward pass under CPU/GPU bf16 autocast; the cross-entropy is taken in fp32."""
+    bf16: the forward pass under CPU/GPU bf16 autocast; the cross-entropy is taken in fp32. `weights` ([B, T],
+    `loss_weights`): the policy loss is the weighted mean over policy tokens."""
     import torch
     import torch.nn.functional as F
 
@@ -115,7 +135,8 @@ def demo_loss(model, ids, attn, policy, info, info_weight: float, bf16: bool = F
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     ce = ce.view(ids.shape[0], -1)
     p, i = policy[:, 1:], info[:, 1:]
-    policy_loss = (ce * p).sum() / p.sum().clamp(min=1)
+    pw = p.float() if weights is None else p * weights[:, 1:]
+    policy_loss = (ce * pw).sum() / pw.sum().clamp(min=1)
     if info_weight <= 0:
         return policy_loss, policy_loss
     info_loss = (ce * i).sum() / i.sum().clamp(min=1)
@@ -181,7 +202,9 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
             ids, attn, policy, info = collate([demos[j] for j in batch_idx], tok.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, policy_loss = demo_loss(model, ids, attn, policy, info, cfg.info_lm_weight, cfg.bf16)
+            batch = [demos[j] for j in batch_idx]
+            loss, policy_loss = demo_loss(model, ids, attn, policy, info, cfg.info_lm_weight, cfg.bf16,
+                                          loss_weights(batch, ids.shape[1], cfg.teacher_query_weight))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()

@@ -98,6 +98,9 @@ def test_replica_losses_add_up_to_the_whole_batch_loss(reduction):
     assert sum(split_losses) / dp == pytest.approx(float(loss_whole.detach()), rel=1e-12)
     assert torch.allclose(torch.cat(split_grads) / dp, x.grad, rtol=1e-10, atol=1e-15)
     for k, v in sums_whole.items():          # metric sums add up over replicas
+        if k.endswith("_grad_sq"):           # each replica's logit gradients carry its dp scale: squared, dp**2
+            assert v > 0 and split_sums[k] / dp ** 2 == pytest.approx(v, rel=1e-10), k   # (grpo.term_grad_norms)
+            continue
         assert split_sums[k] == pytest.approx(v, rel=1e-12), k
     # normalising by a replica's LOCAL counts instead would not give the whole-batch gradient
     local = parts[0]

@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if n_mixed < 2:
         close_components(c)
         console.print(f"[red]{n_mixed} mixed group(s) among {len(questions)}: nothing to contrast; raise --questions[/red]")
-        for line in ("TARGET label effect (labels true - swapped): no mixed groups -> FAIL",):
-            print(line)
+        print("TARGET label effect (labels true - swapped): no mixed groups -> FAIL")
         results["targets"] = {"label_effect": False, "read": False}
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))

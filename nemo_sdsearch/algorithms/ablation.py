@@ -333,17 +333,16 @@ def paired_comparisons(results: list[dict], base: str | None = None) -> list[dic
     against `base` only), for each metric in `METRICS` (comparisons with nothing to pair are left out)."""
     pairs = contrasts_of(results) if base is None else [(a, base) for a in arms_of(results) if a != base]
     out = []
-    for alg, b in pairs:
+    for alg, base_arm in pairs:
         runs = [r for r in results if r["algorithm"] == alg]
-        base_runs = [r for r in results if r["algorithm"] == b]
-        base = b
+        base_runs = [r for r in results if r["algorithm"] == base_arm]
         if not runs or not base_runs:
             continue
         for metric in METRICS:
             for fn in (seed_paired, question_paired):
                 c = fn(runs, base_runs, metric)
                 if c["n"]:
-                    out.append({"method": alg, "base": base, "metric": metric, **c})
+                    out.append({"method": alg, "base": base_arm, "metric": metric, **c})
     return out
 
 

@@ -171,8 +171,20 @@ class TRTLLMSection:
     tensor_parallel: int = 1
     kv_cache_fraction: float = 0.35      # of free GPU memory, for the generation KV cache
     sleep_while_training: bool = True    # release generation memory during the update
+    sleep_level: int = 1                 # 1: the update releases the KV cache; 2: the engine's weights too (each
+                                         # wake-up is followed by a refit)
     streaming: bool = False              # watch every token of a turn (our stop check, early abort) instead of
                                          # TensorRT-LLM's stop words and a cut after the turn (same tokens)
+
+
+@dataclass
+class OffloadSection:
+    """What leaves the trainer's GPUs while the engines generate (models/offload.py): parked in host memory
+    after each update, before the engine wakes, and back on the device when the next update starts."""
+    optimizer: bool = False              # Adam's moments (and Megatron's fp32 main weights)
+    grads: bool = False                  # the gradient buffers (Megatron's DDP keeps them; released, not copied)
+    reference: str = "resident"          # resident | cpu: the frozen reference's weights in host memory outside
+                                         # the update (the k3 KL's, Search-E1's full-parameter OPSD teacher)
 
 
 @dataclass
@@ -204,6 +216,7 @@ class TrainConfig:
     arch: ArchSection = field(default_factory=ArchSection)
     megatron: MegatronSection = field(default_factory=MegatronSection)
     trtllm: TRTLLMSection = field(default_factory=TRTLLMSection)
+    offload: OffloadSection = field(default_factory=OffloadSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptSection = field(default_factory=PromptSection)
@@ -322,6 +335,7 @@ RANGES: dict[str, Range] = {
     "megatron.dist_timeout_minutes": Range(0, lo_open=True, null=True, why="null = $SDSEARCH_DIST_TIMEOUT_MINUTES or 30"),
     "trtllm.tensor_parallel": _ONE,
     "trtllm.kv_cache_fraction": Range(0, 1, lo_open=True),
+    "trtllm.sleep_level": Range(1, 2, why="1: the KV cache; 2: the weights as well"),
     "cluster.nodes": _ONE,
     "cluster.gpus_per_node": Range(0, why="0 = a CPU run"),
     "cluster.gpu_memory_gib": _POS,
@@ -344,6 +358,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "search_e1.loss_normalization": ("trajectory", "token"),
     "search_e1.adapter": ("lora", "full"),
     "megatron.dtype": ("auto", "bf16", "fp32"),
+    "offload.reference": ("resident", "cpu"),
     "logger.backends": ("console", "tensorboard", "wandb", "mlflow"),   # each entry of the list
     "logger.wandb_mode": ("auto", "online", "offline", "disabled"),
 }
@@ -379,6 +394,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "block from the same step")
     _require(cfg.trainer.questions_per_step % cfg.grpo.mini_batches == 0, "trainer.questions_per_step",
              "must be a multiple of grpo.mini_batches")
+    _require(cfg.trtllm.sleep_level == 1 or cfg.trtllm.sleep_while_training, "trtllm.sleep_level",
+             "2 releases the engine's weights during the update: it needs trtllm.sleep_while_training=true")
     _check_positions(cfg)
     d = cfg.data
     _require(bool(d.train_files) == bool(d.dev_files) == bool(d.test_files), "data.train_files",

@@ -171,11 +171,19 @@ class MemoryEstimate:
                                    for r in self.rows()])
 
 
-def memory_estimate(cfg) -> MemoryEstimate:
+TRAINER_STATE = ("actor weights", "actor gradient buffer fp32", "fp32 main weights", "Adam m and v fp32",
+                 "reference policy")
+"""The rows of the training state (`Parkable.state_bytes` measures the first four on a live actor)."""
+
+
+def memory_estimate(cfg, world: int | None = None) -> MemoryEstimate:
+    """The per-GPU (per-rank) memory of `cfg`'s layout; `world`: the job's ranks (default: cluster.nodes x
+    cluster.gpus_per_node). A CPU run (cluster.gpus_per_node=0) is modelled with what it runs: the torch AdamW
+    (fp32 weights, gradients freed after each step, Adam's moments not sharded)."""
     a, m, c, r = cfg.arch, cfg.megatron, cfg.cluster, cfg.rollout
     megatron = cfg.actor == "megatron"
     tp, pp = (m.tensor_parallel, m.pipeline_parallel) if megatron else (1, 1)
-    world = max(1, c.nodes * max(1, c.gpus_per_node))
+    world = world or max(1, c.nodes * max(1, c.gpus_per_node))
     dp = max(1, world // (tp * pp))
     vocab = padded_vocab_size(a.vocab_size, m.make_vocab_size_divisible_by, tp) if megatron else a.vocab_size
     P_hf = parameter_count(a)
@@ -183,27 +191,39 @@ def memory_estimate(cfg) -> MemoryEstimate:
     h, f, L, s, b = a.hidden_size, a.ffn_hidden_size, a.num_layers, r.max_context, cfg.grpo.micro_batch_size
     head_dim = h // a.num_attention_heads
     kv = a.num_kv_heads * head_dim
-    # the hf actor trains fp32 weights with a plain AdamW: no main copy, nothing sharded
-    fp32 = m.dtype == "fp32" or not megatron
-    shard = dp if megatron and m.distributed_optimizer else 1
+    # Megatron's DDP + DistributedOptimizer on GPUs; the torch AdamW on CPU and for the hf actor (fp32 weights,
+    # no main copy, nothing sharded, gradients set to None after every step)
+    megatron_opt = megatron and c.gpus_per_node > 0
+    fp32 = m.dtype == "fp32" or not megatron or (m.dtype == "auto" and c.gpus_per_node == 0)
+    shard = dp if megatron_opt and m.distributed_optimizer else 1
+    off = cfg.offload
     rows: list[MemoryRow] = []
 
     def add(component, phase, nbytes, note=""):
         rows.append(MemoryRow(component, phase, nbytes / GIB, note))
 
-    # -- resident in both phases -------------------------------------------------------------------
+    # -- the training state: resident, or in the training phase only where it is parked in host memory while
+    #    the engines generate (offload.*) or does not exist between updates (the torch AdamW's gradients) ------
+    parked = lambda on: TRAINING if on else RESIDENT
     add("CUDA contexts + NCCL", RESIDENT, CUDA_NCCL_OVERHEAD_GIB * GIB, "constant")
     add("actor weights", RESIDENT, (4 if fp32 else 2) * P / tp, f"{4 if fp32 else 2} P / tp")
-    add("actor gradient buffer fp32", RESIDENT, 4 * P / tp, "4 P / tp")
+    add("actor gradient buffer fp32", parked(off.grads or not megatron_opt), 4 * P / tp,
+        "4 P / tp" + ("; offload.grads" if off.grads and megatron_opt else
+                      "" if megatron_opt else "; freed after each step (torch AdamW)"))
     if not fp32:
-        add("fp32 main weights", RESIDENT, 4 * P / tp / shard, f"4 P / tp / {shard}")
-    add("Adam m and v fp32", RESIDENT, 8 * P / tp / shard, f"8 P / tp / {shard}")
+        add("fp32 main weights", parked(off.optimizer), 4 * P / tp / shard,
+            f"4 P / tp / {shard}" + ("; offload.optimizer" if off.optimizer else ""))
+    add("Adam m and v fp32", parked(off.optimizer), 8 * P / tp / shard,
+        f"8 P / tp / {shard}" + ("; offload.optimizer" if off.optimizer else ""))
     if cfg.grpo.kl_coef > 0:
-        add("reference policy", RESIDENT, (4 if fp32 else 2) * P / tp, "frozen, grpo.kl_coef > 0")
+        add("reference policy", parked(off.reference == "cpu"), (4 if fp32 else 2) * P / tp,
+            "frozen, grpo.kl_coef > 0" + ("; offload.reference=cpu" if off.reference == "cpu" else ""))
     trtllm = cfg.generator == "trtllm"
     gen_tp = cfg.trtllm.tensor_parallel if trtllm else 1
+    level2 = trtllm and cfg.trtllm.sleep_while_training and cfg.trtllm.sleep_level == 2
     if trtllm:
-        add("generator weights bf16", RESIDENT, 2 * P_hf / gen_tp, "TensorRT-LLM engine: 2 P_hf / trtllm tp")
+        add("generator weights bf16", GENERATION if level2 else RESIDENT, 2 * P_hf / gen_tp,
+            "TensorRT-LLM engine: 2 P_hf / trtllm tp" + ("; released by a level-2 sleep" if level2 else ""))
     elif megatron:
         add("generator weights bf16", RESIDENT, 2 * P_hf, "the HF copy on the replica leader")
     # -- generation phase ----------------------------------------------------------------------------
@@ -211,9 +231,10 @@ def memory_estimate(cfg) -> MemoryEstimate:
     kv_per_token = L * 2 * -(-a.num_kv_heads // gen_tp) * head_dim * 2   # K and V bf16, this GPU's heads
     kv_needed = rollouts * s * kv_per_token
     if trtllm:
-        # free memory when the engine reserves its cache: built after the actor and the reference, before
-        # the first optimizer step allocates Adam's moments
-        free = max(0.0, c.gpu_memory_gib - sum(x.gib for x in rows if x.component != "Adam m and v fp32"))
+        # free memory when the engine reserves its cache: built after the actor and the reference and after
+        # build_components parked offload.*, before the first optimizer step allocates Adam's moments
+        free = max(0.0, c.gpu_memory_gib - sum(x.gib for x in rows
+                                               if x.component != "Adam m and v fp32" and x.phase != TRAINING))
         kv_reserved = cfg.trtllm.kv_cache_fraction * free * GIB
         asleep = cfg.trtllm.sleep_while_training
         add("KV cache reserved", GENERATION if asleep else RESIDENT, kv_reserved,

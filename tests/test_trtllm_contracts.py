@@ -247,15 +247,51 @@ def test_level_1_keeps_the_weights_level_2_discards_them_until_a_full_refit(micr
         gen.shutdown()
 
 
+def _update_phase_parts(gen, level: int, sink=None):
+    """What `setup.engine_asleep` reads: the components (an actor with nothing to park) and the config."""
+    from nemo_sdsearch.config import OffloadSection
+
+    actor = SimpleNamespace(gather_in_replica=lambda obj: None, reload=lambda: None, offload=lambda parts: None,
+                            iter_weights=lambda: iter(()))
+    c = SimpleNamespace(engines={"train": SimpleNamespace(generator=gen)}, actor=actor, ref=None, weight_sink=sink)
+    cfg = SimpleNamespace(generator="trtllm", trtllm=SimpleNamespace(sleep_while_training=True, sleep_level=level),
+                          offload=OffloadSection())
+    return c, cfg
+
+
+def test_a_level_2_sleep_releases_the_weights_and_the_wake_up_refits_them(micro_model, tokenizer):
+    """trtllm.sleep_level=2: the update releases the engine's weights too; leaving the update phase wakes it and
+    streams the weights back in (without a refit the engine would refuse to generate)."""
+    from nemo_sdsearch.algorithms.setup import engine_asleep
+    from nemo_sdsearch.models.hf import HFActor
+
+    model = copy.deepcopy(micro_model)
+    gen = fake_generator(model, tokenizer)
+    actor = HFActor(copy.deepcopy(micro_model))
+    c, cfg = _update_phase_parts(gen, level=2, sink=gen)
+    c = SimpleNamespace(**{**vars(c), "actor": actor})
+    try:
+        with engine_asleep(c, cfg):
+            assert gen.llm.weights_released and "kv_cache" in gen.llm.asleep
+        assert gen.llm.asleep is None and not gen.llm.weights_released
+        methods = [m for m, _ in gen.llm.calls]
+        assert methods[:3] == ["sleep", "wakeup", "reset_prefix_cache"] and "update_weights" in methods
+        prompt = enc(tokenizer, PROMPTS[0])
+        gen.eos_token_ids = []
+        out = gen.open([prompt]).generate(SamplingParams(max_new_tokens=4, temperature=0.0))[0]
+        assert out.logprobs == pytest.approx(convention(micro_model, prompt + out.token_ids, len(prompt),
+                                                        out.token_ids, 0.0), abs=1e-4)
+    finally:
+        gen.shutdown()
+
+
 def test_training_sleeps_at_level_1_only(micro_model, tokenizer):
     """`setup.engine_asleep` (around every update) releases the KV cache and nothing else: the rollouts after it
     need no refit for the weights to be there (the recipe refits after the update anyway)."""
     from nemo_sdsearch.algorithms.setup import engine_asleep
 
     gen = fake_generator(micro_model, tokenizer)
-    c = SimpleNamespace(engines={"train": SimpleNamespace(generator=gen)},
-                        actor=SimpleNamespace(gather_in_replica=lambda obj: None))
-    cfg = SimpleNamespace(generator="trtllm", trtllm=SimpleNamespace(sleep_while_training=True))
+    c, cfg = _update_phase_parts(gen, level=1)
     try:
         with engine_asleep(c, cfg):
             assert gen.llm.asleep == ["kv_cache"] and not gen.llm.weights_released

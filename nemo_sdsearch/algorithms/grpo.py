@@ -34,6 +34,7 @@ from typing import Mapping
 import torch
 
 from nemo_sdsearch.algorithms import sd_search
+from nemo_sdsearch.layout import GIB
 from nemo_sdsearch.algorithms.report import SUMMARY_CAPTION, plot_curves, summary_rows
 from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, engine_asleep, is_rank0,
                                             make_prompt_format, sharded_greedy_em)
@@ -215,6 +216,7 @@ def rl_step(run: "Run", step: int) -> dict:
     t_step = time.perf_counter()
     # 1. rollouts: this replica's share
     questions = [c.data["train"][i] for i in run.sampler.take(cfg.trainer.questions_per_step)]
+    held = sum(actor.state_bytes().values()) + (c.ref.state_bytes()["actor weights"] if c.ref is not None else 0)
     t0 = time.perf_counter()
     trajs = replica_rollouts(actor, run.engine("train"), questions, G, cfg.trainer.seed * 1_000_003 + step)
     gen_s = time.perf_counter() - t0
@@ -231,10 +233,10 @@ def rl_step(run: "Run", step: int) -> dict:
     if cfg.optim.warmup_ratio:
         set_learning_rate(actor, scheduled_lr(cfg, step))
     t_update = time.perf_counter()
-    with engine_asleep(c, cfg):
+    # (the refit, once the engine is awake again, counts in timing_s/step)
+    with engine_asleep(c, cfg, refit=lambda: refit_generator(actor, c.weight_sink)):
         m, stats = update_policy(actor, c.ref, trajs, adv, teacher, cfg, c.tok.pad_token_id)
-    update_s = time.perf_counter() - t_update - m["teacher_s"]
-    refit_generator(actor, c.weight_sink)  # (refit time counts in timing_s/step)
+        update_s = time.perf_counter() - t_update - m["teacher_s"]
     rollout, resp_tokens, all_tokens = rollout_metrics(actor, trajs, adv, {q.id: q.metadata for q in questions},
                                                        prompt_room=cfg.rollout.max_context - cfg.rollout.max_new_tokens)
     n_policy, n_query = m["n_policy"], m["n_query"]
@@ -258,6 +260,7 @@ def rl_step(run: "Run", step: int) -> dict:
         "timing_s/teacher": m["teacher_s"], "timing_s/update_actor": update_s, "timing_s/step": step_s,
         "timing_per_token_ms/gen": 1000 * gen_s / max(resp_tokens, 1),
         "perf/throughput": all_tokens / (step_s * world),
+        "memory/trainer_gib": held / GIB,
     }
 
 
@@ -473,8 +476,13 @@ class Run:
         loop_state = {"sampler": self.sampler.state(), "rng": rng_state(), "step": step, "history": self.history,
                       "evals": self.evals, "start_test": self.start_test, "config": to_dict(self.cfg),
                       "best": self.best, "logger_runs": self.loggers.run_ids()}
-        self.c.actor.save_state(self.out / "checkpoints", step,
-                                lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
+        save = lambda: self.c.actor.save_state(self.out / "checkpoints", step,
+                                               lambda extra: save_checkpoint(self.out, step, {**extra, **loop_state}))
+        if self.c.actor.offloaded:  # the state parked for generation (offload.*) comes back while the engine sleeps
+            with engine_asleep(self.c, self.cfg):
+                save()
+        else:
+            save()
         self.saved_step = step
         if self.rank0:
             rotate_checkpoints(self.out, t.keep_last, self.best["step"] if t.keep_best and self.best else None)

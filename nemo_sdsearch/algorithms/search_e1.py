@@ -433,13 +433,13 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     history = [{"step": 0, **_dev_history(best)}]
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
-        with engine_asleep(c, cfg):
+        evaluate = bool(e1.opsd_eval_every and step % e1.opsd_eval_every == 0)
+        with engine_asleep(c, cfg, refit=(lambda: refit_generator(c.actor, c.weight_sink)) if evaluate else None):
             s = opsd_step(c.actor, c.ref, batch, e1, c.tok.pad_token_id)
         if s["skipped"]:
             console.print(f"[yellow]OPSD step {step}: non-finite loss or gradient, skipped[/yellow]")
         row = {"step": step, "loss": s["loss"]}
-        if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:
-            refit_generator(c.actor, c.weight_sink)
+        if evaluate:
             scores = dev()
             row.update(_dev_history(scores))
             if scores["em"] > best["em"]:

@@ -89,23 +89,45 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def offload_parts(cfg: TrainConfig) -> list[str]:
+    """The parts of the trainer's state parked in host memory while the engines generate (`offload.*`)."""
+    return [part for part, on in (("optimizer", cfg.offload.optimizer), ("grads", cfg.offload.grads)) if on]
+
+
 @contextlib.contextmanager
-def engine_asleep(c: Components, cfg: TrainConfig):
-    """Around an update between two generations (GRPO's, OPSD's): the TensorRT-LLM engine releases its KV cache
-    while the update runs (trtllm.sleep_while_training), and before it wakes every rank of the replica returns
-    the update's cached allocator blocks to the device (`free_training_memory`), so the wake-up's KV cache and
-    the refit's bucket meet the resident weights only, not the update's transients."""
+def engine_asleep(c: Components, cfg: TrainConfig, refit=None):
+    """The update phase between two generations (GRPO's, OPSD's, a checkpoint's save).
+
+    Enter: the TensorRT-LLM engine sleeps (trtllm.sleep_while_training; trtllm.sleep_level 1 releases its KV
+    cache, 2 its weights too) and the trainer's parked state comes back on the device (`offload.*`: Adam's
+    moments, the grad buffers, the reference's weights with offload.reference=cpu).
+    Exit, in the order that keeps the wake-up's peak low: every rank of the replica returns the update's cached
+    allocator blocks to the device (`free_training_memory`); the trainer parks `offload.*` in host memory; the
+    engine wakes, so its KV cache (and weights) meet only what generation needs; then `refit()` when given
+    (the recipe's weight stream), or after a level-2 sleep the stream into the woken engine, whose weights were
+    released."""
     generator = c.engines["train"].generator if c.engines is not None else None
     sleeping = generator is not None and cfg.generator == "trtllm" and cfg.trtllm.sleep_while_training
+    level = cfg.trtllm.sleep_level
+    ref_on_host = c.ref is not None and cfg.offload.reference == "cpu"
     if sleeping:
-        generator.sleep(level=1)
+        generator.sleep(level=level)
+    c.actor.reload()
+    if ref_on_host:
+        c.ref.reload()
     try:
         yield
     finally:
-        if cfg.generator == "trtllm":
+        parts = offload_parts(cfg)
+        if cfg.generator == "trtllm" or parts or ref_on_host:
             free_training_memory(c.actor)
+        park_for_generation(cfg, c.actor, c.ref)
         if sleeping:
             generator.wake_up()
+        if refit is not None:
+            refit()
+        elif sleeping and level == 2 and c.weight_sink is not None:
+            c.weight_sink.refit(c.actor.iter_weights())
 
 
 def free_training_memory(actor) -> None:
@@ -122,8 +144,10 @@ def start_stage(c: Components, lr: float, seed: int) -> None:
     """A new training stage over components built once (Search-E1's GRPO and OPSD rounds): a fresh optimizer at
     `lr`, the frozen reference (the k3 KL's, the OPSD teacher) set to the actor's current weights (what building
     the stage's components from its start weights gave), and the CPU RNG seeded as that build seeded it."""
+    c.actor.reload()   # a stage's start touches the whole state (parked after the last update: offload.*)
     c.actor.reset_optimizer(lr)
     if c.ref is not None:
+        c.ref.reload()
         c.ref.copy_weights_from(c.actor)
     torch.manual_seed(seed)
 
@@ -176,6 +200,7 @@ def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Co
         ref = HFScorer(copy.deepcopy(model).eval().requires_grad_(False)) if with_reference else None
         actor = HFActor(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                         grad_clip=cfg.optim.grad_clip)
+        park_for_generation(cfg, actor, ref)
         if cfg.generator == "trtllm":
             generator = _trtllm_engine(cfg, actor, tok, model_dir)
             return Components(actor, ref, tok, data, _engines(cfg, generator, tok), generator)
@@ -189,6 +214,7 @@ def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Co
     ref = build_megatron_actor(hf_config, read, cfg, frozen=True) if with_reference else None
     bytes_read = read.bytes_read
     del read
+    park_for_generation(cfg, actor, ref)  # before the engine reserves its KV cache from the free memory
     torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
     placement = None
     if cfg.generator == "trtllm":
@@ -200,6 +226,14 @@ def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Co
         generator, sink = None, DrainWeights()
     engines = _engines(cfg, generator, tok) if generator is not None else None
     return Components(actor, ref, tok, data, engines, sink, placement, bytes_read)
+
+
+def park_for_generation(cfg: TrainConfig, actor, ref) -> None:
+    """What `offload.*` keeps in host memory while the engines generate, parked (every update brings it back and
+    parks it again: `engine_asleep`)."""
+    actor.offload(offload_parts(cfg))
+    if ref is not None and cfg.offload.reference == "cpu":
+        ref.offload(["params"])
 
 
 def _torch_generator(cfg: TrainConfig, model, tok):

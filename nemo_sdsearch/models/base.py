@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from nemo_sdsearch.models.offload import Parkable
+
 
 @dataclass
 class SequenceBatch:
@@ -54,7 +56,7 @@ def positions_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return rows, cols
 
 
-class Actor(ABC):
+class Actor(Parkable, ABC):
     """Logits/log-probs at selected positions, a no-grad teacher pass, a train step, weight export."""
 
     @abstractmethod

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 from nemo_sdsearch.models.base import Actor
+from nemo_sdsearch.models.offload import Parkable
 
 
 def default_dtype(device: str, training: bool):
@@ -36,7 +37,7 @@ def load_model_and_tokenizer(path: str | Path, device: str | None = None, dtype=
     return model, tokenizer
 
 
-class HFScorer:
+class HFScorer(Parkable):
     """Logits and log-probs at selected positions of a transformers causal LM (no optimizer).
 
     The LM head runs only on requested rows: the decoder gives hidden states, we gather the rows, then

@@ -168,6 +168,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_layout(args) -> int:
+    """`sdsearch layout --model 7b --nodes 1`: each recipe of that model size at its layout and the layouts that
+    fit (memory per GPU per phase, nemo_sdsearch/layout.py); exit status 1 when no recipe fits."""
+    from nemo_sdsearch.config import config_dir, load_config
+    from nemo_sdsearch.layout import layout_report, memory_estimate, replace_nodes
+
+    directory = args.config_dir or str(config_dir())
+    names = args.recipe or sorted(p.stem for p in Path(directory).glob(f"qwen25_{args.model}_*.yaml"))
+    if not names:
+        print(f"no recipe qwen25_{args.model}_*.yaml in {directory}", file=sys.stderr)
+        return 2
+    fits = []
+    for name in names:
+        # the memory check is what this command reports on: the recipe loads without it
+        cfg = replace_nodes(load_config(name, list(args.overrides), args.config_dir, check_memory=False),
+                            args.nodes) if args.nodes else load_config(name, list(args.overrides), args.config_dir,
+                                                                       check_memory=False)
+        print(layout_report(name, cfg, top=args.top))
+        est = memory_estimate(cfg)
+        if args.table:
+            print(est.table())
+        print()
+        fits.append(est.peak_gib <= cfg.cluster.gpu_memory_gib * cfg.cluster.memory_headroom)
+    return 0 if any(fits) else 1
+
+
 def cmd_ablate(args) -> int:
     from rich.console import Console
 
@@ -216,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", default="tiny_cpu", help="config name in the config directory")
     t.add_argument("--config-dir", help="directory of YAML configs (default: the shipped configs)")
     t.set_defaults(fn=cmd_train)
+
+    lo = sub.add_parser("layout", help="memory per GPU per phase of the Qwen2.5 recipes of a model size, and the "
+                                       "layouts (tp, pp, engine tp, offload) that fit on N nodes")
+    lo.add_argument("--model", required=True, choices=["3b", "7b", "32b", "72b"])
+    lo.add_argument("--nodes", type=int, help="nodes of cluster.gpus_per_node GPUs (default: each recipe's)")
+    lo.add_argument("--recipe", nargs="+", help="recipe names (default: every conf/qwen25_<model>_*.yaml)")
+    lo.add_argument("--top", type=int, default=8, help="fitting layouts listed per recipe")
+    lo.add_argument("--table", action="store_true", help="also print every component of the recipe's layout")
+    lo.add_argument("overrides", nargs="*", help="config overrides, e.g. cluster.gpu_memory_gib=141")
+    lo.add_argument("--config-dir")
+    lo.set_defaults(fn=cmd_layout)
 
     a = sub.add_parser("ablate", help="GRPO vs SD-Search vs Search-E1 at equal rollout budget, several seeds; "
                                       "writes a results table and a plot")

@@ -370,7 +370,7 @@ def get_key(cfg, key: str):
     return cfg
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
+def validate(cfg: TrainConfig, check_memory: bool = True) -> TrainConfig:
     for key, allowed in RANGES.items():
         value = get_key(cfg, key)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -407,7 +407,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "questions from files need the retrieval service over their corpus (rollout.retriever=http)")
     from nemo_sdsearch.layout import check_layout
 
-    check_layout(cfg)
+    check_layout(cfg, memory=check_memory)
     return cfg
 
 
@@ -473,8 +473,10 @@ def config_dir() -> Path:
     return installed if installed.is_dir() else here.parent / "conf"
 
 
-def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, directory: str | None = None) -> TrainConfig:
-    """Compose `conf/<name>.yaml` with Hydra override syntax (`key=value`), check it against the schema."""
+def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, directory: str | None = None,
+                check_memory: bool = True) -> TrainConfig:
+    """Compose `conf/<name>.yaml` with Hydra override syntax (`key=value`), check it against the schema (and,
+    unless `check_memory` is off, against the per-GPU memory estimate: `sdsearch layout` reports it instead)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -490,7 +492,7 @@ def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, dire
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_first_line(e)) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
-    return validate(cfg)
+    return validate(cfg, check_memory)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -50,6 +50,14 @@ layers, kv = key/value heads x head dim, Vp = vocabulary padded to make_vocab_si
     JSD chunk buffers            JSD_CHUNK_BUFFERS x sd.chunk_rows x Vp/t x 4
   peak = max(generation phase, training phase), each including the resident rows
 
+Offload (models/offload.py): offload.grads, offload.optimizer (the fp32 main weights and Adam's moments) and
+offload.reference=cpu move those rows from "resident" to the training phase (parked in host memory while the
+engines generate; build_components parks them before the engine is built, so they are not in the memory the
+KV cache's fraction is taken of); trtllm.sleep_level=2 moves the engine's weights to the generation phase.
+A CPU run (cluster.gpus_per_node=0; `world` given) runs the torch AdamW: fp32 weights, gradients in the
+training phase (set to None after every step), Adam's moments not sharded. `sdsearch layout` searches the
+layouts that fit (`layout_options`, `layout_report`).
+
 Reported, not counted: the KV cache the replica's rollouts of one step would need all at max_context at
 once, and how many such rollouts the reserved cache holds. Not modelled: fragmentation (the headroom), the
 Search-E1 OPSD round (a LoRA adapter on the HF model, on one device today).
@@ -330,8 +338,8 @@ def _fixes(cfg, est: MemoryEstimate, budget: float) -> list[tuple[str, str]]:
     return fixes
 
 
-def check_layout(cfg) -> None:
-    """Raise ConfigError for an impossible parallel layout or one whose memory estimate does not fit."""
+def check_layout(cfg, memory: bool = True) -> None:
+    """Raise ConfigError for an impossible parallel layout or (`memory`) one whose memory estimate does not fit."""
     a, m, c = cfg.arch, cfg.megatron, cfg.cluster
     tp, pp = m.tensor_parallel, m.pipeline_parallel
     for key, v in (("megatron.tensor_parallel", tp), ("megatron.pipeline_parallel", pp),
@@ -375,7 +383,7 @@ def check_layout(cfg) -> None:
             raise _config_error("trtllm.tensor_parallel", f"{g} does not divide the {a.num_attention_heads} heads")
     if a.num_layers and a.num_layers % pp:
         raise _config_error("megatron.pipeline_parallel", f"{pp} does not divide the {a.num_layers} layers")
-    if c.gpus_per_node and a.hidden_size and a.num_layers and a.vocab_size and a.num_attention_heads:
+    if memory and c.gpus_per_node and a.hidden_size and a.num_layers and a.vocab_size and a.num_attention_heads:
         est = memory_estimate(cfg)
         budget = c.gpu_memory_gib * c.memory_headroom
         if est.peak_gib > budget:
@@ -389,4 +397,115 @@ def check_layout(cfg) -> None:
                                 "tokens; raise trtllm.kv_cache_fraction or trtllm.tensor_parallel:\n" + est.table())
 
 
-DOC_RECIPES = ("qwen25_7b_sd_search", "qwen25_7b_search_e1", "qwen25_3b_sd_search", "qwen25_3b_search_e1")
+# ---------------------------------------------------------------------------------------------------
+# `sdsearch layout`: which layouts of a recipe fit, and how many GPUs generate
+# ---------------------------------------------------------------------------------------------------
+OFFLOAD_PLANS = {
+    "none": {},
+    "state": {"optimizer": True, "grads": True, "reference": "cpu"},          # offload.* on
+    "state+engine": {"optimizer": True, "grads": True, "reference": "cpu", "sleep_level": 2},  # + level-2 sleep
+}
+
+
+@dataclass(frozen=True)
+class LayoutOption:
+    tp: int
+    pp: int
+    dp: int
+    gen_tp: int
+    offload: str                  # a key of OFFLOAD_PLANS
+    estimate: MemoryEstimate
+    budget_gib: float
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.peak_gib <= self.budget_gib
+
+    @property
+    def generating(self) -> float:
+        """The share of the job's GPUs that run an engine worker while the engines generate: one engine of
+        trtllm.tensor_parallel GPUs per data-parallel replica of tp x pp GPUs."""
+        return self.gen_tp / (self.tp * self.pp)
+
+
+def with_layout(cfg, tp: int, pp: int, gen_tp: int, offload: str = "none", nodes: int | None = None):
+    """`cfg` with another parallel layout, engine size and offload plan (`OFFLOAD_PLANS`)."""
+    from dataclasses import replace
+
+    plan = OFFLOAD_PLANS[offload]
+    off = replace(cfg.offload, optimizer=plan.get("optimizer", False), grads=plan.get("grads", False),
+                  reference=plan.get("reference", "resident"))
+    return replace(cfg, megatron=replace(cfg.megatron, tensor_parallel=tp, pipeline_parallel=pp), offload=off,
+                   trtllm=replace(cfg.trtllm, tensor_parallel=gen_tp, sleep_level=plan.get("sleep_level", 1)),
+                   cluster=replace(cfg.cluster, nodes=nodes or cfg.cluster.nodes))
+
+
+def layout_options(cfg, nodes: int | None = None) -> list[LayoutOption]:
+    """Every possible layout of `cfg`'s model on `nodes` nodes (default: the recipe's): megatron tp and pp, the
+    engine's tensor parallelism, and the three offload plans; each with its memory estimate. Impossible ones
+    (check_layout without the memory check) are left out."""
+    c = cfg.cluster
+    world = (nodes or c.nodes) * c.gpus_per_node
+    sizes = [n for n in (1, 2, 4, 8) if n <= c.gpus_per_node]
+    out = []
+    for tp in sizes:
+        for pp in (1, 2, 4, 8, 16):
+            if world % (tp * pp):
+                continue
+            for gen_tp in sizes:
+                for plan in OFFLOAD_PLANS:
+                    v = with_layout(cfg, tp, pp, gen_tp, plan, nodes)
+                    try:
+                        check_layout(v, memory=False)
+                    except ConfigError:
+                        continue
+                    out.append(LayoutOption(tp, pp, world // (tp * pp), gen_tp, plan, memory_estimate(v),
+                                            c.gpu_memory_gib * c.memory_headroom))
+    return out
+
+
+def layout_report(name: str, cfg, nodes: int | None = None, top: int = 8) -> str:
+    """What `sdsearch layout` prints for one recipe: its own layout's phase totals and verdict, then the layouts
+    that fit on `nodes` nodes, the most GPUs generating first, then the lowest peak."""
+    c = cfg.cluster
+    nodes = nodes or c.nodes
+    budget = c.gpu_memory_gib * c.memory_headroom
+    world = nodes * c.gpus_per_node
+    own = memory_estimate(replace_nodes(cfg, nodes))
+    m = cfg.megatron
+    gen = cfg.trtllm.tensor_parallel / (m.tensor_parallel * m.pipeline_parallel)
+    verdict = "fits" if own.peak_gib <= budget else "does NOT fit"
+    lines = [f"{name}: {parameter_count(cfg.arch) / 1e9:.1f} B parameters on {nodes} node(s) x {c.gpus_per_node} "
+             f"GPUs of {c.gpu_memory_gib:g} GiB (budget {budget:.1f} GiB = {c.memory_headroom:.0%})",
+             f"  the recipe's layout: TP {m.tensor_parallel} x PP {m.pipeline_parallel} x DP {own.dp}, engine TP "
+             f"{cfg.trtllm.tensor_parallel}, offload {_plan_of(cfg)}: generation {own.generation_gib:.1f} GiB, "
+             f"training {own.training_gib:.1f} GiB, peak {own.peak_gib:.1f} GiB ({own.peak_phase}) -> {verdict}; "
+             f"{gen:.0%} of the GPUs generate"]
+    options = layout_options(cfg, nodes)
+    fitting = sorted((o for o in options if o.fits), key=lambda o: (-o.generating, o.estimate.peak_gib))
+    lines.append(f"  layouts that fit on {world} GPUs: {len(fitting)} of {len(options)} possible"
+                 + (f" (the best {min(top, len(fitting))}):" if fitting else ""))
+    if fitting:
+        lines.append("     TP  PP  DP  engine TP  offload        generation  training    peak  GPUs generating")
+        for o in fitting[:top]:
+            e = o.estimate
+            lines.append(f"    {o.tp:3d} {o.pp:3d} {o.dp:3d} {o.gen_tp:10d}  {o.offload:13s} {e.generation_gib:10.1f} "
+                         f"{e.training_gib:9.1f} {e.peak_gib:7.1f}  {o.generating:15.0%}")
+    return "\n".join(lines)
+
+
+def replace_nodes(cfg, nodes: int):
+    from dataclasses import replace
+
+    return replace(cfg, cluster=replace(cfg.cluster, nodes=nodes))
+
+
+def _plan_of(cfg) -> str:
+    o = cfg.offload
+    if not (o.optimizer or o.grads or o.reference == "cpu"):
+        return "none"
+    return "state+engine" if cfg.trtllm.sleep_level == 2 else "state"
+
+
+DOC_RECIPES = ("qwen25_7b_sd_search", "qwen25_7b_search_e1", "qwen25_3b_sd_search", "qwen25_3b_search_e1",
+               "qwen25_32b_sd_search", "qwen25_72b_sd_search")

@@ -81,7 +81,8 @@ def test_cpu_config_rejects_gpu_only_settings():
 
 # -- the memory estimate ----------------------------------------------------------------------------
 # Qwen2.5-7B / -3B as their HF config.json files give them: hidden, layers, heads, KV heads, ffn, vocab, tied
-QWEN25 = {"7b": (3584, 28, 28, 4, 18944, 152064, False), "3b": (2048, 36, 16, 2, 11008, 151936, True)}
+QWEN25 = {"7b": (3584, 28, 28, 4, 18944, 152064, False), "3b": (2048, 36, 16, 2, 11008, 151936, True),
+          "32b": (5120, 64, 40, 8, 27648, 152064, False), "72b": (8192, 80, 64, 8, 29568, 152064, False)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,33 +100,43 @@ def measured_params(size: str) -> int:
     return sum(p.numel() for p in model.parameters())   # a tied head is the embedding tensor: counted once
 
 
-@pytest.mark.parametrize("name, size, tp, gen_tp, sd", [
-    ("qwen25_7b_sd_search", "7b", 4, 2, True), ("qwen25_7b_search_e1", "7b", 4, 2, False),
-    ("qwen25_3b_sd_search", "3b", 2, 1, True), ("qwen25_3b_search_e1", "3b", 2, 1, False),
+@pytest.mark.parametrize("name, size, gpus, tp, pp, gen_tp, sd", [
+    ("qwen25_7b_sd_search", "7b", 16, 4, 1, 4, True), ("qwen25_7b_search_e1", "7b", 16, 4, 1, 4, False),
+    ("qwen25_3b_sd_search", "3b", 8, 2, 1, 2, True), ("qwen25_3b_search_e1", "3b", 8, 2, 1, 2, False),
+    ("qwen25_32b_sd_search", "32b", 16, 8, 1, 8, True), ("qwen25_72b_sd_search", "72b", 32, 8, 2, 8, True),
 ])
-def test_recipe_peaks_match_a_hand_computation(name, size, tp, gen_tp, sd):
+def test_recipe_peaks_match_a_hand_computation(name, size, gpus, tp, pp, gen_tp, sd):
     """Both phase totals and the peak of every recipe from arithmetic written out here, with the parameter
-    count measured on the real HF model: 16 GPUs (7B) / 8 GPUs (3B), dp = GPUs / tp = 4, bf16 Megatron
-    weights with an fp32 grad buffer and the distributed optimizer over dp, a bf16 reference, TRT-LLM weights
-    at gen_tp, KV cache 0.3 of what is free before Adam's moments, micro-batch 4 x 8192 tokens, 4 turns of
-    500 new tokens, full activation recompute with sequence parallelism; SD-Search adds the JSD's rows."""
+    count measured on the real HF model: dp = GPUs / (tp x pp), bf16 Megatron weights with an fp32 grad buffer
+    and the distributed optimizer over dp, a bf16 reference, TRT-LLM weights at gen_tp, KV cache 0.3 of what is
+    free when the engine is built (before Adam's moments, after offload.* parked its parts), micro-batch 4 x 8192
+    tokens, 4 turns of 500 new tokens, full activation recompute with sequence parallelism; SD-Search adds the
+    JSD's rows. The 32B / 72B recipes park the grad buffer, the optimizer and the reference for generation
+    (offload.*: training phase only) and release the engine's weights for the update (sleep level 2)."""
     cfg = load_config(name)
     h, L, heads, kvh, f, V, tied = QWEN25[size]
-    gpus = 16 if size == "7b" else 8
-    dp, b, s = gpus // tp, 4, 8192
-    assert (cfg.megatron.tensor_parallel, cfg.trtllm.tensor_parallel, cfg.cluster.nodes * cfg.cluster.gpus_per_node,
-            cfg.grpo.micro_batch_size, cfg.rollout.max_context) == (tp, gen_tp, gpus, b, s)
+    dp, b, s = gpus // (tp * pp), 4, 8192
+    assert (cfg.megatron.tensor_parallel, cfg.megatron.pipeline_parallel, cfg.trtllm.tensor_parallel,
+            cfg.cluster.nodes * cfg.cluster.gpus_per_node, cfg.grpo.micro_batch_size,
+            cfg.rollout.max_context) == (tp, pp, gen_tp, gpus, b, s)
     P_hf = measured_params(size)
     Vp = -(-V // (128 * tp)) * (128 * tp)                    # megatron pads to 128 x tp rows
     P = P_hf + (Vp - V) * h * (1 if tied else 2)             # padded rows in the embedding (and an untied head)
+    if pp > 1:   # the last stage: its layers, the (untied) head and the final norm
+        P = (P_hf - V * h * 2 - h) // L * (L // pp) + Vp * h + h
     gib = lambda nbytes: nbytes / GIB
-    resident = {"ctx": 3.0, "weights": gib(2 * P / tp), "grads": gib(4 * P / tp), "main": gib(4 * P / tp / dp),
-                "adam": gib(8 * P / tp / dp), "reference": gib(2 * P / tp), "engine": gib(2 * P_hf / gen_tp)}
-    kv_cache = 0.3 * (80 - sum(v for k, v in resident.items() if k != "adam"))
-    generation = sum(resident.values()) + kv_cache + 1 + gib(Vp * h * 2) + 1     # + refit, allocator cache
+    state = {"weights": gib(2 * P / tp), "grads": gib(4 * P / tp), "main": gib(4 * P / tp / dp),
+             "adam": gib(8 * P / tp / dp), "reference": gib(2 * P / tp)}
+    offloaded = {"grads", "main", "adam", "reference"} if size in ("32b", "72b") else set()
+    engine = gib(2 * P_hf / gen_tp)
+    level2 = size in ("32b", "72b")
+    resident = 3.0 + sum(v for k, v in state.items() if k not in offloaded) + (0 if level2 else engine)
+    at_engine_start = resident + (engine if level2 else 0) - (0 if "adam" in offloaded else state["adam"])
+    kv_cache = 0.3 * (80 - at_engine_start)
+    generation = resident + (engine if level2 else 0) + kv_cache + 1 + gib(Vp * h * 2) + 1  # + refit, allocator
     kv = kvh * (h // heads)
     per_token = L * 2 * h / tp + 8 * h / tp + (4 * h + 4 * kv + 6 * f) / tp + 2 * h
-    training = sum(resident.values()) + gib(s * b * per_token) + gib(2 * b * 5 * 500 * Vp / tp * 4)
+    training = resident + sum(state[k] for k in offloaded) + gib(s * b * per_token) + gib(2 * b * 5 * 500 * Vp / tp * 4)
     if sd:
         rows = b * 4 * 500
         training += gib(2 * rows * Vp / tp * 4) + gib(6 * 1024 * Vp / tp * 4)
@@ -135,11 +146,12 @@ def test_recipe_peaks_match_a_hand_computation(name, size, tp, gen_tp, sd):
     assert est.training_gib == pytest.approx(training, rel=1e-12)
     assert est.peak_gib == pytest.approx(max(generation, training), rel=1e-12)
     assert est.peak_phase == ("generation" if generation >= training else "training")
+    assert est.peak_gib <= 0.9 * 80                           # the targets: each recipe fits its nodes
 
 
 def test_7b_components_match_a_hand_computation():
     """Qwen2.5-7B: h 3584, 28 layers, 28 heads (head dim 128), 4 KV heads, ffn 18944, vocab 152064 (a multiple
-    of 128 x tp = 512: no padding), untied; tp 4, pp 1, dp 4 on 16 GPUs; TRT-LLM tp 2; b 4, s 8192."""
+    of 128 x tp = 512: no padding), untied; tp 4, pp 1, dp 4 on 16 GPUs; TRT-LLM tp 4; b 4, s 8192."""
     est = memory_estimate(load_config("qwen25_7b_sd_search"))
     layer = (3584 * 3584 + 2 * 3584 * 512 + 3584 * 3584 + 3584 + 2 * 512  # q, k, v, o, QKV bias
              + 3 * 3584 * 18944 + 2 * 3584)                               # gate, up, down, two norms
@@ -152,7 +164,7 @@ def test_7b_components_match_a_hand_computation():
         "fp32 main weights": 4 * P / 4 / 4 / GIB,         # distributed optimizer: / dp
         "Adam m and v fp32": 8 * P / 4 / 4 / GIB,
         "reference policy": 2 * P / 4 / GIB,
-        "generator weights bf16": 2 * P / 2 / GIB,        # TRT-LLM tp 2
+        "generator weights bf16": 2 * P / 4 / GIB,        # TRT-LLM tp 4
     }
     # TRT-LLM reserves 0.3 of what is free when it starts: everything above but Adam's moments
     free = 80 - sum(v for k, v in want.items() if k != "Adam m and v fp32")
@@ -175,8 +187,9 @@ def test_7b_components_match_a_hand_computation():
                                                + want["refit bucket + largest tensor"]
                                                + want["allocator cache kept after the update"])
     assert est.training_gib == pytest.approx(resident + sum(list(want.values())[10:]))
-    assert est.kv_needed_gib == pytest.approx(512 * 5 / 4 * 8192 * (28 * 2 * 2 * 128 * 2) / GIB)  # 140 GiB
-    assert est.kv_rollouts == int(want["KV cache reserved"] * GIB // (8192 * 28 * 2 * 2 * 128 * 2))
+    # an engine GPU holds 1 of the 4 KV heads at TRT-LLM tp 4
+    assert est.kv_needed_gib == pytest.approx(512 * 5 / 4 * 8192 * (28 * 2 * 1 * 128 * 2) / GIB)  # 70 GiB
+    assert est.kv_rollouts == int(want["KV cache reserved"] * GIB // (8192 * 28 * 2 * 1 * 128 * 2))
 
 
 def test_3b_pads_the_vocabulary_and_ties_the_head():
@@ -186,7 +199,7 @@ def test_3b_pads_the_vocabulary_and_ties_the_head():
     P_hf, P = 36 * layer + 151936 * 2048 + 2048, 36 * layer + 152064 * 2048 + 2048
     assert est.params == P_hf
     assert est.gib("actor weights") == pytest.approx(2 * P / 2 / GIB)
-    assert est.gib("generator weights bf16") == pytest.approx(2 * P_hf / GIB)
+    assert est.gib("generator weights bf16") == pytest.approx(2 * P_hf / 2 / GIB)   # TRT-LLM tp 2
     assert est.gib("refit bucket + largest tensor") == pytest.approx(1 + 152064 * 2048 * 2 / GIB)
     assert est.gib("teacher logits fp32 (query rows)") == pytest.approx(8000 * 152064 / 2 * 4 / GIB)
 
@@ -225,11 +238,12 @@ def test_pipeline_stages_hold_their_layers_and_the_head():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["cluster.gpu_memory_gib=40"], "grpo.micro_batch_size"),              # training phase 38.5 > 36
+    (["cluster.gpu_memory_gib=40", "trtllm.tensor_parallel=2"], "grpo.micro_batch_size"),  # training 38.5 > 36
     (["cluster.gpu_memory_gib=16"], "megatron.tensor_parallel"),           # the resident state alone
     (["trtllm.kv_cache_fraction=0.8"], "trtllm.kv_cache_fraction"),        # generation phase
     (["cluster.gpu_memory_gib=60", "megatron.activation_checkpointing=false"], "megatron.activation_checkpointing"),
-    (["cluster.gpu_memory_gib=50", "trtllm.sleep_while_training=false"], "trtllm.sleep_while_training"),
+    (["cluster.gpu_memory_gib=50", "trtllm.tensor_parallel=2", "trtllm.sleep_while_training=false"],
+     "trtllm.sleep_while_training"),
     (["trtllm.kv_cache_fraction=0.001"], "trtllm.kv_cache_fraction"),     # cannot hold one rollout
 ])
 def test_a_layout_that_does_not_fit_names_the_key_to_change(overrides, key):
@@ -243,3 +257,22 @@ def test_docs_table_is_generated_from_the_estimate():
     """docs/cluster.md holds `python scripts/memory_table.py`'s output verbatim: rerun it when this fails."""
     docs = (Path(__file__).resolve().parent.parent / "docs" / "cluster.md").read_text()
     assert markdown_table({f"`{n}`": load_config(n) for n in DOC_RECIPES}) in docs  # scripts/memory_table.py
+
+
+def test_sdsearch_layout_prints_the_three_fits_and_fails_where_nothing_fits(capsys):
+    """`sdsearch layout --model M --nodes N`: 7B on one node, 32B on two, 72B on four fit within 90% of 80 GiB (the
+    issue's targets), each recipe's layout is printed with its phase totals and the layouts that fit; 72B on two
+    nodes fits in no layout and the command says so with exit status 1."""
+    from nemo_sdsearch.cli import main
+
+    for model, nodes in (("7b", 1), ("32b", 2), ("72b", 4)):
+        assert main(["layout", "--model", model, "--nodes", str(nodes)]) == 0
+        out = capsys.readouterr().out
+        assert f"qwen25_{model}_sd_search: " in out and f"on {nodes} node(s) x 8 GPUs of 80 GiB" in out
+        assert "-> fits;" in out and "layouts that fit on" in out
+        est = memory_estimate(load_config(f"qwen25_{model}_sd_search", [f"cluster.nodes={nodes}"]))
+        assert f"peak {est.peak_gib:.1f} GiB" in out and est.peak_gib <= 72.0
+    assert main(["layout", "--model", "72b", "--nodes", "2", "--table"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "layouts that fit on 16 GPUs: 0 of" in out
+    assert "Adam m and v fp32" in out                                   # --table: every component

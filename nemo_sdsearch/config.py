@@ -163,6 +163,8 @@ class MegatronSection:
     activation_checkpointing: bool = False
     dtype: str = "auto"                  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     make_vocab_size_divisible_by: int = 128
+    teacher_window: int = 4              # pp > 1: micro-batches per pipeline schedule when a teacher pass is needed
+                                         # (one forward-only teacher schedule + one training schedule per window)
     dist_timeout_minutes: Optional[float] = None  # collective timeout; null: $SDSEARCH_DIST_TIMEOUT_MINUTES, else 30
 
 
@@ -332,6 +334,7 @@ RANGES: dict[str, Range] = {
     "megatron.tensor_parallel": _ONE,
     "megatron.pipeline_parallel": _ONE,
     "megatron.make_vocab_size_divisible_by": _ONE,
+    "megatron.teacher_window": _ONE,
     "megatron.dist_timeout_minutes": Range(0, lo_open=True, null=True, why="null = $SDSEARCH_DIST_TIMEOUT_MINUTES or 30"),
     "trtllm.tensor_parallel": _ONE,
     "trtllm.kv_cache_fraction": Range(0, 1, lo_open=True),

@@ -45,7 +45,8 @@ layers, kv = key/value heads x head dim, Vp = vocabulary padded to make_vocab_si
     policy logits + gradient     2 x b min(s, (max_turns + 1) max_new_tokens) x Vp/t x 4 (fp32, at the policy
                                  positions; an upper bound: every turn at max_new_tokens)
     teacher logits               b min(s, max_turns max_new_tokens) x Vp/t x 4 (SD-Search, fp32, at the query
-                                 positions; an upper bound: every search turn all query)
+                                 positions; an upper bound: every search turn all query); x megatron.teacher_window
+                                 at p > 1 (a window of micro-batches shares one teacher schedule)
     student query rows           the same size (the gathered rows the JSD overwrites with its gradient)
     JSD chunk buffers            JSD_CHUNK_BUFFERS x sd.chunk_rows x Vp/t x 4
   peak = max(generation phase, training phase), each including the resident rows
@@ -269,7 +270,9 @@ def memory_estimate(cfg, world: int | None = None) -> MemoryEstimate:
     if cfg.algorithm == "sd_search" and cfg.sd.coef > 0:
         query_rows = b * min(s, r.max_turns * r.max_new_tokens)
         chunk = min(cfg.sd.chunk_rows, query_rows)
-        add("teacher logits fp32 (query rows)", TRAINING, query_rows * vocab / tp * 4, f"{query_rows} rows x Vp/tp x 4")
+        window = m.teacher_window if megatron and pp > 1 else 1   # pp > 1: a window of micro-batches' teacher logits
+        add("teacher logits fp32 (query rows)", TRAINING, window * query_rows * vocab / tp * 4,
+            f"{query_rows} rows x Vp/tp x 4" + (f" x {window} (megatron.teacher_window)" if window > 1 else ""))
         add("student query rows fp32 (JSD grad)", TRAINING, query_rows * vocab / tp * 4, "the same size")
         add("JSD chunk buffers fp32", TRAINING, JSD_CHUNK_BUFFERS * chunk * vocab / tp * 4,
             f"{JSD_CHUNK_BUFFERS} x {chunk} rows x Vp/tp x 4")

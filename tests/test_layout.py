@@ -109,13 +109,14 @@ def test_recipe_peaks_match_a_hand_computation(name, size, gpus, tp, pp, gen_tp,
     """Both phase totals and the peak of every recipe from arithmetic written out here, with the parameter
     count measured on the real HF model: dp = GPUs / (tp x pp), bf16 Megatron weights with an fp32 grad buffer
     and the distributed optimizer over dp, a bf16 reference, TRT-LLM weights at gen_tp, KV cache 0.3 of what is
-    free when the engine is built (before Adam's moments, after offload.* parked its parts), micro-batch 4 x 8192
-    tokens, 4 turns of 500 new tokens, full activation recompute with sequence parallelism; SD-Search adds the
+    free when the engine is built (before Adam's moments, after offload.* parked its parts), micro-batch 4 (72B: 2)
+    x 8192 tokens, a window of 8 micro-batches' teacher logits at PP 2 (72B), 4 turns of 500 new tokens, full activation recompute with sequence parallelism; SD-Search adds the
     JSD's rows. The 32B / 72B recipes park the grad buffer, the optimizer and the reference for generation
     (offload.*: training phase only) and release the engine's weights for the update (sleep level 2)."""
     cfg = load_config(name)
     h, L, heads, kvh, f, V, tied = QWEN25[size]
-    dp, b, s = gpus // (tp * pp), 4, 8192
+    dp, b, s = gpus // (tp * pp), (2 if size == "72b" else 4), 8192
+    window = cfg.megatron.teacher_window if pp > 1 else 1    # pp > 1: a window of micro-batches' teacher logits
     assert (cfg.megatron.tensor_parallel, cfg.megatron.pipeline_parallel, cfg.trtllm.tensor_parallel,
             cfg.cluster.nodes * cfg.cluster.gpus_per_node, cfg.grpo.micro_batch_size,
             cfg.rollout.max_context) == (tp, pp, gen_tp, gpus, b, s)
@@ -139,7 +140,7 @@ def test_recipe_peaks_match_a_hand_computation(name, size, gpus, tp, pp, gen_tp,
     training = resident + sum(state[k] for k in offloaded) + gib(s * b * per_token) + gib(2 * b * 5 * 500 * Vp / tp * 4)
     if sd:
         rows = b * 4 * 500
-        training += gib(2 * rows * Vp / tp * 4) + gib(6 * 1024 * Vp / tp * 4)
+        training += gib((1 + window) * rows * Vp / tp * 4) + gib(6 * min(1024, rows) * Vp / tp * 4)
     est = memory_estimate(cfg)
     assert est.params == P_hf
     assert est.generation_gib == pytest.approx(generation, rel=1e-12)

@@ -49,7 +49,7 @@ from nemo_sdsearch.eval.harness import SOURCE
 from nemo_sdsearch.logger import build_loggers, check_backends
 from nemo_sdsearch.losses.grpo_sd_loss import METRIC_SUMS, GRPOSDLoss, PolicyMicroBatch, token_weights
 from nemo_sdsearch.losses.policy import group_advantages
-from nemo_sdsearch.models.base import SequenceBatch
+from nemo_sdsearch.models.base import SequenceBatch, TeacherPass
 from nemo_sdsearch.world.evidence import RATES as QUERY_RATES
 from nemo_sdsearch.world.evidence import metric_sums, rates as query_rates, trajectory_query_metrics
 
@@ -109,22 +109,16 @@ def policy_micro_batches(actor, ref, trajs: list[Trajectory], adv: torch.Tensor,
 
 
 def _teacher_pass(actor, teacher, mi, rows, cols, is_q, pad_id, timer):
-    """The teacher logits of one micro-batch at its query positions, as a function run when the loss needs
+    """The teacher logits of one micro-batch at its query positions, as a `TeacherPass` run when the loss needs
     them (same weights, no grad, the teacher sequence shifted by its longer prompt); None without any."""
     if teacher is None or not bool(is_q.any()):
         return None
-
-    def run():
-        t0 = time.perf_counter()
-        tb = SequenceBatch.from_lists([teacher[i].token_ids if teacher[i] else [pad_id] for i in mi], pad_id,
-                                      actor.device)   # (a rollout without a teacher has no query row here)
-        shift = torch.tensor([teacher[i].shift if teacher[i] else 0 for i in mi], device=actor.device)
-        q_rows, q_cols = rows[is_q], cols[is_q]
-        logits = actor.teacher_logits_at(tb, q_rows, q_cols + shift[q_rows])
-        timer["teacher_s"] += time.perf_counter() - t0
-        return logits
-
-    return run
+    shift = torch.tensor([teacher[i].shift if teacher[i] else 0 for i in mi], device=actor.device)
+    q_rows, q_cols = rows[is_q], cols[is_q]
+    # (a rollout without a teacher sequence has no query row here)
+    make = lambda: SequenceBatch.from_lists([teacher[i].token_ids if teacher[i] else [pad_id] for i in mi], pad_id,
+                                            actor.device)
+    return TeacherPass(actor, make, q_rows, q_cols + shift[q_rows], timer)
 
 
 def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teacher, cfg: TrainConfig, pad_id: int):

@@ -24,7 +24,7 @@ import torch
 
 from nemo_sdsearch.losses.divergences import clipped_forward_kl
 from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_clipped_forward_kl
-from nemo_sdsearch.models.base import SequenceBatch
+from nemo_sdsearch.models.base import SequenceBatch, TeacherPass
 
 
 @dataclass
@@ -86,13 +86,10 @@ def opsd_micro_batches(items, actor, teacher, pad_id: int, micro_batch_size: int
             mask[k, :len(x[3])] = torch.tensor(x[3])
         mask[:, 0] = False
         rows, cols = (t.to(actor.device) for t in mask.nonzero(as_tuple=True))
-        tb = SequenceBatch.from_lists([x[1] for x in mb], pad_id, actor.device)
         shift = torch.tensor([x[2] for x in mb], device=actor.device)
-
-        def run(tb=tb, rows=rows, cols=cols, shift=shift):
-            return teacher.teacher_logits_at(tb, rows, cols + shift[rows])
-
-        out.append(OPSDMicroBatch(sb, rows, cols, weights_fn([x[3] for x in mb]), run))
+        make = lambda mb=mb: SequenceBatch.from_lists([x[1] for x in mb], pad_id, actor.device)
+        out.append(OPSDMicroBatch(sb, rows, cols, weights_fn([x[3] for x in mb]),
+                                  TeacherPass(teacher, make, rows, cols + shift[rows])))
     return out
 
 

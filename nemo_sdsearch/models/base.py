@@ -38,6 +38,28 @@ class SequenceBatch:
         return tuple(self.input_ids.shape)
 
 
+@dataclass
+class TeacherPass:
+    """A deferred no-grad teacher forward: `scorer.teacher_logits_at(make_batch(), rows, cols)`. Callable (a loss
+    calls it when it needs the logits, one micro-batch at a time) and batchable: a pipeline-parallel actor runs a
+    window of them in one forward-only schedule (`MegatronActor.train_on`). `timer["teacher_s"]` (when given)
+    accumulates the time."""
+    scorer: object
+    make_batch: Callable[[], "SequenceBatch"]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    timer: dict | None = None
+
+    def __call__(self) -> torch.Tensor:
+        import time
+
+        t0 = time.perf_counter()
+        out = self.scorer.teacher_logits_at(self.make_batch(), self.rows, self.cols)
+        if self.timer is not None:
+            self.timer["teacher_s"] = self.timer.get("teacher_s", 0.0) + time.perf_counter() - t0
+        return out
+
+
 def require_fp32_params(named_parameters, who: str, fix: str) -> None:
     """Refuse to train parameters that are not fp32: an optimizer stepping bf16/fp16 weights in place
     rounds away most small updates (no fp32 master copy). Frozen parameters may have any dtype."""

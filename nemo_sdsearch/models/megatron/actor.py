@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import shutil
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -122,13 +123,26 @@ class LastStageOutputs:
                                                temperature)
 
 
+def _teacher_logits(passes) -> list:
+    """The logits of a window's teacher passes: one forward-only schedule when they are `TeacherPass`es of one
+    pipeline-parallel scorer, else each pass by itself."""
+    from nemo_sdsearch.models.base import TeacherPass
+
+    scorer = passes[0].scorer if passes and isinstance(passes[0], TeacherPass) else None
+    if scorer is not None and all(isinstance(p, TeacherPass) and p.scorer is scorer for p in passes) \
+            and getattr(scorer, "pp", 1) > 1:
+        return scorer.teacher_logits_window(passes)
+    return [p() for p in passes]
+
+
 class MegatronActor(Actor):
     def __init__(self, model, hf_config, lr: float = 1e-6, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  grad_clip: float = 1.0, eps: float = 1e-8, gather_logits: bool | None = None,
-                 optimizer: str = "auto", distributed_optimizer: bool = True):
+                 optimizer: str = "auto", distributed_optimizer: bool = True, teacher_window: int = 4):
         from megatron.core import parallel_state as ps
 
         self.model = model                    # this rank's GPTModel shard (never wrapped)
+        self.teacher_window = max(1, int(teacher_window))  # pp > 1: micro-batches per schedule with teacher passes
         self.hf_config = hf_config
         self.grad_clip = grad_clip
         self.tp = ps.get_tensor_model_parallel_world_size()
@@ -512,27 +526,49 @@ class MegatronActor(Actor):
     def train_on(self, micro_batches, loss_fn) -> dict:
         if self.pp == 1:
             return super().train_on(micro_batches, loss_fn)
-        # pp > 1: megatron's schedule; the loss runs on the last stage from its decoder output. A lazy teacher
-        # pass is a forward-only schedule that needs every stage, so it cannot run inside the training
-        # schedule: with teacher passes, each micro-batch gets its own schedule call right after its teacher
-        # pass, and its teacher logits are dropped after its backward (one micro-batch of teacher logits
-        # resident instead of a mini-batch: ~15 GiB at 7B; the price is a pipeline bubble per micro-batch).
+        # pp > 1: megatron's schedule; the loss runs on the last stage from its decoder output. A teacher pass is
+        # a forward-only schedule that needs every stage, so it cannot run inside the training schedule. The
+        # micro-batches go in windows of megatron.teacher_window: one forward-only schedule gives the window's
+        # teacher logits (`TeacherPass`es of one scorer, pipelined like training micro-batches), one training
+        # schedule runs the window, and its teacher logits are dropped after its backward. A window of w
+        # micro-batches fills the pipeline w times per bubble instead of once (the bubble is (pp-1)/(w+pp-1) of
+        # each schedule), for w micro-batches of teacher logits resident instead of one.
         batches = [PipelineMicroBatch(mb.batch, mb.rows, mb.cols, {"k": k}) for k, mb in enumerate(micro_batches)]
         step_loss = lambda out, pmb: loss_fn(out.logits(), micro_batches[pmb.extra["k"]])
         if not any(callable(mb.teacher_logits) for mb in micro_batches):
             return self.train_step_pipeline(batches, step_loss)
 
-        def prepare(k):
-            if callable(micro_batches[k].teacher_logits):
-                micro_batches[k].teacher_logits = micro_batches[k].teacher_logits()
+        def prepare(window):
+            todo = [k for k in window if callable(micro_batches[k].teacher_logits)]
+            for k, logits in zip(todo, _teacher_logits([micro_batches[k].teacher_logits for k in todo])):
+                micro_batches[k].teacher_logits = logits
 
-        def release(k):
-            micro_batches[k].teacher_logits = None
+        def release(window):
+            for k in window:
+                micro_batches[k].teacher_logits = None
 
-        return self.train_step_pipeline(batches, step_loss, per_micro_batch=(prepare, release))
+        return self.train_step_pipeline(batches, step_loss, per_window=(self.teacher_window, prepare, release))
+
+    def teacher_logits_window(self, passes) -> list:
+        """The logits of several `TeacherPass`es on this actor in ONE forward-only schedule (collective over the
+        pipeline): their [N, V] results on the last stage, None on the other stages."""
+        if not passes:
+            return []
+        t0 = time.perf_counter()
+        mbs = [PipelineMicroBatch(p.make_batch(), p.rows, p.cols) for p in passes]
+
+        def loss_func_for(hidden, mb):
+            return torch.zeros((), device=hidden.device), {"result": LastStageOutputs(self, hidden, mb).logits().detach()}
+
+        with torch.no_grad():
+            store = self._run_schedule(mbs, len(mbs), True, loss_func_for)
+        timer = passes[0].timer
+        if timer is not None:
+            timer["teacher_s"] = timer.get("teacher_s", 0.0) + time.perf_counter() - t0
+        return [s["result"] for s in store] if self.is_last_stage else [None] * len(mbs)
 
     def train_step_pipeline(self, batches, loss_fn, n_micro: int | None = None, use_schedule: bool | None = None,
-                            per_micro_batch=None) -> dict:
+                            per_window=None) -> dict:
         """One optimizer step over `n_micro` micro-batches driven by megatron's forward/backward schedule.
 
         `batches[i]`: a `PipelineMicroBatch` (the same list on every rank). `loss_fn(outputs, batches[i])`
@@ -540,8 +576,9 @@ class MegatronActor(Actor):
         scalar loss; the step back-propagates the SUM of the micro-batch losses, like `train_step`.
         Returns the same stats as `train_step` on every rank. `use_schedule` (default: pp > 1 or CUDA)
         picks the schedule at pp == 1; without it pp == 1 runs the `train_step` loop with the same loss.
-        `per_micro_batch=(prepare, release)`: one schedule call per micro-batch (gradients accumulate over the
-        calls), `prepare(i)` before micro-batch i's call (collective: e.g. its teacher pass), `release(i)` after.
+        `per_window=(w, prepare, release)`: one schedule call per window of w consecutive micro-batches (gradients
+        accumulate over the calls), `prepare(window)` before a window's call (collective: e.g. its teacher passes)
+        with the window's micro-batch indices, `release(window)` after.
         """
         n_micro = len(batches) if n_micro is None else n_micro
         if use_schedule is None:
@@ -559,23 +596,26 @@ class MegatronActor(Actor):
         self._zero()
         losses: list[torch.Tensor] = []
 
-        per_call = n_micro if per_micro_batch is None else 1
+        windows = [list(range(n_micro))] if per_window is None else \
+            [list(range(i, min(i + per_window[0], n_micro))) for i in range(0, n_micro, per_window[0])]
+        per_call = {k: len(w) for w in windows for k in w}
 
         def loss_func_for(hidden, mb):
             loss = loss_fn(LastStageOutputs(self, hidden, mb), mb)
             losses.append(loss.detach().reshape(()).double())
             # the schedule divides the loss by num_microbatches before its backward; undo that so that the
             # micro-batch losses are summed as in train_step
-            return loss * per_call, {"loss": loss.detach()}
+            return loss * per_call[index[id(mb)]], {"loss": loss.detach()}
 
-        if per_micro_batch is None:
+        index = {id(mb): k for k, mb in enumerate(batches[:n_micro])}
+        if per_window is None:
             self._run_schedule(batches, n_micro, False, loss_func_for)
         else:
-            prepare, release = per_micro_batch
-            for i in range(n_micro):
-                prepare(i)
-                self._run_schedule(batches[i:i + 1], 1, False, loss_func_for)
-                release(i)
+            _, prepare, release = per_window
+            for window in windows:
+                prepare(window)
+                self._run_schedule(batches[window[0]:window[-1] + 1], len(window), False, loss_func_for)
+                release(window)
         vec = torch.stack(losses).to(self.device) if self.is_last_stage else None
         vals = self.broadcast_from_last_stage(vec, (n_micro,), torch.float64).tolist()
         bad = [v for v in vals if not math.isfinite(v)]

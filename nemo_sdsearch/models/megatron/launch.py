@@ -72,6 +72,6 @@ def build_megatron_actor(hf_config, hf_weights, cfg, frozen: bool = False):
     optimizer = "none" if frozen else "auto"
     actor = MegatronActor(model, hf_config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                           betas=cfg.optim.betas, grad_clip=cfg.optim.grad_clip, optimizer=optimizer,
-                          distributed_optimizer=m.distributed_optimizer)
+                          distributed_optimizer=m.distributed_optimizer, teacher_window=m.teacher_window)
     actor.load_hf_weights(hf_weights)
     return actor

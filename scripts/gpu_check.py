@@ -416,6 +416,8 @@ CHECKS = {  # name: (time limit in seconds, what it checks)
     "launch": (240, "slurm/train_7b.sh's path on one node: the job's Ray cluster (ray_cluster start/wait, token "
                     "auth), torchrun, 2 steps of actor=megatron generator=trtllm on a 0.5B-class model (the real "
                     "engine: sleep, wake, refit); skipped where Ray or TensorRT-LLM is missing"),
+    "memory": (150, "torch.cuda.max_memory_reserved per phase (generation, training) of 2 steps of actor=megatron on "
+                    "a 0.5B-class model, next to layout.py's estimate of the same config"),
 }
 
 
@@ -1098,10 +1100,18 @@ def check_launch(mode: str, out: Path) -> dict:
             "skipped": [] if cuda else ["the real TensorRT-LLM and CUDA: GPU only (the tests' stand-in here)"]}
 
 
+def check_memory(mode: str, out: Path) -> dict:
+    """scripts/gpu_memory.py: the measured peak per phase next to layout.py's estimate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_memory import check_memory as measure
+
+    return measure(mode, out, _cuda(mode), QWEN_05B, Fail)
+
+
 def check_main(name: str, mode: str, out: Path) -> int:
     fns = {"env": check_env, "pytest_gpu": check_pytest_gpu, "train_hf": lambda m, o: check_train("hf", m, o),
            "train_megatron": lambda m, o: check_train("megatron", m, o), "logits": check_logits,
-           "losses": check_losses, "generator": check_generator, "launch": check_launch}
+           "losses": check_losses, "generator": check_generator, "launch": check_launch, "memory": check_memory}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         res = fns[name](mode, out)

@@ -66,6 +66,12 @@ def test_dry_run_exercises_every_check(tmp_path):
     # what the GPU run builds and the CPU run does not (the bf16 frozen reference) builds here too
     assert not by_name["train_megatron"].get("predicted_gpu_failures"), by_name["train_megatron"]
     assert by_name["logits"]["figures"]["float32"]["max_abs_logit_diff"] <= 2e-3
+    # the memory check ran the 0.5B-class run's path (the tiny model here) and printed layout.py's estimate per phase;
+    # the measurement is the GPU's
+    phases = by_name["memory"]["figures"]["phases"]
+    assert set(phases) == {"generation", "training"} and all(p["estimate_gib"] > 0 for p in phases.values())
+    assert all(p["reserved_gib"] is None for p in phases.values())
+    assert any("GPU only" in s for s in by_name["memory"]["skipped"])
     assert summary["targets"] and all(t.startswith("TARGET ") for t in summary["targets"])
     report = (out / "report.txt").read_text()
     assert "# summary (dry run" in report and "[generator]" in report and "tokens/s" in report

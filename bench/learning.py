@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="run directory (default: a temporary one, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary run directory")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of conf/tiny_cpu.yaml (default: none)")
+    ap.add_argument("--smoke", action="store_true", help="1 step of 2 questions, 8 test questions: the bench runs")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.overrides = ["trainer.steps=1", "trainer.questions_per_step=2", "rollout.group_size=2",
+                          "trainer.eval_every=0", "trainer.save_every=0", "data.test_questions=8",
+                          "data.dev_questions=4", "rollout.max_new_tokens=48", *args.overrides]
 
     from rich.console import Console
 

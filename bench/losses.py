@@ -179,7 +179,10 @@ def main():
                          "e.g. a quick CPU run)")
     ap.add_argument("--json", help="also write the results and target lines to this JSON file")
     ap.add_argument("--worker")
+    ap.add_argument("--smoke", action="store_true", help="64 rows x 4,096 vocabulary, one repeat: the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.rows, args.vocab, args.repeats = 64, 4096, 1
     if args.worker:
         print(json.dumps(worker(args.worker, args.rows, args.vocab, args.repeats, args.threads, args.device,
                                 args.chunk_rows)))

@@ -124,13 +124,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--corpus", help="corpus jsonl (default: the bundled test world)")
+    ap.add_argument("--smoke", action="store_true", help="40 requests over 200 passages: the bench runs end to end")
     args = ap.parse_args()
+    if args.smoke:
+        args.requests = 40
     bundle = build_bundle()
     queries = [h.query for q in bundle.test for h in q.hops]
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.corpus) if args.corpus else Path(tmp) / "corpus.jsonl"
         if not args.corpus:
-            corpus.write_text("".join(json.dumps(p) + "\n" for p in bundle.test_world.passages))
+            passages = bundle.test_world.passages[:200] if args.smoke else bundle.test_world.passages
+            corpus.write_text("".join(json.dumps(p) + "\n" for p in passages))
         index = Path(tmp) / "index"
         build_index(corpus, index, kind="dense", progress=False)
         results = {}
@@ -140,7 +144,7 @@ def main():
             proc = start([sys.executable, *script, "--index", str(index), "--port", str(port)], port)
             try:
                 for c in (1, 8, 32):
-                    n = args.requests if c > 1 else max(100, args.requests // 4)
+                    n = args.requests if c > 1 else max(10 if args.smoke else 100, args.requests // 4)
                     results[(name, c)] = asyncio.run(load(f"http://127.0.0.1:{port}", queries, c, n))
             finally:
                 proc.terminate()

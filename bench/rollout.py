@@ -92,7 +92,10 @@ def main():
     ap.add_argument("--questions", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="4 questions, 16 new tokens a turn: the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.questions, args.max_new_tokens = 4, 16
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model or default_model_dir(), device="cpu")
     questions, corpus = default_datasets("test")

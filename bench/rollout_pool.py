@@ -7,6 +7,10 @@ stream, so every setting samples the same trajectories as the first one (`same`)
 whose uniform falls within float rounding of a CDF boundary (batched matmuls round by batch shape).
 
     python bench/rollout_pool.py [--questions 64] [--samples 8] [--pools 0 256 64 16] [--max-new-tokens 64]
+    python bench/rollout_pool.py --smoke
+
+TARGET lines: every pool samples the same trajectories (at least 95% identical), and the smallest bounded pool's KV
+peak is at most half the unbounded one's.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ def main():
     ap.add_argument("--pools", type=int, nargs="+", default=[0, 256, 64, 16], help="0: unbounded")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="4 questions x 2 samples, pools unbounded and 2: the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.questions, args.samples, args.pools, args.max_new_tokens = 4, 2, [0, 2], 16
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model or default_model_dir(), device="cpu")
     questions, corpus = default_datasets("test")
@@ -67,7 +74,7 @@ def main():
     print(f"{rows} rollouts ({len(questions)} questions x {args.samples}), sampled, max {cfg.max_new_tokens} new "
           f"tokens per turn, {torch.get_num_threads()} threads")
     print(f"{'pool':>10s} {'seconds':>9s} {'tokens':>8s} {'tokens/s':>9s} {'KV peak MiB':>12s} {'same':>6s}")
-    first = None
+    first, peaks, agree = None, {}, []
     for pool in args.pools:
         gen = PeakKV(TorchGenerator(model, tok, max_concurrent_rows=pool))
         t0 = time.perf_counter()
@@ -78,6 +85,16 @@ def main():
         n = sum(sum(t.from_policy) for t in trajs)
         same = sum(a == b for a, b in zip(ids, first))
         print(f"{pool or 'unbounded':>10} {s:9.2f} {n:8d} {n / s:9.1f} {gen.peak / 2 ** 20:12.2f} {same:>3d}/{rows}")
+        peaks[pool] = gen.peak
+        agree.append(same / rows)
+    from nemo_sdsearch.eval.targets import target_line
+
+    # the same trajectories whatever the pool (up to a rare CDF-boundary token), and a bounded pool's KV peak a
+    # fraction of the unbounded one's
+    print(target_line("pools_same_trajectories", min(agree), ">=", 0.95))
+    bounded = [p for p in args.pools if p]
+    if 0 in peaks and bounded and peaks[0]:
+        print(target_line("smallest_pool_kv_peak_over_unbounded", peaks[min(bounded)] / peaks[0], "<=", 0.5))
 
 
 if __name__ == "__main__":

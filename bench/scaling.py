@@ -83,7 +83,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--questions", type=int, default=4, help="questions per step (the global batch)")
+    p.add_argument("--smoke", action="store_true", help="1 step of 2 questions: the bench runs end to end")
     args = p.parse_args()
+    if args.smoke:
+        args.steps, args.questions = 1, 2
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dp in (1, 2):

@@ -18,7 +18,8 @@ layers, kv = key/value heads x head dim, Vp = vocabulary padded to make_vocab_si
     fp32 main weights            4 P / t / d    fp32 main weights and Adam m, v sharded over DP (no / d without
     Adam m and v fp32            8 P / t / d    megatron.distributed_optimizer; megatron.dtype=fp32 or actor=hf:
     reference policy             2 P / t        4-byte weights, no main copy)   reference: grpo.kl_coef > 0
-    generator weights bf16       2 P_hf / g     the replica's TensorRT-LLM engine (sleep level 1 keeps them);
+    generator weights bf16       2 P_hf / g     this GPU's TensorRT-LLM worker: the engines cover every GPU of the
+                                                job in blocks of g (sleep level 1 keeps them);
                                                 generator=torch with actor=megatron: the HF copy, 2 P_hf
   generation phase
     KV cache reserved            kv_cache_fraction x (GPU memory - the resident rows but Adam's moments):
@@ -236,7 +237,8 @@ def memory_estimate(cfg, world: int | None = None) -> MemoryEstimate:
     elif megatron:
         add("generator weights bf16", RESIDENT, 2 * P_hf, "the HF copy on the replica leader")
     # -- generation phase ----------------------------------------------------------------------------
-    rollouts = cfg.trainer.questions_per_step * r.group_size / dp
+    # the step's rollouts of one engine (engines on every GPU, world / g of them), or of one replica's generator
+    rollouts = cfg.trainer.questions_per_step * r.group_size / (max(1, world // gen_tp) if trtllm and megatron else dp)
     kv_per_token = L * 2 * -(-a.num_kv_heads // gen_tp) * head_dim * 2   # K and V bf16, this GPU's heads
     kv_needed = rollouts * s * kv_per_token
     if trtllm:
@@ -370,10 +372,10 @@ def check_layout(cfg, memory: bool = True) -> None:
                                 f"{dp} data-parallel ranks")
         if cfg.trtllm.tensor_parallel > c.gpus_per_node:
             raise _config_error("trtllm.tensor_parallel", f"exceeds the {c.gpus_per_node} GPUs of one node")
-        if cfg.generator == "trtllm" and cfg.actor == "megatron" and cfg.trtllm.tensor_parallel > tp * pp:
-            raise _config_error("trtllm.tensor_parallel", f"{cfg.trtllm.tensor_parallel} engine GPUs do not fit in a "
-                                f"data-parallel replica of tp x pp = {tp * pp} GPUs: each replica runs its own engine "
-                                "on its own GPUs")
+        if cfg.generator == "trtllm" and c.gpus_per_node % cfg.trtllm.tensor_parallel:
+            raise _config_error("trtllm.tensor_parallel", f"{cfg.trtllm.tensor_parallel} does not divide the "
+                                f"{c.gpus_per_node} GPUs of a node: the engines cover every GPU of the job in blocks "
+                                "of trtllm.tensor_parallel GPUs inside a node")
     if a.num_attention_heads:
         if a.num_attention_heads % tp:
             raise _config_error("megatron.tensor_parallel", f"{tp} does not divide the {a.num_attention_heads} "
@@ -426,9 +428,9 @@ class LayoutOption:
 
     @property
     def generating(self) -> float:
-        """The share of the job's GPUs that run an engine worker while the engines generate: one engine of
-        trtllm.tensor_parallel GPUs per data-parallel replica of tp x pp GPUs."""
-        return self.gen_tp / (self.tp * self.pp)
+        """The share of the job's GPUs that run an engine worker while the engines generate: every GPU (the
+        engines cover the job in blocks of trtllm.tensor_parallel GPUs, independent of the training layout)."""
+        return 1.0
 
 
 def with_layout(cfg, tp: int, pp: int, gen_tp: int, offload: str = "none", nodes: int | None = None):
@@ -476,7 +478,7 @@ def layout_report(name: str, cfg, nodes: int | None = None, top: int = 8) -> str
     world = nodes * c.gpus_per_node
     own = memory_estimate(replace_nodes(cfg, nodes))
     m = cfg.megatron
-    gen = cfg.trtllm.tensor_parallel / (m.tensor_parallel * m.pipeline_parallel)
+    gen = 1.0 if cfg.generator == "trtllm" else 1 / (m.tensor_parallel * m.pipeline_parallel)  # torch: leaders only
     verdict = "fits" if own.peak_gib <= budget else "does NOT fit"
     lines = [f"{name}: {parameter_count(cfg.arch) / 1e9:.1f} B parameters on {nodes} node(s) x {c.gpus_per_node} "
              f"GPUs of {c.gpu_memory_gib:g} GiB (budget {budget:.1f} GiB = {c.memory_headroom:.0%})",

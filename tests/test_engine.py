@@ -103,6 +103,19 @@ def test_seeded_rollouts_are_reproducible(micro_model, tokenizer, bundle, qas):
     assert [t.sampled_logprobs for t in a] == [t.sampled_logprobs for t in b]
 
 
+def test_one_call_with_question_seeds_samples_what_separately_seeded_calls_sample(micro_model, tokenizer, bundle, qas):
+    """`question_seeds`: one call over two batches' questions (the pool's larger batches on engines that cover every
+    GPU) rolls out what the two batches seeded `seed` and `seed + 3` do (a row's stream is its question's seed,
+    question and sample)."""
+    engine = RolloutEngine(TorchGenerator(micro_model, tokenizer), BM25Retriever(bundle.test_world.passages),
+                           RolloutConfig(max_turns=2, max_new_tokens=16, max_context=600))
+    apart = engine.run(qas[:3], n_samples=2, seed=5) + engine.run(qas[3:], n_samples=2, seed=8)
+    together = engine.run(qas, n_samples=2, seed=5, question_seeds=[5] * 3 + [8] * 3)
+    assert [t.token_ids for t in together] == [t.token_ids for t in apart]
+    shuffled = engine.run(qas[::-1], n_samples=2, seed=0, question_seeds=[8] * 3 + [5] * 3)
+    assert [t.token_ids for t in shuffled] == [t.token_ids for q in range(5, -1, -1) for t in apart[2 * q:2 * q + 2]]
+
+
 def test_protocol_search_invalid_answer(char_tokenizer, bundle):
     q = bundle.test[0]
     entity = q.hops[0].entity

@@ -57,7 +57,7 @@ def test_parameter_count_matches_the_real_models():
     ("qwen25_7b_sd_search", ["trainer.questions_per_step=6"], "trainer.questions_per_step", "data-parallel"),
     ("qwen25_7b_sd_search", ["actor=hf"], "megatron.tensor_parallel", "actor=megatron"),
     ("qwen25_7b_sd_search", ["generator=vllm"], "generator", "one of torch, trtllm"),
-    ("qwen25_3b_sd_search", ["trtllm.tensor_parallel=4"], "trtllm.tensor_parallel", "do not fit in a data-parallel"),
+    ("qwen25_3b_sd_search", ["trtllm.tensor_parallel=16"], "trtllm.tensor_parallel", "exceeds the 8 GPUs of one node"),
 ])
 def test_impossible_layouts_fail_before_any_gpu(recipe, overrides, key, words):
     with pytest.raises(ConfigError) as e:

@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 from fake_trtllm import shard_of
-from nemo_sdsearch.rollout.trtllm_placement import (PLACEMENT_FORMS, DeviceSlot, EnginePlacement, cpu_device_id,
-                                                    engine_bundles, engine_environment, job_bundles)
+from nemo_sdsearch.rollout.trtllm_placement import (PLACEMENT_FORMS, DeviceSlot, EnginePlacement, EngineSpread,
+                                                    cpu_device_id,
+                                                    engine_blocks, engine_bundles, engine_environment,
+                                                    job_bundles)
 
 STAND_IN = Path(__file__).resolve().parent / "stand_in"
 
@@ -52,7 +54,7 @@ def _megatron_slots(nodes: int, gpus: int, tp: int, pp: int):
     return slots, replicas
 
 
-def test_bundles_follow_the_nodes_and_each_engine_sits_on_its_replicas_gpus():
+def test_bundles_follow_the_nodes_and_the_engines_cover_every_gpu_whatever_the_training_layout():
     slots, replicas = _megatron_slots(nodes=2, gpus=4, tp=2, pp=2)
     bundles, index = job_bundles(slots)
     assert len(bundles) == 8
@@ -60,22 +62,36 @@ def test_bundles_follow_the_nodes_and_each_engine_sits_on_its_replicas_gpus():
     assert all("node:10.0.0.2" in b and b["GPU"] == 1 for b in bundles[4:])
     assert [index[s] for s in slots] == list(range(8))
     assert replicas == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    # engine TP 2: the first pipeline stage's two GPUs of each replica, on node 1
-    got = [engine_bundles([slots[r] for r in rep], 2, index) for rep in replicas]
-    assert got == [[0, 1], [2, 3]]
-    assert not set(got[0]) & set(got[1])
-    # TP 4 would take stage 1's GPUs on the other node: refused, naming the key
+    # the engines are blocks of consecutive ranks, independent of the replicas: engine TP 2 gives 4 engines (two on
+    # each node, stage 1's GPUs generate too), engine TP 4 two (one per node, each holding two replicas' stage),
+    # engine TP 1 eight
+    for g, want in ((2, [[0, 1], [2, 3], [4, 5], [6, 7]]), (4, [[0, 1, 2, 3], [4, 5, 6, 7]]), (1, [[r] for r in range(8)])):
+        blocks = engine_blocks(8, g)
+        assert blocks == want and sorted(r for b in blocks for r in b) == list(range(8))
+        assert [engine_bundles([slots[r] for r in b], index) for b in blocks] == want
+    # a block over two nodes (a size that does not divide a node's GPUs) is refused, naming the key
     with pytest.raises(ConfigError, match="trtllm.tensor_parallel.*span nodes"):
-        engine_bundles([slots[r] for r in replicas[0]], 4, index)
-    with pytest.raises(ConfigError, match="trtllm.tensor_parallel.*do not fit"):
-        engine_bundles([slots[r] for r in replicas[0]], 8, index)
+        engine_bundles([slots[r] for r in (2, 3, 4)], index)
+    with pytest.raises(ConfigError, match="trtllm.tensor_parallel.*does not divide"):
+        engine_blocks(8, 3)
+
+
+def test_engine_spread_gives_each_engine_every_eth_question_and_puts_the_results_back_in_order():
+    """`EngineSpread.share` / `regroup` without a process group: 3 engines over 7 questions, 2 rows each."""
+    items = list("abcdefg")
+    shares = [EngineSpread(e, 3, [0, 2, 4]).share(items) for e in range(3)]
+    assert shares == [["a", "d", "g"], ["b", "e"], ["c", "f"]] and EngineSpread(None, 3, [0, 2, 4]).share(items) == []
+    results = [[f"{q}{j}" for q in share for j in range(2)] for share in shares]
+    spread = EngineSpread(0, 3, [0, 2, 4])
+    spread.gather = lambda local: results          # what the all-gather returns: every engine's rows, engine order
+    assert spread.regroup(items, 2, results[0]) == [[f"{q}0", f"{q}1"] for q in items]
 
 
 def test_a_cpu_only_run_asks_for_cpu_bundles_on_the_same_code_path():
     slots = [DeviceSlot(f"10.0.0.{n}", i, cpu_device_id(f"10.0.0.{n}", i)) for n in (1, 2) for i in range(2)]
     bundles, index = job_bundles(slots)
     assert bundles == [{"CPU": 1, "node:10.0.0.1": 0.001}] * 2 + [{"CPU": 1, "node:10.0.0.2": 0.001}] * 2
-    assert engine_bundles(slots[2:], 2, index) == [2, 3]
+    assert engine_bundles(slots[2:], index) == [2, 3]
     gpu = DeviceSlot("10.0.0.1", 0, "GPU-abc")
     assert gpu.resource == "GPU" and job_bundles([gpu])[0] == [{"GPU": 1, "CPU": 1, "node:10.0.0.1": 0.001}]
 
@@ -155,7 +171,7 @@ def ray_head():
         yield {"address": env["RAY_ADDRESS"], "token": env["RAY_AUTH_TOKEN"]}
 
 
-def _replica_engine_worker(rank, world, model_dir, out, ray_head):
+def _replica_engine_worker(rank, world, model_dir, out, ray_head, mtp=2, gtp=2):
     sys.path.insert(0, str(STAND_IN))
     os.environ.update(LAUNCHER_ENV, RAY_ADDRESS=ray_head["address"], RAY_AUTH_TOKEN=ray_head["token"],
                       PYTHONPATH=f"{STAND_IN}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -177,9 +193,9 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
 
     grpo.update_policy = recorded_update
     # GRPO, 2 turns (a search, then an answer): a group's rewards differ, so the update has a policy gradient
-    overrides = {"actor": "megatron", "megatron.tensor_parallel": 2, "generator": "trtllm", "algorithm": "grpo",
-                 "trtllm.tensor_parallel": 2, "cluster.gpus_per_node": 4, "model.path": model_dir, "model.threads": 1,
-                 "trainer.steps": 1, "trainer.seed": 0, "trainer.questions_per_step": 2, "rollout.group_size": 4,
+    overrides = {"actor": "megatron", "megatron.tensor_parallel": mtp, "generator": "trtllm", "algorithm": "grpo",
+                 "trtllm.tensor_parallel": gtp, "cluster.gpus_per_node": 4, "model.path": model_dir, "model.threads": 1,
+                 "trainer.steps": 1, "trainer.seed": 0, "trainer.questions_per_step": 4, "rollout.group_size": 4,
                  "rollout.max_new_tokens": 48, "rollout.max_turns": 2, "rollout.max_context": 1024,
                  "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.final_test_eval": False,
                  "trainer.out_dir": out, "grpo.micro_batch_size": 2, "optim.lr": 1e-4}
@@ -217,7 +233,14 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head):
 
 
 @pytest.mark.timeout(900)
-def test_one_engine_per_replica_on_its_own_devices_refitted_by_its_own_ranks(tmp_path, ray_head):
+@pytest.mark.parametrize("mtp, gtp", [(2, 1), (1, 2)], ids=["megatron_tp2_engine_tp1", "megatron_tp1_engine_tp2"])
+def test_engines_on_every_gpu_whatever_the_training_layout_refitted_by_their_own_ranks(tmp_path, ray_head, mtp, gtp):
+    """4 ranks, engines independent of the training layout: Megatron TP 2 x DP 2 with four engines of TP 1 (two per
+    replica: every GPU generates), and Megatron TP 1 x DP 4 with two engines of TP 2 (each across two replicas).
+    Each engine's workers sit on its block's devices and load only handles made by the rank on their own device
+    (the re-shard: every rank holds the full tensors of its replica's stream, each worker keeps its engine-TP
+    slice); after the step every worker holds its slice of the trained weights; each replica trained on its own
+    questions' rollouts, which every engine helped generate."""
     pytest.importorskip("megatron.core")
     from _mp import run_workers
     from safetensors.torch import load_file
@@ -226,60 +249,44 @@ def test_one_engine_per_replica_on_its_own_devices_refitted_by_its_own_ranks(tmp
     from nemo_sdsearch.world.assets import default_model_dir
 
     out = tmp_path / "run"
-    results = run_workers(_replica_engine_worker, 4, str(default_model_dir()), str(out), ray_head, timeout=900)
+    results = run_workers(_replica_engine_worker, 4, str(default_model_dir()), str(out), ray_head, mtp, gtp,
+                          timeout=900)
     ip = node_ip()
-    # replica leaders (ranks 0 and 2) built exactly one engine each; the other ranks none
-    assert [r["engine"] is not None for r in results] == [True, False, True, False]
-    # no rank loaded a whole HF model, or read one: each rank read its shard's parts (and the replicated norm
-    # weights, which its shard holds too) once per model it builds (actor and reference), the engines load their own
+    blocks = [list(range(s, s + gtp)) for s in range(0, 4, gtp)]
+    # every block's first rank built exactly one engine, the other ranks none
+    assert [r["engine"] is not None for r in results] == [rank % gtp == 0 for rank in range(4)]
+    # no rank loaded a whole HF model, or read one: each rank read its shard's parts once per model it builds
     assert [r["whole_model_loads"] for r in results] == [0, 0, 0, 0]
     whole = (default_model_dir() / "model.safetensors").stat().st_size
     for r in results:
         b = r["bytes_read"]
-        assert b["models"] == 2 and b["read"] == b["models"] * b["shard"] and b["shard"] < 0.6 * whole, b
-    e0, e1 = results[0]["engine"], results[2]["engine"]
-    assert e0["bundles"] == [[0, 1]] and e1["bundles"] == [[2, 3]]
-    devices = lambda e: [w["device_id"] for w in e["workers"]]
-    assert devices(e0) == [cpu_device_id(ip, 0), cpu_device_id(ip, 1)]
-    assert devices(e1) == [cpu_device_id(ip, 2), cpu_device_id(ip, 3)]
-    assert all(w["node_ip"] == ip for e in (e0, e1) for w in e["workers"])
-    assert e0["group"] == e1["group"] and e0["group"].startswith("sdsearch-4242-")  # one group for the job
-    assert len(e0["group_bundles"]) == 4 and all(b == {"CPU": 1.0, f"node:{ip}": 0.001}
-                                                 for b in e0["group_bundles"].values())
-    for e in (e0, e1):
-        assert e["tp"] == 2
-        assert e["max_seq_len"] == 1024 and e["max_input_len"] == 1024 and e["max_num_tokens"] >= 1024
-        assert e["requests"] > 0 and e["workers"][0]["requests"] == e["requests"]  # worker 0 decoded every turn
-        for w in e["workers"]:
-            # the launcher's and torchrun's variables were hidden while the engine started: its workers never saw them
-            assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", *LAUNCHER_ENV} & set(w["environ"]), w["rank"]
-            assert w["environ"]["TLLM_DISABLE_MPI"] == "1"
-            assert w["prefix_cache_resets"] >= 2  # the refit's finish and the wake-up reset it
-    # refit: every worker loaded only handles made by the rank on its own device (the shared-memory file's pid)
+        assert b["models"] == 2 and b["read"] == b["models"] * b["shard"], b
+        assert b["shard"] < (0.6 if mtp == 2 else 1.01) * whole, b
+    engines = [results[block[0]]["engine"] for block in blocks]
+    assert [e["bundles"] for e in engines] == [[block] for block in blocks]
+    assert all(e["group"] == engines[0]["group"] and e["group"].startswith("sdsearch-4242-") for e in engines)
     pids = [r["pid"] for r in results]
-    assert [w["senders"] for w in e0["workers"]] == [[pids[0]], [pids[1]]]
-    assert [w["senders"] for w in e1["workers"]] == [[pids[2]], [pids[3]]]
-    # a replica's ranks wait for each other (while the leader generates, in the refit's hand-offs) in a gloo group of
-    # their own, never in an NCCL collective spinning on a GPU the engine decodes on
-    assert [r["wait_group"] for r in results] == [("gloo", True, [0, 1])] * 2 + [("gloo", True, [2, 3])] * 2
-    # the launcher's variables are back for the trainer
-    assert all(r["environ_after"] == LAUNCHER_ENV for r in results)
-    # final/ was written (by rank 0, from the weight stream); every worker of both engines holds its own shard of
-    # those weights and worker 0 decodes with the weights assembled from both workers' shards: exactly final/
     final = load_file(out / "final" / "model.safetensors")
-    for e in (e0, e1):
+    for block, e in zip(blocks, engines):
+        assert e["tp"] == gtp and e["requests"] > 0   # every engine generated
+        assert [w["device_id"] for w in e["workers"]] == [cpu_device_id(ip, r) for r in block]
+        # refit: each worker loaded only handles made by the rank on its own device
+        assert [w["senders"] for w in e["workers"]] == [[pids[r]] for r in block]
         assert all(torch.equal(e["served"][k], final[k]) for k in final)
-        for rank, shards in enumerate(e["shards"]):
-            assert shards and all(torch.equal(t, shard_of(final[n], rank, 2)) for n, t in shards.items()), rank
-    # the update moved the policy the way the GRPO surrogate says, over both replicas' rollouts (each replica
-    # leader's share; the other ranks of a replica saw the same): rollouts with a positive advantage gained
-    # log-probability, those with a negative one lost it
+        for wrank, shards in enumerate(e["shards"]):
+            assert shards and all(torch.equal(t, shard_of(final[n], wrank, gtp)) for n, t in shards.items()), wrank
+    # each replica trained on its own questions' rollouts (a replica of mtp ranks: 4 questions x 4 over 4 / mtp)
+    dp = 4 // mtp
+    assert [len(r["updates"]) for r in results] == [1] * 4
+    assert [len(r["updates"][0]["trajs"]) for r in results] == [16 // dp] * 4
+    leaders = list(range(0, 4, mtp))
+    shares = [results[r]["updates"][0] for r in leaders]
+    assert all([t.token_ids for t in results[r]["updates"][0]["trajs"]] == [t.token_ids for t in shares[i]["trajs"]]
+               for i, lead in enumerate(leaders) for r in range(lead, lead + mtp))
+    assert len({t.question_id for u in shares for t in u["trajs"]}) == 4      # the replicas' questions: disjoint
     from test_trtllm_training import policy_logprobs, surrogate_gain
     from transformers import AutoModelForCausalLM
 
-    assert [len(r["updates"]) for r in results] == [1] * 4
-    assert [len(r["updates"][0]["trajs"]) for r in results] == [4] * 4
-    shares = [results[0]["updates"][0], results[2]["updates"][0]]
     adv = torch.cat([u["adv"] for u in shares])
     trajs = [t for u in shares for t in u["trajs"]]
     assert adv.abs().sum() > 0, "every group's rollouts scored alike: no policy gradient to check"
@@ -288,5 +295,6 @@ def test_one_engine_per_replica_on_its_own_devices_refitted_by_its_own_ranks(tmp
     gain = surrogate_gain([policy_logprobs(before, t, 1.0) for t in trajs],
                           [policy_logprobs(after, t, 1.0) for t in trajs], adv)
     assert gain > 0, (gain, adv)
+    assert all(r["environ_after"] == LAUNCHER_ENV for r in results)
     # the job's placement group was removed at the end, after the engines shut down
     assert results[0]["groups_after"] == []

@@ -146,9 +146,15 @@ def update_policy(actor, ref, trajs: list[Trajectory], adv: torch.Tensor, teache
 # ---------------------------------------------------------------------------------------------------
 # Rollouts, refit, final weights
 # ---------------------------------------------------------------------------------------------------
-def replica_rollouts(actor, engine, questions, group_size: int, seed: int) -> list[Trajectory]:
-    """This replica's share of the step's questions (every dp-th whole group), rolled out by its leader and
-    shared with the replica's other ranks."""
+def replica_rollouts(actor, engine, questions, group_size: int, seed: int, spread=None) -> list[Trajectory]:
+    """This replica's share of the step's questions (every dp-th whole group): rolled out by its leader and shared
+    with the replica's other ranks, or with `spread` (engines on every GPU, trtllm_placement.EngineSpread) by the
+    job's engines, every e-th question on engine e, gathered, and this replica's questions kept."""
+    if spread is not None:
+        share = spread.share(questions)
+        local = engine.run(share, n_samples=group_size, seed=seed) if share else []
+        by_question = spread.regroup(questions, group_size, local)
+        return [t for i in range(actor.dp_rank, len(questions), actor.dp_size) for t in by_question[i]]
     mine = questions[actor.dp_rank::actor.dp_size]
     trajs = engine.run(mine, n_samples=group_size, seed=seed) if actor.is_replica_leader else None
     return actor.broadcast_in_replica(trajs)
@@ -212,7 +218,7 @@ def rl_step(run: "Run", step: int) -> dict:
     questions = [c.data["train"][i] for i in run.sampler.take(cfg.trainer.questions_per_step)]
     held = sum(actor.state_bytes().values()) + (c.ref.state_bytes()["actor weights"] if c.ref is not None else 0)
     t0 = time.perf_counter()
-    trajs = replica_rollouts(actor, run.engine("train"), questions, G, cfg.trainer.seed * 1_000_003 + step)
+    trajs = replica_rollouts(actor, run.engine("train"), questions, G, cfg.trainer.seed * 1_000_003 + step, c.spread)
     gen_s = time.perf_counter() - t0
     # 2. rewards and advantages (per group, inside the replica)
     rewards = torch.tensor([t.exact_match for t in trajs])
@@ -402,7 +408,7 @@ class Run:
         """Greedy EM of the current weights on a split (sharded over the replicas); with `by_source` also per
         data_source (the validation's `val/test_score/<data_source>`)."""
         return sharded_greedy_em(self.c.actor, self.engine(split), self.c.data[split], self.cfg.trainer.eval_batch_size,
-                                 by_source=by_source)
+                                 by_source=by_source, spread=self.c.spread)
 
     def _resume(self) -> None:
         state = load_latest_checkpoint(self.out) if self.cfg.trainer.resume else None

@@ -371,24 +371,44 @@ def _plot_opsd(history, path):
 # ---------------------------------------------------------------------------------------------------
 # 2. The pool over data-parallel replicas; 4. the full-parameter OPSD round
 # ---------------------------------------------------------------------------------------------------
+POOL_ROWS_PER_ENGINE = 256   # with engines on every GPU: a pool batch gives each engine at least this many rows
+
+
 def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, path: Path, rank0: bool,
-                       batch_questions: int = 8) -> list[list[Trajectory]]:
+                       batch_questions: int = 8, spread=None) -> list[list[Trajectory]]:
     """`build_pool` over data-parallel replicas: each batch of questions is split over the replicas (each
     replica's leader rolls out its share; a row's random stream belongs to its question and sample, so the
-    split changes nothing), gathered on every rank, and appended to `path` by rank 0. Resumes a partial file."""
+    split changes nothing), gathered on every rank, and appended to `path` by rank 0. Resumes a partial file.
+    With `spread` (engines on every GPU, trtllm_placement.EngineSpread) a batch is split over the job's engines
+    and holds at least POOL_ROWS_PER_ENGINE rows per engine."""
     from nemo_sdsearch.algorithms.setup import barrier
 
     done = read_pool(path, repair=rank0)
     barrier()  # every rank has read the file before rank 0 appends to it
     dp = actor.dp_size
+    physical = batch_questions
+    if spread is not None:  # (a multiple of the seeding batch, so that a row's seed is the same as without spread)
+        per_engine = -(-max(batch_questions, -(-POOL_ROWS_PER_ENGINE // k)) // batch_questions) * batch_questions
+        physical = spread.count * per_engine
+    position = {q.id: n for n, q in enumerate(questions)}
+    # a question's seed: its seeding batch's (every batch_questions questions of the pool list), whatever the size
+    # of the batch that rolls it out
+    q_seed = lambda q: seed + position[q.id] // batch_questions * batch_questions  # noqa: E731
     with (open(path, "a") if rank0 else contextlib.nullcontext()) as f:
-        for i, batch in _pool_batches(questions, done, batch_questions):
-            mine = batch[actor.dp_rank::dp]
-            trajs = engine.run(mine, n_samples=k, seed=seed + i) if actor.is_replica_leader and mine else []
-            trajs = actor.broadcast_in_replica([t.to_dict() for t in trajs] if actor.is_replica_leader else None)
-            for r, share in enumerate(actor.all_gather_dp(trajs)):
-                for j, q in enumerate(batch[r::dp]):
-                    done[q.id] = [Trajectory.from_dict(t) for t in share[j * k:(j + 1) * k]]
+        for i, batch in _pool_batches(questions, done, physical):
+            if spread is not None:
+                share = spread.share(batch)
+                local = [t.to_dict() for t in engine.run(share, n_samples=k, seed=seed + i,
+                                                         question_seeds=[q_seed(q) for q in share])] if share else []
+                for q, rows in zip(batch, spread.regroup(batch, k, local)):
+                    done[q.id] = [Trajectory.from_dict(t) for t in rows]
+            else:
+                mine = batch[actor.dp_rank::dp]
+                trajs = engine.run(mine, n_samples=k, seed=seed + i) if actor.is_replica_leader and mine else []
+                trajs = actor.broadcast_in_replica([t.to_dict() for t in trajs] if actor.is_replica_leader else None)
+                for r, share in enumerate(actor.all_gather_dp(trajs)):
+                    for j, q in enumerate(batch[r::dp]):
+                        done[q.id] = [Trajectory.from_dict(t) for t in share[j * k:(j + 1) * k]]
             if rank0:
                 for q in batch:
                     f.write(json.dumps({"question_id": q.id, "rollouts": [t.to_dict() for t in done[q.id]]}) + "\n")
@@ -423,7 +443,8 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
         console.print(f"[yellow]OPSD: {len(pairs) - len(items)} of {len(pairs)} pairs left out: their teacher sequence "
                       f"passes the model's {positions} positions[/yellow]")
     dev_engine = c.engines["dev"] if c.engines is not None else None
-    dev = lambda: _dev_row(sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size))
+    dev = lambda: _dev_row(sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size,
+                                             spread=c.spread))
     keep = lambda: save_hf_checkpoint_from_stream(c.actor.iter_weights(), out / "merged", c.actor.hf_config,
                                                   tokenizer=c.tok, write=rank0)
     rng = random.Random(cfg.trainer.seed)
@@ -588,7 +609,7 @@ def pool_and_pairs(cfg: TrainConfig, c, cycle: int, pdir: Path, console, rank0: 
     t0 = time.perf_counter()
     engine = c.engines["train"] if c.engines is not None else None
     pool = build_pool_sharded(c.actor, engine, pool_qs, e1.pool_samples, cfg.trainer.seed * 7 + cycle,
-                              pdir / "pool.jsonl", rank0)
+                              pdir / "pool.jsonl", rank0, spread=c.spread)
     pairs, report = mine_pairs([pool_records(g) for g in pool])
     report_d = report.as_dict()
     report_d["pool_accuracy"] = sum(t.exact_match for g in pool for t in g) / max(1, sum(len(g) for g in pool))
@@ -606,4 +627,4 @@ def final_test(cfg: TrainConfig, c) -> dict:
     from nemo_sdsearch.algorithms.setup import sharded_greedy_em
 
     engine = c.engines["test"] if c.engines is not None else None
-    return sharded_greedy_em(c.actor, engine, c.data["test"], cfg.trainer.eval_batch_size)
+    return sharded_greedy_em(c.actor, engine, c.data["test"], cfg.trainer.eval_batch_size, spread=c.spread)

@@ -65,6 +65,9 @@ class Components(NamedTuple):
     placement: object | None = None  # the job's Ray placement group (trtllm_placement.JobPlacement) under
                                      # torchrun with generator=trtllm; removed by close_components
     bytes_read: int | None = None    # weight bytes this rank read from the model directory to build its shards
+    spread: object | None = None     # trtllm_placement.EngineSpread: engines on every GPU, independent of the
+                                     # training layout (generator=trtllm under torchrun); None: one generator
+                                     # per replica leader (or one process)
 
 
 class DrainWeights:
@@ -216,16 +219,16 @@ def build_components(cfg: TrainConfig, with_reference: bool | None = None) -> Co
     del read
     park_for_generation(cfg, actor, ref)  # before the engine reserves its KV cache from the free memory
     torch.manual_seed(cfg.trainer.seed)  # building the GPTModels drew from (and reseeded) the CPU RNG
-    placement = None
+    placement = spread = None
     if cfg.generator == "trtllm":
-        generator, sink, placement = _replica_trtllm_engine(cfg, actor, tok, model_dir)
+        generator, sink, placement, spread = _trtllm_engines(cfg, actor, tok, model_dir)
     elif actor.is_replica_leader:
         model, _ = load_model_and_tokenizer(model_dir, device=device)  # the replica's generation copy
         generator = sink = _torch_generator(cfg, model, tok)
     else:
         generator, sink = None, DrainWeights()
     engines = _engines(cfg, generator, tok) if generator is not None else None
-    return Components(actor, ref, tok, data, engines, sink, placement, bytes_read)
+    return Components(actor, ref, tok, data, engines, sink, placement, bytes_read, spread)
 
 
 def park_for_generation(cfg: TrainConfig, actor, ref) -> None:
@@ -254,35 +257,48 @@ def _trtllm_engine(cfg: TrainConfig, actor, tok, model_dir, placement=None):
                            streaming=cfg.trtllm.streaming)
 
 
-def _replica_trtllm_engine(cfg: TrainConfig, actor, tok, model_dir):
-    """(the leader's engine or None, this rank's weight sink, the job's placement or None) of a replica that
-    runs one TensorRT-LLM engine on its own devices (collective over the world: every rank reports its device,
-    rank 0 creates the job's placement group; see rollout/trtllm_placement.py)."""
+def _trtllm_engines(cfg: TrainConfig, actor, tok, model_dir):
+    """(this rank's engine or None, this rank's weight sink, the job's placement or None, the job's `EngineSpread`
+    or None) under torchrun with TensorRT-LLM engines on every GPU (collective over the world: every rank reports
+    its device, rank 0 creates the job's placement group, every block's driver builds its engine; see
+    rollout/trtllm_placement.py)."""
     from nemo_sdsearch.rollout import trtllm_placement as tp
 
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         generator = _trtllm_engine(cfg, actor, tok, model_dir)
-        return generator, generator, None
-    slots = [None] * dist.get_world_size()
+        return generator, generator, None, None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    slots = [None] * world
     dist.all_gather_object(slots, tp.local_device_slot())
-    rank = dist.get_rank()
     name = [f"sdsearch-{os.environ.get('SLURM_JOB_ID', 'job')}-{os.getpid()}"]
     dist.broadcast_object_list(name, src=0)  # rank 0's: one placement group for the job
     placement = tp.JobPlacement(name[0])
-    engine_place = placement.plan(slots, actor.replica_ranks, cfg.trtllm.tensor_parallel, rank, dist.barrier)
+    blocks = tp.engine_blocks(world, cfg.trtllm.tensor_parallel)
+    groups = [dist.new_group(b, backend="gloo") for b in blocks]   # every rank creates every group, in order
+    everyone = dist.new_group(list(range(world)), backend="gloo")
+    e = rank // cfg.trtllm.tensor_parallel
+    block, group = blocks[e], groups[e]
+    engine_place = placement.plan(slots, block, rank, dist.barrier)
     generator = _trtllm_engine(cfg, actor, tok, model_dir, engine_place) if engine_place is not None else None
     if generator is not None:
-        print(f"replica {actor.dp_rank}: TensorRT-LLM workers on {', '.join(generator.engine_uuids())} "
+        print(f"engine {e} (ranks {block[0]}-{block[-1]}): TensorRT-LLM workers on {', '.join(generator.engine_uuids())} "
               f"(placement bundles {engine_place.bundle_indices} of {placement.name})", flush=True)
-    info = actor.broadcast_in_replica(
-        (engine_place.expected_uuids, generator.refit_bucket_bytes, generator.weight_dtype) if generator else None)
-    sink = tp.ReplicaRefit(slots[rank].uuid, *info, gather=actor.gather_in_replica,
-                           release=lambda: actor.broadcast_in_replica(None),
+    info = [(engine_place.expected_uuids, generator.refit_bucket_bytes, generator.weight_dtype)
+            if generator is not None else None]
+    dist.broadcast_object_list(info, src=block[0], group=group)
+
+    def gather(obj):
+        out = [None] * len(block) if rank == block[0] else None
+        dist.gather_object(obj, out, dst=block[0], group=group)
+        return out
+
+    sink = tp.ReplicaRefit(slots[rank].uuid, *info[0], gather=gather, release=lambda: dist.barrier(group=group),
                            rpc=generator._rpc if generator is not None else None)
     if generator is not None:
         generator.replica = sink
-    return generator, sink, placement
+    spread = tp.EngineSpread(e if rank == block[0] else None, len(blocks), [b[0] for b in blocks], everyone)
+    return generator, sink, placement, spread
 
 
 def retrievers(cfg: TrainConfig) -> tuple:
@@ -331,26 +347,33 @@ def greedy_sums(engine, questions, batch_size: int, by_source: bool = False) -> 
     return report.sums["x"]
 
 
-def sharded_greedy_em(actor, engine, questions, batch_size: int, by_source: bool = False) -> dict:
+def sharded_greedy_em(actor, engine, questions, batch_size: int, by_source: bool = False, spread=None) -> dict:
     """`greedy_em` over all `questions`, each data-parallel replica evaluating its share `questions[r::dp]`
-    (its leader generates, then shares the result in the replica); the per-kind sums are all-reduced over
-    the replicas, so every rank returns the whole result (exactly `greedy_em`'s at dp = 1)."""
+    (its leader generates, then shares the result in the replica), or with `spread` (engines on every GPU) each
+    engine every e-th question; the per-kind sums are all-reduced, so every rank returns the whole result
+    (exactly `greedy_em`'s at dp = 1)."""
     from nemo_sdsearch.eval.harness import SOURCE, Score, data_source
 
-    local = None
-    if actor.is_replica_leader:
-        share = questions[actor.dp_rank::actor.dp_size]
+    if spread is not None:   # the job's engines (trtllm_placement.EngineSpread): engine e evaluates every e-th
+        share = spread.share(questions)
         local = greedy_sums(engine, share, batch_size, by_source) if share else {}
-    local = actor.broadcast_in_replica(local)
-    if actor.dp_size == 1:
-        return {k: Score.from_sums(s).mean() for k, s in local.items()}
+        reduce = spread.all_reduce
+    else:
+        local = None
+        if actor.is_replica_leader:
+            share = questions[actor.dp_rank::actor.dp_size]
+            local = greedy_sums(engine, share, batch_size, by_source) if share else {}
+        local = actor.broadcast_in_replica(local)
+        if actor.dp_size == 1:
+            return {k: Score.from_sums(s).mean() for k, s in local.items()}
+        reduce = actor.all_reduce_dp
     kinds = ["all"] + sorted({q.kind for q in questions if q.kind is not None})
     kinds += sorted({SOURCE + data_source(q) for q in questions}) if by_source else []
     sums = torch.zeros(len(kinds), len(Score.SUMS), dtype=torch.float64)  # n, em, f1, ... summed (Score.SUMS)
     for i, k in enumerate(kinds):
         if k in local:
             sums[i] = torch.tensor(local[k], dtype=torch.float64)
-    sums = actor.all_reduce_dp(sums)
+    sums = reduce(sums)
     out = {}
     for i, k in enumerate(kinds):
         if int(round(float(sums[i, 0]))):

@@ -110,8 +110,11 @@ class RolloutEngine:
         return self._info_open + body + self._info_close
 
     def run(self, questions: Sequence[QA], n_samples: int = 1, seed: int = 0,
-            prompts: Sequence[str] | None = None, progress: Callable[[int], None] | None = None) -> list[Trajectory]:
-        """Roll out `n_samples` trajectories per question (grouped: question i owns rows i*n .. i*n+n-1)."""
+            prompts: Sequence[str] | None = None, progress: Callable[[int], None] | None = None,
+            question_seeds: Sequence[int] | None = None) -> list[Trajectory]:
+        """Roll out `n_samples` trajectories per question (grouped: question i owns rows i*n .. i*n+n-1).
+        `question_seeds`: each question's own call seed (default: `seed` for every one), so one call can roll out
+        questions that smaller calls would have seeded differently (the pool's batches)."""
         cfg = self.cfg
         trajs: list[Trajectory] = []
         for qi, q in enumerate(questions):
@@ -200,7 +203,8 @@ class RolloutEngine:
 
         # every row's random stream belongs to its (question, sample index): a question samples the same
         # rollouts whichever batch, replica or position runs it
-        row_seeds = [question_row_seed(seed, q.id, j) for q in questions for j in range(n_samples)]
+        seeds = list(question_seeds) if question_seeds is not None else [seed] * len(questions)
+        row_seeds = [question_row_seed(s, q.id, j) for q, s in zip(questions, seeds) for j in range(n_samples)]
         session = self.generator.open([t.token_ids for t in trajs], seed=seed, row_seeds=row_seeds)
         t0 = time.perf_counter()
         try:

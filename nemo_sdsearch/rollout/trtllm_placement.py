@@ -1,8 +1,11 @@
-"""One TensorRT-LLM engine per data-parallel replica, on that replica's own devices, refitted from its ranks.
+"""TensorRT-LLM engines on every GPU of the job, independent of the training layout, refitted by the ranks that
+host their workers.
 
-Under torchrun (actor=megatron, generator=trtllm) every data-parallel replica (its tp x pp ranks) runs one
-engine, with `trtllm.tensor_parallel` workers, on devices that belong to the replica, started by the
-replica's leader. The pieces, in the order a run uses them:
+Under torchrun (actor=megatron, generator=trtllm) the job's world is cut into blocks of `trtllm.tensor_parallel`
+consecutive ranks (`engine_blocks`); each block runs one engine, whose workers sit on the block's GPUs, started by
+the block's first rank (its driver). An engine may hold part of a data-parallel replica (trtllm.tensor_parallel <
+megatron tp x pp: several engines per replica) or several replicas (>: one engine across replicas, whose
+weights are equal); every GPU generates either way. The pieces, in the order a run uses them:
 
 1. **Where.** Every rank reports its `DeviceSlot` (node IP address, local device index, device id: the GPU's
    UUID on a cluster; on a CPU-only cluster, such as the test cluster, "CPU-<node IP>-<local rank>");
@@ -12,24 +15,29 @@ replica's leader. The pieces, in the order a run uses them:
    host name: a bundle is pinned by `node:<ip>`) holds it. Global rank 0 creates the group once per
    process (`JobPlacement`); every later stage (GRPO, pool, OPSD, evaluation) reuses it, and
    `JobPlacement.remove` takes it down at the end, after every engine is shut down (TensorRT-LLM never
-   removes a group it was handed). `engine_bundles` picks the bundles of the replica's first
-   `trtllm.tensor_parallel` ranks (they must share a node: the refit passes IPC handles). The leader hands
-   them to TensorRT-LLM in the form the installed release takes (`placement_form`: `ray_placement_config=
-   RayPlacementConfig(...)` on the LLM from 1.2.0rc6 on; the top-level `placement_groups` /
-   `placement_bundle_indices` / `per_worker_gpu_share` of the AsyncLLM surface when a release's LLM
-   declares those; releases up to 1.2.0rc5 read placement only from TRTLLM_RAY_BUNDLE_INDICES inside a Ray
-   actor and are refused) and, once the engine is up, checks that its workers' device ids are exactly
-   those of the chosen ranks: a placement Ray resolved otherwise fails loudly instead of landing on
-   another replica's devices.
+   removes a group it was handed). `engine_bundles` picks the bundles of a block (they must share a node: the
+   refit passes IPC handles). The driver hands them to TensorRT-LLM in the form the installed release takes
+   (`placement_form`: `ray_placement_config=RayPlacementConfig(...)` on the LLM from 1.2.0rc6 on; the top-level
+   `placement_groups` / `placement_bundle_indices` / `per_worker_gpu_share` of the AsyncLLM surface when a
+   release's LLM declares those; releases up to 1.2.0rc5 read placement only from TRTLLM_RAY_BUNDLE_INDICES
+   inside a Ray actor and are refused) and, once the engine is up, checks that its workers' device ids are
+   exactly those of the block: a placement Ray resolved otherwise fails loudly instead of landing on another
+   engine's devices.
 2. **A clean environment.** `engine_environment()` hides the SLURM / PMI / PMIx / Open MPI variables and
    torchrun's (RANK, WORLD_SIZE, MASTER_PORT, ...) while TensorRT-LLM is imported and the engine is built:
    its Ray executor copies the driver's environment into every worker, and MPI detection or a second
    rendezvous on torchrun's MASTER_PORT would follow them there.
-3. **Refit.** `ReplicaRefit.refit` is collective over the replica: for each bucket of the weight stream every
-   rank whose device hosts an engine worker makes IPC handles of ITS OWN copy of the bucket (the stream
-   gives every rank every tensor: CUDA IPC on a GPU, a shared-memory file on a CPU run), the leader gathers
-   them into `{device id: [(name, handle)]}` and sends one `update_weights` RPC, then releases the ranks
-   (whose tensors must outlive the RPC). No rank copies weights onto another rank's device.
+3. **Rollouts.** `EngineSpread`: engine e rolls out every e-th question of a batch; the trajectories are gathered
+   on every rank and each data-parallel replica takes its own questions' (a row's random stream belongs to its
+   question and sample, so which engine ran it changes nothing).
+4. **Refit (the re-shard).** Every rank receives every full HF tensor from its replica's weight stream (gathered
+   over Megatron's TP, broadcast over its PP). `ReplicaRefit.refit` is collective over an engine's block: for each
+   bucket every rank makes IPC handles of ITS OWN copy of the bucket (CUDA IPC on a GPU, a shared-memory file on
+   a CPU run), the driver gathers them into `{device id: [(name, handle)]}` and sends one `update_weights` RPC,
+   in which each worker takes its engine-TP slice of the full tensors; then the block's ranks are released
+   (their tensors must outlive the RPC). Megatron TP 2 -> engine TP 1 and TP 1 -> TP 2 are both this. No rank
+   copies weights onto another rank's device. A block spanning replicas meets the bucket in lock-step: every
+   replica streams the same tensors in the same order.
 """
 
 from __future__ import annotations
@@ -110,7 +118,7 @@ def job_bundles(slots: Sequence[DeviceSlot]) -> tuple[list[dict], dict[DeviceSlo
         local = sorted({s for s in slots if s.node == node}, key=lambda s: s.local_index)
         if [s.local_index for s in local] != list(range(len(local))):
             raise ConfigError(f"config key cluster.gpus_per_node: node {node} runs ranks on GPUs "
-                              f"{[s.local_index for s in local]}; one engine per replica needs the job to use "
+                              f"{[s.local_index for s in local]}; engines on every GPU need the job to use "
                               "every GPU of its nodes, 0..n-1 (launch gpus_per_node ranks per node)")
         for s in local:
             index[s] = len(bundles)
@@ -119,18 +127,62 @@ def job_bundles(slots: Sequence[DeviceSlot]) -> tuple[list[dict], dict[DeviceSlo
     return bundles, index
 
 
-def engine_bundles(replica_slots: Sequence[DeviceSlot], engine_tp: int, index: dict[DeviceSlot, int]) -> list[int]:
-    """The bundles of one replica's engine: its first `engine_tp` ranks' GPUs (leader first)."""
-    if engine_tp > len(replica_slots):
-        raise ConfigError(f"config key trtllm.tensor_parallel: {engine_tp} engine GPUs do not fit in a data-parallel "
-                          f"replica of {len(replica_slots)} GPUs (megatron.tensor_parallel x pipeline_parallel); "
-                          "an engine runs on its replica's own GPUs")
-    chosen = list(replica_slots[:engine_tp])
+def engine_blocks(world: int, engine_tp: int) -> list[list[int]]:
+    """The job's engines, independent of the training layout: consecutive blocks of `engine_tp` global ranks (every
+    GPU of the job runs one engine worker; torchrun numbers a node's ranks consecutively, so a block whose size
+    divides the GPUs of a node stays inside it). Block e's first rank drives engine e."""
+    if engine_tp < 1 or world % engine_tp:
+        raise ConfigError(f"config key trtllm.tensor_parallel: {engine_tp} does not divide the job's {world} GPUs")
+    return [list(range(start, start + engine_tp)) for start in range(0, world, engine_tp)]
+
+
+def engine_bundles(block_slots: Sequence[DeviceSlot], index: dict[DeviceSlot, int]) -> list[int]:
+    """The bundles of one engine: its block's GPUs (driver first), which must share a node (the refit passes IPC
+    handles)."""
+    chosen = list(block_slots)
     if len({s.node for s in chosen}) > 1:
-        raise ConfigError(f"config key trtllm.tensor_parallel: the engine's {engine_tp} GPUs would span nodes "
-                          f"{sorted({s.node for s in chosen})}; keep trtllm.tensor_parallel within one pipeline "
-                          "stage's GPUs on one node (<= megatron.tensor_parallel)")
+        raise ConfigError(f"config key trtllm.tensor_parallel: the engine's {len(chosen)} GPUs would span nodes "
+                          f"{sorted({s.node for s in chosen})}; trtllm.tensor_parallel must divide "
+                          "cluster.gpus_per_node")
     return [index[s] for s in chosen]
+
+
+@dataclass
+class EngineSpread:
+    """How a batch of questions is spread over the job's engines (`engine_blocks`) and the results brought back:
+    engine e (driven by its block's first rank) rolls out the items `items[e::count]`; `gather` returns every
+    engine's results, in engine order, on every rank (one all-gather over the job's gloo group). A row's random
+    stream belongs to its question and sample (`question_row_seed`), so which engine runs a row changes nothing."""
+    index: int | None       # the engine this rank drives, None where it drives none
+    count: int              # engines in the job
+    drivers: list[int]      # the global rank driving each engine
+    group: Any = None       # the job's gloo group (None: the default group)
+
+    def share(self, items: Sequence) -> list:
+        return list(items[self.index::self.count]) if self.index is not None else []
+
+    def gather(self, local) -> list:
+        import torch.distributed as dist
+
+        out = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, local, group=self.group)
+        return [out[r] for r in self.drivers]
+
+    def all_reduce(self, tensor):
+        """Sum of a CPU tensor over every rank of the job (drivers hold their engines' sums, the others zeros)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def regroup(self, items: Sequence, per_item: int, local: list) -> list:
+        """`gather` for rollouts: the flat results of `share(items)` (`per_item` per item, in share order) gathered
+        from every engine and put back in the order of `items` (a list of per-item lists)."""
+        out: list = [None] * len(items)
+        for e, results in enumerate(self.gather(local)):
+            for j, i in enumerate(range(e, len(items), self.count)):
+                out[i] = results[j * per_item:(j + 1) * per_item]
+        return out
 
 
 PLACEMENT_FORMS = {
@@ -167,13 +219,13 @@ def placement_form(api) -> str:
         return "top_level"
     raise ImportError(f"TensorRT-LLM {api.version} takes no Ray placement group from its caller (no "
                       "ray_placement_config / placement_groups argument; releases up to 1.2.0rc5 read "
-                      "TRTLLM_RAY_BUNDLE_INDICES inside a Ray actor only): one engine per data-parallel replica "
+                      "TRTLLM_RAY_BUNDLE_INDICES inside a Ray actor only): engines placed by the job "
                       "needs TensorRT-LLM 1.2.0rc6 or newer (the NGC NeMo 26.04 container ships 1.2.x)")
 
 
 @dataclass
 class EnginePlacement:
-    """What a replica leader passes to its engine, and what the engine must report back."""
+    """What an engine's driver passes to its engine, and what the engine must report back."""
     placement_group: Any
     bundle_indices: list[int]
     expected_uuids: list[str]
@@ -195,7 +247,7 @@ class EnginePlacement:
         got, want = sorted(norm(u) for u in reported), sorted(norm(u) for u in self.expected_uuids)
         if got != want:
             raise RuntimeError(f"the TensorRT-LLM engine's workers run on devices {sorted(reported)}, not on this "
-                               f"replica's {sorted(self.expected_uuids)} (placement bundles {self.bundle_indices}); "
+                               f"block's {sorted(self.expected_uuids)} (placement bundles {self.bundle_indices}); "
                                "is another job using this Ray cluster, or does the job leave devices of a node unused?")
 
 
@@ -238,13 +290,13 @@ class JobPlacement:
         self.name = name
         self.created = False
 
-    def plan(self, slots: Sequence[DeviceSlot], replica_ranks: Sequence[int], engine_tp: int, rank: int,
+    def plan(self, slots: Sequence[DeviceSlot], block: Sequence[int], rank: int,
              barrier: Callable[[], None]) -> "EnginePlacement | None":
         """Collective over the world: global rank 0 creates the group (or checks the existing one holds the
-        same bundles), then every replica leader (first rank of `replica_ranks`) looks it up and gets its
-        engine's placement; other ranks get None. `slots[r]` is global rank r's device."""
+        same bundles), then every engine's driver (first rank of its `block`, `engine_blocks`) looks it up and
+        gets its engine's placement; other ranks get None. `slots[r]` is global rank r's device."""
         bundles, index = job_bundles(slots)
-        mine = engine_bundles([slots[r] for r in replica_ranks], engine_tp, index)  # every rank: same errors
+        mine = engine_bundles([slots[r] for r in block], index)  # every rank: same errors
         if rank == 0:
             ray = connect_ray()
             if not self.created:
@@ -259,11 +311,11 @@ class JobPlacement:
                                        f"asks for {bundles}")
                 print(f"placement group {self.name} reused", flush=True)
         barrier()
-        if rank != replica_ranks[0]:
+        if rank != block[0]:
             return None
         ray = connect_ray()
         pg = ray.util.get_placement_group(self.name)
-        return EnginePlacement(pg, mine, [slots[r].uuid for r in replica_ranks[:engine_tp]])
+        return EnginePlacement(pg, mine, [slots[r].uuid for r in block])
 
     def remove(self, rank: int) -> list[str] | None:
         """Rank 0 (after every engine of the job is shut down): remove the group; returns the names of this
@@ -279,7 +331,7 @@ class JobPlacement:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Refit over the replica
+# Refit over an engine's block
 # ---------------------------------------------------------------------------------------------------
 def ipc_handles(bucket, dtype, keep: list, device=None) -> list:
     """[(name, (rebuild, args))] of `bucket` cast to `dtype` on `device` (default: this process's current CUDA
@@ -328,10 +380,10 @@ def rebuild_cpu_tensor(rebuild_storage, storage_args, dtype, size, stride, offse
 
 @dataclass
 class ReplicaRefit:
-    """Every rank of a replica holds one when the replica runs a TensorRT-LLM engine; `refit(weights)` is
-    collective over the replica (see module docstring). `rpc` is the leader's engine RPC (None elsewhere);
-    `gather(obj)` returns the replica's objects on the leader (None elsewhere); `release()` is the
-    replica-wide point after which handles may die."""
+    """Every rank of an engine's block holds one (generator=trtllm under torchrun); `refit(weights)` is collective
+    over the block (see module docstring). `rpc` is the driver's engine RPC (None elsewhere); `gather(obj)`
+    returns the block's objects on the driver (None elsewhere); `release()` is the block-wide point after which
+    handles may die."""
     uuid: str
     engine_uuids: list[str]
     bucket_bytes: int
@@ -353,7 +405,7 @@ class ReplicaRefit:
                 handles = dict(g for g in gathered if g is not None)
                 missing = set(self.engine_uuids) - set(handles)
                 if missing:
-                    raise RuntimeError(f"no rank of this replica holds engine device(s) {sorted(missing)}")
+                    raise RuntimeError(f"no rank of this engine's block holds device(s) {sorted(missing)}")
                 self.rpc("update_weights", handles)
             self.release()
             del bucket, mine, gathered, keep

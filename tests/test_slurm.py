@@ -234,7 +234,7 @@ def _two_node_job(cluster, tmp_path, index, overrides) -> str:
 
 def _check_ray_path(cluster, out: str, log: str, runs: int, detail: str) -> None:
     """What every run of a two-node generator=trtllm job must show: a Ray cluster of both training nodes (by IP),
-    one placement group created by the job and removed at its end, each replica's engine on its own node."""
+    one placement group created by the job and removed at its end, each GPU's engine (engine TP 1) on its own node."""
     train_nodes = cluster.nodes[:2]
     ips = [cluster.addrs[n] for n in train_nodes]  # the nodes' addresses on the test cluster's bridge
     assert out.count(f"ray: 2 node(s) up at {ips[0]}:6379: {ips[0]}, {ips[1]}") == runs, detail
@@ -242,8 +242,9 @@ def _check_ray_path(cluster, out: str, log: str, runs: int, detail: str) -> None
     removed = re.findall(r"placement group (sdsearch-\S+) removed; groups of this job left in Ray: (\d+)", log)
     assert len(created) == runs and [n for n, _ in removed] == created[-len(removed):], detail
     assert removed and all(left == "0" for _, left in removed), detail
-    for r, ip in enumerate(ips):  # replica r's engine: one worker, on node r's bundle, reporting node r's address
-        lines = re.findall(rf"replica {r}: TensorRT-LLM workers on (\S+) \(placement bundles \[(\d)\]", log)
+    for r, ip in enumerate(ips):  # engine r (rank r's: engine TP 1): one worker, on node r's bundle, node r's address
+        lines = re.findall(rf"engine {r} \(ranks {r}-{r}\): TensorRT-LLM workers on (\S+) \(placement bundles \[(\d)\]",
+                           log)
         assert lines and all(dev == f"CPU-{ip}-0" and int(b) == r for dev, b in lines), (r, lines, detail)
     assert "engine placed through LLM(ray_placement_config=RayPlacementConfig" in log, detail
     assert {f"rank 0 of 2 on {train_nodes[0]}", f"rank 1 of 2 on {train_nodes[1]}"} <= {
@@ -332,7 +333,7 @@ def test_two_node_search_e1_runs_every_stage_on_one_placement_group(slurm_cluste
     out, log, detail = _job_detail(slurm_cluster, tmp_path, job)
     assert state == "COMPLETED", f"job {job} ended {state}:\n{detail}"
     _check_ray_path(slurm_cluster, out, log, runs=1, detail=detail)
-    assert log.count("TensorRT-LLM workers on") == 2, detail   # built once: one engine per replica for all stages
+    assert log.count("TensorRT-LLM workers on") == 2, detail   # built once: one engine per GPU for all stages
 
     run, ref = tmp_path / "run", single_process["search_e1"]
     st, ref_st = (json.loads((d / "search_e1_state.json").read_text()) for d in (run, ref))

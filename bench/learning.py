@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(target_line("no_retrieval_em", no_search, "<=", 0.05))
     print(target_line("main_job_minutes", wall / 60, "<=", 15))
     met = all(math.isfinite(rows.get(k, (nan,) * 5)[4]) and rows[k][4] >= 3 for k in ("em", "first_query_hit"))
-    return 0 if met and no_search <= 0.05 and wall <= 15 * 60 else 1
+    # the smoke run (1 step) checks that the bench runs, not the gains it cannot have
+    return 0 if args.smoke or (met and no_search <= 0.05 and wall <= 15 * 60) else 1
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_a_node_with_unused_gpus_is_refused():
 def test_a_placement_ray_resolved_elsewhere_fails_loudly():
     p = EnginePlacement(object(), [0, 1], ["GPU-a", "GPU-b"])
     p.check(["gpu-b", "GPU-a"])  # order and the GPU- prefix's case do not matter
-    with pytest.raises(RuntimeError, match="not on this replica's"):
+    with pytest.raises(RuntimeError, match="not on this block's"):
         p.check(["GPU-a", "GPU-c"])
 
 

@@ -182,9 +182,8 @@ def cmd_layout(args) -> int:
     fits = []
     for name in names:
         # the memory check is what this command reports on: the recipe loads without it
-        cfg = replace_nodes(load_config(name, list(args.overrides), args.config_dir, check_memory=False),
-                            args.nodes) if args.nodes else load_config(name, list(args.overrides), args.config_dir,
-                                                                       check_memory=False)
+        cfg = load_config(name, list(args.overrides), args.config_dir, check_memory=False)
+        cfg = replace_nodes(cfg, args.nodes or cfg.cluster.nodes)
         print(layout_report(name, cfg, top=args.top))
         est = memory_estimate(cfg)
         if args.table:

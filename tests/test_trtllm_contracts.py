@@ -247,6 +247,15 @@ def test_level_1_keeps_the_weights_level_2_discards_them_until_a_full_refit(micr
         gen.shutdown()
 
 
+def _serves_the_model(gen, model, tokenizer):
+    """After an update phase the engine generates again, with the log-probs of `model` (its weights are there)."""
+    prompt = enc(tokenizer, PROMPTS[0])
+    gen.eos_token_ids = []
+    out = gen.open([prompt]).generate(SamplingParams(max_new_tokens=4, temperature=0.0))[0]
+    assert out.logprobs == pytest.approx(convention(model, prompt + out.token_ids, len(prompt), out.token_ids, 0.0),
+                                         abs=1e-4)
+
+
 def _update_phase_parts(gen, level: int, sink=None):
     """What `setup.engine_asleep` reads: the components (an actor with nothing to park) and the config."""
     from nemo_sdsearch.config import OffloadSection
@@ -276,11 +285,7 @@ def test_a_level_2_sleep_releases_the_weights_and_the_wake_up_refits_them(micro_
         assert gen.llm.asleep is None and not gen.llm.weights_released
         methods = [m for m, _ in gen.llm.calls]
         assert methods[:3] == ["sleep", "wakeup", "reset_prefix_cache"] and "update_weights" in methods
-        prompt = enc(tokenizer, PROMPTS[0])
-        gen.eos_token_ids = []
-        out = gen.open([prompt]).generate(SamplingParams(max_new_tokens=4, temperature=0.0))[0]
-        assert out.logprobs == pytest.approx(convention(micro_model, prompt + out.token_ids, len(prompt),
-                                                        out.token_ids, 0.0), abs=1e-4)
+        _serves_the_model(gen, micro_model, tokenizer)
     finally:
         gen.shutdown()
 
@@ -296,10 +301,6 @@ def test_training_sleeps_at_level_1_only(micro_model, tokenizer):
         with engine_asleep(c, cfg):
             assert gen.llm.asleep == ["kv_cache"] and not gen.llm.weights_released
         assert gen.llm.asleep is None and [m for m, _ in gen.llm.calls] == ["sleep", "wakeup", "reset_prefix_cache"]
-        prompt = enc(tokenizer, PROMPTS[0])
-        gen.eos_token_ids = []
-        out = gen.open([prompt]).generate(SamplingParams(max_new_tokens=4, temperature=0.0))[0]
-        assert out.logprobs == pytest.approx(convention(micro_model, prompt + out.token_ids, len(prompt),
-                                                        out.token_ids, 0.0), abs=1e-4)
+        _serves_the_model(gen, micro_model, tokenizer)
     finally:
         gen.shutdown()

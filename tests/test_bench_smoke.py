@@ -16,9 +16,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 TARGETS = {
     "index_build": ["index_builds_complete", "bm25_build_passages_per_s", "dense_build_peak_rss_mib"],
     "learning": None,            # its gains, one line per measure (eval/targets.py)
-    "losses": None,
-    "retrieval": None,
-    "rollout": ["rollout_speedup"],
+    "losses": ["jsd_extra_memory_vs_dense", "jsd_time_vs_dense", "jsd_time_vs_floor"],
+    "retrieval": ["retrieval_latency_ratio_c1", "retrieval_qps_ratio_c32", "retrieval_qps_vs_ceiling_c64"],
+    "rollout": ["rollout_speedup", "rollout_speedup_training_shaped", "rollout_vs_decode_ceiling_training_shaped"],
     "rollout_pool": ["pools_same_trajectories", "smallest_pool_kv_peak_over_unbounded"],
     "scaling": None,
 }

@@ -1,9 +1,15 @@
-"""SD-Search step time against a GRPO-only step on the same rollout batch, side by side in one run.
+"""One SD-Search step against a GRPO step on the same rollout batch, and where the step's time goes, side by side.
 
-The rollouts are generated once; each update then starts from the same weights and optimizer state.
-The SD-Search update adds the hindsight blocks, the teacher pass (the same weights, no grad, only up to
-the last query token) and the JSD at query positions. Step = generation + update; the target is on
-the whole step, the update-only ratio is printed too.
+The rollouts are generated once; each update then starts from the same weights and optimizer state. The
+SD-Search update adds the hindsight blocks, the teacher pass (the same weights, no grad, only up to the last
+query token) and the JSD at query positions. The step is split into: generation; reference (and old, with
+more than one mini-batch) log-probs; the teacher pass; forward + backward; the optimizer (clip + AdamW). The
+forward + backward is compared with what this machine's matmuls attain at the model's shapes, measured in
+the same run: achieved GFLOP/s (the model's forward + backward FLOPs over the measured time) against the best
+of the matmuls (micro-batch tokens x hidden times hidden x {q/k/v/o, MLP, LM head} widths, fp32, the same
+threads).
+
+Target: the SD-Search step at most 1.10x the GRPO step on the same rollouts.
 
     python bench/step.py [--model DIR] [--questions 8] [--group 5] [--repeats 2]
     python bench/step.py --smoke     # the suite's run: that the bench works, not a measurement
@@ -23,10 +29,35 @@ import torch
 sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 from nemo_sdsearch.eval.targets import target_line  # noqa: E402
 
+PHASES = ("ref/old log-probs", "teacher", "forward+backward", "optimizer")
+
+
+def matmul_gflops(m: int, shapes: list[tuple[int, int]], seconds: float = 0.3) -> float:
+    """The best fp32 GFLOP/s of (m x k) @ (k x n) over `shapes`, each timed for about `seconds`."""
+    best = 0.0
+    for k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b  # warm up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def model_flops(cfg, tokens: int, attn_pairs: int, head_rows: int) -> float:
+    """Forward + backward FLOPs (3x the forward's): the decoder's linear layers on every token, attention scores
+    and values over `attn_pairs` (query, key) pairs per layer, the LM head on `head_rows` rows."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    linear = L * (d * d * 2 + 2 * d * kv + 3 * d * f)  # q, o; k, v; gate, up, down
+    forward = 2 * linear * tokens + L * 4 * d * attn_pairs + 2 * d * cfg.vocab_size * head_rows
+    return 3 * forward
+
 
 def main():
-    from nemo_sdsearch.algorithms import sd_search
-    from nemo_sdsearch.algorithms.grpo import update_policy
+    from nemo_sdsearch.algorithms import grpo, sd_search
     from nemo_sdsearch.algorithms.setup import build_components, make_prompt_format
     from nemo_sdsearch.config import load_config
     from nemo_sdsearch.losses.policy import group_advantages
@@ -56,33 +87,87 @@ def main():
     gen_s = time.perf_counter() - t0
     adv = group_advantages([t.exact_match for t in trajs], args.group)
     weights = copy.deepcopy(actor.model.state_dict())
+    shapes = {}  # the micro-batches' padded shapes, for the FLOP count
 
-    def timed_update(algorithm: str) -> float:
+    def timed_update(algorithm: str) -> dict:
         actor.model.load_state_dict(weights)
         fresh = HFActor(actor.model, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip)
-        t0 = time.perf_counter()
-        teacher = None
-        if algorithm == "sd_search":
-            blocks = sd_search.rollout_hindsight_blocks(trajs, args.group, cfg.sd, lambda s: len(encode(s)))
-            teacher = sd_search.teacher_sequences(trajs, blocks, lambda q, b: encode(prompts.teacher(q, b)))
-        update_policy(fresh, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
-        return time.perf_counter() - t0
+        took = dict.fromkeys(PHASES, 0.0)
+        step = fresh.optimizer.step
 
-    times = {"grpo": [], "sd_search": []}
+        def timed_step(*a, **k):  # the optimizer's share of train_step (the clip is measured with it below)
+            t = time.perf_counter()
+            out = step(*a, **k)
+            took["optimizer"] += time.perf_counter() - t
+            return out
+
+        fresh.optimizer.step = timed_step
+        make = grpo.policy_micro_batches
+
+        def timed_micro_batches(*a, **k):  # ref/old log-probs (the teacher pass runs later, when the loss asks)
+            t = time.perf_counter()
+            out = make(*a, **k)
+            took["ref/old log-probs"] += time.perf_counter() - t
+            for mbs in out:
+                for mb in mbs:
+                    shapes.setdefault(algorithm, []).append((tuple(mb.batch.input_ids.shape), int(mb.rows.numel())))
+            return out
+
+        grpo.policy_micro_batches = timed_micro_batches
+        try:
+            t0 = time.perf_counter()
+            teacher = None
+            if algorithm == "sd_search":
+                blocks = sd_search.rollout_hindsight_blocks(trajs, args.group, cfg.sd, lambda s: len(encode(s)))
+                teacher = sd_search.teacher_sequences(trajs, blocks, lambda q, b: encode(prompts.teacher(q, b)))
+            m, _ = grpo.update_policy(fresh, ref, trajs, adv, teacher, cfg, tok.pad_token_id)
+            total = time.perf_counter() - t0
+        finally:
+            grpo.policy_micro_batches = make
+        took["teacher"] = m["teacher_s"]
+        took["forward+backward"] = total - took["ref/old log-probs"] - took["teacher"] - took["optimizer"]
+        took["update"] = total
+        return took
+
+    runs = {"grpo": [], "sd_search": []}
     for _ in range(args.repeats):
         for algo in ("grpo", "sd_search"):
-            times[algo].append(timed_update(algo))
-    grpo_u, sd_u = min(times["grpo"]), min(times["sd_search"])
+            runs[algo].append(timed_update(algo))
+    best = {a: min(r, key=lambda x: x["update"]) for a, r in runs.items()}
     n_q = sum(sum(t.query_mask()) for t in trajs)
     n_p = sum(sum(t.policy_mask()) for t in trajs)
     print(f"{len(trajs)} rollouts ({args.questions} questions x {args.group}), {n_p} policy tokens, "
           f"{n_q} query tokens, {torch.get_num_threads()} threads")
     print(f"{'':12s} {'generation s':>13s} {'update s':>9s} {'step s':>8s}")
-    for name, u in (("GRPO", grpo_u), ("SD-Search", sd_u)):
+    for name, algo in (("GRPO", "grpo"), ("SD-Search", "sd_search")):
+        u = best[algo]["update"]
         print(f"{name:12s} {gen_s:13.2f} {u:9.2f} {gen_s + u:8.2f}")
-    step_ratio = (gen_s + sd_u) / (gen_s + grpo_u)
-    print(f"update-only ratio {sd_u / grpo_u:.2f}x, whole-step ratio {step_ratio:.2f}x")
-    print(target_line("sd_step_vs_grpo_step", step_ratio, "<=", 1.25))
+    print(f"\nwhere the step goes (seconds; share of the step){'':4s}")
+    print(f"{'phase':20s} {'GRPO':>14s} {'SD-Search':>14s}")
+    rows = [("generation", gen_s, gen_s)] + [(p, best["grpo"][p], best["sd_search"][p]) for p in PHASES]
+    for name, g, s in rows:
+        print(f"{name:20s} {g:7.2f} ({g / (gen_s + best['grpo']['update']):4.0%}) "
+              f"{s:7.2f} ({s / (gen_s + best['sd_search']['update']):4.0%})")
+    # forward + backward against the matmuls' ceiling at the model's shapes (the GRPO update: no teacher)
+    mcfg = actor.model.config
+    tokens = sum(b * t for (b, t), _ in shapes["grpo"]) // args.repeats
+    pairs = sum(b * t * (t + 1) // 2 for (b, t), _ in shapes["grpo"]) // args.repeats
+    head = sum(n for _, n in shapes["grpo"]) // args.repeats
+    flops = model_flops(mcfg, tokens, pairs, head)
+    m_tokens = max(b * t for (b, t), _ in shapes["grpo"])
+    d, f, kv = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_key_value_heads * (mcfg.hidden_size //
+                                                                                      mcfg.num_attention_heads)
+    attainable = matmul_gflops(m_tokens, [(d, d), (d, kv), (d, f), (f, d), (d, mcfg.vocab_size)],
+                               0.05 if args.smoke else 0.3)
+    achieved = flops / best["grpo"]["forward+backward"] / 1e9
+    print(f"\nthe GRPO update's forward+backward: {flops / 1e9:.1f} GFLOP in {best['grpo']['forward+backward']:.2f} s = "
+          f"{achieved:.1f} GFLOP/s; this machine's fp32 matmuls at the model's shapes ({m_tokens} tokens per "
+          f"micro-batch): {attainable:.1f} GFLOP/s; achieved / attainable {achieved / attainable:.2f}")
+    step_ratio = (gen_s + best["sd_search"]["update"]) / (gen_s + best["grpo"]["update"])
+    print(f"update-only ratio {best['sd_search']['update'] / best['grpo']['update']:.2f}x, "
+          f"whole-step ratio {step_ratio:.2f}x")
+    print(target_line("sd_step_vs_grpo_step", step_ratio, "<=", 1.10))
+    print(target_line("fwd_bwd_vs_matmul_ceiling", achieved / attainable, ">=", 0.5))
 
 
 if __name__ == "__main__":

@@ -15,4 +15,7 @@ def test_step_bench_smoke():
     assert re.search(r"^4 rollouts \(2 questions x 2\), \d+ policy tokens, \d+ query tokens, 1 threads$", p.stdout, re.M)
     rows = {m.group(1): float(m.group(3)) for m in re.finditer(r"^(GRPO|SD-Search)\s+([\d.]+)\s+([\d.]+)", p.stdout, re.M)}
     assert set(rows) == {"GRPO", "SD-Search"} and all(v > 0 for v in rows.values())
-    assert re.search(r"^TARGET sd_step_vs_grpo_step value=[\d.]+ goal=<=1.25 met=(yes|no)$", p.stdout, re.M)
+    assert re.search(r"^TARGET sd_step_vs_grpo_step value=[\d.]+ goal=<=1.1 met=(yes|no)$", p.stdout, re.M)
+    assert re.search(r"^TARGET fwd_bwd_vs_matmul_ceiling value=[\d.]+ goal=>=0.5 met=(yes|no)$", p.stdout, re.M)
+    phases = re.findall(r"^(generation|ref/old log-probs|teacher|forward\+backward|optimizer) ", p.stdout, re.M)
+    assert phases == ["generation", "ref/old log-probs", "teacher", "forward+backward", "optimizer"], p.stdout

@@ -175,6 +175,13 @@ def test_the_preregistration_section_survives_a_rewrite(tmp_path):
     assert ablation.kept_preregistration(path) == "## Pre-registration\n\nRules.\n### Decision\n\nA.\n\n"
     assert ablation.kept_analysis(path) == "## Analysis\n\nreading\n"
     assert ablation.kept_preregistration(tmp_path / "none.md") == ""
+    # the pre-registration's own `### Analysis` (the analysis plan) is not the hand-written analysis: before the
+    # results exist there is none, and a rewrite must not copy the plan (and what follows it) below the results
+    path.write_text("## Pre-registration\n\n### Analysis\n\nplan\n\n## Progress\n\npartial\n")
+    assert ablation.kept_analysis(path) == ""
+    text = ablation.results_markdown({"all": {"n": 3, "em": 0.4}}, [], 8, "cmd", "machine",
+                                     ablation.kept_analysis(path), preregistration=ablation.kept_preregistration(path))
+    assert text.count("### Analysis") == 1 and "## Progress" not in text
 
 
 def test_binomial_interval():

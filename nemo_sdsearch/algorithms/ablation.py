@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import replace
@@ -535,12 +536,13 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
 
 
 def kept_analysis(path: Path) -> str:
-    """The hand-written `## Analysis` section of an existing results file (kept across re-runs)."""
+    """The hand-written `## Analysis` section of an existing results file (kept across re-runs): from a line that
+    is exactly `## Analysis` to the end (a `### Analysis` of the pre-registration, the analysis plan, is not it)."""
     if not path.exists():
         return ""
     text = path.read_text()
-    i = text.find("## Analysis")
-    return text[i:] if i >= 0 else ""
+    m = re.search(r"^## Analysis[ \t]*$", text, re.M)
+    return text[m.start():] if m else ""
 
 
 def kept_preregistration(path: Path) -> str:

@@ -103,7 +103,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['kind']} | {r['index']} | {r['passages']} | {r['wall_s']} | {r['cpu_s']} | "
               f"{r['peak_rss_mib']} | {r['index_dir_mib']} | {r['passages'] / r['wall_s']:.0f} |")
-    from nemo_sdsearch.eval.targets import target_line
+    from nemo_sdsearch.core.targets import target_line
 
     print(target_line("index_builds_complete", float(all(r["complete"] for r in rows)), ">=", 1))
     for r in rows:

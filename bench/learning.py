@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nemo_sdsearch.algorithms.grpo import train
     from nemo_sdsearch.config import load_config
-    from nemo_sdsearch.eval.targets import target_line
+    from nemo_sdsearch.core.targets import target_line
 
     tmp = None if args.out else Path(tempfile.mkdtemp(prefix="sdsearch_learning_"))
     out = Path(args.out) if args.out else tmp / "run"

@@ -207,7 +207,7 @@ def run_method(method, rows, vocab, repeats, threads, device="cpu", chunk_rows=N
 
 
 def main():
-    from nemo_sdsearch.eval.targets import target_line
+    from nemo_sdsearch.core.targets import target_line
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)

@@ -31,7 +31,7 @@ import torch
 
 # bench/retrieval.py must not shadow the `retrieval` package: drop this folder from the import path.
 sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-from nemo_sdsearch.eval.targets import target_line  # noqa: E402
+from nemo_sdsearch.core.targets import target_line  # noqa: E402
 
 from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK, information_block, student_prompt  # noqa: E402
 from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine, parse_action  # noqa: E402

@@ -87,7 +87,7 @@ def main():
         print(f"{pool or 'unbounded':>10} {s:9.2f} {n:8d} {n / s:9.1f} {gen.peak / 2 ** 20:12.2f} {same:>3d}/{rows}")
         peaks[pool] = gen.peak
         agree.append(same / rows)
-    from nemo_sdsearch.eval.targets import target_line
+    from nemo_sdsearch.core.targets import target_line
 
     # the same trajectories whatever the pool (up to a rare CDF-boundary token), and a bounded pool's KV peak a
     # fraction of the unbounded one's

@@ -27,7 +27,7 @@ import torch
 
 # bench/retrieval.py must not shadow the `retrieval` package: drop this folder from the import path.
 sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-from nemo_sdsearch.eval.targets import target_line  # noqa: E402
+from nemo_sdsearch.core.targets import target_line  # noqa: E402
 
 PHASES = ("ref/old log-probs", "teacher", "forward+backward", "optimizer")
 

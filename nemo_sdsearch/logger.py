@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from nemo_sdsearch.errors import ConfigError
+from nemo_sdsearch.errors import ConfigError, Preempted
 
 BACKENDS = ("console", "tensorboard", "wandb", "mlflow")
 OPTIONAL = {"wandb": "wandb", "mlflow": "mlflow"}  # backend -> the module its extra installs
@@ -305,7 +305,6 @@ class MetricsLoggers(MetricsLogger):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from nemo_sdsearch.algorithms.preemption import Preempted
 
         self.close(FINISHED if exc_type is None else PREEMPTED if issubclass(exc_type, Preempted) else FAILED)
 

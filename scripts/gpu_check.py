@@ -112,9 +112,9 @@ CHECK_IMPORTS = [
     "nemo_sdsearch", "nemo_sdsearch.cli", "nemo_sdsearch.config", "nemo_sdsearch.algorithms.grpo",
     "nemo_sdsearch.algorithms.search_e1", "nemo_sdsearch.algorithms.setup", "nemo_sdsearch.models.hf",
     "nemo_sdsearch.models.megatron.actor", "nemo_sdsearch.models.megatron.builder",
-    "nemo_sdsearch.models.megatron.launch", "nemo_sdsearch.checkpoint.qwen2", "nemo_sdsearch.checkpoint.hf_writer",
+    "nemo_sdsearch.models.megatron.launch", "nemo_sdsearch.models.megatron.hf_mapping", "nemo_sdsearch.checkpoint.hf_writer",
     "nemo_sdsearch.rollout.torch_generator", "nemo_sdsearch.losses.divergences",
-    "nemo_sdsearch.losses.vocab_parallel", "nemo_sdsearch.retrieval", "nemo_sdsearch.eval.targets",
+    "nemo_sdsearch.losses.vocab_parallel", "nemo_sdsearch.retrieval", "nemo_sdsearch.core.targets",
     "nemo_sdsearch.world.generator", "nemo_sdsearch.logger", "megatron.core", "megatron.core.optimizer",
     "megatron.core.distributed", "omegaconf", "hydra", "bm25s", "rapidfuzz", "transformers", "pytest",
 ]

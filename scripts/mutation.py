@@ -81,10 +81,10 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("losses/divergences.py", "forward", "slice upper 0 -> 1",
      "losses = torch.empty(n, dtype=_f32(student_logits[:0]).dtype, device=student_logits.device)"):
         "only the dtype of the slice is read",
-    ("algorithms/sd_search.py", "jsd_at_queries", "True -> False",
+    ("losses/grpo_sd_loss.py", "jsd_at_queries", "True -> False",
      "chunk_rows=sd_cfg.chunk_rows, inplace_grad=True, **vocab_shard)"):
         "memory only: the gradient is kept in the gathered rows or in a new buffer, the same numbers",
-    ("algorithms/sd_search.py", "jsd_at_queries", "True -> False",
+    ("losses/grpo_sd_loss.py", "jsd_at_queries", "True -> False",
      "sd_cfg.temperature, sd_cfg.chunk_rows, inplace_grad=True,"):
         "memory only: the gradient is kept in the gathered rows or in a new buffer, the same numbers",
     ("algorithms/sd_search.py", "group_hindsight_blocks", "index [0] -> [-1]",

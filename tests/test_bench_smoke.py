@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 # bench -> the TARGET names its smoke run prints (the full run prints the same)
 TARGETS = {
     "index_build": ["index_builds_complete", "bm25_build_passages_per_s", "dense_build_peak_rss_mib"],
-    "learning": None,            # its gains, one line per measure (eval/targets.py)
+    "learning": None,            # its gains, one line per measure (core/targets.py)
     "losses": ["jsd_extra_memory_vs_dense", "jsd_time_vs_dense", "jsd_time_vs_floor"],
     "retrieval": ["retrieval_latency_ratio_c1", "retrieval_qps_ratio_c32", "retrieval_qps_vs_ceiling_c64"],
     "rollout": ["rollout_speedup", "rollout_speedup_training_shaped", "rollout_vs_decode_ceiling_training_shaped"],

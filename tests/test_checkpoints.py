@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, HOLD_ENV
+from nemo_sdsearch.algorithms.preemption import HOLD_ENV
+from nemo_sdsearch.errors import EXIT_REQUEUE
 from nemo_sdsearch.algorithms.state import check_free_disk, checkpoint_bytes, rotate_checkpoints
 from nemo_sdsearch.config import ConfigError, load_config
 

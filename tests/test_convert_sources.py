@@ -304,7 +304,7 @@ def test_generation_config_keeps_the_eos_list(made, tmp_path):
 
 def test_training_checkpoint_tokenizer(tmp_path):
     """`convert` of an sdsearch training checkpoint (megatron_step_*) writes the --tokenizer given."""
-    from nemo_sdsearch.checkpoint.formats import save_training_state
+    from nemo_sdsearch.models.megatron.training_state import save_training_state
     from nemo_sdsearch.models.megatron.actor import MegatronActor
     from nemo_sdsearch.models.megatron.builder import init_parallel, teardown_parallel
 

@@ -450,7 +450,7 @@ def test_a_run_stopped_for_a_requeue_ends_its_mlflow_run_as_preempted(tmp_path, 
     resumed run reopens it RUNNING and finishes it."""
     from rich.console import Console
 
-    from nemo_sdsearch.algorithms.preemption import Preempted
+    from nemo_sdsearch.errors import Preempted
     from nemo_sdsearch.logger import build_loggers
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")

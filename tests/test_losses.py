@@ -7,7 +7,8 @@ import torch
 
 from nemo_sdsearch.losses.divergences import (clipped_forward_kl, clipped_forward_kl_dense, generalized_jsd,
                                               generalized_jsd_dense)
-from nemo_sdsearch.losses.policy import group_advantages, grpo_surrogate, k3_kl, k3_per_token
+from nemo_sdsearch.losses.grpo_sd_loss import token_weights
+from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, group_advantages, k3_per_token
 from nemo_sdsearch.losses.vocab_parallel import token_logprobs
 
 D = torch.float64
@@ -148,29 +149,40 @@ def test_group_advantages():
         group_advantages([1, 0, 1], 4)
 
 
+def surrogate(logp, old, adv, mask, reduction="token", clip_eps=0.2):
+    """The training loss's surrogate over [batch, time] tensors, as GRPOSDLoss forms it: the per-token clipped
+    term at the mask's positions, weighted by `token_weights` (token mean or per-sequence mean); and the clip
+    flags there."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    per_token, clipped = clipped_surrogate_per_token(logp[rows, cols], old[rows, cols], adv[rows], clip_eps)
+    seq_lens = torch.bincount(rows, minlength=mask.shape[0]).clamp(min=1)
+    w = token_weights(rows, seq_lens, reduction, int(rows.numel()), int((seq_lens * mask.any(1)).gt(0).sum()))
+    return (per_token * w.to(per_token.dtype)).sum(), clipped
+
+
 def test_grpo_surrogate_and_clip():
     logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=D)).requires_grad_()
     old = torch.log(torch.tensor([[0.25, 0.5], [0.5, 0.5]], dtype=D))
     adv = torch.tensor([1.0, -1.0], dtype=D)
     mask = torch.tensor([[1, 1], [1, 0]])
-    loss, stats = grpo_surrogate(logp, old, adv, mask, clip_eps=0.2)
+    loss, clipped = surrogate(logp, old, adv, mask)
     # Token 0: ratio 2 clipped to 1.2 for A > 0; token 1: ratio 1; row 2 token 0: ratio 1, A = -1.
     assert loss.item() == pytest.approx(-(1.2 + 1.0 - 1.0) / 3)
-    assert stats.clip_fraction == pytest.approx(1 / 3)
+    assert clipped.tolist() == [True, False, False]
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == pytest.approx(-1 / 3) and logp.grad[1, 1] == 0
-    seq, _ = grpo_surrogate(logp.detach(), old, adv, mask, reduction="sequence")
+    seq, _ = surrogate(logp.detach(), old, adv, mask, reduction="sequence")
     assert seq.item() == pytest.approx(-((1.2 + 1.0) / 2 - 1.0) / 2)
-    finite_difference_check(lambda x: grpo_surrogate(x, old, adv, mask)[0][None], logp.detach() + 0.01)
+    finite_difference_check(lambda x: surrogate(x, old, adv, mask)[0][None], logp.detach() + 0.01)
 
 
 def test_k3_kl():
     logp = torch.log(torch.tensor([[0.2, 0.7]], dtype=D))
     ref = torch.log(torch.tensor([[0.4, 0.7]], dtype=D))
     r = ref - logp
-    assert k3_kl(logp, ref, torch.ones(1, 2)).item() == pytest.approx(((r.exp() - r - 1).sum() / 2).item())
-    assert k3_kl(ref, ref, torch.ones(1, 2)).item() == 0.0
-    finite_difference_check(lambda x: k3_kl(x, ref, torch.ones(1, 2))[None], logp)
+    assert k3_per_token(logp, ref).mean().item() == pytest.approx(((r.exp() - r - 1).sum() / 2).item())
+    assert k3_per_token(ref, ref).sum().item() == 0.0
+    finite_difference_check(lambda x: k3_per_token(x, ref).mean()[None], logp)
 
 
 def test_k3_clamp():
@@ -193,11 +205,10 @@ def test_k3_clamp():
     plain = k3_per_token(logp.detach().double(), ref.double(), clamp=None)
     rd = r.double()
     assert torch.equal(plain, torch.exp(rd) - rd - 1) and plain[0, 0] > 1e6
-    # another clamp value; the masked mean applies the same clamp
+    # another clamp value
     assert k3_per_token(logp.detach(), ref, clamp=2.0)[0, 0].item() == 2.0
-    mask = torch.tensor([[1, 1, 0, 0]])
-    assert k3_kl(logp.detach(), ref, mask).item() == pytest.approx((10.0 + inside.item()) / 2, rel=1e-6)
-    assert k3_kl(logp.detach()[:, :2], ref[:, :2], mask[:, :2], clamp=None).item() > 1e6
+    assert k3_per_token(logp.detach()[:, :2], ref[:, :2]).mean().item() == pytest.approx((10.0 + inside.item()) / 2,
+                                                                                          rel=1e-6)
     with pytest.raises(ValueError, match="clamp"):
         k3_per_token(logp, ref, clamp=0.0)
 

@@ -159,9 +159,9 @@ def _tp2_worker(rank, world, dirs: dict, out: str):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
 
-    from nemo_sdsearch.checkpoint.nemo_archive import (load_training_state, save_training_state,
-                                                       training_state_to_megatron)
-    from nemo_sdsearch.checkpoint.qwen2 import megatron_to_hf
+    from nemo_sdsearch.models.megatron.training_state import (load_training_state, save_training_state,
+                                                                 training_state_to_megatron)
+    from nemo_sdsearch.models.megatron.hf_mapping import megatron_to_hf
     from nemo_sdsearch.models.megatron.actor import MegatronActor
     from nemo_sdsearch.models.megatron.builder import init_parallel, teardown_parallel
     from nemo_sdsearch.models.megatron.cpu_compat import apply_cpu_compat
@@ -419,8 +419,8 @@ def test_convert_training_checkpoint_to_hf_cli(tp2, tmp_path):
 @pytest.mark.parametrize("name", ["tied", "untied"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_hf_megatron_hf_bit_exact(hf_models, name, tp, tmp_path):
-    from nemo_sdsearch.checkpoint.nemo_archive import load_nemo, save_nemo
-    from nemo_sdsearch.checkpoint.qwen2 import hf_to_megatron, megatron_to_hf
+    from nemo_sdsearch.checkpoint.formats import load_sdsearch_archive, save_sdsearch_archive
+    from nemo_sdsearch.models.megatron.hf_mapping import hf_to_megatron, megatron_to_hf
     from nemo_sdsearch.models.megatron.builder import layout_for
 
     model = hf_models[0][name]
@@ -440,8 +440,8 @@ def test_hf_megatron_hf_bit_exact(hf_models, name, tp, tmp_path):
     back = megatron_to_hf(ranks, model.config)
     assert list(back) == list(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
     # ... and through a .nemo archive
-    path = save_nemo(tmp_path / "m.nemo", ranks, model.config, layout_for(model.config, tp))
-    cfg, states, layout = load_nemo(path)
+    path = save_sdsearch_archive(tmp_path / "m.nemo", ranks, model.config, layout_for(model.config, tp))
+    cfg, states, layout = load_sdsearch_archive(path)
     assert (layout.tp, layout.padded_vocab_size, layout.tied) == (tp, 1024, name == "tied")
     assert cfg.to_dict() == model.config.to_dict()
     back = megatron_to_hf(states, cfg)
@@ -451,7 +451,7 @@ def test_hf_megatron_hf_bit_exact(hf_models, name, tp, tmp_path):
 def test_pipeline_parallel_split_and_te_names_round_trip(hf_models):
     """pp=2 stage split (layers renumbered per stage, the tied embedding copied to the last stage) and
     the Transformer Engine names (norms fused into linear_qkv / linear_fc1) convert back bit-exactly."""
-    from nemo_sdsearch.checkpoint.qwen2 import hf_to_megatron, megatron_to_hf
+    from nemo_sdsearch.models.megatron.hf_mapping import hf_to_megatron, megatron_to_hf
 
     for name in ("tied", "untied"):
         model = hf_models[0][name]

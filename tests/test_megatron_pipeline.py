@@ -61,7 +61,7 @@ def capture_grads(actor) -> dict:
 
 
 def hf_named(grads: dict, hf_config, pp_rank: int, pp: int) -> dict:
-    from nemo_sdsearch.checkpoint.qwen2 import merge_stage
+    from nemo_sdsearch.models.megatron.hf_mapping import merge_stage
 
     return merge_stage([grads], hf_config, pp_rank, pp)
 
@@ -93,7 +93,7 @@ def _worker(rank, world, d: str):
                             varlen=m.config.variable_seq_lengths, pipeline_dtype=m.config.pipeline_dtype,
                             schedule=schedules.get_forward_backward_func().__name__)
     if actor.is_last_stage and m.share_embeddings_and_output_weights:
-        from nemo_sdsearch.checkpoint.nemo_archive import read_hf_dir
+        from nemo_sdsearch.models.weights_reader import read_hf_dir
 
         emb = read_hf_dir(d)[1]["model.embed_tokens.weight"]
         res["structure"]["tied_copy_equal"] = torch.equal(m.shared_embedding_or_output_weight()[:emb.shape[0]], emb)

@@ -113,7 +113,7 @@ def hf_models(tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("tp,pp,te", [(1, 1, False), (2, 1, False), (2, 2, True)])
 def test_hf_megatron_hf_bit_exact(hf_models, name, tp, pp, te):
-    from nemo_sdsearch.checkpoint.qwen2 import hf_to_megatron, megatron_to_hf
+    from nemo_sdsearch.models.megatron.hf_mapping import hf_to_megatron, megatron_to_hf
 
     model = hf_models[0][name]
     ref = model.state_dict()
@@ -150,7 +150,7 @@ def test_builder_config_and_spec_per_family(hf_models):
 def test_unsupported_configs_are_refused():
     from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
-    from nemo_sdsearch.checkpoint.qwen2 import hf_to_megatron
+    from nemo_sdsearch.models.megatron.hf_mapping import hf_to_megatron
     from nemo_sdsearch.models.megatron.builder import check_model, transformer_config_from_hf
 
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -188,7 +188,7 @@ def test_llama3_rope_is_megatrons_and_hfs_frequencies():
     the low-frequency dimensions (the test configuration exercises the scaling)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from nemo_sdsearch.checkpoint.families import megatron_rope_kwargs
+    from nemo_sdsearch.models.families import megatron_rope_kwargs
 
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -249,7 +249,7 @@ def test_tp1_weight_stream_is_the_hf_state_dict(tp1, hf_models, name):
 def _tp2_worker(rank, world, dirs: dict, mg_dirs: dict):
     warnings.filterwarnings("ignore")
     from nemo_sdsearch.checkpoint.formats import load_megatron_dir
-    from nemo_sdsearch.checkpoint.qwen2 import load_shard, local_weights
+    from nemo_sdsearch.models.megatron.hf_mapping import load_shard, local_weights
     from nemo_sdsearch.models.megatron.actor import MegatronActor
     from nemo_sdsearch.models.megatron.builder import init_parallel, teardown_parallel
 

@@ -348,18 +348,18 @@ def test_to_nemo_layout_matches_nemo_and_megatron(made):
 def test_convert_chain_hf_nemo_sdsearch_archive_megatron_hf(made, tmp_path):
     """Our .nemo -> the project's sdsearch training archive (its honest name; a file written under the old
     `.nemo` name still reads as one) -> Megatron weight directory -> HF: bit-exact, tokenizer kept."""
-    from nemo_sdsearch.checkpoint import nemo_archive
+    from nemo_sdsearch.checkpoint.formats import load_sdsearch_archive
     from nemo_sdsearch.checkpoint.convert import detect_format
 
     arc, mdir = tmp_path / "run.sdsearch.tar", tmp_path / "mg"
     assert main(["convert", str(made["ours"]["qwen2"]), "--to", "sdsearch-archive", str(arc), "--tp", "2"]) == 0
     assert detect_format(arc) == "sdsearch-archive" and detect_format(made["ours"]["qwen2"]) == "nemo"
-    _, states, layout = nemo_archive.load_nemo(arc)   # the old function name still works
+    _, states, layout = load_sdsearch_archive(arc)
     assert layout.tp == 2 and len(states) == 2
     assert main(["convert", str(arc), "--to", "megatron", str(mdir)]) == 0
     out = _to_hf_and_compare(made, mdir, "qwen2", tmp_path)
     assert (out["dir"] / "tokenizer.json").read_bytes() == (fx.ASSETS / "tokenizer.json").read_bytes()
-    # Llama has a Megatron-actor layout too (checkpoint.families): .nemo -> Megatron TP=2 directory -> HF, bit-exact
+    # Llama has a Megatron-actor layout too (models.families): .nemo -> Megatron TP=2 directory -> HF, bit-exact
     assert main(["convert", str(made["ours"]["llama"]), "--to", "megatron", str(tmp_path / "x"), "--tp", "2"]) == 0
     _to_hf_and_compare(made, tmp_path / "x", "llama", tmp_path / "llama")
 

@@ -287,7 +287,8 @@ def test_opsd_loss_equals_the_fp64_oracle(tau):
 
 
 def test_group_advantages_and_the_sequence_surrogate_follow_their_formulas():
-    from nemo_sdsearch.losses.policy import group_advantages, grpo_surrogate
+    from nemo_sdsearch.losses.grpo_sd_loss import token_weights
+    from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, group_advantages
 
     # A_i = (R_i - mean) / (unbiased std + eps), per group; eps large enough to show in the value
     r = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
@@ -296,19 +297,21 @@ def test_group_advantages_and_the_sequence_surrogate_follow_their_formulas():
     expected = [(x - mean) / (std + 0.1) for x in r[:3]] + [0.0, 0.0, 0.0]
     assert group_advantages(r, 3, eps=0.1).tolist() == pytest.approx(expected, rel=1e-6)
     assert group_advantages(r, 3, normalize_std=False).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], rel=1e-6)
-    # [batch, time] surrogate: per-sequence means, then the mean over sequences; its stats
+    # the training loss's surrogate with reduction "sequence" (as GRPOSDLoss forms it from token_weights):
+    # per-sequence means, then the mean over sequences; the clip flags
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], dtype=D)
     old = logp - torch.tensor([[0.5, 0.05, -0.5], [0.1, -0.05, 0.0]], dtype=D)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     adv = torch.tensor([1.0, -2.0], dtype=D)
-    loss, stats = grpo_surrogate(logp, old, adv, mask, clip_eps=0.2, reduction="sequence")
+    rows, cols = mask.nonzero(as_tuple=True)
+    per_token, clipped = clipped_surrogate_per_token(logp[rows, cols], old[rows, cols], adv[rows], 0.2)
+    w = token_weights(rows, torch.bincount(rows), "sequence", n_tokens=5, n_seqs=2)
+    loss = (per_token * w.to(D)).sum()
     per_tok = [[-min(math.exp(x) * a, min(max(math.exp(x), 0.8), 1.2) * a) for x in row]
                for row, a in zip([[0.5, 0.05, -0.5], [0.1, -0.05, 0.0]], [1.0, -2.0])]
     expected = ((per_tok[0][0] + per_tok[0][1]) / 2 + sum(per_tok[1]) / 3) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-10)
-    ratios = [math.exp(0.5), math.exp(0.05), math.exp(0.1), math.exp(-0.05), 1.0]
-    assert stats.ratio_mean == pytest.approx(sum(ratios) / 5, rel=1e-10)
-    assert stats.clip_fraction == pytest.approx(1 / 5)
+    assert clipped.tolist() == [True, False, False, False, False]   # ratio e^0.5 > 1.2 with A > 0: clipped
 
 
 def test_bf16_student_with_more_rows_than_vocabulary_gets_every_rows_gradient():

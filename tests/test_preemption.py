@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from nemo_sdsearch.algorithms.preemption import (EXIT_REQUEUE, EXIT_TERMINATED, LEAD_ENV, StopRequest,
-                                              check_signal_lead)
+from nemo_sdsearch.algorithms.preemption import EXIT_TERMINATED, LEAD_ENV, StopRequest, check_signal_lead
+from nemo_sdsearch.errors import EXIT_REQUEUE
 from nemo_sdsearch.config import ConfigError
 
 BLOCKED = r"""
 import datetime, os, signal, sys, time
 import torch.distributed as dist
 import torch
-from nemo_sdsearch.algorithms.preemption import StopRequest, EXIT_REQUEUE
+from nemo_sdsearch.algorithms.preemption import StopRequest
+from nemo_sdsearch.errors import EXIT_REQUEUE
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))  # env://
 if rank == 1:           # the peer: answers once the file sys.argv[3] exists (never, in the first case)

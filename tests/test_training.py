@@ -110,7 +110,7 @@ def test_teacher_pass_has_no_gradient(micro_model):
 
 
 def test_only_query_positions_enter_the_jsd():
-    from nemo_sdsearch.algorithms.sd_search import jsd_at_queries
+    from nemo_sdsearch.losses.grpo_sd_loss import jsd_at_queries
     from nemo_sdsearch.config import SDSection
 
     g = torch.Generator().manual_seed(0)

@@ -201,7 +201,7 @@ def _replica_engine_worker(rank, world, model_dir, out, ray_head, mtp=2, gtp=2):
                  "trainer.out_dir": out, "grpo.micro_batch_size": 2, "optim.lr": 1e-4}
     cfg = load_config("tiny_cpu", [f"{k}={v}" for k, v in overrides.items()])
     c = build_components(cfg)
-    from nemo_sdsearch.checkpoint.qwen2 import local_weights
+    from nemo_sdsearch.models.megatron.hf_mapping import local_weights
 
     shard = sum(t.numel() * t.element_size() for t in local_weights(c.actor.model).values())
     bytes_read = {"read": c.bytes_read, "shard": shard, "models": 1 + (c.ref is not None)}

@@ -38,18 +38,19 @@ from nemo_sdsearch.layout import GIB
 from nemo_sdsearch.algorithms.report import SUMMARY_CAPTION, plot_curves, summary_rows
 from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, engine_asleep, is_rank0,
                                             make_prompt_format, sharded_greedy_em)
-from nemo_sdsearch.algorithms.preemption import EXIT_REQUEUE, Preempted, StopRequest, check_signal_lead
+from nemo_sdsearch.algorithms.preemption import StopRequest, check_signal_lead
 from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_free_disk, check_out_dir,
                                             checkpoint_bytes, clear_out_dir, load_latest_checkpoint,
                                             rotate_checkpoints, rng_state, save_checkpoint, set_rng_state,
                                             truncate_jsonl)
 from nemo_sdsearch.config import ConfigError, TrainConfig, to_dict
+from nemo_sdsearch.errors import EXIT_REQUEUE, Preempted
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.eval.harness import SOURCE
 from nemo_sdsearch.logger import build_loggers, check_backends
 from nemo_sdsearch.losses.grpo_sd_loss import METRIC_SUMS, GRPOSDLoss, PolicyMicroBatch, token_weights
 from nemo_sdsearch.losses.policy import group_advantages
-from nemo_sdsearch.models.base import SequenceBatch, TeacherPass
+from nemo_sdsearch.models.base import SequenceBatch, TeacherPass, positions_from_mask
 from nemo_sdsearch.world.evidence import RATES as QUERY_RATES
 from nemo_sdsearch.world.evidence import metric_sums, rates as query_rates, trajectory_query_metrics
 
@@ -64,8 +65,7 @@ def micro_batch_tensors(trajs: list[Trajectory], pad_id: int, device):
     for i, t in enumerate(trajs):
         policy[i, :len(t.token_ids)] = torch.tensor(t.policy_mask())
         query[i, :len(t.token_ids)] = torch.tensor(t.query_mask())
-    policy[:, 0] = False
-    rows, cols = policy.nonzero(as_tuple=True)
+    rows, cols = positions_from_mask(policy)
     # Query positions are a subset of policy positions: index them inside the policy rows.
     is_query_row = query[rows, cols]
     return batch, rows.to(device), cols.to(device), is_query_row.to(device)

@@ -24,7 +24,7 @@ import torch
 
 from nemo_sdsearch.losses.divergences import clipped_forward_kl
 from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_clipped_forward_kl
-from nemo_sdsearch.models.base import SequenceBatch, TeacherPass
+from nemo_sdsearch.models.base import SequenceBatch, TeacherPass, positions_from_mask
 
 
 @dataclass
@@ -81,11 +81,7 @@ def opsd_micro_batches(items, actor, teacher, pad_id: int, micro_batch_size: int
     for i in range(0, len(items), micro_batch_size):
         mb = items[i:i + micro_batch_size]
         sb = SequenceBatch.from_lists([x[0] for x in mb], pad_id, actor.device)
-        mask = torch.zeros(sb.shape, dtype=torch.bool)
-        for k, x in enumerate(mb):
-            mask[k, :len(x[3])] = torch.tensor(x[3])
-        mask[:, 0] = False
-        rows, cols = (t.to(actor.device) for t in mask.nonzero(as_tuple=True))
+        rows, cols = positions_from_mask([x[3] for x in mb], sb.shape, actor.device)
         shift = torch.tensor([x[2] for x in mb], device=actor.device)
         make = lambda mb=mb: SequenceBatch.from_lists([x[1] for x in mb], pad_id, actor.device)
         out.append(OPSDMicroBatch(sb, rows, cols, weights_fn([x[3] for x in mb]),

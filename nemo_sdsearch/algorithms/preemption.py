@@ -29,19 +29,10 @@ import sys
 import threading
 import time
 
-EXIT_REQUEUE = 75      # EX_TEMPFAIL: "try again later"
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as the default action would exit
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 LEAD_ENV = "SDSEARCH_SIGNAL_LEAD_S"  # set by slurm/common.sh from the script's #SBATCH --signal=...@<lead>
 HOLD_ENV = "SDSEARCH_TEST_HOLD"     # test-only: "<step>:<dir>" (see StopRequest.step_started)
-
-
-class Preempted(SystemExit):
-    """Raised after the checkpoint of a preempted step is written; exits the process with EXIT_REQUEUE."""
-
-    def __init__(self, step: int):
-        super().__init__(EXIT_REQUEUE)
-        self.step = step
 
 
 def signal_lead_s() -> float | None:

@@ -1,4 +1,4 @@
-"""SD-Search: the teacher side of the step (hindsight block, teacher sequences, the JSD term).
+"""SD-Search: the teacher side of the step (hindsight blocks, teacher sequences).
 
 The loop lives in `grpo.py` (SD-Search is GRPO plus one loss term); this file holds what SD-Search adds:
 
@@ -8,9 +8,9 @@ The loop lives in `grpo.py` (SD-Search is GRPO plus one loss term); this file ho
    chat template is used), followed by exactly the
    same response tokens as the student trajectory, so every response position has a teacher twin
    shifted by len(P_T) - len(P_S);
-3. teacher logits at the query positions only (same weights, no grad), and the token-level
-   generalized JSD(teacher || student) there, normalised by the number of query tokens (on a
-   tensor-parallel actor from the vocabulary shards: `losses.vocab_parallel`).
+3. teacher logits at the query positions only (same weights, no grad: `models.base.TeacherPass`), and the
+   token-level generalized JSD(teacher || student) there, normalised by the number of query tokens: the loss
+   term, `losses.grpo_sd_loss.jsd_at_queries` (on a tensor-parallel actor from the vocabulary shards).
 """
 
 from __future__ import annotations
@@ -18,12 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
-
 from nemo_sdsearch.core.hindsight import AttemptSummary, HindsightConfig, hindsight_block
 from nemo_sdsearch.core.trajectory import Trajectory
-from nemo_sdsearch.losses.divergences import generalized_jsd
-from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_generalized_jsd
 
 
 def block_config(sd_cfg) -> HindsightConfig:
@@ -119,24 +115,3 @@ def teacher_sequences(trajs: Sequence[Trajectory], blocks: Sequence[str],
         out.append(None if max_positions is not None and len(ids) > max_positions
                    else TeacherSequence(ids, len(prompt) - t.prompt_length))
     return out
-
-
-def jsd_at_queries(policy_logits: torch.Tensor, is_query_row: torch.Tensor, teacher_logits: torch.Tensor,
-                   sd_cfg, vocab_shard: dict | None = None) -> torch.Tensor:
-    """Per query token generalized JSD(teacher || student).
-
-    `policy_logits` are the student's logits at all policy positions of a micro-batch; only the rows
-    flagged by `is_query_row` enter the divergence. `teacher_logits` are the teacher's logits at the
-    same query positions (computed under no_grad).
-
-    `vocab_shard` ({"group", "vocab_size"}, tensor-parallel actors): both logits are this rank's shard
-    of the padded vocabulary; the vocab-parallel JSD returns the full per-row values on every rank and
-    its backward writes this shard's gradient only."""
-    # The gathered rows are a private copy: the chunked JSD may store its gradient in place.
-    if vocab_shard is not None:
-        return vocab_parallel_generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(),
-                                              beta=sd_cfg.beta, temperature=sd_cfg.temperature,
-                                              chunk_rows=sd_cfg.chunk_rows, inplace_grad=True, **vocab_shard)
-    return generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(), sd_cfg.beta,
-                           sd_cfg.temperature, sd_cfg.chunk_rows, inplace_grad=True,
-                           compile=sd_cfg.compile)

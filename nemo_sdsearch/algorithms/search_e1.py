@@ -39,7 +39,7 @@ from nemo_sdsearch.core.spans import INFO_CLOSE
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.algorithms.opsd import opsd_counts, opsd_weights
 from nemo_sdsearch.losses.divergences import clipped_forward_kl
-from nemo_sdsearch.models.base import SequenceBatch
+from nemo_sdsearch.models.base import SequenceBatch, positions_from_mask
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KILL_ENV = "SDSEARCH_E1_KILL_AT"  # test-only fault injection (`_kill_point`); unset in every real run
@@ -208,11 +208,7 @@ def opsd_loss_terms(peft_model, pad_id, student_seqs, teacher_seqs, shifts, poli
 
     scorer = HFScorer(peft_model)
     sb = SequenceBatch.from_lists(student_seqs, pad_id, scorer.device)
-    mask = torch.zeros(sb.shape, dtype=torch.bool)
-    for i, m in enumerate(policy_masks):
-        mask[i, :len(m)] = torch.tensor(m)
-    mask[:, 0] = False
-    rows, cols = (x.to(scorer.device) for x in mask.nonzero(as_tuple=True))
+    rows, cols = positions_from_mask(policy_masks, sb.shape, scorer.device)
     student_logits = scorer.logits_at(sb, rows, cols)  # adapter on
     tb = SequenceBatch.from_lists(teacher_seqs, pad_id, scorer.device)
     with peft_model.disable_adapter(), torch.no_grad():  # the frozen policy is the teacher

@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 from nemo_sdsearch.checkpoint import formats, megatron_lm, nemo_format
-from nemo_sdsearch.checkpoint.formats import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_DIR
+from nemo_sdsearch.checkpoint.formats import TOKENIZER_DIR
+from nemo_sdsearch.models.megatron.training_state import CONFIG_FILE, FORMAT, WEIGHTS_DIR, training_state_to_megatron
+from nemo_sdsearch.models.weights_reader import read_hf_dir
 
 OUTPUTS = ("hf", "megatron", "nemo", "sdsearch-archive")
 MEGATRON_EXTRA = "pip install -c constraints.txt -e '.[megatron]'"
@@ -61,7 +63,7 @@ def _tagged(path: Path) -> bool:
     import yaml
 
     meta = yaml.safe_load((path / CONFIG_FILE).read_text())
-    return isinstance(meta, dict) and meta.get("format") == formats.FORMAT
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def detect_format(src) -> str:
@@ -102,7 +104,7 @@ def read_any(src, tokenizer_out=None, tokenizer=None) -> tuple[object, dict[str,
     """(HF config, HF state dict, directory holding the tokenizer files or None) of any supported source.
     For archives the tokenizer is extracted to `tokenizer_out` (when given). `tokenizer`: a HF tokenizer
     directory that replaces the source's and fills the bos / eos / pad ids its config lacks."""
-    from nemo_sdsearch.checkpoint.qwen2 import megatron_to_hf
+    from nemo_sdsearch.models.megatron.hf_mapping import megatron_to_hf
 
     src = Path(src)
     if tokenizer is not None and not megatron_lm._has_tokenizer(tokenizer):
@@ -113,7 +115,7 @@ def read_any(src, tokenizer_out=None, tokenizer=None) -> tuple[object, dict[str,
         hf_config, state, tok, _ = megatron_lm.read(src, tokenizer_out, tokenizer)
         return hf_config, state, tok
     if kind == "hf":
-        hf_config, state = formats.read_hf_dir(src)
+        hf_config, state = read_hf_dir(src)
         tok = src
     elif kind in ("nemo", "nemo2"):
         ckpt = nemo_format.read_nemo(src, tokenizer_out)
@@ -173,7 +175,7 @@ def _read_training_state(src):
     if started:
         init_parallel(1)
     try:
-        return formats.training_state_to_megatron(src)
+        return training_state_to_megatron(src)
     finally:
         if started:
             teardown_parallel()
@@ -204,7 +206,7 @@ def convert(src, to: str, out, tp: int = 1, pp: int = 1, te_spec: bool = False, 
                 name = str(Path(src).resolve()) if kind == "hf" else (getattr(hf_config, "_name_or_path", None) or None)
             nemo_format.save_nemo1(out, hf_config, state, tokenizer_src=tok, tp=tp, pp=pp, tokenizer_name=name)
         else:
-            from nemo_sdsearch.checkpoint.qwen2 import hf_to_megatron
+            from nemo_sdsearch.models.megatron.hf_mapping import hf_to_megatron
             from nemo_sdsearch.models.megatron.builder import layout_for
 
             layout = layout_for(hf_config, tp, pp, te_spec)

@@ -74,9 +74,9 @@ from pathlib import Path
 
 import torch
 
-from nemo_sdsearch.checkpoint.families import (FAMILIES, LLAMA, QWEN2, QWEN3, check_supported, hf_config_class,
+from nemo_sdsearch.models.families import (FAMILIES, LLAMA, QWEN2, QWEN3, check_supported, hf_config_class,
                                               rope_config)
-from nemo_sdsearch.checkpoint.qwen2 import fuse_qkv, split_qkv
+from nemo_sdsearch.models.megatron.hf_mapping import fuse_qkv, split_qkv
 MODEL_CONFIG = "model_config.yaml"
 MODEL_WEIGHTS = "model_weights"          # NeMo 1.x dist checkpoint directory (ckpt_to_dir("model_weights.ckpt"))
 LEGACY_WEIGHTS = "model_weights.ckpt"    # NeMo 1.x per-rank torch.save files

@@ -1,1 +1,1 @@
-"""Pure logic: no I/O, no torch.distributed. Trajectories, span masks, prompts, reward, hindsight."""
+"""Pure logic: no I/O, no torch. Trajectories, span masks, prompts, reward, hindsight, the TARGET line."""

@@ -30,19 +30,40 @@ from typing import Callable
 
 import torch
 
+from nemo_sdsearch.losses.divergences import generalized_jsd
 from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, k3_per_token
 from nemo_sdsearch.losses.vocab_parallel import (_resolve_group, token_logprobs, vocab_parallel_argmax, vocab_parallel_entropy,
-                                                  vocab_parallel_logprobs)
-from nemo_sdsearch.models.base import SequenceBatch
+                                                  vocab_parallel_generalized_jsd, vocab_parallel_logprobs)
 
 METRIC_SUMS = ("pg_sum", "kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query",
                "pg_grad_sq", "sd_grad_sq")
 
 
+def jsd_at_queries(policy_logits: torch.Tensor, is_query_row: torch.Tensor, teacher_logits: torch.Tensor,
+                   sd_cfg, vocab_shard: dict | None = None) -> torch.Tensor:
+    """Per query token generalized JSD(teacher || student).
+
+    `policy_logits` are the student's logits at all policy positions of a micro-batch; only the rows
+    flagged by `is_query_row` enter the divergence. `teacher_logits` are the teacher's logits at the
+    same query positions (computed under no_grad).
+
+    `vocab_shard` ({"group", "vocab_size"}, tensor-parallel actors): both logits are this rank's shard
+    of the padded vocabulary; the vocab-parallel JSD returns the full per-row values on every rank and
+    its backward writes this shard's gradient only."""
+    # The gathered rows are a private copy: the chunked JSD may store its gradient in place.
+    if vocab_shard is not None:
+        return vocab_parallel_generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(),
+                                              beta=sd_cfg.beta, temperature=sd_cfg.temperature,
+                                              chunk_rows=sd_cfg.chunk_rows, inplace_grad=True, **vocab_shard)
+    return generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(), sd_cfg.beta,
+                           sd_cfg.temperature, sd_cfg.chunk_rows, inplace_grad=True,
+                           compile=sd_cfg.compile)
+
+
 @dataclass
 class PolicyMicroBatch:
     """One micro-batch of trajectories at its policy positions (N of them, row-major)."""
-    batch: SequenceBatch          # the token sequences (right-padded)
+    batch: object                 # models.base.SequenceBatch: the token sequences, right-padded (the actor reads it)
     rows: torch.Tensor            # [N] sequence index of each policy position
     cols: torch.Tensor            # [N] its column (target position: predicted from cols - 1)
     is_query: torch.Tensor        # [N] bool: a search-query position (SD-Search's JSD applies)
@@ -91,8 +112,6 @@ class GRPOSDLoss:
                                        **self.vocab_shard)
 
     def __call__(self, logits: torch.Tensor, mb: PolicyMicroBatch) -> tuple[torch.Tensor, dict]:
-        from nemo_sdsearch.algorithms.sd_search import jsd_at_queries
-
         shard = self.vocab_shard
         logp = self.logprobs(logits, mb.targets)
         w = mb.token_weights.to(logp.device, logp.dtype)

@@ -7,7 +7,6 @@ per token at 10 by default, as verl's `low_var_kl`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,17 +26,6 @@ def group_advantages(rewards: Sequence[float] | torch.Tensor, group_size: int, e
     if normalize_std and group_size > 1:
         centred = centred / (g.std(1, keepdim=True) + eps)
     return centred.view(-1).float()
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-@dataclass
-class SurrogateStats:
-    clip_fraction: float
-    ratio_mean: float
 
 
 def clipped_surrogate_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -66,32 +54,3 @@ def k3_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float | None
     bound = max(20.0, float(clamp) + 1.0)
     r = torch.clamp(r, min=-bound, max=bound)
     return torch.clamp(torch.exp(r) - r - 1, min=-clamp, max=clamp)
-
-
-def grpo_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   clip_eps: float = 0.2, reduction: str = "token") -> tuple[torch.Tensor, SurrogateStats]:
-    """PPO/GRPO clipped surrogate on [batch, time] log-probs; `advantages` is [batch] or [batch, time].
-
-    reduction="token": mean over all masked tokens of the batch (DAPO/verl token-mean);
-    reduction="sequence": mean over tokens within each sequence, then over sequences (GRPO paper)."""
-    if reduction not in ("token", "sequence"):
-        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    per_token, was_clipped = clipped_surrogate_per_token(logp, old_logp, adv, clip_eps)
-    m = mask.to(per_token.dtype)
-    if reduction == "token":
-        loss = masked_mean(per_token, m)
-    else:
-        per_seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
-        loss = per_seq[m.sum(1) > 0].mean() if bool((m.sum(1) > 0).any()) else per_seq.sum() * 0
-    with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)
-        stats = SurrogateStats(float(masked_mean(was_clipped.to(m.dtype), m)), float(masked_mean(ratio, m)))
-    return loss, stats
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-          clamp: float | None = 10.0) -> torch.Tensor:
-    """Masked mean of the k3 estimator of KL(pi || pi_ref), each token's value clamped as in
-    `k3_per_token` (default 10, as verl's low_var_kl; None disables the clamp)."""
-    return masked_mean(k3_per_token(logp, ref_logp, clamp), mask)

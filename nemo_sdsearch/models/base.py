@@ -70,12 +70,20 @@ def require_fp32_params(named_parameters, who: str, fix: str) -> None:
                          f"(first: {name}); {fix}. bf16 speed comes from autocast in the forward pass.")
 
 
-def positions_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the True entries of a [B, T] mask; column 0 is never a target position."""
-    mask = mask.clone()
+def positions_from_mask(mask, shape: tuple[int, int] | None = None,
+                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the target positions a [B, T] mask marks: a bool tensor, or one list of flags per row
+    (shorter rows padded with False to `shape`); column 0 is never a target position (nothing precedes it).
+    The one home of this rule: every loss that selects positions by a mask takes them from here."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.clone()
+    else:
+        flags, mask = mask, torch.zeros(shape, dtype=torch.bool)
+        for i, row in enumerate(flags):
+            mask[i, :len(row)] = torch.as_tensor(list(row), dtype=torch.bool)
     mask[:, 0] = False
     rows, cols = mask.nonzero(as_tuple=True)
-    return rows, cols
+    return (rows, cols) if device is None else (rows.to(device), cols.to(device))
 
 
 class Actor(Parkable, ABC):

@@ -1,7 +1,11 @@
 """Reading a Hugging Face directory's weights one tensor (or one part of a tensor) at a time, so that a rank that
-builds its shard of a model never holds, or even reads, the whole model."""
+builds its shard of a model never holds, or even reads, the whole model; and, where a whole model is wanted (a
+conversion, a single-process Megatron load), the directory's config and state dict at once (`read_hf_dir`)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -66,3 +70,29 @@ def hf_tensor_reader(model_dir):
                                 "reads its shards tensor by tensor from safetensors (convert .bin weights with "
                                 "transformers' save_pretrained(safe_serialization=True))")
     return config, SafetensorsReader(path, where)
+
+
+def read_hf_dir(path) -> tuple[object, dict[str, torch.Tensor]]:
+    """(config, state dict) of a local HF causal-LM directory (safetensors, sharded or not, or .bin)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path))
+    state: dict[str, torch.Tensor] = {}
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    elif index.exists():
+        from safetensors.torch import load_file
+
+        for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(path / name)))
+    elif (path / "pytorch_model.bin").exists():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors, safetensors index or pytorch_model.bin")
+    return config, state

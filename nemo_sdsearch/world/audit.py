@@ -74,7 +74,7 @@ class AuditReport:
         return "\n".join(lines)
 
     def target_lines(self) -> list[str]:
-        from nemo_sdsearch.eval.targets import target_line
+        from nemo_sdsearch.core.targets import target_line
 
         return [target_line(f"world_{name}_{form}_hit_at_{self.topk}", self.rate(name, form), op, goal)
                 for name, form, op, goal in TARGETS if name in self.counts]

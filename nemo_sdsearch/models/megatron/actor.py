@@ -208,7 +208,7 @@ class MegatronActor(Actor):
 
     def copy_weights_from(self, other: "MegatronActor") -> None:
         """This rank's shard takes `other`'s shard (same layout), parameter by parameter."""
-        from nemo_sdsearch.checkpoint.qwen2 import local_weights
+        from nemo_sdsearch.models.megatron.hf_mapping import local_weights
 
         mine, theirs = local_weights(self.model), local_weights(other.model)
         if mine.keys() != theirs.keys():
@@ -503,7 +503,7 @@ class MegatronActor(Actor):
         """Collective: model, optimizer and RNG shards as a Megatron dist checkpoint under `checkpoints`
         (every rank writes its shard), then rank 0 calls `write_loop_state({"megatron": name})`, then a
         barrier, so no rank runs ahead of a half-written checkpoint."""
-        from nemo_sdsearch.checkpoint.nemo_archive import save_training_state
+        from nemo_sdsearch.models.megatron.training_state import save_training_state
 
         name = f"megatron_step_{step:06d}"
         rank0 = torch.distributed.get_rank() == 0
@@ -516,7 +516,7 @@ class MegatronActor(Actor):
 
     def load_state(self, checkpoints: Path, state: dict) -> None:
         """Model, optimizer and every rank's RNG states from the dist checkpoint named in the loop state."""
-        from nemo_sdsearch.checkpoint.nemo_archive import load_training_state
+        from nemo_sdsearch.models.megatron.training_state import load_training_state
 
         if "megatron" not in state:
             raise ValueError(f"{checkpoints}: the latest checkpoint (step {state['step']}) was written by "
@@ -705,19 +705,19 @@ class MegatronActor(Actor):
         """The weight stream (see `Actor.iter_weights`): per HF tensor, its TP parts all-gathered and at
         pp > 1 broadcast from its stage (`checkpoint.qwen2.iter_hf_weights`). A collective: every rank of
         this replica's tp x pp group iterates it to the end, and every one receives every tensor."""
-        from nemo_sdsearch.checkpoint.qwen2 import iter_hf_weights
+        from nemo_sdsearch.models.megatron.hf_mapping import iter_hf_weights
 
         return iter_hf_weights(self.model, self.hf_config)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The whole HF state dict at once (the stream collected; a tied `lm_head.weight` is the embedding,
         as in `state_dict()`), on every rank. Holds the full model: for tests and small models."""
-        from nemo_sdsearch.checkpoint.qwen2 import gather_megatron_to_hf
+        from nemo_sdsearch.models.megatron.hf_mapping import gather_megatron_to_hf
 
         return gather_megatron_to_hf(self.model, self.hf_config)
 
     def load_hf_weights(self, hf_state) -> None:
-        from nemo_sdsearch.checkpoint.qwen2 import load_hf_into_megatron
+        from nemo_sdsearch.models.megatron.hf_mapping import load_hf_into_megatron
 
         load_hf_into_megatron(self.model, hf_state, self.hf_config)
 
@@ -725,7 +725,7 @@ class MegatronActor(Actor):
     def from_hf(cls, hf_model_or_dir, tp: int | None = None, dtype=torch.float32, **kwargs) -> MegatronActor:
         """Build this rank's GPTModel from a HF model (or a local HF directory) and wrap it. The parallel
         state must already be initialised (`builder.init_parallel`)."""
-        from nemo_sdsearch.checkpoint.nemo_archive import read_hf_dir
+        from nemo_sdsearch.models.weights_reader import read_hf_dir
         from nemo_sdsearch.models.megatron.builder import build_gpt_model
 
         if isinstance(hf_model_or_dir, torch.nn.Module):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_sdsearch.checkpoint.families import check_supported, megatron_rope_kwargs
+from nemo_sdsearch.models.families import check_supported, megatron_rope_kwargs
 from nemo_sdsearch.models.megatron.cpu_compat import apply_cpu_compat
 
 DEFAULT_VOCAB_DIVISOR = 128

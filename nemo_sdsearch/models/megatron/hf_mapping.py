@@ -48,7 +48,7 @@ from functools import partial
 
 import torch
 
-from nemo_sdsearch.checkpoint.families import check_supported, family_of
+from nemo_sdsearch.models.families import check_supported, family_of
 from nemo_sdsearch.models.megatron.builder import DEFAULT_VOCAB_DIVISOR, ModelLayout, head_dim, layout_for
 
 HF_EMBED = "model.embed_tokens.weight"

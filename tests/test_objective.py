@@ -310,7 +310,7 @@ def test_group_advantages_and_the_sequence_surrogate_follow_their_formulas():
     per_tok = [[-min(math.exp(x) * a, min(max(math.exp(x), 0.8), 1.2) * a) for x in row]
                for row, a in zip([[0.5, 0.05, -0.5], [0.1, -0.05, 0.0]], [1.0, -2.0])]
     expected = ((per_tok[0][0] + per_tok[0][1]) / 2 + sum(per_tok[1]) / 3) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    assert loss.item() == pytest.approx(expected, rel=1e-7)   # the weights are fp32, as in training
     assert clipped.tolist() == [True, False, False, False, False]   # ratio e^0.5 > 1.2 with A > 0: clipped
 
 

@@ -160,7 +160,7 @@ def close_components(c: Components) -> None:
     releases its devices and Ray workers), then, once every engine is down, the job's placement group removed
     by rank 0, which says how many of the job's groups Ray still holds (none)."""
     generator = c.engines["train"].generator if c.engines is not None else None
-    if generator is not None and hasattr(generator, "shutdown"):
+    if generator is not None:
         generator.shutdown()
     if c.placement is not None:
         barrier()
@@ -294,7 +294,7 @@ def _trtllm_engines(cfg: TrainConfig, actor, tok, model_dir):
         return out
 
     sink = tp.ReplicaRefit(slots[rank].uuid, *info[0], gather=gather, release=lambda: dist.barrier(group=group),
-                           rpc=generator._rpc if generator is not None else None)
+                           rpc=generator.collective_rpc if generator is not None else None)
     if generator is not None:
         generator.replica = sink
     spread = tp.EngineSpread(e if rank == block[0] else None, len(blocks), [b[0] for b in blocks], everyone)

@@ -155,6 +155,18 @@ class Generator(ABC):
         the whole model. The stream must be consumed to its end (it may be a collective)."""
         raise NotImplementedError(f"{type(self).__name__} holds no weights of its own to refit")
 
+    # The memory seam, with defaults for backends that hold nothing between generations (the torch generator
+    # runs the trained model itself): the recipe calls these unconditionally.
+    def sleep(self, level: int = 1) -> None:
+        """Release memory while the trainer updates: level 1 the KV cache, level 2 the weights too (a refit
+        on wake-up brings them back). Default: nothing to release."""
+
+    def wake_up(self) -> None:
+        """Take the memory `sleep` released back. Default: nothing to take."""
+
+    def shutdown(self) -> None:
+        """Release the devices and workers for good (the end of a run). Default: nothing to release."""
+
 
 class StopChecker:
     """Detects stop strings on the token stream, including strings split over several tokens."""

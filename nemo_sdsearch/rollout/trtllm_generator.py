@@ -238,10 +238,10 @@ class TRTLLMGenerator(Generator):
         for bucket in (iter_buckets(items, self.refit_bucket_bytes) if finalize else [list(items)]):
             keep: list = []
             handles = {u: self._ipc_handles(bucket, u, keep) for u in uuids}
-            self._rpc("update_weights", handles)
+            self.collective_rpc("update_weights", handles)
             del bucket, handles, keep  # before the next bucket is filled
         if finalize:
-            self._rpc("update_weights", None)
+            self.collective_rpc("update_weights", None)
         self._needs_refit = False
 
     def sleep(self, level: int = 1) -> None:
@@ -256,7 +256,7 @@ class TRTLLMGenerator(Generator):
         if callable(release) and not inspect.iscoroutinefunction(release):
             release(tags=tags)  # newer LLM API (SleepConfig); same tags
         else:
-            self._rpc("sleep", tags)
+            self.collective_rpc("sleep", tags)
         self._asleep = tags
         if level == 2:
             self._needs_refit = True
@@ -269,9 +269,9 @@ class TRTLLMGenerator(Generator):
         if callable(resume) and not inspect.iscoroutinefunction(resume):
             resume(tags=tags)
         else:
-            self._rpc("wakeup", tags)
+            self.collective_rpc("wakeup", tags)
         try:  # the reuse tree still points at KV blocks whose content was released
-            self._rpc("reset_prefix_cache")
+            self.collective_rpc("reset_prefix_cache")
         except Exception as e:  # noqa: BLE001
             log.warning("could not reset TensorRT-LLM's prefix cache after wake_up (%s); cached KV blocks may be "
                         "stale until the next refit", e)
@@ -412,7 +412,9 @@ class TRTLLMGenerator(Generator):
         return lps
 
     # -- refit and memory plumbing -----------------------------------------------------------------
-    def _rpc(self, method: str, *args):
+    def collective_rpc(self, method: str, *args):
+        """Call `method` of the worker extension on every TensorRT-LLM worker of this engine (the refit's
+        IPC-handle hand-over, sleep/wake-up tags, device ids); their answers, one per worker."""
         llm = self.llm
         if hasattr(llm, "_collective_rpc"):
             return llm._collective_rpc(method, args=tuple(args))
@@ -436,12 +438,12 @@ class TRTLLMGenerator(Generator):
 
     def engine_uuids(self) -> list[str]:
         """The device UUIDs of the engine's workers (TensorRT-LLM's report_device_id), in worker order."""
-        uuids = self._rpc("report_device_id")
+        uuids = self.collective_rpc("report_device_id")
         return sorted(set(uuids), key=list(uuids).index)
 
     def _device_uuids(self) -> list[str]:
         try:
-            uuids = self._rpc("report_device_id")
+            uuids = self.collective_rpc("report_device_id")
             if uuids:
                 return sorted(set(uuids), key=list(uuids).index)
         except Exception as e:  # noqa: BLE001

@@ -41,10 +41,11 @@ from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_com
 from nemo_sdsearch.algorithms.preemption import StopRequest, check_signal_lead
 from nemo_sdsearch.algorithms.state import (QuestionSampler, append_jsonl, check_free_disk, check_out_dir,
                                             checkpoint_bytes, clear_out_dir, load_latest_checkpoint,
-                                            rotate_checkpoints, rng_state, save_checkpoint, set_rng_state,
+                                            rotate_checkpoints, save_checkpoint,
                                             truncate_jsonl)
 from nemo_sdsearch.config import ConfigError, TrainConfig, to_dict
 from nemo_sdsearch.errors import EXIT_REQUEUE, Preempted
+from nemo_sdsearch.rng import host_rng_state, set_host_rng_state
 from nemo_sdsearch.core.trajectory import Trajectory
 from nemo_sdsearch.eval.harness import SOURCE
 from nemo_sdsearch.logger import build_loggers, check_backends
@@ -416,7 +417,7 @@ class Run:
             if self.rank0 and (self.out / "metrics.jsonl").exists():
                 (self.out / "metrics.jsonl").unlink()
             return
-        set_rng_state(state["rng"])
+        set_host_rng_state(state["rng"])
         self.c.actor.load_state(self.out / "checkpoints", state)  # a distributed actor restores its ranks' RNG too
         refit_generator(self.c.actor, self.c.weight_sink)
         self.sampler.load(state["sampler"])
@@ -473,7 +474,7 @@ class Run:
         if self.evals and self.evals[-1]["step"] == step and (self.best is None or
                                                               self.evals[-1]["val/dev_em"] > self.best["val/dev_em"]):
             self.best = {"step": step, "val/dev_em": self.evals[-1]["val/dev_em"]}
-        loop_state = {"sampler": self.sampler.state(), "rng": rng_state(), "step": step, "history": self.history,
+        loop_state = {"sampler": self.sampler.state(), "rng": host_rng_state(), "step": step, "history": self.history,
                       "evals": self.evals, "start_test": self.start_test, "config": to_dict(self.cfg),
                       "best": self.best, "logger_runs": self.loggers.run_ids()}
         save = lambda: self.c.actor.save_state(self.out / "checkpoints", step,

@@ -9,7 +9,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nemo_sdsearch.config import ConfigError
@@ -75,16 +74,6 @@ def clear_out_dir(out: Path, overwrite: bool) -> None:
     if ckpt_root.is_dir():
         for stale in [*ckpt_root.glob(".tmp_step_*"), *ckpt_root.glob("latest.tmp")]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 def save_checkpoint(out_dir: Path, step: int, payload: dict) -> Path:

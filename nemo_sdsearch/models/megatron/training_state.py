@@ -23,6 +23,7 @@ import torch
 
 from nemo_sdsearch.models.megatron.builder import ModelLayout
 from nemo_sdsearch.models.megatron.hf_mapping import load_shard
+from nemo_sdsearch.rng import host_rng_state, set_host_rng_state
 
 FORMAT = "nemo_sdsearch/megatron-qwen2"
 CONFIG_FILE = "model_config.yaml"
@@ -60,27 +61,18 @@ def parse_meta(text: str, where) -> tuple[object, ModelLayout]:
 
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {**host_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    set_host_rng_state(state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

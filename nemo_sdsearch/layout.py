@@ -69,6 +69,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nemo_sdsearch.core.vocab import pad_vocab_size
 from nemo_sdsearch.errors import ConfigError
 
 GIB = 1024 ** 3
@@ -98,12 +99,6 @@ def _layer_params(arch) -> int:
     kv = arch.num_kv_heads * (h // arch.num_attention_heads)
     attn = h * h + 2 * h * kv + h * h + (h + 2 * kv)  # q, k, v, o (+ QKV bias)
     return attn + 3 * h * ffn + 2 * h                 # + gate, up, down + two RMSNorms
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x tp."""
-    multiple = max(1, divisible_by) * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def stage_parameter_count(arch, vocab: int, pp: int) -> int:
@@ -195,7 +190,7 @@ def memory_estimate(cfg, world: int | None = None) -> MemoryEstimate:
     tp, pp = (m.tensor_parallel, m.pipeline_parallel) if megatron else (1, 1)
     world = world or max(1, c.nodes * max(1, c.gpus_per_node))
     dp = max(1, world // (tp * pp))
-    vocab = padded_vocab_size(a.vocab_size, m.make_vocab_size_divisible_by, tp) if megatron else a.vocab_size
+    vocab = pad_vocab_size(a.vocab_size, tp, max(1, m.make_vocab_size_divisible_by)) if megatron else a.vocab_size
     P_hf = parameter_count(a)
     P = stage_parameter_count(a, vocab, pp)
     h, f, L, s, b = a.hidden_size, a.ffn_hidden_size, a.num_layers, r.max_context, cfg.grpo.micro_batch_size

@@ -28,8 +28,8 @@ from nemo_sdsearch.losses.divergences import (
     clipped_forward_kl_dense,
     generalized_jsd_dense,
 )
+from nemo_sdsearch.core.vocab import pad_vocab_size
 from nemo_sdsearch.losses.vocab_parallel import (
-    pad_vocab_size,
     shard_logits,
     token_logprobs,
     vocab_parallel_argmax,

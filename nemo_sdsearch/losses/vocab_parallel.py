@@ -94,21 +94,13 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nemo_sdsearch.core.vocab import pad_vocab_size
 from nemo_sdsearch.losses.divergences import _scale_grad
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-def pad_vocab_size(vocab: int, tp: int = 1, multiple: int = 128) -> int:
-    """Megatron's padded vocabulary size: `vocab` rounded up to a multiple of `multiple * tp`
-    (megatron's `make_vocab_size_divisible_by * tensor_model_parallel_size`)."""
-    if vocab < 1 or tp < 1 or multiple < 1:
-        raise ValueError(f"vocab, tp and multiple must be >= 1; got {vocab}, {tp}, {multiple}")
-    m = multiple * tp
-    return -(-vocab // m) * m
-
-
 def shard_logits(full_logits: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     """Rank `rank`'s vocabulary shard of `full_logits` [..., V_pad]: columns [rank*Vp, (rank+1)*Vp) with
     Vp = V_pad // tp, as a contiguous copy."""
@@ -471,7 +463,6 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=No
 
 
 __all__ = [
-    "pad_vocab_size",
     "shard_logits",
     "token_logprobs",
     "vocab_parallel_argmax",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_sdsearch.core.vocab import pad_vocab_size
 from nemo_sdsearch.models.families import check_supported, megatron_rope_kwargs
 from nemo_sdsearch.models.megatron.cpu_compat import apply_cpu_compat
 
@@ -152,13 +153,6 @@ def head_dim(hf_config) -> int:
     return int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
 
 
-def padded_vocab_size(vocab_size: int, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR) -> int:
-    """Megatron's rule: the embedding rows are padded to a multiple of `divisor * tp`."""
-    from nemo_sdsearch.losses.vocab_parallel import pad_vocab_size
-
-    return pad_vocab_size(vocab_size, tp, divisor)
-
-
 def check_model(hf_config):
     """The `families.Family` of a HF config, refusing what the Megatron mapping does not compute exactly
     (another model_type, sliding windows, attention / MLP biases outside Qwen2's QKV bias, activations other
@@ -259,7 +253,7 @@ class ModelLayout:
 def layout_for(hf_config, tp: int = 1, pp: int = 1, te: bool = False,
                divisor: int = DEFAULT_VOCAB_DIVISOR) -> ModelLayout:
     return ModelLayout(tp=tp, pp=pp, vocab_size=hf_config.vocab_size,
-                       padded_vocab_size=padded_vocab_size(hf_config.vocab_size, tp, divisor),
+                       padded_vocab_size=pad_vocab_size(hf_config.vocab_size, tp, divisor),
                        tied=bool(getattr(hf_config, "tie_word_embeddings", False)), te_spec=te)
 
 
@@ -289,7 +283,7 @@ def build_gpt_model(hf_config, tp: int | None = None, pp: int | None = None, dty
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
-        vocab_size=padded_vocab_size(hf_config.vocab_size, tp, vocab_divisor),
+        vocab_size=pad_vocab_size(hf_config.vocab_size, tp, vocab_divisor),
         max_sequence_length=int(hf_config.max_position_embeddings),
         pre_process=pre_process,
         post_process=post_process,

@@ -51,21 +51,6 @@ class RolloutConfig:
             raise ValueError(f"answer normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
 
-@dataclass
-class RolloutStats:
-    generation_s: float = 0.0
-    retrieval_s: float = 0.0
-    generated_tokens: int = 0
-    environment_tokens: int = 0
-    turns: int = 0
-    searches: int = 0
-    invalid_actions: int = 0
-
-    def add(self, other: "RolloutStats") -> None:
-        for k, v in other.__dict__.items():
-            setattr(self, k, getattr(self, k) + v)
-
-
 def parse_action(text: str) -> tuple[str, str | None]:
     """('answer', content) | ('search', query) | ('invalid', None) for one policy turn."""
     searches, answers = _SEARCH.findall(text), _ANSWER.findall(text)
@@ -87,7 +72,6 @@ class RolloutEngine:
         self.retriever = retriever
         self.cfg = config or RolloutConfig()
         self.prompt_fn = prompt_fn
-        self.stats = RolloutStats()
         self._info_open = self.encode("\n\n<information>")
         self._info_close = self.encode("</information>\n\n")
         self._feedback = self.encode(INVALID_ACTION_FEEDBACK)
@@ -127,7 +111,6 @@ class RolloutEngine:
                       for _ in range(n_samples)]
         if not trajs:
             return []
-        stats = RolloutStats()
         turns_taken = [0] * len(trajs)
 
         def params_for(row: int) -> SamplingParams:
@@ -142,9 +125,7 @@ class RolloutEngine:
                 t = trajs[row]
                 final = turns_taken[row] == cfg.max_turns
                 turns_taken[row] += 1
-                stats.turns += 1
                 text = t.add_policy(c.token_ids, c.logprobs, self.decode)
-                stats.generated_tokens += len(c.token_ids)
                 t.truncated_turns += int(c.finish_reason == "length")
                 action, content = parse_action(text)
                 ended = c.finish_reason == "eos" and action == "invalid"  # the model ended its trajectory
@@ -163,7 +144,6 @@ class RolloutEngine:
                     searches[row] = content
                 else:
                     invalid.append(row)
-            stats.invalid_actions += len(invalid)
             passages: dict[int, list[str]] = {}
             if searches:
                 rows = list(searches)
@@ -173,10 +153,8 @@ class RolloutEngine:
                 else:
                     results = [[] for _ in rows]
                 dt = time.perf_counter() - t0
-                stats.retrieval_s += dt
                 for r in rows:  # one batched call served these rows: each carries its share of the time
                     trajs[r].retrieval_s += dt / len(rows)
-                stats.searches += len(rows)
                 passages = {r: [d.contents for d in docs] for r, docs in zip(rows, results)}
                 for r, docs in zip(rows, results):  # what each search retrieved (the query-level metrics)
                     trajs[r].retrieved_ids.append([str(d.id) for d in docs])
@@ -193,7 +171,6 @@ class RolloutEngine:
                     env[row] = None
                     continue
                 t.add_environment(ids, SpanType.INFORMATION)
-                stats.environment_tokens += len(ids)
                 env[row] = ids
             if progress is not None:
                 n_done = sum(v is None for v in env.values())
@@ -206,15 +183,12 @@ class RolloutEngine:
         seeds = list(question_seeds) if question_seeds is not None else [seed] * len(questions)
         row_seeds = [question_row_seed(s, q.id, j) for q, s in zip(questions, seeds) for j in range(n_samples)]
         session = self.generator.open([t.token_ids for t in trajs], seed=seed, row_seeds=row_seeds)
-        t0 = time.perf_counter()
         try:
             session.run(params_for, on_turn)
         finally:
             session.close()
-        stats.generation_s += time.perf_counter() - t0 - stats.retrieval_s
         for t in trajs:
             if t.finish_reason == "running":
                 t.finish_reason = "no_answer"
             t.finalize()
-        self.stats.add(stats)
         return trajs

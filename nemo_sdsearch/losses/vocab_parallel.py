@@ -2,7 +2,7 @@
 
 Each tensor-parallel (TP) rank r of a group of size tp holds the logits of one vocabulary shard,
 `logits[:, r*Vp:(r+1)*Vp]` of a padded vocabulary V_pad = Vp * tp (megatron pads the real vocabulary V
-up to a multiple of `make_vocab_size_divisible_by * tp`, see `pad_vocab_size`). Columns with global id
+up to a multiple of `make_vocab_size_divisible_by * tp`, see `core.vocab.pad_vocab_size`). Columns with global id
 >= V are TP padding: they are cut off before anything is computed, so they take no part in the softmax
 normalisation nor in the loss, and their gradient is exactly zero. A rank may hold no real column at all.
 
@@ -94,7 +94,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nemo_sdsearch.core.vocab import pad_vocab_size
 from nemo_sdsearch.losses.divergences import _scale_grad
 
 

@@ -133,8 +133,6 @@ def decode_ceiling(model, tok, prompts: list[list[int]], new_tokens: int, temper
 
 def workload(name, model, tok, retriever, questions, cfg: RolloutConfig, group: int, check_same: bool) -> dict:
     """Ours, the Search-R1-style loop and the ceiling on one workload: a row of the table."""
-    from nemo_sdsearch.core.prompts import student_prompt as prompt_of
-
     engine = RolloutEngine(TorchGenerator(model, tok), retriever, cfg)
     engine.run(questions[:2], n_samples=min(group, 2))  # warm up both paths
     search_r1_style(model, tok, retriever, questions[:2], cfg)
@@ -147,7 +145,7 @@ def workload(name, model, tok, retriever, questions, cfg: RolloutConfig, group: 
     base_resp, base_tokens = search_r1_style(model, tok, retriever, rows, cfg)
     base_s = time.perf_counter() - t0
     same = sum(t.response_ids() == r for t, r in zip(trajs, base_resp)) if check_same else None
-    prompts = [tok.encode(prompt_of(q.question), add_special_tokens=False) for q in rows]
+    prompts = [tok.encode(student_prompt(q.question), add_special_tokens=False) for q in rows]
     per_row = max(1, round(ours_tokens / len(rows)))
     ceiling_s = decode_ceiling(model, tok, prompts, per_row, cfg.temperature)
     return {"name": name, "rows": len(rows), "ours_s": ours_s, "ours_tokens": ours_tokens, "base_s": base_s,

@@ -53,6 +53,7 @@ TARGETS: dict[str, tuple[list[str] | None, list[str]]] = {
     "losses/divergences.py": (None, ["tests/test_losses.py", "tests/test_objective.py"]),
     "losses/vocab_parallel.py": (None, ["tests/test_losses.py", "tests/test_objective.py",
                                         "tests/test_vocab_parallel.py"]),
+    "losses/shard.py": (None, ["tests/test_vocab_shard.py", "tests/test_objective.py"]),
     "core/hindsight.py": (None, ["tests/test_hindsight.py", "tests/test_objective.py"]),
     "core/pairs.py": (None, ["tests/test_pairs.py", "tests/test_objective.py"]),
     "core/reward.py": (None, ["tests/test_reward.py"]),
@@ -109,11 +110,7 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("algorithms/search_e1.py", "opsd_round", "True -> False",
      'merged.save_pretrained(out / "merged", safe_serialization=True)'):
         "transformers 5 writes safetensors whatever safe_serialization says (test_objective checks the file)",
-    ("losses/vocab_parallel.py", "forward", "index [0] -> [-1]", "parts[0] = (p * (t - s)).sum(-1)"):
-        "forward KL: `parts` has one row (k = 1), so parts[-1] is parts[0]",
-    ("losses/vocab_parallel.py", "forward", "index [0] -> [-1]", "parts[0] = (q * g).sum(-1)"):
-        "reverse KL: `parts` has one row (k = 1), so parts[-1] is parts[0]",
-    ("losses/vocab_parallel.py", "forward", "index [0] -> [-1]",
+    ("losses/vocab_parallel.py", "_div_gradient", "index [0] -> [-1]",
      "g = q.mul_(g.sub_(parts[0][:, None]))      # q (g - loss)"):
         "reverse KL: `parts` has one row (k = 1), so parts[-1] is parts[0]",
     ("algorithms/opsd.py", "opsd_step", "slice upper 1 -> 2",

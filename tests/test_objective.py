@@ -360,10 +360,12 @@ def test_opsd_counts_and_weights_follow_eq7_and_the_token_mean():
 def _vocab_parallel_worker(rank, world, names):
     import torch.distributed as dist
 
+    from nemo_sdsearch.losses.shard import VocabShard
     from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_argmax
 
     dist.init_process_group("gloo")
     V_pad = 8  # V = 7 real columns + one of TP padding, holding garbage
+    vocab_shard = VocabShard(V, rank * 4, (rank + 1) * 4, dist.group.WORLD)   # as MegatronActor passes it
     out = {}
     for name in names:
         c = _case(name)
@@ -375,7 +377,7 @@ def _vocab_parallel_worker(rank, world, names):
             tfull = torch.full((len(c["teacher"]), V_pad), -30.0, dtype=D)
             tfull[:, :V] = torch.tensor(c["teacher"], dtype=D)
             mb.teacher_logits = tfull[:, rank * 4:(rank + 1) * 4].clone()
-        loss, sums = _loss_fn(c, {"group": dist.group.WORLD, "vocab_size": V})(shard, mb)
+        loss, sums = _loss_fn(c, vocab_shard)(shard, mb)
         loss.backward()
         out[name] = (loss.item(), sums, shard.grad.tolist())
         # the global argmax (the agreement metric's), on its own: agreement compares two argmaxes, which would
@@ -387,7 +389,7 @@ def _vocab_parallel_worker(rank, world, names):
             s2 = shard.detach().clone().requires_grad_()
             w = torch.linspace(0.1, 0.6, N, dtype=D)
             mb2 = SimpleNamespace(teacher_logits=t[:, rank * 4:(rank + 1) * 4].clone(), weights=w)
-            l2, _ = OPSDLoss(0.05, {"group": dist.group.WORLD, "vocab_size": V})(s2, mb2)
+            l2, _ = OPSDLoss(0.05, vocab_shard)(s2, mb2)
             l2.backward()
             out["opsd"] = (l2.item(), t[:, :V].tolist(), w.tolist(), s2.grad.tolist())
     dist.destroy_process_group()

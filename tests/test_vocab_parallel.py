@@ -6,7 +6,8 @@ and the gradient with respect to each rank's student shard (TP padding columns h
 get exactly zero gradient); at TP 1, 2 and 3 it checks fp32 inputs with large logits (an offset of 1e3, a
 teacher offset by 1e3, a range of +-1e4) against fp64 references of the same values; then it counts the
 collectives each call issues. Each rank writes its results to a JSON file; the tests below read them. A
-second spawn of 2 processes checks the default group under megatron's model-parallel state.
+second spawn of 2 processes checks that megatron's model-parallel state is never looked up: the TP group is
+passed (a `VocabShard` carries it), and `group=None` stays WORLD.
 """
 
 from __future__ import annotations
@@ -567,16 +568,28 @@ def _megatron_worker(rank, world, port, out_dir):
     try:
         from megatron.core import parallel_state as mpu
 
+        from nemo_sdsearch.losses.shard import VocabShard
         from nemo_sdsearch.losses.vocab_parallel import _resolve_group
 
         mpu.initialize_model_parallel(tensor_model_parallel_size=1)
-        # megatron's TP group is this rank alone; WORLD (size 2) would treat the full logits as a shard.
+        # No global state is consulted: group=None is WORLD even under megatron's model-parallel state ...
         group, tp, r = _resolve_group(None)
-        assert group is mpu.get_tensor_model_parallel_group() and (tp, r) == (1, 0)
+        assert group is dist.group.WORLD and (tp, r) == (world, rank)
+        # ... and a megatron actor passes its TP group (this rank alone, so the full logits are its one shard;
+        # WORLD, of size 2, would treat them as a shard)
         vocab = 1001
-        s, t, _, w = _data(800, vocab, pad_vocab_size(vocab, 1))
-        _check_against_dense(lambda a, b: vocab_parallel_clipped_forward_kl(a, b, vocab_size=vocab, chunk_rows=5),
-                             lambda a, b: clipped_forward_kl_dense(a, b), s, t, w, vocab, s.shape[1], 0, 1)
+        v_pad = pad_vocab_size(vocab, 1)
+        shard = VocabShard.of_rank(mpu.get_tensor_model_parallel_group(), vocab, v_pad)
+        assert (shard.start, shard.end) == (0, v_pad)
+        s, t, _, w = _data(800, vocab, v_pad)
+        counter = _Counter()
+        try:
+            _check_against_dense(lambda a, b: shard.clipped_forward_kl(a, b, chunk_rows=5),
+                                 lambda a, b: clipped_forward_kl_dense(a, b), s, t, w, vocab, v_pad, 0, 1)
+            calls = counter.take()
+        finally:
+            counter.restore()
+        assert calls == [], f"a TP group of one communicates: {calls}"
         assert not _FAILURES, _FAILURES
         mpu.destroy_model_parallel()
     except Exception:  # noqa: BLE001
@@ -586,7 +599,7 @@ def _megatron_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_default_group_is_megatron_tp_group(tmp_path):
+def test_megatron_tp_group_is_passed_not_looked_up(tmp_path):
     pytest.importorskip("megatron.core")
     with rendezvous_store() as env:
         mp.spawn(_megatron_worker, args=(2, int(env["MASTER_PORT"]), str(tmp_path)), nprocs=2, join=True)

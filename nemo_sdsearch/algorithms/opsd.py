@@ -12,7 +12,8 @@ with the weights of `opsd_weights` (eq. 7: 1 / |R_tau| per position, then the me
 step's pairs; or the token mean), computed from the counts of the WHOLE step's batch of pairs: every rank
 holds every pair, each data-parallel replica trains on every dp-th pair, and the weights are scaled by dp
 since the actor averages gradients over the replicas, so any split makes the single-process update.
-With a vocabulary shard the clipped KL is the vocab-parallel one (losses/vocab_parallel.py).
+The clipped KL is the actor's `VocabShard`'s (losses/shard.py): dense on one device, vocab-parallel on the
+shards of a tensor-parallel actor, one call either way.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from typing import Callable
 
 import torch
 
-from nemo_sdsearch.losses.divergences import clipped_forward_kl
-from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_clipped_forward_kl
+from nemo_sdsearch.losses.shard import VocabShard
 from nemo_sdsearch.models.base import SequenceBatch, TeacherPass, positions_from_mask
 
 
@@ -40,17 +40,16 @@ class OPSDMicroBatch:
 
 
 class OPSDLoss:
-    """(student logits at the micro-batch's positions, OPSDMicroBatch) -> (loss, {"kl_sum", "n"})."""
+    """(student logits at the micro-batch's positions, OPSDMicroBatch) -> (loss, {"kl_sum", "n"}).
+    `vocab_shard`: the `VocabShard` of the logits (the actor's; None: one device)."""
 
-    def __init__(self, tau: float, vocab_shard: dict | None = None):
-        self.tau, self.vocab_shard = float(tau), vocab_shard
+    def __init__(self, tau: float, vocab_shard: VocabShard | None = None):
+        self.tau = float(tau)
+        self.vocab_shard: VocabShard = vocab_shard or VocabShard.single()
 
     def __call__(self, logits: torch.Tensor, mb: OPSDMicroBatch) -> tuple[torch.Tensor, dict]:
         teacher = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits
-        if self.vocab_shard is None:
-            terms = clipped_forward_kl(logits, teacher, self.tau)
-        else:
-            terms = vocab_parallel_clipped_forward_kl(logits, teacher, tau=self.tau, **self.vocab_shard)
+        terms = self.vocab_shard.clipped_forward_kl(logits, teacher, self.tau)
         loss = (terms * mb.weights.to(terms.device)).sum()
         return loss, {"kl_sum": float(terms.detach().sum()), "n": int(terms.numel())}
 

@@ -2,8 +2,10 @@
 
     loss, sums = GRPOSDLoss(...)(logits, micro_batch)
 
-`logits` are the policy's logits at the micro-batch's policy positions ([N, V], or this rank's vocabulary
-shard [N, V/tp] when `vocab_shard` is given); `micro_batch` is a `PolicyMicroBatch`. The loss is
+`logits` are the policy's logits at the micro-batch's policy positions, laid out as `vocab_shard` says
+(`losses.shard.VocabShard`: [N, V] on one device, or this rank's vocabulary shard [N, Vp/tp] of a
+tensor-parallel actor; every vocabulary operation goes through its methods, so the loss is one code for
+both); `micro_batch` is a `PolicyMicroBatch`. The loss is
 
     sum_i w_i * (clipped_surrogate_i + kl_coef * k3_i)  +  sd_coef * sum_{query i} JSD_i * query_weight
 
@@ -30,34 +32,29 @@ from typing import Callable
 
 import torch
 
-from nemo_sdsearch.losses.divergences import generalized_jsd
 from nemo_sdsearch.losses.policy import clipped_surrogate_per_token, k3_per_token
-from nemo_sdsearch.losses.vocab_parallel import (_resolve_group, token_logprobs, vocab_parallel_argmax, vocab_parallel_entropy,
-                                                  vocab_parallel_generalized_jsd, vocab_parallel_logprobs)
+from nemo_sdsearch.losses.shard import VocabShard
 
 METRIC_SUMS = ("pg_sum", "kl_sum", "entropy_sum", "clip", "n_policy", "jsd_sum", "agree", "n_query",
                "pg_grad_sq", "sd_grad_sq")
 
 
 def jsd_at_queries(policy_logits: torch.Tensor, is_query_row: torch.Tensor, teacher_logits: torch.Tensor,
-                   sd_cfg, vocab_shard: dict | None = None) -> torch.Tensor:
+                   sd_cfg, vocab_shard: VocabShard | None = None) -> torch.Tensor:
     """Per query token generalized JSD(teacher || student).
 
     `policy_logits` are the student's logits at all policy positions of a micro-batch; only the rows
     flagged by `is_query_row` enter the divergence. `teacher_logits` are the teacher's logits at the
     same query positions (computed under no_grad).
 
-    `vocab_shard` ({"group", "vocab_size"}, tensor-parallel actors): both logits are this rank's shard
-    of the padded vocabulary; the vocab-parallel JSD returns the full per-row values on every rank and
-    its backward writes this shard's gradient only."""
+    `vocab_shard` (default: one device): where both logits sit in the vocabulary. On a tensor-parallel
+    actor both are this rank's shard of the padded vocabulary; the JSD is the full per-row value on every
+    rank and its backward writes this shard's gradient only. `sd.compile` applies to either."""
+    shard = vocab_shard or VocabShard.single()
     # The gathered rows are a private copy: the chunked JSD may store its gradient in place.
-    if vocab_shard is not None:
-        return vocab_parallel_generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(),
-                                              beta=sd_cfg.beta, temperature=sd_cfg.temperature,
-                                              chunk_rows=sd_cfg.chunk_rows, inplace_grad=True, **vocab_shard)
-    return generalized_jsd(policy_logits[is_query_row], teacher_logits.detach(), sd_cfg.beta,
-                           sd_cfg.temperature, sd_cfg.chunk_rows, inplace_grad=True,
-                           compile=sd_cfg.compile)
+    return shard.jsd(policy_logits[is_query_row], teacher_logits.detach(), sd_cfg.beta,
+                     sd_cfg.temperature, sd_cfg.chunk_rows, inplace_grad=True,
+                     compile=sd_cfg.compile)
 
 
 @dataclass
@@ -94,22 +91,22 @@ def token_weights(rows: torch.Tensor, seq_lens: torch.Tensor, reduction: str, n_
 
 
 class GRPOSDLoss:
+    """`vocab_shard`: the `VocabShard` of the logits (the actor's `vocab_shard`; None: one device)."""
+
     def __init__(self, clip_eps: float = 0.2, kl_coef: float = 0.001, kl_clamp: float | None = 10.0,
-                 temperature: float = 1.0, sd=None, vocab_shard: dict | None = None):
+                 temperature: float = 1.0, sd=None, vocab_shard: VocabShard | None = None):
         self.clip_eps, self.kl_coef, self.kl_clamp = clip_eps, kl_coef, kl_clamp
-        self.temperature, self.sd, self.vocab_shard = temperature, sd, vocab_shard
+        self.temperature, self.sd = temperature, sd
+        self.vocab_shard: VocabShard = vocab_shard or VocabShard.single()
 
     @classmethod
-    def from_config(cls, cfg, vocab_shard: dict | None = None) -> "GRPOSDLoss":
+    def from_config(cls, cfg, vocab_shard: VocabShard | None = None) -> "GRPOSDLoss":
         g = cfg.grpo
         return cls(g.clip_eps, g.kl_coef, g.kl_clamp, cfg.rollout.temperature,
                    cfg.sd if cfg.algorithm == "sd_search" else None, vocab_shard)
 
     def logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.vocab_shard is None:
-            return token_logprobs(logits, targets, self.temperature)
-        return vocab_parallel_logprobs(logits, targets.to(logits.device), temperature=self.temperature,
-                                       **self.vocab_shard)
+        return self.vocab_shard.logprobs(logits, targets, self.temperature)
 
     def __call__(self, logits: torch.Tensor, mb: PolicyMicroBatch) -> tuple[torch.Tensor, dict]:
         shard = self.vocab_shard
@@ -124,14 +121,8 @@ class GRPOSDLoss:
             loss = loss + self.kl_coef * (kl * w).sum()
             sums["kl_sum"] = float(kl.detach().sum())
         pg_loss = loss
-        with torch.no_grad():  # the entropy of the sampling policy: softmax(logits / rollout.temperature)
-            if shard is None:
-                x = logits.detach()
-                lsm = torch.log_softmax(x.to(torch.promote_types(x.dtype, torch.float32)) / self.temperature, -1)
-                sums["entropy_sum"] = float(-(lsm.exp() * lsm).sum())
-            else:
-                sums["entropy_sum"] = float(vocab_parallel_entropy(logits.detach(), temperature=self.temperature,
-                                                                   **shard).sum())
+        # the entropy of the sampling policy: softmax(logits / rollout.temperature)
+        sums["entropy_sum"] = float(shard.entropy(logits, self.temperature).sum())
         sums["pg_sum"] = float(surr.detach().sum())
         sums["clip"], sums["n_policy"] = float(clipped.sum()), int(mb.rows.numel())
         teacher = mb.teacher_logits() if callable(mb.teacher_logits) else mb.teacher_logits
@@ -143,10 +134,7 @@ class GRPOSDLoss:
             if logits.requires_grad:
                 sums["pg_grad_sq"], sums["sd_grad_sq"] = self._logit_grad_sq(logits, pg_loss, sd_loss)
             with torch.no_grad():
-                if shard is None:
-                    agree = logits[is_q].detach().argmax(-1) == teacher.argmax(-1)
-                else:
-                    agree = vocab_parallel_argmax(logits[is_q].detach(), **shard) == vocab_parallel_argmax(teacher, **shard)
+                agree = shard.argmax(logits[is_q]) == shard.argmax(teacher)
             sums["jsd_sum"], sums["agree"], sums["n_query"] = float(jsd.detach().sum()), float(agree.sum()), int(is_q.sum())
         return loss, sums
 
@@ -161,8 +149,4 @@ class GRPOSDLoss:
             (g,) = torch.autograd.grad(term, logits, retain_graph=True, allow_unused=True)
             out.append(torch.zeros((), dtype=torch.float64) if g is None else g.detach().double().pow(2).sum())
         sq = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=logits.device) for x in out])
-        if self.vocab_shard is not None:
-            group, tp, _ = _resolve_group(self.vocab_shard.get("group"))
-            if tp > 1:
-                torch.distributed.all_reduce(sq, group=group)
-        return tuple(float(x) for x in sq.cpu())
+        return tuple(float(x) for x in self.vocab_shard.sum_over_shards(sq).cpu())

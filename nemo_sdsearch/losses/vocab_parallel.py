@@ -18,7 +18,13 @@ functions on the gathered logits[:, :V]:
 
 `token_logprobs` is the single-device case of `vocab_parallel_logprobs`: the same code on the full logits
 [rows, V] with a group of one, which communicates nothing even inside an initialised process group (the
-dense log-probs of the HF actor, the loss without a vocab shard, and the megatron actor on gathered logits).
+dense log-probs of the HF actor and of the single-device `losses.shard.VocabShard`).
+
+The losses do not call these functions: they call the methods of a `losses.shard.VocabShard` (the TP group
+passed explicitly by the actor, the real vocabulary size, the shard's columns), whose single-device instance
+runs the dense implementations of divergences.py instead. The functions below are the same kernels for
+callers that hold a group and a shard (tests, benchmarks); their `group=None` is WORLD when a process group
+is initialised, else a group of one. No global state is consulted: a megatron actor passes its TP group.
 
 Do NOT sum (or average) these values over the TP ranks: every TP rank holds the whole value, not a part of
 it. Each rank computes its loss from them as if it were alone; backward is purely local and writes the
@@ -85,16 +91,18 @@ buffers of chunk_rows x Vp, never all rows x vocab. The divergences keep one row
 student's dtype (as divergences.py does; `inplace_grad=True` reuses the student logits for it); the
 log-probs keep only the per-row M and log S (backward recomputes the softmax from the saved logits).
 Inputs are upcast to fp32 (bf16/fp16) or kept in fp64; outputs are fp32 (fp64 for fp64 inputs).
+
+compile (`sd.compile`, the divergences only): a divergence chunk is three local phases around the two
+all-reduces (`_div_stats`, `_div_partial_sums`, `_div_gradient`); with compile=True each is torch.compile'd
+(divergences._chunk_kernel, as the dense chunks are) and the all-reduces stay eager between them.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed as dist
 
-from nemo_sdsearch.losses.divergences import _scale_grad
+from nemo_sdsearch.losses.divergences import _chunk_kernel, _scale_grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,25 +123,28 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _resolve_group(group):
-    """(group, tp, rank in group). Default: megatron's TP group when its model parallel state is
-    initialised, else WORLD; without an initialised process group: a group of one, nothing communicated."""
+def group_rank(group) -> tuple[int, int]:
+    """(size, this process's rank) of a process group; a group of one for `None` (nothing communicated)."""
     if group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None, 1, 0
-        mpu = sys.modules.get("megatron.core.parallel_state")  # not imported => cannot be initialised
-        if mpu is not None and mpu.model_parallel_is_initialized():
-            group = mpu.get_tensor_model_parallel_group()
-        else:
-            group = dist.group.WORLD
+        return 1, 0
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     if rank < 0:
         raise ValueError("this process is not a member of the given process group")
-    return group, tp, rank
+    return tp, rank
+
+
+def _resolve_group(group):
+    """(group, tp, rank in group) for the functions below: the given group; for None, WORLD when a process
+    group is initialised, else a group of one (None, nothing communicated). Nothing else is looked up: an
+    actor whose TP group is not WORLD passes it (`losses.shard.VocabShard` carries it)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    return (group,) + group_rank(group)
 
 
 def _layout(shard: torch.Tensor, tp: int, rank: int, vocab_size) -> tuple[int, int]:
-    """(first global id of the shard, number of real, non-padding columns in the shard)."""
+    """(first global id of the shard, number of real, non-padding columns in the shard): rank r of tp holds
+    columns [r * Vp, (r + 1) * Vp) of the padded vocabulary, Vp = the shard's width."""
     if vocab_size is None:
         raise ValueError("vocab_size (the real, unpadded vocabulary size) is required")
     vp = shard.shape[-1]
@@ -181,8 +192,7 @@ def _combine(m_all: torch.Tensor, z_all: torch.Tensor, temperature: float):
 # ---------------------------------------------------------------------------------------------------
 class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, chunk_rows, group, tp, rank, vocab_size):
-        lo, nr = _layout(logits, tp, rank, vocab_size)
+    def forward(ctx, logits, targets, temperature, chunk_rows, group, tp, lo, nr):
         n = logits.shape[0]
         cdt = _compute_dtype(logits.dtype)
         out = torch.empty(n, dtype=cdt, device=logits.device)
@@ -231,14 +241,16 @@ class _VocabParallelLogprob(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def _logprobs(logits, targets, temperature, chunk_rows, group, tp, rank, vocab_size) -> torch.Tensor:
+def logprobs_kernel(logits, targets, temperature, chunk_rows, group, tp, lo, nr) -> torch.Tensor:
+    """log_softmax(x / T)[target] per row of the shard `logits` [rows, Vp] whose first column is global id
+    `lo` and whose first `nr` columns are real (the rest TP padding), over the group of `tp` ranks."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits must be [rows, Vp] and targets [rows]; got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     return _VocabParallelLogprob.apply(logits, targets.long(), float(temperature), int(chunk_rows),
-                                       group, tp, rank, vocab_size)
+                                       group, tp, lo, nr)
 
 
 def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, group=None, vocab_size=None,
@@ -249,7 +261,9 @@ def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, g
 
     group: default megatron's TP group when initialised, else WORLD. vocab_size: the real vocabulary size
     (required; columns at or beyond it are TP padding and are ignored)."""
-    return _logprobs(logits_shard, targets, temperature, chunk_rows, *_resolve_group(group), vocab_size)
+    group, tp, rank = _resolve_group(group)
+    return logprobs_kernel(logits_shard, targets, temperature, chunk_rows, group, tp,
+                           *_layout(logits_shard, tp, rank, vocab_size))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -259,23 +273,78 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     an initialised process group. d = (logits - row max) / T with the raw row max subtracted before dividing
     by T and never added back, so a large common offset of the logits costs no precision; rows are processed
     `chunk_rows` at a time, and backward recomputes the softmax from the logits."""
-    return _logprobs(logits, targets, temperature, chunk_rows, None, 1, 0, logits.shape[-1])
+    return logprobs_kernel(logits, targets, temperature, chunk_rows, None, 1, 0, logits.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Divergences
 # ---------------------------------------------------------------------------------------------------
+def _div_stats(xs, xt, temperature):
+    """Phase 1 of a divergence chunk (local, before all-reduce 1): `_local_stats` of the student and the teacher
+    over the local real columns (at least one)."""
+    ms, es, zs = _local_stats(xs, temperature)    # es = exp((xs - ms) / T)
+    mt, et, zt = _local_stats(xt, temperature)
+    return ms, es, zs, mt, et, zt
+
+
+def _div_partial_sums(xs, xt, ms, es, mt, et, max_s, log_ss, max_t, log_st, kind, param, temperature):
+    """Phase 2 (between the all-reduces): the per-row partial sums [k, rows] over the local real columns and the
+    pieces of the student gradient, (q or None, g). `es` and `et` are reused in place (they become q and p)."""
+    s = _shifted(xs, max_s, temperature).sub_(log_ss[:, None])   # log q = (xs - M) / T - log S
+    t = _shifted(xt, max_t, temperature).sub_(log_st[:, None])   # log p
+    # q = exp((xs - ms) / T) * exp((ms - M) / T - log S): the local exps reused, no second exp pass
+    q = es.mul_(torch.exp((ms - max_s) / temperature - log_ss)[:, None])
+    p = et.mul_(torch.exp((mt - max_t) / temperature - log_st)[:, None])
+    if kind == "clipped":
+        terms = p * (t - s)
+        del s, t
+        unclipped = terms < param
+        loss = terms.clamp_(max=param).sum(-1)
+        del terms
+        g = p.mul_(unclipped)                      # p [term < tau]
+        return torch.stack([loss, g.sum(-1)]), q, g
+    if param == 0.0:                               # forward KL(P || Q)
+        loss = (p * (t - s)).sum(-1)
+        return loss[None], None, q.sub_(p)         # gradient complete: q - p
+    if param == 1.0:                               # reverse KL(Q || P)
+        g = s.sub_(t)                              # log q - log p
+        return (q * g).sum(-1)[None], q, g
+    log_m = torch.log(torch.clamp(param * p + (1 - param) * q, min=torch.finfo(p.dtype).tiny))
+    a = (p * (t - log_m)).sum(-1)
+    g = s.sub_(log_m)                              # log q - log m
+    del log_m, t
+    return torch.stack([a, (q * g).sum(-1)]), q, g
+
+
+def _div_gradient(q, g, parts, kind, param, temperature):
+    """Phase 3 (after all-reduce 2): the gradient of the row losses with respect to the local student shard,
+    from the reduced row sums `parts` (closed forms in the module docstring)."""
+    if kind == "clipped":
+        g = q.mul_(parts[1][:, None]).sub_(g)      # q U - p [term < tau]
+    elif param == 1.0:
+        g = q.mul_(g.sub_(parts[0][:, None]))      # q (g - loss)
+    elif param != 0.0:
+        g = q.mul_(g.sub_(parts[1][:, None])).mul_(1 - param)  # (1 - b) q (g - B)
+    if temperature != 1.0:
+        g = g.div_(temperature)
+    return g
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, kind, param, temperature, chunk_rows, group, tp, rank, vocab_size,
-                inplace_grad):
-        _, nr = _layout(student, tp, rank, vocab_size)
+    def forward(ctx, student, teacher, kind, param, temperature, chunk_rows, group, tp, rank, nr, inplace_grad,
+                compile):
         need_grad = ctx.needs_input_grad[0]
         n = student.shape[0]
         cdt = _compute_dtype(student.dtype)
         dev = student.device
         mid = kind == "jsd" and 0.0 < param < 1.0
         k = 2 if kind == "clipped" or mid else 1
+        # compile: the three local phases of a chunk each torch.compile'd (divergences._chunk_kernel; the
+        # all-reduces between them stay eager)
+        stats_fn = _chunk_kernel(_div_stats, compile)
+        sums_fn = _chunk_kernel(_div_partial_sums, compile)
+        grad_fn = _chunk_kernel(_div_gradient, compile)
         losses = torch.empty(n, dtype=cdt, device=dev)
         grad = None
         if need_grad:
@@ -285,8 +354,11 @@ class _VocabParallelDivergence(torch.autograd.Function):
             xs = student[i:i + chunk_rows, :nr].to(cdt)  # raw logits; may alias the inputs: read only
             xt = teacher[i:i + chunk_rows, :nr].to(cdt)
             rows = xs.shape[0]
-            ms, es, zs = _local_stats(xs, temperature)    # es = exp((xs - ms) / T)
-            mt, et, zt = _local_stats(xt, temperature)
+            if nr:
+                ms, es, zs, mt, et, zt = stats_fn(xs, xt, temperature)
+            else:  # no real column here: (-inf, None, 0)
+                ms, es, zs = _local_stats(xs, temperature)
+                mt, et, zt = _local_stats(xt, temperature)
             # all-reduce 1 (SUM): the per-rank (raw max, sum exp((x - max) / T)) slots of student and teacher.
             stats = torch.zeros(tp, 4, rows, dtype=cdt, device=dev)
             stats[rank] = torch.stack([ms, zs, mt, zt])
@@ -294,49 +366,17 @@ class _VocabParallelDivergence(torch.autograd.Function):
             max_s, log_ss = _combine(stats[:, 0], stats[:, 1], temperature)
             max_t, log_st = _combine(stats[:, 2], stats[:, 3], temperature)
             del stats
-            parts = torch.zeros(k, rows, dtype=cdt, device=dev)
-            g = None
             if nr:
-                s = _shifted(xs, max_s, temperature).sub_(log_ss[:, None])   # log q = (xs - M) / T - log S
-                t = _shifted(xt, max_t, temperature).sub_(log_st[:, None])   # log p
-                del xs, xt
-                # q = exp((xs - ms) / T) * exp((ms - M) / T - log S): the local exps reused, no second exp pass
-                q = es.mul_(torch.exp((ms - max_s) / temperature - log_ss)[:, None])
-                p = et.mul_(torch.exp((mt - max_t) / temperature - log_st)[:, None])
-                del es, et
-                if kind == "clipped":
-                    terms = p * (t - s)
-                    del s, t
-                    unclipped = terms < param
-                    parts[0] = terms.clamp_(max=param).sum(-1)
-                    del terms
-                    g = p.mul_(unclipped)                      # p [term < tau]
-                    parts[1] = g.sum(-1)
-                elif param == 0.0:                             # forward KL(P || Q)
-                    parts[0] = (p * (t - s)).sum(-1)
-                    g = q.sub_(p)                              # gradient complete: q - p
-                elif param == 1.0:                             # reverse KL(Q || P)
-                    g = s.sub_(t)                              # log q - log p
-                    parts[0] = (q * g).sum(-1)
-                else:
-                    log_m = torch.log(torch.clamp(param * p + (1 - param) * q, min=torch.finfo(cdt).tiny))
-                    parts[0] = (p * (t - log_m)).sum(-1)
-                    g = s.sub_(log_m)                          # log q - log m
-                    del log_m, t
-                    parts[1] = (q * g).sum(-1)
+                parts, q, g = sums_fn(xs, xt, ms, es, mt, et, max_s, log_ss, max_t, log_st, kind, param,
+                                      temperature)
+                del xs, xt, es, et
+            else:
+                parts = torch.zeros(k, rows, dtype=cdt, device=dev)
             # all-reduce 2 (SUM): the per-row partial sums over the local real columns.
             _all_reduce(parts, dist.ReduceOp.SUM, group, tp)
             losses[i:i + chunk_rows] = param * parts[0] + (1 - param) * parts[1] if mid else parts[0]
             if need_grad and nr:
-                if kind == "clipped":
-                    g = q.mul_(parts[1][:, None]).sub_(g)      # q U - p [term < tau]
-                elif param == 1.0:
-                    g = q.mul_(g.sub_(parts[0][:, None]))      # q (g - loss)
-                elif param != 0.0:
-                    g = q.mul_(g.sub_(parts[1][:, None])).mul_(1 - param)  # (1 - b) q (g - B)
-                if temperature != 1.0:
-                    g = g.div_(temperature)
-                grad[i:i + chunk_rows, :nr] = g.to(grad.dtype)
+                grad[i:i + chunk_rows, :nr] = grad_fn(q, g, parts, kind, param, temperature).to(grad.dtype)
         ctx.save_for_backward(grad if need_grad else torch.empty(0))
         ctx.chunk_rows = chunk_rows
         return losses
@@ -344,7 +384,17 @@ class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return (_scale_grad(grad, grad_losses, ctx.chunk_rows),) + (None,) * 10
+        return (_scale_grad(grad, grad_losses, ctx.chunk_rows),) + (None,) * 11
+
+
+def divergence_kernel(student, teacher, kind: str, param: float, temperature: float, chunk_rows: int, group,
+                      tp: int, rank: int, nr: int, inplace_grad: bool = False, compile: bool = False):
+    """Per-row generalized JSD (kind "jsd", param = beta) or clipped forward KL (kind "clipped", param = tau)
+    of the shards [rows, Vp] whose first `nr` columns are real, rank `rank` of a group of `tp`. compile: each
+    chunk's local computations torch.compile'd (as `sd.compile` does for divergences.py's chunks)."""
+    _check_pair(student, teacher, chunk_rows, param if kind == "jsd" else None)
+    return _VocabParallelDivergence.apply(student, teacher.detach(), kind, float(param), float(temperature),
+                                          int(chunk_rows), group, tp, rank, nr, bool(inplace_grad), bool(compile))
 
 
 def _check_pair(student, teacher, chunk_rows, beta=None):
@@ -366,11 +416,10 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor, teacher_shard: t
     is under stop-gradient; backward is local and writes into the student shard only.
 
     inplace_grad=True overwrites `student_shard` with its gradient during forward (see divergences.py)."""
-    _check_pair(student_shard, teacher_shard, chunk_rows, beta)
     group, tp, rank = _resolve_group(group)
-    return _VocabParallelDivergence.apply(student_shard, teacher_shard.detach(), "jsd", float(beta),
-                                          float(temperature), int(chunk_rows), group, tp, rank, vocab_size,
-                                          bool(inplace_grad))
+    _, nr = _layout(student_shard, tp, rank, vocab_size)
+    return divergence_kernel(student_shard, teacher_shard, "jsd", beta, temperature, chunk_rows, group, tp, rank,
+                             nr, inplace_grad)
 
 
 def vocab_parallel_clipped_forward_kl(student_shard: torch.Tensor, teacher_shard: torch.Tensor, group=None,
@@ -380,11 +429,10 @@ def vocab_parallel_clipped_forward_kl(student_shard: torch.Tensor, teacher_shard
     equals `divergences.clipped_forward_kl_dense` on the gathered logits[:, :vocab_size]. The clip applies
     to each vocabulary term (with the global softmax normalisers). Same conventions as
     `vocab_parallel_generalized_jsd`."""
-    _check_pair(student_shard, teacher_shard, chunk_rows)
     group, tp, rank = _resolve_group(group)
-    return _VocabParallelDivergence.apply(student_shard, teacher_shard.detach(), "clipped", float(tau),
-                                          float(temperature), int(chunk_rows), group, tp, rank, vocab_size,
-                                          bool(inplace_grad))
+    _, nr = _layout(student_shard, tp, rank, vocab_size)
+    return divergence_kernel(student_shard, teacher_shard, "clipped", tau, temperature, chunk_rows, group, tp,
+                             rank, nr, inplace_grad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,13 +446,10 @@ def _check_shard(shard: torch.Tensor, chunk_rows: int) -> None:
 
 
 @torch.no_grad()
-def vocab_parallel_argmax(logits_shard: torch.Tensor, group=None, vocab_size=None) -> torch.Tensor:
-    """Global argmax ids [rows] (long) of vocab-sharded logits [rows, Vp], the same on every rank of
-    `group`; among equal maxima the smallest global id wins (as `torch.argmax` on the gathered logits).
-    A row whose real logits are all NaN gives an unspecified id."""
+def argmax_kernel(logits_shard: torch.Tensor, group, tp: int, rank: int, lo: int, nr: int) -> torch.Tensor:
+    """Global argmax ids [rows] of the shard whose first column is global id `lo` and whose first `nr` columns
+    are real, rank `rank` of a group of `tp` (ranks in vocabulary order)."""
     _check_shard(logits_shard, 1)
-    group, tp, rank = _resolve_group(group)
-    lo, nr = _layout(logits_shard, tp, rank, vocab_size)
     n = logits_shard.shape[0]
     slots = torch.zeros(tp, 2, n, dtype=torch.float64, device=logits_shard.device)
     if nr:
@@ -420,15 +465,20 @@ def vocab_parallel_argmax(logits_shard: torch.Tensor, group=None, vocab_size=Non
     return slots[:, 1].gather(0, first[None]).squeeze(0).long()
 
 
-@torch.no_grad()
-def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=None, temperature: float = 1.0,
-                           chunk_rows: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per row [rows] (fp32, fp64 for fp64 logits) from vocab-sharded
-    logits [rows, Vp], the same full value on every rank of `group` (do not sum it over TP ranks).
-    Memory: one chunk_rows x Vp buffer in the compute dtype at a time."""
-    _check_shard(logits_shard, chunk_rows)
+def vocab_parallel_argmax(logits_shard: torch.Tensor, group=None, vocab_size=None) -> torch.Tensor:
+    """Global argmax ids [rows] (long) of vocab-sharded logits [rows, Vp], the same on every rank of
+    `group`; among equal maxima the smallest global id wins (as `torch.argmax` on the gathered logits).
+    A row whose real logits are all NaN gives an unspecified id."""
     group, tp, rank = _resolve_group(group)
-    _, nr = _layout(logits_shard, tp, rank, vocab_size)
+    return argmax_kernel(logits_shard, group, tp, rank, *_layout(logits_shard, tp, rank, vocab_size))
+
+
+@torch.no_grad()
+def entropy_kernel(logits_shard: torch.Tensor, temperature: float, chunk_rows: int, group, tp: int, rank: int,
+                   nr: int) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row of the shard whose first `nr` columns are real, rank `rank` of
+    a group of `tp`."""
+    _check_shard(logits_shard, chunk_rows)
     n = logits_shard.shape[0]
     cdt = _compute_dtype(logits_shard.dtype)
     out = torch.empty(n, dtype=cdt, device=logits_shard.device)
@@ -461,7 +511,22 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=No
     return out
 
 
+def vocab_parallel_entropy(logits_shard: torch.Tensor, group=None, vocab_size=None, temperature: float = 1.0,
+                           chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row [rows] (fp32, fp64 for fp64 logits) from vocab-sharded
+    logits [rows, Vp], the same full value on every rank of `group` (do not sum it over TP ranks).
+    Memory: one chunk_rows x Vp buffer in the compute dtype at a time."""
+    group, tp, rank = _resolve_group(group)
+    _, nr = _layout(logits_shard, tp, rank, vocab_size)
+    return entropy_kernel(logits_shard, temperature, chunk_rows, group, tp, rank, nr)
+
+
 __all__ = [
+    "argmax_kernel",
+    "divergence_kernel",
+    "entropy_kernel",
+    "group_rank",
+    "logprobs_kernel",
     "shard_logits",
     "token_logprobs",
     "vocab_parallel_argmax",

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from nemo_sdsearch.losses.shard import VocabShard
 from nemo_sdsearch.models.offload import Parkable
 
 
@@ -133,7 +134,9 @@ class Actor(Parkable, ABC):
     dp_size: int = 1
     dp_rank: int = 0
     is_replica_leader: bool = True
-    vocab_shard: dict | None = None   # {"group", "vocab_size"} when logits_at returns a vocabulary shard
+    # where logits_at's columns sit in the vocabulary, with the vocabulary math the losses do on them: one device
+    # (the default), or this rank's shard over a tensor-parallel group (losses.shard)
+    vocab_shard: VocabShard = VocabShard.single()
 
     def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         """SUM of `tensor` over the data-parallel replicas (in place, returned)."""

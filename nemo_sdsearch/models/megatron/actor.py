@@ -13,12 +13,13 @@ ids are 0..T-1 for every row, as in the HF backend.
 
 Vocabulary: the output layer is column parallel, so each TP rank computes logits for its slice
 [vocab_start, vocab_start + Vp/tp) of the padded vocabulary. `logits_at` returns that LOCAL shard
-([N, Vp/tp]; columns with global id >= vocab_size are TP padding, as `losses.vocab_parallel` expects:
-pass `vocab_size=actor.vocab_size` to its functions, which cut them off) unless `gather_logits` is on,
+([N, Vp/tp]; columns with global id >= vocab_size are TP padding) unless `gather_logits` is on,
 in which case it returns the full [N, vocab_size] logits exactly like the HF backend (all-gathered over
 TP, differentiable, padding dropped). `gather_logits` defaults to True at tp=1 and False at tp>1.
-`full_logits_at` always gathers. `logprobs_at` uses `losses.vocab_parallel.vocab_parallel_logprobs` at
-tp>1 (two all-reduces of [N] numbers instead of gathering [N, V] logits).
+`vocab_shard` says which (a `losses.shard.VocabShard`: this rank's columns over megatron's TP group, passed
+explicitly, or the single-device vocabulary), and the losses do their vocabulary math through it, which cuts
+the padding off. `full_logits_at` always gathers. `logprobs_at` uses the local shard's `logprobs` (at tp>1
+two all-reduces of [N] numbers instead of gathering [N, V] logits).
 
 Optimizer: none for a frozen copy (`optimizer="none"`: the reference / teacher, any dtype). On CPU (and whenever
 `optimizer="torch"`) plain `torch.optim.AdamW` over the local shards
@@ -76,7 +77,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nemo_sdsearch.models.base import Actor
-from nemo_sdsearch.losses.vocab_parallel import token_logprobs
+from nemo_sdsearch.losses.shard import VocabShard
 
 
 @contextlib.contextmanager
@@ -165,6 +166,9 @@ class MegatronActor(Actor):
         self.padded_vocab_size = model.vocab_size
         self.shard_size = self.padded_vocab_size // self.tp
         self.vocab_start = self.tp_rank * self.shard_size
+        # this rank's columns of the padded vocabulary (what the output layer returns), over the TP group
+        self.local_vocab_shard = VocabShard(self.vocab_size, self.vocab_start, self.vocab_start + self.shard_size,
+                                            self.tp_group)
         self.gather_logits = (self.tp == 1) if gather_logits is None else gather_logits
         self.sequence_parallel = bool(model.config.sequence_parallel) and self.tp > 1
         if self.sequence_parallel and not torch.cuda.is_available():
@@ -291,12 +295,7 @@ class MegatronActor(Actor):
 
     def _logprobs_from_local(self, local, batch, rows, cols, temperature):
         targets = batch.input_ids.to(self.device)[rows.to(self.device), cols.to(self.device)]
-        if self.tp == 1:
-            return token_logprobs(self.gather(local), targets, temperature)
-        from nemo_sdsearch.losses.vocab_parallel import vocab_parallel_logprobs
-
-        return vocab_parallel_logprobs(local, targets, group=self.tp_group, vocab_size=self.vocab_size,
-                                       temperature=temperature)
+        return self.local_vocab_shard.logprobs(local, targets, temperature)
 
     def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
         if self.pp > 1:
@@ -434,10 +433,10 @@ class MegatronActor(Actor):
         return self.tp_rank == 0 and self.pp_rank == 0
 
     @property
-    def vocab_shard(self) -> dict | None:
-        if self.tp > 1 and not self.gather_logits:
-            return {"group": self.tp_group, "vocab_size": self.vocab_size}
-        return None
+    def vocab_shard(self) -> VocabShard:
+        """Where `logits_at`'s columns sit: the gathered [N, vocab_size] logits (one device's view), or this
+        rank's shard of the padded vocabulary over the TP group."""
+        return VocabShard.single(self.vocab_size) if self.gather_logits else self.local_vocab_shard
 
     def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:

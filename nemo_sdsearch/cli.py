@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
     a = sub.add_parser("ablate", help="GRPO vs SD-Search vs Search-E1 at equal rollout budget, several seeds; "
                                       "writes a results table and a plot")
-    a.add_argument("overrides", nargs="*", help="config overrides applied to every run, e.g. cycles=1")
-    # `--seeds 0 1 2 cycles=1`: argparse gives --seeds every word after it, so the key=value ones are
+    a.add_argument("overrides", nargs="*", help="config overrides applied to every run, e.g. search_e1.cycles=1")
+    # `--seeds 0 1 2 search_e1.cycles=1`: argparse gives --seeds every word after it, so the key=value ones are
     # overrides (sorted out in cmd_ablate)
     a.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED")
     a.add_argument("--arms", nargs="+", default=["grpo", "sd_search", "search_e1"], metavar="ARM",

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from nemo_sdsearch.errors import ConfigError  # callers may also import it from here
+from nemo_sdsearch.rollout.engine import RolloutConfig
 
 
 @dataclass
@@ -32,13 +33,16 @@ class DataConfig:
 
 @dataclass
 class RolloutSection:
+    """The rollout engine's settings and the run's sampling around them. The keys the engine has take its
+    defaults (`rollout/engine.py`'s RolloutConfig: one source, so the two cannot disagree); `rollout_config`
+    builds the engine's RolloutConfig from this section."""
     group_size: int = 5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_turns: int = 4
-    max_new_tokens: int = 96
-    max_context: int = 1024
-    topk: int = 3
+    temperature: float = RolloutConfig.temperature
+    top_p: float = RolloutConfig.top_p
+    max_turns: int = RolloutConfig.max_turns
+    max_new_tokens: int = RolloutConfig.max_new_tokens
+    max_context: int = RolloutConfig.max_context
+    topk: int = RolloutConfig.topk
     retriever: str = "bm25"
     max_concurrent_rows: int = 256      # torch generator: rows holding a KV slot at once (0 = all)
 
@@ -51,16 +55,16 @@ class PromptSection:
 
 @dataclass
 class RewardSection:
-    normalization: str = "squad"     # squad (SQuAD / Search-R1 normalize_answer) | unicode (lenient)
+    normalization: str = RolloutConfig.normalization  # squad (SQuAD / Search-R1 normalize_answer) | unicode (lenient)
 
 
-def rollout_config(r: RolloutSection, temperature: float | None = None, normalization: str = "squad"):
-    """The engine's RolloutConfig from the `rollout` section (temperature 0 = greedy evaluation)."""
-    from nemo_sdsearch.rollout.engine import RolloutConfig
-
+def rollout_config(cfg: TrainConfig, greedy: bool = False) -> RolloutConfig:
+    """The engine's RolloutConfig of a run, the one place it is built from the config: the `rollout` section's
+    settings and `reward.normalization`; `greedy` (evaluation): temperature 0, no nucleus cut."""
+    r = cfg.rollout
     return RolloutConfig(max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_context=r.max_context,
-                         topk=r.topk, temperature=r.temperature if temperature is None else temperature,
-                         top_p=r.top_p if temperature is None else 1.0, normalization=normalization)
+                         topk=r.topk, temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p,
+                         normalization=cfg.reward.normalization)
 
 
 @dataclass
@@ -101,6 +105,7 @@ class SDSection:
 
 @dataclass
 class SearchE1Section:
+    cycles: int = 2                      # (GRPO round, pool, pairs, OPSD round) cycles
     grpo_steps: int = 15
     pool_questions: int = 48
     pool_samples: int = 5
@@ -228,7 +233,6 @@ class TrainConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
     sd: SDSection = field(default_factory=SDSection)
     search_e1: SearchE1Section = field(default_factory=SearchE1Section)
-    cycles: int = 2
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
 
@@ -272,7 +276,6 @@ _POS, _NONNEG, _ONE = Range(0, lo_open=True), Range(0), Range(1)
 _PROB = Range(0, 1)
 # Every numeric key of the schema and its range (tests/test_config_ranges.py checks that none is missing).
 RANGES: dict[str, Range] = {
-    "cycles": _ONE,
     "model.threads": _ONE,
     "data.train_questions": Range(1, null=True),
     "data.dev_questions": Range(0, why="0 = all dev questions"),
@@ -301,6 +304,7 @@ RANGES: dict[str, Range] = {
     "sd.temperature": _POS,
     "sd.chunk_rows": _ONE,
     "sd.max_hindsight_tokens": _ONE,
+    "search_e1.cycles": _ONE,
     "search_e1.grpo_steps": _ONE,
     "search_e1.pool_questions": _ONE,
     "search_e1.pool_samples": Range(2, why="pair mining needs at least 2 rollouts per question"),
@@ -365,6 +369,40 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.backends": ("console", "tensorboard", "wandb", "mlflow"),   # each entry of the list
     "logger.wandb_mode": ("auto", "online", "offline", "disabled"),
 }
+
+
+# Keys that moved: the old spelling (an override or a YAML key) is refused, naming where the key lives now.
+MOVED: dict[str, str] = {
+    "cycles": "search_e1.cycles",
+}
+
+
+def _refuse_moved_overrides(overrides) -> None:
+    """A Hydra override (`key=value`, `+key=value`, `++key=value`, `~key`) of a moved key fails here, naming
+    the new key (Hydra alone would say only that it "could not override" it)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~").strip()
+        if key in MOVED:
+            raise ConfigError(f"config key {key}: moved to {MOVED[key]}; write the override as "
+                              f"{MOVED[key]}={value or '...'}")
+
+
+def _refuse_moved_keys(raw, name: str) -> None:
+    """A composed YAML config that still sets a moved key fails here, naming the new key."""
+    for key, new in MOVED.items():
+        if _has_key(raw, key):
+            section, _, leaf = new.rpartition(".")
+            raise ConfigError(f"config key {key} (config {name!r}): moved to {new}; put `{leaf}:` under "
+                              f"`{section}:`")
+
+
+def _has_key(node, key: str) -> bool:
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def get_key(cfg, key: str):
@@ -487,9 +525,11 @@ def load_config(name: str = "tiny_cpu", overrides: list[str] | None = None, dire
     directory = str(Path(directory or config_dir()).resolve())
     if not Path(directory, f"{name}.yaml").exists():
         raise ConfigError(f"no config {name!r} in {directory}")
+    _refuse_moved_overrides(overrides or [])
     try:
         with initialize_config_dir(config_dir=directory, version_base=None):
             raw = compose(config_name=name, overrides=list(overrides or []))
+        _refuse_moved_keys(raw, name)
         schema = OmegaConf.structured(TrainConfig)
         merged = OmegaConf.merge(schema, raw)
     except (HydraException, OmegaConfBaseException) as e:
@@ -503,6 +543,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     config is (an ablation arm's settings on top of the study's config)."""
     from omegaconf.errors import OmegaConfBaseException
 
+    _refuse_moved_overrides(overrides)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:

@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from nemo_sdsearch.core.files import atomic_path
 from nemo_sdsearch.core.qa import QA, is_search_r1_row, load_questions, read_rows, unique_id
 
 
@@ -62,10 +63,9 @@ def convert(paths: list[Path], out_dir: Path, split_by_source: bool = False, mer
         for r in rows:  # ids must be unique within a file (the trainer's rule: core/qa.py unique_id)
             r["id"] = unique_id(r["id"], seen)
             unique.append(r)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique), encoding="utf-8")
-        load_questions(tmp)  # the trainer's own loader accepts every line
-        tmp.replace(target)
+        with atomic_path(target) as tmp:  # <target>.tmp, renamed onto the target once the loader accepts it
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique), encoding="utf-8")
+            load_questions(tmp)  # the trainer's own loader accepts every line
         written[str(target)] = len(unique)
     return written
 

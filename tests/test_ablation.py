@@ -17,7 +17,7 @@ def small_config(model_dir, out_dir):
         "model.path": str(model_dir), "model.threads": 1, "trainer.questions_per_step": 2, "rollout.group_size": 2,
         "rollout.max_new_tokens": 12, "rollout.max_turns": 1, "rollout.max_context": 512, "trainer.eval_every": 1,
         "trainer.save_every": 1, "grpo.micro_batch_size": 2, "data.dev_questions": 3, "data.test_questions": 5,
-        "cycles": 1, "search_e1.grpo_steps": 1, "search_e1.pool_questions": 2, "search_e1.pool_samples": 2,
+        "search_e1.cycles": 1, "search_e1.grpo_steps": 1, "search_e1.pool_questions": 2, "search_e1.pool_samples": 2,
         "search_e1.opsd_steps": 1, "search_e1.opsd_eval_every": 1, "trainer.out_dir": str(out_dir),
     }
     return load_config("tiny_cpu", [f"{k}={v}" for k, v in overrides.items()])
@@ -27,7 +27,7 @@ def test_budget_matches_search_e1():
     cfg = load_config("tiny_cpu")
     budget, steps = rollout_budget(cfg)
     e1, per_step = cfg.search_e1, cfg.trainer.questions_per_step * cfg.rollout.group_size
-    assert budget == cfg.cycles * (e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples)
+    assert budget == e1.cycles * (e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples)
     assert abs(steps * per_step - budget) <= per_step / 2
 
 
@@ -252,17 +252,19 @@ def test_search_e1_curve_places_rounds_where_they_measured(tmp_path):
 
 
 def test_ablate_command_line_takes_overrides_after_the_seeds(monkeypatch, tmp_path):
-    """`sdsearch ablate --seeds 0 1 cycles=1`: the key=value words after --seeds are overrides; the command
-    recorded in the results is the one that reproduces them (resuming changes nothing, so it is left out)."""
+    """`sdsearch ablate --seeds 0 1 search_e1.cycles=1`: the key=value words after --seeds are overrides; the
+    command recorded in the results is the one that reproduces them (resuming changes nothing, so it is left
+    out)."""
     from nemo_sdsearch import cli
 
     calls = []
     monkeypatch.setattr(ablation, "run_ablation", lambda cfg, seeds, out, results, command, console, algorithms:
                         calls.append((cfg, seeds, command, algorithms)))
-    assert cli.main(["ablate", "--seeds", "0", "1", "cycles=1", "trainer.resume=true", "--out", str(tmp_path)]) == 0
+    assert cli.main(["ablate", "--seeds", "0", "1", "search_e1.cycles=1", "trainer.resume=true",
+                     "--out", str(tmp_path)]) == 0
     cfg, seeds, command, arms = calls[0]
-    assert seeds == [0, 1] and cfg.cycles == 1 and cfg.trainer.resume and arms == ALGORITHMS
-    assert command == "sdsearch ablate --seeds 0 1 cycles=1"
+    assert seeds == [0, 1] and cfg.search_e1.cycles == 1 and cfg.trainer.resume and arms == ALGORITHMS
+    assert command == "sdsearch ablate --seeds 0 1 search_e1.cycles=1"
     assert cli.main(["ablate", "--seeds", "3", "--arms", "grpo", "sd_placebo", "--out", str(tmp_path)]) == 0
     assert calls[-1][3] == ("grpo", "sd_placebo") and calls[-1][2] == "sdsearch ablate --seeds 3 --arms grpo sd_placebo"
     with pytest.raises(SystemExit):

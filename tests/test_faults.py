@@ -28,7 +28,7 @@ from nemo_sdsearch.algorithms.search_e1 import KILL_ENV
 # steps with a dev evaluation after each (8 dev questions). The embedded model answers some questions, so pairs
 # are mined; seed 3 and opsd_lr 5e-3 make the adapter of step 2 beat the start on dev EM (checked below), so the
 # merged weights are the trained adapter's, not the round's start weights.
-E1 = {"algorithm": "search_e1", "cycles": 1, "model.threads": 1, "trainer.seed": 3, "trainer.questions_per_step": 2,
+E1 = {"algorithm": "search_e1", "search_e1.cycles": 1, "model.threads": 1, "trainer.seed": 3, "trainer.questions_per_step": 2,
       "rollout.group_size": 2, "rollout.max_new_tokens": 40, "rollout.max_turns": 2, "trainer.eval_every": 0,
       "trainer.save_every": 1, "trainer.final_test_eval": False, "grpo.micro_batch_size": 2,
       "search_e1.grpo_steps": 1, "search_e1.pool_questions": 10, "search_e1.pool_samples": 2,

@@ -131,7 +131,7 @@ def _tiny(model_dir, out_dir, **extra):
             "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_turns": 1,
             "rollout.max_context": 512, "trainer.eval_every": 0, "trainer.save_every": 1,
             "trainer.final_test_eval": False, "trainer.out_dir": str(out_dir), "grpo.micro_batch_size": 2,
-            "data.dev_questions": 2, "cycles": 1, "search_e1.grpo_steps": 1, "search_e1.pool_questions": 2,
+            "data.dev_questions": 2, "search_e1.cycles": 1, "search_e1.grpo_steps": 1, "search_e1.pool_questions": 2,
             "search_e1.pool_samples": 2, "search_e1.opsd_steps": 1, "search_e1.opsd_eval_every": 0}
     base.update(extra)
     return load_config("tiny_cpu", [f"{k}={v}" for k, v in base.items()])

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-BASE = {"algorithm": "search_e1", "search_e1.adapter": "full", "cycles": 1, "model.threads": 1, "trainer.seed": 3,
+BASE = {"algorithm": "search_e1", "search_e1.adapter": "full", "search_e1.cycles": 1, "model.threads": 1, "trainer.seed": 3,
         "trainer.questions_per_step": 4, "rollout.group_size": 2, "rollout.max_new_tokens": 40,
         "rollout.max_turns": 2, "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.final_test_eval": True,
         "grpo.micro_batch_size": 2, "optim.lr": 2e-5, "search_e1.grpo_steps": 1, "search_e1.pool_questions": 6,

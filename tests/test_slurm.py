@@ -168,7 +168,7 @@ TWO_NODE = ["trainer.questions_per_step=2", "rollout.group_size=2", "rollout.max
             "rollout.max_context=512", "data.dev_questions=2", "data.test_questions=4", "trainer.eval_every=0",
             "grpo.micro_batch_size=2", "model.threads=1"]
 SD_SEARCH = TWO_NODE + ["trainer.steps=2", "trainer.save_every=1", "trainer.final_test_eval=false"]
-SEARCH_E1 = TWO_NODE + ["algorithm=search_e1", "search_e1.adapter=full", "cycles=2", "search_e1.grpo_steps=1",
+SEARCH_E1 = TWO_NODE + ["algorithm=search_e1", "search_e1.adapter=full", "search_e1.cycles=2", "search_e1.grpo_steps=1",
                         "search_e1.pool_questions=2", "search_e1.pool_samples=2", "search_e1.opsd_steps=1",
                         "search_e1.opsd_pairs_per_step=2", "search_e1.opsd_micro_batch_size=1",
                         "search_e1.opsd_eval_every=1", "trainer.save_every=0", "trainer.final_test_eval=true",

@@ -2,7 +2,7 @@
 
     sdsearch ablate [--seeds 0 1 2] [--out runs/ablation] [--results docs/results.md] [key=value ...]
 
-The budget is Search-E1's: `cycles x (grpo_steps x B x G + pool_questions x pool_samples)` rollouts
+The budget is Search-E1's: `search_e1.cycles x (grpo_steps x B x G + pool_questions x pool_samples)` rollouts
 (its GRPO rounds plus its rollout pools; the OPSD rounds train on pool rollouts and sample none).
 GRPO and SD-Search get `round(budget / (B x G))` steps of B x G rollouts. Dev evaluations are not
 counted (all three spend the same on them). Every run lives in `OUT/<algorithm>/seed_<s>`. A new
@@ -26,6 +26,8 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from nemo_sdsearch.core.files import atomic_write_text
 
 ALGORITHMS = ("grpo", "sd_search", "search_e1")   # the default arms: the three methods as configured
 # Every arm: (algorithm, its config overrides on top of the study's config). A run's result.json keeps the arm's
@@ -51,7 +53,7 @@ T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622,
 def rollout_budget(cfg) -> tuple[int, int]:
     """(Search-E1's rollouts, the GRPO / SD-Search step count that matches them)."""
     e1, per_step = cfg.search_e1, cfg.trainer.questions_per_step * cfg.rollout.group_size
-    budget = cfg.cycles * (e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples)
+    budget = e1.cycles * (e1.grpo_steps * per_step + e1.pool_questions * e1.pool_samples)
     return budget, max(1, round(budget / per_step))
 
 
@@ -138,7 +140,7 @@ def run_one(cfg, algorithm: str, seed: int, out: Path, console) -> dict:
     result = {"algorithm": arm, "seed": seed, "rollouts": budget if algorithm == "search_e1" else steps * per_step,
               "test": test, "questions": questions, "curve": curve, "seconds": time.perf_counter() - t0,
               "model": model_dir}
-    done.write_text(json.dumps(result, indent=1))
+    atomic_write_text(done, json.dumps(result, indent=1))  # whole or absent: a run is done or run again
     return result
 
 
@@ -621,7 +623,7 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     t0 = time.perf_counter()
     budget, steps = rollout_budget(cfg)
     console.print(f"rollout budget {budget} per run: GRPO / SD-Search {steps} steps; "
-                  f"Search-E1 {cfg.cycles} cycles of {cfg.search_e1.grpo_steps} GRPO steps + pools")
+                  f"Search-E1 {cfg.search_e1.cycles} cycles of {cfg.search_e1.grpo_steps} GRPO steps + pools")
     start_file = out / "start.json"
     if start_file.exists():  # an older start.json may lack "questions" and "dev_first_query_hit"
         start = json.loads(start_file.read_text())
@@ -634,7 +636,7 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
         close_components(c)
         start = {"test": test, "questions": questions, "dev": dev["em"],
                  "dev_first_query_hit": dev.get("first_query_hit")}
-        start_file.write_text(json.dumps(start, indent=1))
+        atomic_write_text(start_file, json.dumps(start, indent=1))
     # Seed-major order: an ablation stopped early (and re-run with fewer --seeds) has whole seeds.
     results = [run_one(cfg, alg, s, out, console) for s in seeds for alg in algorithms]
     wall = time.perf_counter() - t0
@@ -642,12 +644,12 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     wall_file = out / "wall_time.json"
     spent = json.loads(wall_file.read_text()) if wall_file.exists() else {"seconds": 0.0, "invocations": 0}
     spent = {"seconds": spent["seconds"] + wall, "invocations": spent["invocations"] + 1}
-    wall_file.write_text(json.dumps(spent))
+    atomic_write_text(wall_file, json.dumps(spent))
     results_path.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, start["dev"], results_path.parent / "results_curves.png", start.get("dev_first_query_hit"))
-    results_path.write_text(results_markdown(start["test"], results, budget, command, describe_machine(cfg),
-                                             kept_analysis(results_path), cfg.reward.normalization, spent["seconds"],
-                                             spent["invocations"], kept_preregistration(results_path)))
+    atomic_write_text(results_path, results_markdown(
+        start["test"], results, budget, command, describe_machine(cfg), kept_analysis(results_path),
+        cfg.reward.normalization, spent["seconds"], spent["invocations"], kept_preregistration(results_path)))
     table = Table(title="test metrics (methods: mean ± 95% t CI over seeds; warm start: ± binomial 95% CI)")
     for col in ("method", "runs", "EM", "first-query hit"):
         table.add_column(col)

@@ -101,10 +101,11 @@ class StopRequest:
         instead of racing steps that take milliseconds; it knows a rank took the signal when its file is gone."""
         from pathlib import Path
 
+        from nemo_sdsearch.core.files import atomic_write_text
+
         rank = os.environ.get("RANK", "0")
-        held, release, tmp = (Path(folder) / name for name in (f"held.{rank}", "release", f".held.{rank}.tmp"))
-        tmp.write_text(str(os.getpid()))
-        tmp.replace(held)
+        held, release = Path(folder) / f"held.{rank}", Path(folder) / "release"
+        atomic_write_text(held, str(os.getpid()), tmp_name=f".held.{rank}.tmp")
         deadline = time.monotonic() + timeout_s
         while self.signum is None and not release.exists() and time.monotonic() < deadline:
             time.sleep(0.01)

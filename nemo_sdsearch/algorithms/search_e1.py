@@ -32,6 +32,7 @@ import torch
 
 from nemo_sdsearch.algorithms.state import check_out_dir, clear_out_dir
 from nemo_sdsearch.config import TrainConfig, to_dict
+from nemo_sdsearch.core.files import atomic_write_text
 from nemo_sdsearch.core.pairs import RolloutRecord, mine_pairs
 from nemo_sdsearch.core.prompts import reference_block
 from nemo_sdsearch.core.qa import QA
@@ -67,9 +68,7 @@ def load_state(out: Path) -> dict:
 
 
 def save_state(out: Path, state: dict) -> None:
-    tmp = _state_path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(_state_path(out))
+    atomic_write_text(_state_path(out), json.dumps(state, indent=1), tmp_name="search_e1_state.tmp")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,7 +272,7 @@ def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, ou
     opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
     dev_engine = RolloutEngine(TorchGenerator(peft_model, tok, max_concurrent_rows=r.max_concurrent_rows),
                                retrievers(cfg)[0],   # the run's dev retriever: the service for the user's data
-                               rollout_config(r, temperature=0.0, normalization=cfg.reward.normalization),
+                               rollout_config(cfg, greedy=True),
                                prompt_fn=prompts.student)
     items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1,
                        max_positions=model.config.max_position_embeddings)
@@ -481,7 +480,7 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
 # The pipeline
 # ---------------------------------------------------------------------------------------------------
 def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
-    """`sdsearch train algorithm=search_e1`: `cfg.cycles` (GRPO round, pool, pairs, OPSD round) cycles, then
+    """`sdsearch train algorithm=search_e1`: `search_e1.cycles` (GRPO round, pool, pairs, OPSD round) cycles, then
     the final test evaluation. The actor, its optimizer, the frozen reference and the rollout engines are built
     once per process and every stage runs over them (`setup.start_stage` begins a training stage: a fresh
     optimizer, the reference set to the stage's start weights); the stages' outputs on disk (each round's
@@ -517,7 +516,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir))),
                          with_reference=cfg.grpo.kl_coef > 0 or e1.adapter == "full")
     grpo_c = c if cfg.grpo.kl_coef > 0 else c._replace(ref=None)  # no KL term: no reference pass
-    for cycle in range(cfg.cycles):
+    for cycle in range(cfg.search_e1.cycles):
         cdir = out / f"cycle_{cycle}"
         # 1. GRPO round ---------------------------------------------------------------------------
         if f"{cycle}/grpo" not in state["done"]:
@@ -579,7 +578,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     if rank0:
         from rich.table import Table
 
-        table = Table(title=f"Search-E1: {cfg.cycles} cycles")
+        table = Table(title=f"Search-E1: {cfg.search_e1.cycles} cycles")
         for col in ("cycle", "stage", "dev EM"):
             table.add_column(col)
         for rd in state["rounds"]:

@@ -321,9 +321,7 @@ def _engines(cfg: TrainConfig, generator, tok) -> dict:
     from nemo_sdsearch.rollout.engine import RolloutEngine
 
     train_retriever, test_retriever = retrievers(cfg)
-    norm = cfg.reward.normalization
-    sample_cfg = rollout_config(cfg.rollout, normalization=norm)
-    greedy_cfg = rollout_config(cfg.rollout, temperature=0.0, normalization=norm)
+    sample_cfg, greedy_cfg = rollout_config(cfg), rollout_config(cfg, greedy=True)
     student = make_prompt_format(cfg, tok).student
     return {"train": RolloutEngine(generator, train_retriever, sample_cfg, prompt_fn=student),
             "dev": RolloutEngine(generator, train_retriever, greedy_cfg, prompt_fn=student),

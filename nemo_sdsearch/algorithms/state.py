@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 from nemo_sdsearch.config import ConfigError
+from nemo_sdsearch.core.files import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -77,20 +77,14 @@ def clear_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, payload: dict) -> Path:
-    """Write checkpoints/step_NNNNNN/state.pt atomically, then point `latest` at it."""
+    """Write checkpoints/step_NNNNNN/state.pt atomically and durably (as `.tmp_step_NNNNNN/`, fsynced, renamed),
+    then point `latest` at it the same way (`latest.tmp`)."""
     ckpt_root = out_dir / "checkpoints"
     final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_step_{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save(payload, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    latest_tmp = ckpt_root / "latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckpt_root / "latest")
+    with atomic_path(final, f".tmp_step_{step:06d}") as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(payload, tmp / "state.pt")
+    atomic_write_text(ckpt_root / "latest", final.name, tmp_name="latest.tmp")
     return final
 
 
@@ -163,4 +157,4 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     if not path.exists():
         return
     rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= max_step]
-    path.write_text("".join(r + "\n" for r in rows))
+    atomic_write_text(path, "".join(r + "\n" for r in rows))  # a crash here keeps the old file whole

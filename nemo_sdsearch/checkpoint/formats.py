@@ -20,13 +20,13 @@ Training-state checkpoints (resume) and the `model_config.yaml` format tag are t
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 from pathlib import Path
 
 import torch
 
+from nemo_sdsearch.core.files import atomic_path
 from nemo_sdsearch.models.megatron.builder import ModelLayout
 from nemo_sdsearch.models.megatron.training_state import CONFIG_FILE, FORMAT, WEIGHTS_DIR, dump_meta, model_meta, parse_meta
 
@@ -110,12 +110,11 @@ def save_sdsearch_archive(path, per_rank_states: list[dict], hf_config, layout: 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         save_megatron_dir(tmp, per_rank_states, hf_config, layout, tokenizer_src)
-        partial = path.with_name(path.name + ".partial")
-        with tarfile.open(partial, "w") as tar:
+        # never leave a half-written archive under the final name
+        with atomic_path(path, path.name + ".partial") as partial, tarfile.open(partial, "w") as tar:
             for f in sorted(Path(tmp).rglob("*")):
                 if f.is_file():
                     tar.add(f, arcname=str(f.relative_to(tmp)))
-        os.replace(partial, path)  # never leave a half-written archive under the final name
     return path
 
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from nemo_sdsearch.core.files import atomic_write_text, durable_replace
 
 MAX_SHARD_SIZE = "5GB"
 SHARD_BYTES = 5 * 10**9  # MAX_SHARD_SIZE in bytes
@@ -127,11 +128,11 @@ def save_hf_checkpoint_from_stream(weights, out_dir, hf_config, tokenizer=None,
     names = [SINGLE_FILE] if n_shards == 1 else \
         [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
     for i, name in enumerate(names):
-        os.replace(_temporary(out, i), out / name)
+        durable_replace(_temporary(out, i), out / name)
     if n_shards > 1:
         index = {"metadata": {"total_parameters": totals["params"], "total_size": totals["size"]},
                  "weight_map": {k: names[weight_map[k]] for k in sorted(weight_map)}}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_configs(out, hf_config, dtypes, generation_config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -63,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -74,6 +73,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_sdsearch.core.files import atomic_path
 from nemo_sdsearch.models.families import (FAMILIES, LLAMA, QWEN2, QWEN3, check_supported, hf_config_class,
                                               rope_config)
 from nemo_sdsearch.models.megatron.hf_mapping import fuse_qkv, split_qkv
@@ -863,13 +863,12 @@ def tokenizer_section(tokenizer_src, name_or_path: str | None) -> tuple[dict, di
 
 def pack_nemo(path, root) -> Path:
     """Tar a NeMo 1.x tree as NeMo does (`tarfile.open(path, "w:")`, `tar.add(root, arcname=".")`),
-    atomically (a `.partial` file renamed last)."""
+    atomically (a `.partial` file, fsynced, renamed last)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with tarfile.open(partial, "w:") as tar:
-        tar.add(str(root), arcname=".")
-    os.replace(partial, path)
+    with atomic_path(path, path.name + ".partial") as partial:
+        with tarfile.open(partial, "w:") as tar:
+            tar.add(str(root), arcname=".")
     return path
 
 

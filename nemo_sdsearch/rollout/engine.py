@@ -33,8 +33,10 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 @dataclass
 class RolloutConfig:
+    """The engine's settings. These defaults are also the config's (`config.py`'s RolloutSection and
+    RewardSection take them), and a run builds its RolloutConfig from its config (`config.rollout_config`)."""
     max_turns: int = 4  # searches allowed; the turn after the last one must answer
-    max_new_tokens: int = 128  # per turn
+    max_new_tokens: int = 96  # per turn
     max_context: int = 1024
     topk: int = 3
     temperature: float = 1.0

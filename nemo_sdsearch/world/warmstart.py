@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nemo_sdsearch.core.files import atomic_path
 from nemo_sdsearch.core.prompts import INSTRUCTION, student_prompt
 from nemo_sdsearch.world.demos import QUERY_STYLES, DemoBuilder, phrase_query, response_turns
 
@@ -227,16 +228,12 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
 
 
 def _save(model, tok, cfg: WarmstartConfig, out: Path, step: int, history: list, bundle) -> dict:
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
     record = {"config": asdict(cfg), "steps": step, "history": history,
               "epochs_started": history[-1]["epoch"] + 1 if history else 0,
               "world": {"train_seed": bundle.train_world.seed, "test_seed": bundle.test_world.seed}}
-    (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
-    # Replace the previous save only once the new one is complete.
-    import shutil
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    # Written as <out>.tmp; it replaces the previous save only once it is complete (and on the disk).
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
     return record

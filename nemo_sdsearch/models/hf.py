@@ -153,6 +153,11 @@ class HFActor(HFScorer, Actor):
                              "actor=megatron; resume it with actor=megatron")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # torch.load's storages cannot be resized, so offload.* could not park them: the state gets its own memory
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if hasattr(v, "untyped_storage"):
+                    st[k] = v.clone()
 
     @property
     def hf_config(self):

@@ -10,8 +10,9 @@ and its loss-side metrics (k3 KL, JSD, agreement, clip fraction, entropy, from v
 tp=2) agree to float noise; step 2 rolls out with the refitted generator (weights equal up to float
 noise), and the exported HF models agree at the end. At pp=2 the update runs through megatron's own 1F1B
 schedule. A resumed run (dist checkpoint + rank-0 loop state) that offloads the training state around
-generation reproduces the straight run's last step bit-exactly. The embedded model is used: it searches, so query tokens (JSD) exist. The padded vocabulary
-(2048 -> 2400 with make_vocab_size_divisible_by=600) puts TP padding columns on rank 1.
+generation reproduces the straight run's last step bit-exactly. The embedded model is used: it searches, so
+query tokens (JSD) exist. The padded vocabulary (2048 -> 2400 with make_vocab_size_divisible_by=600) puts TP
+padding columns on rank 1.
 """
 
 from __future__ import annotations

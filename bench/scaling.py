@@ -83,16 +83,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--questions", type=int, default=4, help="questions per step (the global batch)")
-    p.add_argument("--smoke", action="store_true", help="1 step of 2 questions: the bench runs end to end")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="new tokens per turn")
+    p.add_argument("--smoke", action="store_true", help="1 step of 2 questions, 16 new tokens a turn: the bench runs "
+                                                        "end to end")
     args = p.parse_args()
     if args.smoke:
-        args.steps, args.questions = 1, 2
+        args.steps, args.questions, args.max_new_tokens = 1, 2, 16
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dp in (1, 2):
             overrides = ["actor=megatron", "model.threads=1", f"trainer.steps={args.steps}",
                          f"trainer.questions_per_step={args.questions}", "rollout.group_size=3",
-                         "rollout.max_new_tokens=40", "rollout.max_turns=2", "trainer.eval_every=0",
+                         f"rollout.max_new_tokens={args.max_new_tokens}", "rollout.max_turns=2", "trainer.eval_every=0",
                          "trainer.save_every=0", "trainer.final_test_eval=false", "grpo.micro_batch_size=2",
                          f"trainer.out_dir={tmp}/dp{dp}"]
             results[dp] = launch(dp, overrides)

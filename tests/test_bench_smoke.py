@@ -18,7 +18,8 @@ TARGETS = {
     "learning": None,            # its gains, one line per measure (core/targets.py)
     "losses": ["jsd_extra_memory_vs_dense", "jsd_time_vs_dense", "jsd_time_vs_floor"],
     "retrieval": ["retrieval_latency_ratio_c1", "retrieval_qps_ratio_c32", "retrieval_qps_vs_ceiling_c64"],
-    "rollout": ["rollout_speedup", "rollout_speedup_training_shaped", "rollout_vs_decode_ceiling_training_shaped"],
+    "rollout": ["rollout_speedup", "rollout_speedup_training_shaped", "rollout_vs_decode_ceiling_training_shaped",
+                "rollout_vs_length_matched_ceiling_training_shaped"],
     "rollout_pool": ["pools_same_trajectories", "smallest_pool_kv_peak_over_unbounded"],
     "scaling": None,
 }

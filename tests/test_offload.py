@@ -130,3 +130,38 @@ def test_bad_offload_settings_fail_at_config_time():
         load_config("tiny_cpu", ["trtllm.sleep_level=3"])
     with pytest.raises(ConfigError, match="sleep_while_training"):
         load_config("tiny_cpu", ["trtllm.sleep_level=2", "trtllm.sleep_while_training=false"])
+
+
+def test_a_resumed_run_generates_with_the_state_offload_parks(tmp_path):
+    """`trainer.resume=true` with offload.*: the checkpoint is loaded as an update runs (the parked state back on the
+    device to be loaded into, parked again before generation), so the resumed step holds what the straight run's
+    step held while generating (memory/trainer_gib), and takes the same step."""
+    import json
+    import shutil
+
+    from nemo_sdsearch.algorithms.grpo import train
+
+    def run(out, *extra):
+        cfg = load_config("tiny_cpu", [
+            "model.threads=1", "trainer.steps=2", "trainer.questions_per_step=2", "rollout.group_size=2",
+            "rollout.max_new_tokens=24", "rollout.max_turns=1", "trainer.eval_every=0", "trainer.save_every=1",
+            "trainer.final_test_eval=false", "offload.optimizer=true", "offload.grads=true",
+            "offload.reference=cpu", f"trainer.out_dir={out}", *extra])
+        train(cfg, progress=False)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    shutil.copy(tmp_path / "a" / "metrics.jsonl", tmp_path / "b" / "metrics.jsonl")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_000001")
+    resumed = run(tmp_path / "b", "trainer.resume=true")
+    assert [r["step"] for r in resumed] == [1, 2]
+    held = straight[1]["memory/trainer_gib"]
+    assert resumed[1]["memory/trainer_gib"] == held
+    # only the weights stay (the reference, Adam's moments and the gradients are parked)
+    n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        tmp_path / "a" / "final" / "model.safetensors").values())
+    assert held * 2 ** 30 <= 4 * n * 1.01
+    timing = ("timing_s/", "timing_per_token_ms/", "perf/")
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(timing)}
+    assert json.dumps(strip(resumed[1])) == json.dumps(strip(straight[1]))

@@ -197,14 +197,22 @@ def single_process(tmp_path_factory):
     # (Ray starts a local cluster; no token file in the home folder, which a later cluster would pick up)
     env = {**_stand_in_env(root), "SDSEARCH_OUT": "", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    runs = {}
+    # both at once (one thread each: the two cores), each on the local Ray cluster it starts; output to files
+    procs = {}
     for name, overrides in (("sd_search", SD_SEARCH), ("search_e1", SEARCH_E1)):
-        out = root / name
-        p = subprocess.run([str(Path(sys.executable).parent / "sdsearch"), "train", *overrides, *TRTLLM,
-                            f"trainer.out_dir={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        runs[name] = out
-    return runs
+        with open(root / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen([str(Path(sys.executable).parent / "sdsearch"), "train", *overrides,
+                                            *TRTLLM, f"trainer.out_dir={root / name}"], cwd=REPO, env=env,
+                                           stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for name, p in procs.items():
+            assert p.wait(timeout=900) == 0, f"{name}:\n{(root / f'{name}.log').read_text()[-5000:]}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {name: root / name for name in procs}
 
 
 def _rows(run: Path) -> list[dict]:

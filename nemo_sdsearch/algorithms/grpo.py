@@ -418,8 +418,10 @@ class Run:
                 (self.out / "metrics.jsonl").unlink()
             return
         set_host_rng_state(state["rng"])
-        self.c.actor.load_state(self.out / "checkpoints", state)  # a distributed actor restores its ranks' RNG too
-        refit_generator(self.c.actor, self.c.weight_sink)
+        # as an update: the engine asleep, what offload.* parked back on the device to be loaded into (and parked
+        # again before the engine wakes: a resumed run generates with the state it keeps off the device)
+        with engine_asleep(self.c, self.cfg, refit=lambda: refit_generator(self.c.actor, self.c.weight_sink)):
+            self.c.actor.load_state(self.out / "checkpoints", state)  # a distributed actor restores its ranks' RNG
         self.sampler.load(state["sampler"])
         self.history, self.evals, self.start_test, self.start_step = (state["history"], state["evals"],
                                                                       state["start_test"], state["step"])

@@ -425,7 +425,7 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
 
     e1 = cfg.search_e1
-    start_stage(c, e1.opsd_lr, cfg.trainer.seed)  # the teacher: the round's start weights, frozen
+    start_stage(c, cfg, e1.opsd_lr, cfg.trainer.seed)  # the teacher: the round's start weights, frozen
     if rank0:
         (out / "opsd_metrics.jsonl").unlink(missing_ok=True)  # a round a crash stopped starts over: its rows too
     prompts = make_prompt_format(cfg, c.tok)
@@ -529,7 +529,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
                                            resume=cfg.trainer.resume,
                                            seed=grpo_round_seed(cfg.trainer.seed, cycle)))
             console.rule(f"cycle {cycle}: GRPO round ({e1.grpo_steps} steps)")
-            start_stage(c, cfg.optim.lr, rcfg.trainer.seed)
+            start_stage(c, rcfg, cfg.optim.lr, rcfg.trainer.seed)
             summary = grpo.train(rcfg, console, progress, components=grpo_c)
             model_dir = cdir / "grpo" / "final"
             state["done"].append(f"{cycle}/grpo")

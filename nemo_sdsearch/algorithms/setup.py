@@ -143,15 +143,16 @@ def free_training_memory(actor) -> None:
     actor.gather_in_replica(None)
 
 
-def start_stage(c: Components, lr: float, seed: int) -> None:
+def start_stage(c: Components, cfg: TrainConfig, lr: float, seed: int) -> None:
     """A new training stage over components built once (Search-E1's GRPO and OPSD rounds): a fresh optimizer at
     `lr`, the frozen reference (the k3 KL's, the OPSD teacher) set to the actor's current weights (what building
-    the stage's components from its start weights gave), and the CPU RNG seeded as that build seeded it."""
-    c.actor.reload()   # a stage's start touches the whole state (parked after the last update: offload.*)
-    c.actor.reset_optimizer(lr)
-    if c.ref is not None:
-        c.ref.reload()
-        c.ref.copy_weights_from(c.actor)
+    the stage's components from its start weights gave), and the CPU RNG seeded as that build seeded it. It
+    touches the whole state, so it runs as an update does (`engine_asleep`): what `offload.*` parks comes back
+    for it and is parked again before the engines generate."""
+    with engine_asleep(c, cfg):
+        c.actor.reset_optimizer(lr)
+        if c.ref is not None:
+            c.ref.copy_weights_from(c.actor)
     torch.manual_seed(seed)
 
 

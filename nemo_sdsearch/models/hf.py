@@ -37,6 +37,70 @@ def load_model_and_tokenizer(path: str | Path, device: str | None = None, dtype=
     return model, tokenizer
 
 
+SHARED_PREFIX_MIN = 16   # tokens: rows that share fewer run as they are
+
+
+def prefix_groups(ids, lengths, min_prefix: int = SHARED_PREFIX_MIN) -> list[tuple[list[int], int]]:
+    """(rows, prefix length) runs of consecutive rows whose first `prefix length` tokens are the same (at least
+    `min_prefix`; each row keeps one token of its own after it); rows sharing less stand alone (prefix 0)."""
+    groups: list[tuple[list[int], int]] = []
+    for i in range(ids.shape[0]):
+        if groups:
+            rows, p = groups[-1]
+            n = min(int(lengths[rows[0]]), int(lengths[i])) - 1    # both keep a token of their own
+            same = int((ids[rows[0], :n] == ids[i, :n]).long().cumprod(0).sum()) if n > 0 else 0
+            shared = min(same, p) if len(rows) > 1 else same
+            if shared >= min_prefix:
+                groups[-1] = (rows + [i], shared)
+                continue
+        groups.append(([i], 0))
+    return groups
+
+
+def shared_prefix_hidden(decoder, batch, min_prefix: int = SHARED_PREFIX_MIN):
+    """The decoder's last hidden states of a right-padded batch, [B, T, d], as one forward of the batch would give
+    them (up to float rounding), with each `prefix_groups` run's common prefix encoded once: its keys and values
+    (a transformers cache) are repeated for the run's rows, which then encode only their suffixes. Padding
+    positions hold nothing meaningful (as in a forward of the batch). Without a shared prefix: one forward of the
+    batch."""
+    import torch
+    from transformers import DynamicCache
+
+    from nemo_sdsearch.rollout.torch_generator import _cache_kwarg
+
+    ids, mask = batch.input_ids, batch.attention_mask
+    lengths = mask.sum(1)
+    groups = prefix_groups(ids, lengths, min_prefix)
+    if all(p == 0 for _, p in groups):
+        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    kw = _cache_kwarg(decoder)
+    out = None
+    alone = [r for rows, p in groups if p == 0 for r in rows]
+    if alone:
+        idx = torch.tensor(alone, device=ids.device)
+        t = int(lengths[idx].max())
+        h = decoder(input_ids=ids[idx, :t], attention_mask=mask[idx, :t], use_cache=False).last_hidden_state
+        out = h.new_zeros(*ids.shape, h.shape[-1])
+        out[idx, :t] = h
+    for rows, p in groups:
+        if p == 0:
+            continue
+        idx = torch.tensor(rows, device=ids.device)
+        cache = DynamicCache()
+        prefix = decoder(input_ids=ids[rows[0]:rows[0] + 1, :p], use_cache=True, **{kw: cache}).last_hidden_state
+        cache.batch_repeat_interleave(len(rows))
+        t = int(lengths[idx].max())
+        suffix_mask = torch.cat([mask.new_ones(len(rows), p), mask[idx, p:t]], 1)
+        positions = torch.arange(p, t, device=ids.device).expand(len(rows), -1)
+        h = decoder(input_ids=ids[idx, p:t], attention_mask=suffix_mask, position_ids=positions, use_cache=True,
+                    **{kw: cache}).last_hidden_state
+        if out is None:
+            out = h.new_zeros(*ids.shape, h.shape[-1])
+        out[idx, :p] = prefix.to(out.dtype)
+        out[idx, p:t] = h.to(out.dtype)
+    return out
+
+
 class HFScorer(Parkable):
     """Logits and log-probs at selected positions of a transformers causal LM (no optimizer).
 
@@ -68,8 +132,15 @@ class HFScorer(Parkable):
             return self.lm_head(h).float()
 
     def teacher_logits_at(self, batch, rows, cols):
-        with self.torch.no_grad():
-            return self.logits_at(batch, rows, cols)
+        """`logits_at` under no_grad, each common prefix encoded once: rows that begin alike (SD-Search's teacher
+        sequences of one group share the instruction, the question and the hindsight block; OPSD's teachers of
+        one question, the instruction and the question) run their prefix as one row, whose keys and values the
+        rows then share for their own suffixes (`shared_prefix_hidden`)."""
+        torch = self.torch
+        with torch.no_grad():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                hidden = shared_prefix_hidden(self.decoder, batch)
+                return self.lm_head(hidden[rows, cols - 1]).float()
 
     def logprobs_at(self, batch, rows, cols, temperature: float = 1.0, with_grad: bool = True):
         torch = self.torch
@@ -153,6 +224,11 @@ class HFActor(HFScorer, Actor):
                              "actor=megatron; resume it with actor=megatron")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # torch.load's storages cannot be resized, so offload.* could not park them: the state gets its own memory
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if hasattr(v, "untyped_storage"):
+                    st[k] = v.clone()
 
     @property
     def hf_config(self):

@@ -182,6 +182,12 @@ def test_the_preregistration_section_survives_a_rewrite(tmp_path):
     text = ablation.results_markdown({"all": {"n": 3, "em": 0.4}}, [], 8, "cmd", "machine",
                                      ablation.kept_analysis(path), preregistration=ablation.kept_preregistration(path))
     assert text.count("### Analysis") == 1 and "## Progress" not in text
+    # a file the writer wrote, rewritten: the same file (the results block is not kept as pre-registration)
+    path.write_text(ablation.results_markdown({"all": {"n": 3, "em": 0.4}}, _hand_runs(), 8, "cmd", "machine",
+                                              preregistration="## Pre-registration\n\nRules.\n"))
+    again = ablation.results_markdown({"all": {"n": 3, "em": 0.4}}, _hand_runs(), 8, "cmd", "machine",
+                                      ablation.kept_analysis(path), preregistration=ablation.kept_preregistration(path))
+    assert again == path.read_text() and again.count("Written by") == 1
 
 
 def test_binomial_interval():

@@ -484,6 +484,8 @@ def results_markdown(start: dict, results: list[dict], budget: int, command: str
         "# Ablation: GRPO vs SD-Search vs Search-E1 on the tiny world",
         "",
         *([preregistration.rstrip(), ""] if preregistration else []),
+        "## Results",   # ends the pre-registration: a rewrite keeps that section, never this block
+        "",
         f"Written by `{command}` on {machine}: {len(results)} runs, {total_min:.1f} min of training in all"
         + (f", {wall}." if wall else "."),
         f"Seeds {seeds}; equal rollout budget of about {budget} training rollouts per run; test metrics are greedy,",

@@ -2,7 +2,7 @@
 direction its objective says.
 
 The oracles below are written from the papers' formulas (docs: `losses/grpo_sd_loss.py`, `losses/policy.py`,
-`losses/divergences.py`, `algorithms/opsd.py`), in plain Python floats with the `math` module: no torch op
+`losses/divergences.py`, `losses/opsd_loss.py`, `algorithms/opsd.py`), in plain Python floats with the `math` module: no torch op
 and no project function takes part, so a wrong sign, shift, mask or label in the code cannot cancel out in
 the comparison. Gradients are the oracle's central finite differences (fp64), compared with autograd
 through the project's losses. The direction tests then run one real optimizer step (the project's actor,
@@ -20,8 +20,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_sdsearch.algorithms.opsd import OPSDLoss, opsd_weights
+from nemo_sdsearch.algorithms.opsd import opsd_weights
 from nemo_sdsearch.losses.grpo_sd_loss import GRPOSDLoss, PolicyMicroBatch, token_weights
+from nemo_sdsearch.losses.opsd_loss import OPSDLoss
 from nemo_sdsearch.models.base import SequenceBatch
 
 D = torch.float64
@@ -689,10 +690,11 @@ def _opsd_oracle_terms(student_model, teacher_model, items, tau):
 
 
 def test_search_e1_lora_teacher_reads_the_same_token_through_its_longer_prompt(lm):
-    """Search-E1's LoRA OPSD terms (`opsd_items` + `opsd_loss_terms`): the student is the adapted model on
-    the student prompt, the teacher the model with the adapter off on the teacher prompt (reference
-    trajectory included), both at the same response token."""
-    from nemo_sdsearch.algorithms.search_e1 import add_lora, opsd_loss_terms
+    """Search-E1's LoRA OPSD terms (`opsd_items` + the one step's `opsd_micro_batches` and `OPSDLoss`, the actor in
+    adapter mode): the student is the adapted model on the student prompt, the teacher the model with the adapter
+    off (`adapter_off()`) on the teacher prompt (reference trajectory included), both at the same response token."""
+    from nemo_sdsearch.algorithms.opsd import opsd_micro_batches
+    from nemo_sdsearch.algorithms.search_e1 import add_lora
 
     model, tok = lm
     trajs, _, _ = _trajectories(tok)
@@ -701,18 +703,24 @@ def test_search_e1_lora_teacher_reads_the_same_token_through_its_longer_prompt(l
     items = _opsd_items(tok, pool, pairs, cfg)
     assert all(shift > 0 for _, _, shift, _ in items)
     base = copy.deepcopy(model)
-    peft = add_lora(copy.deepcopy(model), cfg)
+    actor = _actor(model)
+    actor.enable_adapter(lambda m: add_lora(m, cfg))
     with torch.no_grad():  # a non-zero adapter, so that "adapter on" and "adapter off" differ
         g = torch.Generator().manual_seed(1)
-        for name, p in peft.named_parameters():
+        for name, p in actor.peft.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    n_pos = sum(sum(x[3][1:]) for x in items)
+    mbs = opsd_micro_batches(items, actor, actor.adapter_off(), tok.pad_token_id, 2,
+                             lambda ms: opsd_weights(ms, "token", len(items), n_pos))
     tau = 0.5
-    terms = opsd_loss_terms(peft, tok.pad_token_id, [x[0] for x in items], [x[1] for x in items],
-                            [x[2] for x in items], [x[3] for x in items], tau)
-    peft.eval()
-    expected = _opsd_oracle_terms(peft, base, items, tau)
+    with torch.no_grad():
+        terms = torch.cat([actor.vocab_shard.clipped_forward_kl(actor.logits_at(mb.batch, mb.rows, mb.cols),
+                                                                mb.teacher_logits(), tau) for mb in mbs])
+        loss = sum(OPSDLoss(tau)(actor.logits_at(mb.batch, mb.rows, mb.cols), mb)[0] for mb in mbs)
+    expected = _opsd_oracle_terms(actor.model, base, items, tau)   # (actor.model: the adapter on)
     torch.testing.assert_close(terms.double(), torch.tensor(expected, dtype=D), rtol=1e-4, atol=1e-5)
+    assert loss.item() == pytest.approx(sum(expected) / n_pos, rel=1e-4)
 
 
 def test_full_parameter_opsd_teacher_reads_the_same_token_through_its_longer_prompt(lm):
@@ -857,22 +865,28 @@ def test_full_parameter_opsd_step_lowers_the_clipped_kl_to_the_teacher(lm):
     assert sum(_opsd_oracle_terms(student.model, teacher.model, items, tau)) < before * (1 - 1e-4)
 
 
-def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path):
-    """The real LoRA OPSD round (`opsd_round`), two steps on a batch holding every pair: the loss it logs at
-    step 2 (after one update) is below the loss at step 1 (before any)."""
+def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path, monkeypatch):
+    """The real LoRA OPSD round (`opsd_round`, search_e1.adapter=lora, over the run's components), two steps on a
+    batch holding every pair: each step is the one OPSD step (`opsd.opsd_step`) of the actor in adapter mode toward
+    its own adapter-off teacher; the loss it logs at step 2 (after one update) is below the loss at step 1 (before
+    any); the round ends with the adapter merged, the actor holding the weights it wrote to out/merged."""
     import json
+    from dataclasses import replace
 
     from rich.console import Console
+    from safetensors.torch import load_file
 
+    from nemo_sdsearch.algorithms import opsd
     from nemo_sdsearch.algorithms.search_e1 import opsd_round
-    from nemo_sdsearch.algorithms.setup import load_questions
+    from nemo_sdsearch.algorithms.setup import build_components, close_components
 
     model, tok = lm
     trajs, _, _ = _trajectories(tok)
     cfg = _cfg(algorithm="search_e1", **{"search_e1.opsd_steps": 2, "search_e1.opsd_eval_every": 0,
                                           "search_e1.opsd_pairs_per_step": 8, "search_e1.opsd_lr": 1e-5,
                                           "rollout.max_turns": 1, "rollout.max_new_tokens": 8,
-                                          "model.device": "cpu"})
+                                          "model.device": "cpu", "model.threads": 1})
+    assert cfg.search_e1.adapter == "lora"
     pool, pairs = _pool_and_pairs(trajs)
     # the warm start barely reads its context (a KL of ~5e-5 between the two prompts): perturbed weights make the
     # teacher's longer prompt matter, so that a wrong sequence, shift or prompt shows in the loss
@@ -884,12 +898,32 @@ def test_search_e1_lora_round_lowers_its_own_loss_on_the_same_pairs(lm, tmp_path
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    c = build_components(replace(cfg, model=replace(cfg.model, path=str(model_dir))), with_reference=False)
+    c = c._replace(data={**c.data, "dev": c.data["dev"][:1]})
+    base = {k: v.clone() for k, v in c.actor.export_weights().items()}
+    steps = []
+    real_step = opsd.opsd_step
+
+    def spy(actor, teacher, batch, e1, pad_id):
+        # the actor itself, in adapter mode, toward its own model with the adapter off; the base weights frozen
+        assert actor is c.actor and actor.peft is not None and teacher.actor is actor
+        assert all(not p.requires_grad for n, p in actor.model.named_parameters() if "lora_" not in n)
+        steps.append(len(batch))
+        return real_step(actor, teacher, batch, e1, pad_id)
+
+    monkeypatch.setattr(opsd, "opsd_step", spy)
     out = tmp_path / "cycle_1" / "opsd"  # (the round makes its directory, parents included)
-    opsd_round(cfg, model_dir, pool, pairs, load_questions(cfg)["dev"][:1], out, Console(quiet=True))
+    result = opsd_round(cfg, c, pool, pairs, out, Console(quiet=True), rank0=True)
+    close_components(c)
+    assert steps == [len(pairs)] * 2 and result["best_step"] == 0
     rows = [json.loads(line) for line in (out / "opsd_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert 0 < rows[1]["loss"] < rows[0]["loss"] * (1 - 1e-4)
-    assert (out / "merged" / "model.safetensors").is_file()  # what the next stage's loaders read
+    merged = load_file(out / "merged" / "model.safetensors")  # what the next stage's loaders read
+    # the round kept its start (no dev evaluation beat it): the adapter of step 0, zero, merged: the start weights
+    assert c.actor.peft is None and all(p.requires_grad for p in c.actor.model.parameters())
+    now = c.actor.export_weights()
+    assert all(torch.equal(merged[k], now[k]) and torch.equal(now[k], base[k]) for k in merged)
     # step 1 runs before any update (the adapter starts at zero): its loss is eq. 7 on the base model
     items = _opsd_items(tok, pool, pairs, cfg)
     per_pair = [_opsd_oracle_terms(model, model, [it], cfg.search_e1.tau_clip) for it in items]

@@ -189,26 +189,27 @@ def test_search_e1_refuses_its_dev_files_as_test_files(tmp_path):
 
 
 def test_every_dev_evaluation_searches_the_runs_own_corpus(tmp_path):
-    """`setup.retrievers`, which the trainer's engines and Search-E1's LoRA round (its dev evaluation) both use:
+    """`setup.retrievers`, which the trainer's engines use (Search-E1's OPSD round evaluates on the run's dev engine):
     the retrieval service for questions from files (the user's corpus), the bundled world's train / test passages
-    otherwise (the LoRA round's dev retriever was the bundled world's whatever the data)."""
+    otherwise (the LoRA round's dev retriever was once the bundled world's whatever the data)."""
     import inspect
 
-    from nemo_sdsearch.algorithms import search_e1
+    from nemo_sdsearch.algorithms import search_e1, setup
     from nemo_sdsearch.algorithms.setup import retrievers
     from nemo_sdsearch.retrieval.bm25 import BM25Retriever
     from nemo_sdsearch.retrieval.client import RetrievalClient
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.assets import default_bundle
 
     files = [f"data.{k}_files=[{tmp_path}/{k}.jsonl]" for k in ("train", "dev", "test")]
     cfg = load_config("tiny_cpu", [*files, "rollout.retriever=http", "cluster.retrieval_url=http://10.1.2.3:8000/retrieve"])
     dev, test = retrievers(cfg)
     assert isinstance(dev, RetrievalClient) and dev is test and dev.url.startswith("http://10.1.2.3:8000")
     dev, test = retrievers(load_config("tiny_cpu", []))
-    bundle = build_bundle()
+    bundle = default_bundle()
     assert isinstance(dev, BM25Retriever) and dev.corpus == list(bundle.train_world.passages)
     assert test.corpus == list(bundle.test_world.passages)
-    assert "retrievers(cfg)[0]" in inspect.getsource(search_e1.opsd_round)
+    assert "retrievers(cfg)" in inspect.getsource(setup._engines)
+    assert 'c.engines["dev"]' in inspect.getsource(search_e1.opsd_round)
 
 
 def test_cli_train_bad_key_exits_2(capsys):

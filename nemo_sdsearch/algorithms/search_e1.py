@@ -6,11 +6,13 @@ One cycle:
      searches recorded, appended to pool.jsonl question by question (a crash loses at most a batch: a last
      line it cut is dropped on resume).
   3. Pair mining (core/pairs.py): reference = correct with fewest searches, student = most different.
-  4. OPSD round: a LoRA adapter on the policy. Student = adapter on, prompt P_S(q); teacher = adapter
-     off (the frozen policy), prompt P_T(q, tau_ref) = instruction || q || reference trajectory (with its
-     passages) || "solve it in your own words". Both score the same student trajectory; per pair the
+  4. OPSD round: a LoRA adapter on the policy (the actor in adapter mode). Student = adapter on, prompt P_S(q);
+     teacher = adapter off (the frozen policy), prompt P_T(q, tau_ref) = instruction || q || reference trajectory
+     (with its passages) || "solve it in your own words". Both score the same student trajectory; per pair the
      mean over its policy positions (information excluded) of sum_v min(p_t log(p_t / p_s), tau), then
      the mean over pairs (eq. 7). Greedy dev EM every few steps; the best adapter is merged into fp32.
+     (`search_e1.adapter=full`: every weight trains, teacher = a frozen copy of the round's start weights.)
+     Both modes run the same OPSD step (algorithms/opsd.py) through the actor.
 Every stage boundary is recorded in search_e1_state.json, so `trainer.resume=true` continues where a
 run stopped (a GRPO round resumes from its own checkpoints, the pool from its file); without it the run
 directory must be empty (or `trainer.overwrite=true`), so nothing of an earlier run is reused. A resumed run
@@ -28,8 +30,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from nemo_sdsearch.algorithms.state import check_out_dir, clear_out_dir
 from nemo_sdsearch.config import TrainConfig, to_dict
 from nemo_sdsearch.core.files import atomic_write_text
@@ -38,9 +38,6 @@ from nemo_sdsearch.core.prompts import reference_block
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.spans import INFO_CLOSE
 from nemo_sdsearch.core.trajectory import Trajectory
-from nemo_sdsearch.algorithms.opsd import opsd_counts, opsd_weights
-from nemo_sdsearch.losses.divergences import clipped_forward_kl
-from nemo_sdsearch.models.base import SequenceBatch, positions_from_mask
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KILL_ENV = "SDSEARCH_E1_KILL_AT"  # test-only fault injection (`_kill_point`); unset in every real run
@@ -193,26 +190,15 @@ def reference_text(t: Trajectory, decode, with_information: bool, max_tokens: in
 # 4. OPSD round
 # ---------------------------------------------------------------------------------------------------
 def add_lora(model, cfg: TrainConfig):
+    """The OPSD round's LoRA adapter on `model`, in place (`peft.get_peft_model`; the PeftModel is returned): rank
+    search_e1.lora_r, scaling lora_alpha / r, on every attention and MLP projection (`LORA_TARGETS`), no dropout.
+    Its init (A: Kaiming uniform, B: zero, so the adapter starts as no change) draws from torch's RNG."""
     from peft import LoraConfig, get_peft_model
 
     e1 = cfg.search_e1
     lora = LoraConfig(r=e1.lora_r, lora_alpha=e1.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-def opsd_loss_terms(peft_model, pad_id, student_seqs, teacher_seqs, shifts, policy_masks, tau):
-    """Per-position clipped forward KL at the policy positions of the student trajectories."""
-    from nemo_sdsearch.models.hf import HFScorer
-
-    scorer = HFScorer(peft_model)
-    sb = SequenceBatch.from_lists(student_seqs, pad_id, scorer.device)
-    rows, cols = positions_from_mask(policy_masks, sb.shape, scorer.device)
-    student_logits = scorer.logits_at(sb, rows, cols)  # adapter on
-    tb = SequenceBatch.from_lists(teacher_seqs, pad_id, scorer.device)
-    with peft_model.disable_adapter(), torch.no_grad():  # the frozen policy is the teacher
-        teacher_logits = scorer.logits_at(tb, rows, cols + torch.tensor(shifts, device=scorer.device)[rows])
-    return clipped_forward_kl(student_logits, teacher_logits, tau)
 
 
 def opsd_items(pool, pairs, decode, teacher_prompt_ids, e1,
@@ -246,87 +232,6 @@ def grpo_round_seed(seed: int, cycle: int) -> int:
     baseline's first `grpo_steps` steps with the same seed, and an ablation pairs the two), a seed of its own
     for every later round."""
     return seed if cycle == 0 else seed * 101 + cycle
-
-
-def opsd_round(cfg: TrainConfig, model_dir: Path, pool, pairs, dev_questions, out: Path, console) -> dict:
-    from nemo_sdsearch.algorithms.setup import greedy_em, make_prompt_format, retrievers
-    from nemo_sdsearch.models.hf import load_model_and_tokenizer
-    from nemo_sdsearch.config import rollout_config
-    from nemo_sdsearch.rollout.engine import RolloutEngine
-    from nemo_sdsearch.rollout.torch_generator import TorchGenerator
-
-    e1, r = cfg.search_e1, cfg.rollout
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "opsd_metrics.jsonl").unlink(missing_ok=True)  # a round a crash stopped starts over: its rows too
-    # fp32 base weights (bf16 autocast on CUDA): the adapter is merged into fp32 weights and saved so,
-    # since a bf16 merge would round most of a small adapter delta away.
-    model, tok = load_model_and_tokenizer(model_dir, device=cfg.model.device, training=True)
-    # the adapter's init, seeded as start_stage seeds the full round: a resumed run (which did not run the GRPO
-    # round in this process) draws the adapter of a run that never stopped
-    torch.manual_seed(cfg.trainer.seed)
-    peft_model = add_lora(model, cfg)
-    prompts = make_prompt_format(cfg, tok)
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
-    encode = lambda s: tok.encode(s, add_special_tokens=False)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=e1.opsd_lr)
-    dev_engine = RolloutEngine(TorchGenerator(peft_model, tok, max_concurrent_rows=r.max_concurrent_rows),
-                               retrievers(cfg)[0],   # the run's dev retriever: the service for the user's data
-                               rollout_config(cfg, greedy=True),
-                               prompt_fn=prompts.student)
-    items = opsd_items(pool, pairs, decode, lambda q, block: encode(prompts.teacher(q, block)), e1,
-                       max_positions=model.config.max_position_embeddings)
-    if len(items) < len(pairs):
-        console.print(f"[yellow]OPSD: {len(pairs) - len(items)} of {len(pairs)} pairs left out: their teacher sequence "
-                      f"passes the model's {model.config.max_position_embeddings} positions[/yellow]")
-    rng = random.Random(cfg.trainer.seed)
-    lora_state = lambda: {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
-    dev = lambda: _dev_row(greedy_em(dev_engine, dev_questions, cfg.trainer.eval_batch_size))
-    best = {**dev(), "step": 0, "state": lora_state()}
-    console.print(f"OPSD: {len(items)} pairs; dev EM before {best['em']:.3f}")
-    history = [{"step": 0, **_dev_history(best)}]
-    for step in range(1, e1.opsd_steps + 1):
-        batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
-        n_pairs, n_pos = opsd_counts([it[3] for it in batch])
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        peft_model.train()
-        for i in range(0, len(batch), e1.opsd_micro_batch_size):
-            mb = batch[i:i + e1.opsd_micro_batch_size]
-            terms = opsd_loss_terms(peft_model, tok.pad_token_id, [x[0] for x in mb], [x[1] for x in mb],
-                                    [x[2] for x in mb], [x[3] for x in mb], e1.tau_clip)
-            w = opsd_weights([x[3] for x in mb], e1.loss_normalization, n_pairs, n_pos).to(terms.device)
-            loss = (terms * w).sum()
-            if not torch.isfinite(loss):
-                console.print(f"[yellow]OPSD step {step}: non-finite loss, skipped[/yellow]")
-                opt.zero_grad(set_to_none=True)
-                total = float("nan")
-                break
-            loss.backward()
-            total += float(loss.detach())
-        peft_model.eval()
-        if total == total:  # not NaN
-            if cfg.optim.grad_clip > 0:  # 0 = no clipping
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            opt.step()
-        row = {"step": step, "loss": total}
-        if e1.opsd_eval_every and step % e1.opsd_eval_every == 0:
-            scores = dev()
-            row.update(_dev_history(scores))
-            if scores["em"] > best["em"]:
-                best = {**scores, "step": step, "state": lora_state()}
-        history.append(row)
-        with open(out / "opsd_metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        _kill_point("opsd")
-    # Keep the best adapter (step 0 = no change if none beat the start), merge, save.
-    peft_model.load_state_dict(best["state"], strict=False)
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out / "merged", safe_serialization=True)
-    tok.save_pretrained(out / "merged")
-    _plot_opsd(history, out / "opsd_curves.png")
-    return {"best_step": best["step"], "best_dev_em": best["em"], "best_dev_first_query_hit": best["fqh"],
-            "history": history}
 
 
 def _dev_row(result: dict) -> dict:
@@ -364,7 +269,7 @@ def _plot_opsd(history, path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. The pool over data-parallel replicas; 4. the full-parameter OPSD round
+# 2. The pool over data-parallel replicas; 4. the OPSD round
 # ---------------------------------------------------------------------------------------------------
 POOL_ROWS_PER_ENGINE = 256   # with engines on every GPU: a pool batch gives each engine at least this many rows
 
@@ -412,12 +317,19 @@ def build_pool_sharded(actor, engine, questions: list[QA], k: int, seed: int, pa
     return [done[q.id] for q in questions]
 
 
-def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0: bool) -> dict:
-    """The OPSD round with every weight trained (`search_e1.adapter=full`; any actor, distributed too) over the
-    run's components `c`: the student is the actor, the teacher the frozen reference set to the round's start
-    weights (algorithms/opsd.py). Greedy dev EM every opsd_eval_every steps (sharded); the weights of the best
-    step (the start if none beats it) are written to out/merged from the weight stream, and the actor (and its
-    generator) end the round holding them."""
+def opsd_round(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0: bool) -> dict:
+    """The OPSD round over the run's components `c`: `search_e1.opsd_steps` steps of `opsd.opsd_step`, the one OPSD
+    step of both adapter modes (micro-batches, the clipped KL, and the actor's own optimizer, gradient clipping and
+    non-finite skips):
+    - `search_e1.adapter=lora` (the hf actor): the actor in adapter mode trains a LoRA adapter (`add_lora`, its init
+      seeded by trainer.seed), the teacher is the same model with the adapter off (`adapter_off()`); the best
+      step's adapter (the start, zero, if none beats it) is kept in memory and merged into the fp32 weights at the
+      end, which are written to out/merged;
+    - `search_e1.adapter=full` (any actor, distributed too): every weight trains, the teacher is the frozen reference
+      set to the round's start weights; the best step's weights are written to out/merged from the weight stream
+      when measured, and taken back at the end if the actor trained past them.
+    Greedy dev EM every opsd_eval_every steps (sharded; the generator runs the adapted or trained weights). The
+    actor (and its generator) end the round holding the kept weights, those of out/merged."""
     from nemo_sdsearch.algorithms.grpo import refit_generator
     from nemo_sdsearch.algorithms.opsd import opsd_step
     from nemo_sdsearch.algorithms.setup import (barrier, engine_asleep, make_prompt_format, sharded_greedy_em,
@@ -425,9 +337,7 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     from nemo_sdsearch.checkpoint.hf_writer import save_hf_checkpoint_from_stream
 
     e1 = cfg.search_e1
-    start_stage(c, cfg, e1.opsd_lr, cfg.trainer.seed)  # the teacher: the round's start weights, frozen
-    if rank0:
-        (out / "opsd_metrics.jsonl").unlink(missing_ok=True)  # a round a crash stopped starts over: its rows too
+    lora = e1.adapter == "lora"
     prompts = make_prompt_format(cfg, c.tok)
     decode = lambda ids: c.tok.decode(ids, skip_special_tokens=False)
     encode = lambda t: c.tok.encode(t, add_special_tokens=False)
@@ -437,21 +347,33 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
     if len(items) < len(pairs):
         console.print(f"[yellow]OPSD: {len(pairs) - len(items)} of {len(pairs)} pairs left out: their teacher sequence "
                       f"passes the model's {positions} positions[/yellow]")
+    # a fresh optimizer at opsd_lr, the reference (the full round's teacher) set to the round's start weights, and
+    # torch's RNG seeded: the adapter's init draws from it, so a resumed run (which did not run the GRPO round in
+    # this process) draws the adapter of a run that never stopped
+    start_stage(c, cfg, e1.opsd_lr, cfg.trainer.seed)
+    if lora:
+        c.actor.enable_adapter(lambda model: add_lora(model, cfg))
+    teacher = c.actor.adapter_off() if lora else c.ref
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "opsd_metrics.jsonl").unlink(missing_ok=True)  # a round a crash stopped starts over: its rows too
     dev_engine = c.engines["dev"] if c.engines is not None else None
     dev = lambda: _dev_row(sharded_greedy_em(c.actor, dev_engine, c.data["dev"], cfg.trainer.eval_batch_size,
                                              spread=c.spread))
-    keep = lambda: save_hf_checkpoint_from_stream(c.actor.iter_weights(), out / "merged", c.actor.hf_config,
-                                                  tokenizer=c.tok, write=rank0)
+    write_merged = lambda: save_hf_checkpoint_from_stream(c.actor.iter_weights(), out / "merged", c.actor.hf_config,
+                                                          tokenizer=c.tok, write=rank0)
+    # the best step so far: its adapter in memory (a few MB), or its weights in out/merged (the full model)
+    keep = c.actor.adapter_state if lora else write_merged
     rng = random.Random(cfg.trainer.seed)
-    best = {**dev(), "step": 0}
-    keep()
-    console.print(f"OPSD (full-parameter): {len(items)} pairs; dev EM before {best['em']:.3f}")
+    best = {**dev(), "step": 0, "kept": keep()}
+    console.print(f"OPSD ({'LoRA adapter' if lora else 'full-parameter'}): {len(items)} pairs; dev EM before "
+                  f"{best['em']:.3f}")
     history = [{"step": 0, **_dev_history(best)}]
     for step in range(1, e1.opsd_steps + 1):
         batch = rng.sample(items, min(e1.opsd_pairs_per_step, len(items)))
         evaluate = bool(e1.opsd_eval_every and step % e1.opsd_eval_every == 0)
         with engine_asleep(c, cfg, refit=(lambda: refit_generator(c.actor, c.weight_sink)) if evaluate else None):
-            s = opsd_step(c.actor, c.ref, batch, e1, c.tok.pad_token_id)
+            s = opsd_step(c.actor, teacher, batch, e1, c.tok.pad_token_id)
         if s["skipped"]:
             console.print(f"[yellow]OPSD step {step}: non-finite loss or gradient, skipped[/yellow]")
         row = {"step": step, "loss": s["loss"]}
@@ -459,17 +381,21 @@ def opsd_round_full(cfg: TrainConfig, c, pool, pairs, out: Path, console, rank0:
             scores = dev()
             row.update(_dev_history(scores))
             if scores["em"] > best["em"]:
-                best = {**scores, "step": step}
-                keep()
+                best = {**scores, "step": step, "kept": keep()}
         history.append(row)
         if rank0:
             with open(out / "opsd_metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         _kill_point("opsd")
-    if best["step"] != e1.opsd_steps:  # the actor trained past the kept step: back to the kept weights
-        barrier()  # rank 0 wrote out/merged
-        c.actor.load_weights_from_dir(out / "merged")
-    refit_generator(c.actor, c.weight_sink)
+    if lora:  # the kept adapter merged into the fp32 weights (a bf16 merge would round a small delta away)
+        with engine_asleep(c, cfg, refit=lambda: refit_generator(c.actor, c.weight_sink)):
+            c.actor.merge_adapter(best["kept"])
+        write_merged()
+    else:
+        if best["step"] != e1.opsd_steps:  # the actor trained past the kept step: back to the kept weights
+            barrier()  # rank 0 wrote out/merged
+            c.actor.load_weights_from_dir(out / "merged")
+        refit_generator(c.actor, c.weight_sink)
     if rank0:
         _plot_opsd(history, out / "opsd_curves.png")
     return {"best_step": best["step"], "best_dev_em": best["em"], "best_dev_first_query_hit": best["fqh"],
@@ -489,7 +415,6 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     from rich.console import Console
 
     from nemo_sdsearch.algorithms import grpo
-    from nemo_sdsearch.algorithms.grpo import refit_generator
     from nemo_sdsearch.algorithms.setup import (barrier, build_components, close_components, init_distributed,
                                                 is_rank0, start_stage)
     from nemo_sdsearch.world.assets import default_model_dir
@@ -549,12 +474,7 @@ def run(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
             if rank0:
                 (cdir / "opsd").mkdir(parents=True, exist_ok=True)
             barrier()
-            if e1.adapter == "full":
-                result = opsd_round_full(cfg, c, pool, pairs, cdir / "opsd", console, rank0)
-            else:  # LoRA (actor=hf, one process): its own adapter model; the actor then takes the merged weights
-                result = opsd_round(cfg, model_dir, pool, pairs, c.data["dev"], cdir / "opsd", console)
-                c.actor.load_weights_from_dir(cdir / "opsd" / "merged")
-                refit_generator(c.actor, c.weight_sink)
+            result = opsd_round(cfg, c, pool, pairs, cdir / "opsd", console, rank0)
             model_dir = cdir / "opsd" / "merged"
         else:
             console.print("[yellow]no pairs mined (no correct rollouts): OPSD round skipped[/yellow]")

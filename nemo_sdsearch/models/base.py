@@ -193,6 +193,25 @@ class Actor(Parkable, ABC):
     def load_weights_from_dir(self, path) -> None:
         """The weights of a Hugging Face directory (read tensor by tensor: only this rank's shard)."""
 
+    # -- adapter mode (Search-E1's LoRA OPSD round, search_e1.adapter=lora; the hf actor has it: models/hf.py) ------
+    # The same actor trains a LoRA adapter instead of its weights (train_on / train_step unchanged), its teacher is
+    # the same model with the adapter off, and the adapter is merged into the weights at the end.
+    def enable_adapter(self, wrap: Callable) -> None:
+        """Put the adapter `wrap(model)` on the model (in place); from here only the adapter trains."""
+        raise NotImplementedError(f"{type(self).__name__} has no adapter mode: use search_e1.adapter=full")
+
+    def adapter_off(self):
+        """The teacher of adapter mode: a scorer (`teacher_logits_at`) over the model with the adapter disabled."""
+        raise NotImplementedError(f"{type(self).__name__} has no adapter mode: use search_e1.adapter=full")
+
+    def adapter_state(self) -> dict:
+        """A copy of the adapter's weights (to keep a round's best one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no adapter mode: use search_e1.adapter=full")
+
+    def merge_adapter(self, state: dict | None = None) -> None:
+        """End adapter mode: the adapter (`state` when given) merged into the weights, all of them trainable again."""
+        raise NotImplementedError(f"{type(self).__name__} has no adapter mode: use search_e1.adapter=full")
+
     def train_on(self, micro_batches: Sequence, loss_fn: Callable) -> dict:
         """One optimizer step over `micro_batches` (objects with .batch, .rows, .cols): backward of
         `loss_fn(logits_at(mb.batch, mb.rows, mb.cols), mb)` for each. Backends that cannot run a loss

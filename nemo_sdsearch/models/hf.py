@@ -150,6 +150,8 @@ class HFScorer(Parkable):
 
     def copy_weights_from(self, other) -> None:
         """Take `other`'s (an HFScorer / HFActor of the same architecture) current weights."""
+        for who in (self, other):
+            _refuse_in_adapter_mode(who, "copy_weights_from")
         with self.torch.no_grad():
             for mine, theirs in zip(self.model.state_dict().values(), other.model.state_dict().values(), strict=True):
                 mine.copy_(theirs)
@@ -158,6 +160,7 @@ class HFScorer(Parkable):
         """The weights of a HF directory's safetensors files, tensor by tensor (tied aliases follow)."""
         from nemo_sdsearch.models.weights_reader import hf_tensor_reader
 
+        _refuse_in_adapter_mode(self, "load_weights_from_dir")   # (the adapted layers' names are not the file's)
         _, get = hf_tensor_reader(path)
         state = self.model.state_dict()
         with self.torch.no_grad():
@@ -166,6 +169,26 @@ class HFScorer(Parkable):
                     state[name].copy_(get(name))
 
 
+def _refuse_in_adapter_mode(scorer, what: str) -> None:
+    if getattr(scorer, "peft", None) is not None:
+        raise RuntimeError(f"{what} on an actor in adapter mode: merge_adapter() first")
+
+
+class AdapterOff:
+    """The teacher of an `HFActor` in adapter mode: the same model with the adapter disabled (peft's
+    `disable_adapter()`), i.e. the weights the adapter started from (NeMo-Aligner's pattern: the reference
+    logits of the adapted model with its adapter off; no second copy of the model). A scorer as a
+    `TeacherPass` wants one: `teacher_logits_at` (no grad, shared prefixes encoded once)."""
+
+    def __init__(self, actor: "HFActor"):
+        self.actor = actor
+
+    def teacher_logits_at(self, batch, rows, cols):
+        if self.actor.peft is None:
+            raise RuntimeError("the adapter-off teacher of an actor whose adapter was merged")
+        with self.actor.peft.disable_adapter():
+            return self.actor.teacher_logits_at(batch, rows, cols)
+
 
 class HFActor(HFScorer, Actor):
     """`Actor` over a transformers causal LM: AdamW, gradient clipping, micro-batches with gradient
@@ -173,7 +196,15 @@ class HFActor(HFScorer, Actor):
 
     The trained parameters must be fp32 (master weights): a plain AdamW on bf16 weights at lr 1e-6
     moves about 1% of them (most updates are below half a bf16 ulp) in a direction nearly orthogonal to
-    the fp32 update. On CUDA the forward runs under bf16 autocast, so the speed is bf16's."""
+    the fp32 update. On CUDA the forward runs under bf16 autocast, so the speed is bf16's.
+
+    Adapter mode (Search-E1's LoRA OPSD round): `enable_adapter` puts a peft LoRA adapter on the model in place,
+    after which only the adapter trains (the same `train_on` / `train_step`: optimizer, clipping, non-finite
+    skips), every forward (and a generator sharing the model) runs with the adapter on, `adapter_off()` is the
+    teacher with it off, `iter_weights` streams the merged weights; `merge_adapter` folds it into the fp32
+    weights and ends the mode."""
+
+    peft = None   # the PeftModel wrapping `model` in adapter mode, else None
 
     def __init__(self, model, lr: float = 1e-6, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  grad_clip: float = 1.0, device=None):
@@ -191,8 +222,14 @@ class HFActor(HFScorer, Actor):
                                                 **self._adamw)
 
     def train_step(self, micro_batch_losses, n_micro: int) -> dict:
-        torch = self.torch
         self.model.train()
+        try:
+            return self._train_step(micro_batch_losses, n_micro)
+        finally:
+            self.model.eval()   # a skipped step too: the generator sharing the model samples in eval mode
+
+    def _train_step(self, micro_batch_losses, n_micro: int) -> dict:
+        torch = self.torch
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for i in range(n_micro):
@@ -211,14 +248,93 @@ class HFActor(HFScorer, Actor):
             return {"loss": total, "grad_norm": float(norm), "skipped": True}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
         return {"loss": total, "grad_norm": float(norm), "skipped": False}
+
+    # -- adapter mode -------------------------------------------------------------------------------
+    def enable_adapter(self, wrap) -> None:
+        """Adapter mode: `wrap(model)` puts a (plain LoRA) peft adapter on the model in place and returns the
+        PeftModel (`peft.get_peft_model`; its init draws from torch's RNG, so seed it first for a reproducible
+        adapter). peft freezes every other weight, so from here the optimizer (a fresh one, at the current
+        learning rate) trains the adapter alone."""
+        if self.peft is not None:
+            raise RuntimeError("enable_adapter: the actor is in adapter mode already")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        peft_model = wrap(self.model)
+        if peft_model.get_base_model() is not self.model:
+            raise ValueError("enable_adapter: `wrap` must adapt the actor's own model in place (get_peft_model)")
+        self.peft = peft_model
+        self.reset_optimizer(lr)
+
+    def adapter_off(self) -> AdapterOff:
+        """The adapter-off teacher (`AdapterOff`): the weights the adapter started from, under no grad."""
+        if self.peft is None:
+            raise RuntimeError("adapter_off: the actor is not in adapter mode (enable_adapter)")
+        return AdapterOff(self)
+
+    def adapter_state(self) -> dict:
+        """A copy of the adapter's weights (a few MB: a round keeps its best one in memory)."""
+        return {k: v.detach().clone() for k, v in self.peft.state_dict().items() if "lora_" in k}
+
+    def merge_adapter(self, state: dict | None = None) -> None:
+        """End adapter mode: the adapter (`state`, an `adapter_state()`, when given) merged into the fp32
+        weights (W + B A alpha / r, the weights `iter_weights` streamed in adapter mode, bit for bit), the
+        model's own modules back in place, every weight that trained before trainable again, and a fresh
+        optimizer at the current learning rate over them."""
+        if self.peft is None:
+            raise RuntimeError("merge_adapter: the actor is not in adapter mode (enable_adapter)")
+        if state is not None:
+            self.peft.load_state_dict(state, strict=False)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.peft.merge_and_unload() is not self.model:
+            raise RuntimeError("merge_and_unload did not give the actor's model back")
+        self.peft = None
+        for p in self._trainable:
+            p.requires_grad_(True)
+        self._trainable = []
+        self.reset_optimizer(lr)
+
+    def _named_weights(self):
+        """(HF name, tensor) of every state-dict entry, tied aliases included. In adapter mode the adapted
+        layers' weights are merged on the fly (base + peft's own delta, as `merge_and_unload` computes it)
+        under their plain names, and the adapter's own tensors are left out."""
+        state = self.model.state_dict()
+        if self.peft is None:
+            yield from ((k, v.detach()) for k, v in state.items())
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuned = {name: m for name, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)}
+        for name, tensor in state.items():
+            parts = name.split(".")
+            owner = next((o for o in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if o in tuned), None)
+            if owner is None:
+                yield name, tensor.detach()
+                continue
+            rest = name[len(owner) + 1:]
+            if not rest.startswith("base_layer."):
+                continue    # lora_A / lora_B: the adapter itself
+            plain = owner + "." + rest[len("base_layer."):]
+            layer = tuned[owner]
+            if rest == "base_layer.weight" and not layer.disable_adapters and not layer.merged:
+                with self.torch.no_grad():
+                    merged = tensor.detach()
+                    for adapter in layer.active_adapters:
+                        if adapter in getattr(layer, "lora_variant", {}):
+                            raise NotImplementedError(f"iter_weights: the {adapter} adapter of {owner} is not plain "
+                                                      "LoRA (DoRA and other variants are not merged here)")
+                        merged = merged + layer.get_delta_weight(adapter)
+                yield plain, merged
+            else:
+                yield plain, tensor.detach()
 
     def save_state(self, checkpoints: Path, step: int, write_loop_state) -> None:
         """The model and optimizer go into the loop state's own file (one process)."""
+        _refuse_in_adapter_mode(self, "save_state")
         write_loop_state({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_state(self, checkpoints: Path, state: dict) -> None:
+        _refuse_in_adapter_mode(self, "load_state")
         if "model" not in state:
             raise ValueError(f"{checkpoints}: the latest checkpoint (step {state['step']}) was written by "
                              "actor=megatron; resume it with actor=megatron")
@@ -235,16 +351,18 @@ class HFActor(HFScorer, Actor):
         return self.model.config
 
     def iter_weights(self):
-        """The model's state dict as the weight stream (no copies: the tensors ARE the parameters), each
-        tensor once: an alias of one already yielded (a tied `lm_head.weight`) is left out."""
+        """The model's state dict as the weight stream (no copies: the tensors ARE the parameters; in adapter
+        mode the adapted layers' merged weights are new tensors), each tensor once: an alias of one already
+        yielded (a tied `lm_head.weight`) is left out."""
         seen: set[tuple] = set()
-        for name, tensor in self.model.state_dict().items():
+        for name, tensor in self._named_weights():
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
             if tensor.numel() and key in seen:
                 continue
             seen.add(key)
-            yield name, tensor.detach()
+            yield name, tensor
 
     def export_weights(self):
-        """The state dict (tied aliases included) as detached tensors sharing the parameters' memory."""
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """The state dict (tied aliases included) as detached tensors sharing the parameters' memory (the
+        merged ones in adapter mode: `iter_weights`)."""
+        return dict(self._named_weights())

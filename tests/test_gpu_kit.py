@@ -11,6 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -27,18 +29,26 @@ def _kit():
 
 
 kit = _kit()
+runner = importlib.import_module("gpu_kit.runner")  # on sys.path once gpu_check.py is loaded
 
 
-@pytest.mark.slow
-def test_dry_run_exercises_every_check(tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    """One dry run of every check (the expensive part of this module, ~125 CPU-seconds), shared by the tests
+    below: (summary.json, its checks by name, the output folder)."""
+    out = tmp_path_factory.mktemp("gpu_kit") / "out"
     p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "run", "--dry-run", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHON": sys.executable})
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
+    return summary, {c["name"]: c for c in summary["checks"]}, out
+
+
+@pytest.mark.slow
+def test_dry_run_exercises_every_check(dry):
+    summary, by_name, out = dry
     assert summary["mode"] == "dry"
-    by_name = {c["name"]: c for c in summary["checks"]}
     assert list(by_name) == list(kit.CHECKS)
     for name, c in by_name.items():
         assert c["status"] in ("pass", "warn"), (name, c)   # nothing failed, nothing ran out of time
@@ -46,10 +56,15 @@ def test_dry_run_exercises_every_check(tmp_path):
     assert any("GPU only" in s for s in by_name["train_megatron"]["skipped"])
     assert any("GPU only" in s for s in by_name["logits"]["skipped"])
     assert any("nvidia-smi" in s for s in by_name["env"]["skipped"])
+
+
+@pytest.mark.slow
+def test_dry_run_training_moves_the_policy_along_the_surrogate(dry):
     # the training checks ran 3 steps at lr 1e-6 and moved the fp32 master weights, and the first update moved the
     # policy the way the GRPO surrogate says, measured on its own rollouts (a group's rewards differed): the
     # rollouts with a positive advantage gained log-probability, those with a negative one lost it (a flipped
     # objective gives the opposite sign, about as large)
+    _, by_name, out = dry
     gains = {}
     for actor in ("hf", "megatron"):
         f = by_name[f"train_{actor}"]["figures"]
@@ -65,6 +80,11 @@ def test_dry_run_exercises_every_check(tmp_path):
     assert "tracking" in by_name["train_megatron"]["figures"]
     # what the GPU run builds and the CPU run does not (the bf16 frozen reference) builds here too
     assert not by_name["train_megatron"].get("predicted_gpu_failures"), by_name["train_megatron"]
+
+
+@pytest.mark.slow
+def test_dry_run_logits_memory_and_report(dry):
+    summary, by_name, out = dry
     assert by_name["logits"]["figures"]["float32"]["max_abs_logit_diff"] <= 2e-3
     # the memory check ran the 0.5B-class run's path (the tiny model here) and printed layout.py's estimate per phase;
     # the measurement is the GPU's
@@ -78,6 +98,30 @@ def test_dry_run_exercises_every_check(tmp_path):
     # what comes back from the device tool: at most 8 files, plain names
     files = [f for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
+
+
+def test_checks_start_after_what_they_depend_on(monkeypatch, tmp_path):
+    """The scheduler of `run`: one job keeps the order given (the GPU run) but never starts a check before the
+    one it depends on; several jobs start the longest chain (train_hf, then train_megatron) first."""
+    started, lock = [], threading.Lock()
+
+    def fake_run_check(name, mode, out, limit, env, emit):
+        with lock:
+            started.append(name)
+        emit(f"ran {name}")
+        time.sleep(0.01 if name.startswith("train_") else 0.05)
+        return {"name": name, "status": "pass", "seconds": 0.0}
+
+    monkeypatch.setattr(runner, "run_check", fake_run_check)
+    log = runner.Report(tmp_path / "report.txt")
+    names = ["env", "train_megatron", "logits", "train_hf"]
+    res = runner.run_checks(names, "dry", tmp_path, {}, log, time.perf_counter() + 60, 60, 1)
+    assert [r["name"] for r in res] == names
+    assert started == ["env", "logits", "train_hf", "train_megatron"]  # train_megatron waited for train_hf
+    started.clear()
+    res = runner.run_checks(list(kit.CHECKS), "dry", tmp_path, {}, log, time.perf_counter() + 60, 60, 2)
+    assert [r["name"] for r in res] == list(kit.CHECKS) and sorted(started) == sorted(kit.CHECKS)
+    assert started[0] == "train_hf" and started.index("train_megatron") < started.index("env")
 
 
 def test_every_dependency_is_on_the_machine_carried_or_left_behind_with_a_reason():

@@ -1,6 +1,6 @@
-"""The GPU kit's `memory` check (scripts/gpu_check.py runs it): what one GPU really reserves per phase of a
-training step, next to what `nemo_sdsearch/layout.py` estimates for the same config, so the memory model's error
-is a number the next session can correct.
+"""Memory: `memory`, what one GPU really reserves per phase of a training step, next to what
+`nemo_sdsearch/layout.py` estimates for the same config, so the memory model's error is a number the next session
+can correct.
 
 Two steps of `sdsearch train actor=megatron generator=torch` (TP 1, bf16, Megatron DDP + distributed optimizer) on
 a Qwen2 model of Qwen2.5-0.5B's shape (random weights, the project's vocabulary). Around every rollout (the
@@ -17,15 +17,19 @@ import json
 import tempfile
 from pathlib import Path
 
+from .common import QWEN_05B, Fail, gpu_mode
+
 GIB = 1024 ** 3
 
 
-def phase_probe(fn, name: str, peaks: dict, cuda: bool):
+def phase_probe(fn, name: str, peaks: dict, cuda: bool, entered: set):
     """`fn` with the CUDA peak statistics reset before it and the phase's peak reserved / allocated bytes kept
-    (the largest over calls) in `peaks[name]`."""
+    (the largest over calls) in `peaks[name]`; `name` is added to `entered` when the phase runs (on the CPU too,
+    so the dry run sees that training still goes through the probed functions)."""
     import torch
 
     def probed(*args, **kwargs):
+        entered.add(name)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -61,7 +65,8 @@ def comparison(est, peaks: dict) -> tuple[list[str], dict]:
     return lines, figures
 
 
-def check_memory(mode: str, out: Path, cuda: bool, qwen_05b: dict, Fail) -> dict:
+def check_memory(mode: str, out: Path) -> dict:
+    cuda = gpu_mode(mode)
     import torch
 
     import nemo_sdsearch.algorithms.grpo as grpo
@@ -77,7 +82,7 @@ def check_memory(mode: str, out: Path, cuda: bool, qwen_05b: dict, Fail) -> dict
         model_dir = work / "model"
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
-        shape = {**qwen_05b, "vocab_size": len(tok)}
+        shape = {**QWEN_05B, "vocab_size": len(tok)}
         Qwen2ForCausalLM(Qwen2Config(**shape, torch_dtype="bfloat16")).to(torch.bfloat16).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
     else:
@@ -93,12 +98,15 @@ def check_memory(mode: str, out: Path, cuda: bool, qwen_05b: dict, Fail) -> dict
          "trainer.overwrite=true", "logger.backends=[console]", "trainer.questions_per_step=4", "rollout.group_size=4",
          "rollout.max_new_tokens=64", "rollout.max_context=1024", "grpo.micro_batch_size=4",
          "data.dev_questions=2", "data.test_questions=2", "megatron.tensor_parallel=1", "megatron.pipeline_parallel=1"]
+    # dry run: nothing is measured, so one small step shows the path (the probes entered, the estimate printed)
     o += ["model.device=cuda", "megatron.dtype=bf16", "model.threads=8"] if cuda else \
-        ["model.threads=1", "rollout.max_turns=2", "rollout.max_new_tokens=32"]
+        ["model.threads=1", "trainer.steps=1", "trainer.questions_per_step=2", "rollout.group_size=2",
+         "rollout.max_turns=1", "rollout.max_new_tokens=16"]
     peaks: dict = {}
+    entered: set = set()
     saved = grpo.replica_rollouts, grpo.update_policy
-    grpo.replica_rollouts = phase_probe(grpo.replica_rollouts, "generation", peaks, cuda)
-    grpo.update_policy = phase_probe(grpo.update_policy, "training", peaks, cuda)
+    grpo.replica_rollouts = phase_probe(grpo.replica_rollouts, "generation", peaks, cuda, entered)
+    grpo.update_policy = phase_probe(grpo.update_policy, "training", peaks, cuda, entered)
     try:
         print("$ sdsearch train " + " ".join(o), flush=True)
         rc = sdsearch(["train", *o])
@@ -112,6 +120,9 @@ def check_memory(mode: str, out: Path, cuda: bool, qwen_05b: dict, Fail) -> dict
     lines, figures = comparison(est, peaks)
     print("\n".join(lines))
     problems, skipped = [], []
+    for phase, fn in (("generation", "grpo.replica_rollouts"), ("training", "grpo.update_policy")):
+        if phase not in entered:
+            problems.append(f"the {phase} phase never ran through its probe ({fn} was not called)")
     if cuda:
         for phase, f in figures.items():
             if f["reserved_gib"] is None:

@@ -44,7 +44,7 @@ def no_retrieval_em(cfg) -> float:
 
     from nemo_sdsearch.algorithms.setup import build_components, greedy_em
 
-    c = build_components(replace(cfg, grpo=replace(cfg.grpo, kl_coef=0.0)))  # no reference copy needed
+    c = build_components(cfg, with_reference=False)  # evaluation only: no reference copy
     engine = c.engines["test"]
     engine.cfg = replace(engine.cfg, retrieval=False)
     return greedy_em(engine, c.data["test"], cfg.trainer.eval_batch_size)["all"]["em"]

@@ -145,7 +145,7 @@ def ceiling(index: Path, queries: list[str], batch: int, n: int) -> float:
 
 
 def main():
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.assets import default_bundle
     from nemo_sdsearch.retrieval.build import build_index
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +155,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         args.requests = 40
-    bundle = build_bundle()
+    bundle = default_bundle()
     queries = [h.query for q in bundle.test for h in q.hops]
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.corpus) if args.corpus else Path(tmp) / "corpus.jsonl"

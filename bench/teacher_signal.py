@@ -180,9 +180,9 @@ def synthetic_label_effect(model, tok, n: int, seed: int = 1) -> list[float]:
     from nemo_sdsearch.core.prompts import teacher_prompt
     from nemo_sdsearch.retrieval import BM25Retriever
     from nemo_sdsearch.world.demos import DemoBuilder, response_turns
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.assets import default_bundle
 
-    bundle = build_bundle()
+    bundle = default_bundle()
     builder = DemoBuilder(tok, BM25Retriever(bundle.train_world.passages), sorted(bundle.train_world.names),
                           hindsight_targets="outcome")
     rng = random.Random(seed)
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=160)
     cfg = load_config("tiny_cpu", args.overrides)
     model = args.model or cfg.model.path or str(default_model_dir())
-    cfg = replace(cfg, algorithm="sd_search", model=replace(cfg.model, path=model), grpo=replace(cfg.grpo, kl_coef=0.0))
-    c = build_components(cfg)
+    cfg = replace(cfg, algorithm="sd_search", model=replace(cfg.model, path=model))
+    c = build_components(cfg, with_reference=False)  # scoring only: no reference copy
     G = cfg.rollout.group_size
     pool = c.data["train"]
     picked = random.Random(args.seed).sample(range(len(pool)), min(args.questions, len(pool)))

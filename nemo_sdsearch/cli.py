@@ -125,9 +125,9 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.assets import default_bundle
 
-    b = build_bundle()
+    b = default_bundle()
     if args.audit:
         from nemo_sdsearch.world.audit import audit_world
 

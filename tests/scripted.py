@@ -12,10 +12,12 @@ class ScriptedTurns(Generator):
     """Replays fixed turn texts per row: `turns(row, question) -> [text, ...]` (question: the text after the
     prompt's last "Question: "); the last text repeats once they run out. A turn longer than max_new_tokens is
     cut and reported with finish reason "length", one that ends in the tokenizer's EOS with "eos", as a real
-    generator does."""
+    generator does. What the engine asked for is recorded: `params_seen` (the `SamplingParams` of every generate
+    call, in order) and `extends` (per extend call, {row: the decoded text appended}: the information blocks)."""
 
     def __init__(self, tokenizer, turns: Callable[[int, str], Sequence[str]]):
         self.tokenizer, self.turns = tokenizer, turns
+        self.params_seen, self.extends = [], []
 
     def open(self, prompts, seed=None, row_seeds=None):
         gen = self
@@ -35,6 +37,7 @@ class ScriptedTurns(Generator):
                 return self.lens[row]
 
             def generate(self, params):
+                gen.params_seen.append(params)
                 out = {}
                 for r in self.live:
                     t = texts[r]
@@ -48,6 +51,7 @@ class ScriptedTurns(Generator):
                 return out
 
             def extend(self, tokens):
+                gen.extends.append({r: gen.tokenizer.decode(t) for r, t in tokens.items()})
                 for r, t in tokens.items():
                     self.lens[r] += len(t)
 

@@ -6,9 +6,10 @@ from nemo_sdsearch.core.prompts import INVALID_ACTION_FEEDBACK
 from nemo_sdsearch.core.qa import QA
 from nemo_sdsearch.core.spans import SpanType
 from nemo_sdsearch.rollout.engine import RolloutConfig, RolloutEngine, parse_action
-from nemo_sdsearch.rollout.generator import Completion, GenerationSession, Generator
+from nemo_sdsearch.rollout.generator import GenerationSession, Generator
 from nemo_sdsearch.rollout.torch_generator import TorchGenerator
 from nemo_sdsearch.retrieval import BM25Retriever
+from scripted import ScriptedTurns
 
 
 class Spy(Generator):
@@ -31,48 +32,9 @@ class Spy(Generator):
         return session
 
 
-class Scripted(Generator):
-    """Replays fixed turn texts per row (a test double of the seam, for protocol rules only)."""
-
-    def __init__(self, tokenizer, turns_by_row):
-        self.tokenizer, self.turns, self.params_seen, self.extends = tokenizer, turns_by_row, [], []
-
-    def open(self, prompts, seed=None, row_seeds=None):
-        gen = self
-
-        class S(GenerationSession):
-            def __init__(self):
-                self.live = list(range(len(prompts)))
-                self.lens = [len(p) for p in prompts]
-                self.turn = 0
-
-            @property
-            def rows(self):
-                return list(self.live)
-
-            def length(self, row):
-                return self.lens[row]
-
-            def generate(self, params):
-                gen.params_seen.append(params)
-                out = {}
-                for r in self.live:
-                    text = gen.turns[r][min(self.turn, len(gen.turns[r]) - 1)]
-                    ids = gen.tokenizer.encode(text)[:params.max_new_tokens]
-                    out[r] = Completion(ids, [-1.0] * len(ids), "stop")
-                    self.lens[r] += len(ids)
-                self.turn += 1
-                return out
-
-            def extend(self, tokens):
-                gen.extends.append({r: gen.tokenizer.decode(t) for r, t in tokens.items()})
-                for r, t in tokens.items():
-                    self.lens[r] += len(t)
-
-            def release(self, rows):
-                self.live = [r for r in self.live if r not in set(rows)]
-
-        return S()
+def scripted(tokenizer, turns_by_row: dict):
+    """`scripted.ScriptedTurns` replaying `turns_by_row[row]` (a test double of the seam, for protocol rules)."""
+    return ScriptedTurns(tokenizer, lambda row, question: turns_by_row[row])
 
 
 @pytest.fixture
@@ -123,7 +85,7 @@ def test_protocol_search_invalid_answer(char_tokenizer, bundle):
         0: [f"<think>go</think><search> {entity} </search>", "<answer> Oskar </answer>"],
         1: ["I am not sure", "<search>   </search>", "<answer>x</answer>"],
     }
-    gen = Scripted(char_tokenizer, turns)
+    gen = scripted(char_tokenizer, turns)
     engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages), RolloutConfig(max_turns=4, max_new_tokens=64, max_context=4000))
     t0, t1 = engine.run([QA("a", "Q?", ["Oskar"]), QA("b", "Q2?", ["x"])])
     assert t0.queries == [entity] and t0.answer == "Oskar" and t0.exact_match == 1.0 and t0.finish_reason == "answer"
@@ -136,7 +98,7 @@ def test_protocol_search_invalid_answer(char_tokenizer, bundle):
 
 
 def test_final_turn_must_answer_and_never_retrieves(char_tokenizer, bundle):
-    gen = Scripted(char_tokenizer, {0: ["<search> a </search>"]})
+    gen = scripted(char_tokenizer, {0: ["<search> a </search>"]})
     engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages), RolloutConfig(max_turns=2, max_new_tokens=64, max_context=4000))
     (t,) = engine.run([QA("a", "Q?", ["z"])])
     assert t.num_searches == 2 and t.num_turns == 3 and t.finish_reason == "no_answer"
@@ -145,7 +107,7 @@ def test_final_turn_must_answer_and_never_retrieves(char_tokenizer, bundle):
 
 
 def test_retrieval_disabled_returns_empty_information(char_tokenizer, bundle):
-    gen = Scripted(char_tokenizer, {0: ["<search> a </search>", "<answer>b</answer>"]})
+    gen = scripted(char_tokenizer, {0: ["<search> a </search>", "<answer>b</answer>"]})
     engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages),
                            RolloutConfig(max_turns=2, max_new_tokens=64, max_context=4000, retrieval=False))
     engine.run([QA("a", "Q?", ["z"])])
@@ -155,7 +117,7 @@ def test_retrieval_disabled_returns_empty_information(char_tokenizer, bundle):
 def test_context_guard_truncates_information_and_keeps_question(char_tokenizer, bundle):
     q = bundle.test[0]
     turns = {0: [f"<search> {q.hops[0].entity} </search>"] * 5}
-    gen = Scripted(char_tokenizer, turns)
+    gen = scripted(char_tokenizer, turns)
     prompt_len = len(char_tokenizer.encode(engine_prompt := RolloutEngine(gen, None).prompt_fn("Q?")))
     limit = prompt_len + 400
     engine = RolloutEngine(gen, BM25Retriever(bundle.test_world.passages),
@@ -169,7 +131,7 @@ def test_context_guard_truncates_information_and_keeps_question(char_tokenizer, 
 
 
 def test_prompt_too_long_names_the_question(char_tokenizer):
-    engine = RolloutEngine(Scripted(char_tokenizer, {}), None, RolloutConfig(max_new_tokens=64, max_context=100))
+    engine = RolloutEngine(scripted(char_tokenizer, {}), None, RolloutConfig(max_new_tokens=64, max_context=100))
     with pytest.raises(ValueError, match="question 'long-one'"):
         engine.run([QA("long-one", "x" * 500, ["y"])])
 
@@ -235,11 +197,9 @@ def test_an_eos_without_an_action_ends_the_trajectory(char_tokenizer, bundle):
     """A turn that ends in EOS (id 0 here) with no search or answer tag ends the rollout there: finish reason
     "eos", not an invalid action, no feedback appended, nothing sampled after the EOS (Search-R1 and verl end the
     trajectory at EOS). Another row's EOS after a complete answer changes nothing."""
-    from scripted import ScriptedTurns
-
     turns = {0: ["I do not know\x00", "<answer>too late</answer>"], 1: ["<answer>x</answer>\x00"]}
-    engine = RolloutEngine(ScriptedTurns(char_tokenizer, lambda row, question: turns[row]),
-                           BM25Retriever(bundle.test_world.passages), RolloutConfig(max_context=4096))
+    engine = RolloutEngine(scripted(char_tokenizer, turns), BM25Retriever(bundle.test_world.passages),
+                           RolloutConfig(max_context=4096))
     t0, t1 = engine.run([QA("q1", "Who?", ["x"])], n_samples=2)
     assert t0.finish_reason == "eos" and t0.num_turns == 1 and t0.invalid_actions == 0
     assert t0.token_ids[-1] == 0 and t0.from_policy[-1]                  # the EOS is the last token, sampled

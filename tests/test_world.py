@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from nemo_sdsearch.world.assets import default_bundle
 from nemo_sdsearch.world.generator import (_BRIDGE, _COMPARE, _SINGLE, FILLERS, RELATIONS, TEST_SEED, TRAIN_SEED,
                                            TYPE_RELATIONS, build_bundle, build_world)
 
@@ -96,7 +97,7 @@ def test_three_kinds_and_two_searches_for_multi_hop(bundle):
         if q.kind == "comparison":
             assert q.golden_answers == [min(h.value for h in q.hops)]
             assert q.golden_answers[0] not in q.question
-    assert {q.relation for q in build_bundle().test} == set(_SINGLE) | set(_BRIDGE) | set(_COMPARE)
+    assert {q.relation for q in default_bundle().test} == set(_SINGLE) | set(_BRIDGE) | set(_COMPARE)
 
 
 def test_test_world_is_a_different_world(bundle):

@@ -83,7 +83,7 @@ def greedy_eval(engine, questions, batch_size: int) -> tuple[dict, dict]:
 def _test_eval(cfg, model_dir: str) -> tuple[dict, dict]:
     from nemo_sdsearch.algorithms.setup import build_components, close_components
 
-    c = build_components(replace(cfg, model=replace(cfg.model, path=model_dir), grpo=replace(cfg.grpo, kl_coef=0.0)))
+    c = build_components(replace(cfg, model=replace(cfg.model, path=model_dir)), with_reference=False)
     try:
         return greedy_eval(c.engines["test"], c.data["test"], cfg.trainer.eval_batch_size)
     finally:
@@ -566,32 +566,24 @@ def plot_curves(results: list[dict], start_dev: float | None, path: Path,
                 start_dev_fqh: float | None = None) -> None:
     """Two panels against training rollouts consumed: dev EM and dev first-query hit (runs that recorded it),
     one line per run, the warm start's dev value as the first point."""
-    import matplotlib
+    from nemo_sdsearch.algorithms.report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for col, (ax, start, ylabel) in enumerate(zip(axes, (start_dev, start_dev_fqh),
-                                                  ("dev EM (greedy)", "dev first-query hit (greedy)"))):
-        for i, alg in enumerate(ARMS):
-            labelled = False
-            for r in (r for r in results if r["algorithm"] == alg):
-                pts = [(p[0], p[1 + col]) for p in r["curve"] if len(p) > 1 + col and p[1 + col] is not None]
-                if not pts:
-                    continue
-                pts = ([(0, start)] if start is not None else []) + pts
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.8, marker=".",
-                        label=None if labelled else LABELS[alg])
-                labelled = True
-        ax.set_xlabel("training rollouts")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2, (11, 4), "training rollouts") as axes:
+        for col, (ax, start, ylabel) in enumerate(zip(axes, (start_dev, start_dev_fqh),
+                                                      ("dev EM (greedy)", "dev first-query hit (greedy)"))):
+            for i, alg in enumerate(ARMS):
+                labelled = False
+                for r in (r for r in results if r["algorithm"] == alg):
+                    pts = [(p[0], p[1 + col]) for p in r["curve"] if len(p) > 1 + col and p[1 + col] is not None]
+                    if not pts:
+                        continue
+                    pts = ([(0, start)] if start is not None else []) + pts
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", alpha=0.8, marker=".",
+                            label=None if labelled else LABELS[alg])
+                    labelled = True
+            ax.set_ylabel(ylabel)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
 
 
 def describe_machine(cfg) -> str:
@@ -630,9 +622,8 @@ def run_ablation(cfg, seeds: list[int], out: Path, results_path: Path, command: 
     if start_file.exists():  # an older start.json may lack "questions" and "dev_first_query_hit"
         start = json.loads(start_file.read_text())
     else:
-        start_cfg = replace(cfg, model=replace(cfg.model, path=cfg.model.path or str(default_model_dir())),
-                            grpo=replace(cfg.grpo, kl_coef=0.0))
-        c = build_components(start_cfg)
+        start_cfg = replace(cfg, model=replace(cfg.model, path=cfg.model.path or str(default_model_dir())))
+        c = build_components(start_cfg, with_reference=False)
         test, questions = greedy_eval(c.engines["test"], c.data["test"], cfg.trainer.eval_batch_size)
         dev = greedy_em(c.engines["dev"], c.data["dev"], cfg.trainer.eval_batch_size)["all"]
         close_components(c)

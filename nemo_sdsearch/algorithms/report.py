@@ -3,6 +3,7 @@ README's Metrics section)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -12,6 +13,36 @@ CURVES = (("critic/score/mean", "score (EM of the rollouts)"), ("sd/jsd", "JSD a
 # the training metrics of the end-of-run table
 SUMMARY = ("critic/score/mean", "env/number_of_valid_search", "env/first_query_hit", "env/finish_ratio",
            "response_length/mean", "sd/jsd", "actor/kl_loss", "actor/entropy")
+
+
+@contextlib.contextmanager
+def figure(path: Path, ncols: int, figsize: tuple[float, float], xlabel: str, title: str | None = None):
+    """One row of `ncols` panels written to the PNG `path`: yields the axes (a list) to draw on; then labels
+    every panel's x axis `xlabel`, draws a light grid, adds the `title` above them, lays them out and saves at
+    110 dpi. The figure is closed even when drawing fails (nothing is written then). The one matplotlib setup
+    (the Agg backend: no display) of the run's curves.png and the ablation's results_curves.png.
+
+        with figure(path, 2, (10, 3.5), "step") as (a, b):
+            a.plot(steps, losses)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    axes = list(axes[0])
+    try:
+        yield axes
+        for ax in axes:
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        if title is not None:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _eval_panel(ax, evals: list[dict], metric: str, title: str) -> bool:
@@ -32,39 +63,27 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, title: str) 
     """One panel per `CURVES` entry, one of EM (dev and test evaluations) and, when the rollouts' questions
     record evidence passages, one of the first-query hit rate (training rollouts: env/first_query_hit;
     evaluations: val/dev_first_query_hit, val/test_first_query_hit)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [h["step"] for h in history]
     query = any("env/first_query_hit" in h for h in history) or any(
         k in e for e in evals for k in ("val/dev_first_query_hit", "val/test_first_query_hit"))
     n = len(CURVES) + 1 + query
-    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8))
-    for ax, (key, label) in zip(axes, CURVES):
-        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker=".")
-        ax.set_title(f"{label}\n{key}", fontsize=10)
-    ax = axes[len(CURVES)]
-    if _eval_panel(ax, evals, "em", "EM"):
-        ax.legend(fontsize=8)
-    if query:
-        ax = axes[len(CURVES) + 1]
-        train = [h for h in history if "env/first_query_hit" in h]
-        if train:
-            ax.plot([h["step"] for h in train], [h["env/first_query_hit"] for h in train], marker=".",
-                    label="env/first_query_hit (rollouts)")
-        _eval_panel(ax, evals, "first_query_hit", "first-query hit rate\n(first search retrieved the evidence)")
-        ax.title.set_fontsize(10)
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, n, (4.4 * n, 3.8), "step", title) as axes:
+        for ax, (key, label) in zip(axes, CURVES):
+            ax.plot(steps, [h.get(key, float("nan")) for h in history], marker=".")
+            ax.set_title(f"{label}\n{key}", fontsize=10)
+        ax = axes[len(CURVES)]
+        if _eval_panel(ax, evals, "em", "EM"):
+            ax.legend(fontsize=8)
+        if query:
+            ax = axes[len(CURVES) + 1]
+            train = [h for h in history if "env/first_query_hit" in h]
+            if train:
+                ax.plot([h["step"] for h in train], [h["env/first_query_hit"] for h in train], marker=".",
+                        label="env/first_query_hit (rollouts)")
+            _eval_panel(ax, evals, "first_query_hit", "first-query hit rate\n(first search retrieved the evidence)")
+            ax.title.set_fontsize(10)
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=8)
 
 
 SUMMARY_CAPTION = ("test: start and end weights, ± binomial standard error sqrt(p(1-p)/n); gain: "

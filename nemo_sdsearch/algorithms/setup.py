@@ -20,14 +20,14 @@ from nemo_sdsearch.config import TrainConfig
 def load_questions(cfg: TrainConfig) -> dict:
     """train / dev / test questions: the user's FlashRAG files when given, else the bundled world."""
     from nemo_sdsearch.core.qa import QA, load_split
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.assets import default_bundle
 
     d = cfg.data
     if d.train_files:
         # FlashRAG jsonl / Search-R1 parquet, several files per split, ids made unique over the split
         train, dev, test = load_split(d.train_files), load_split(d.dev_files), load_split(d.test_files)
     else:
-        bundle = build_bundle()
+        bundle = default_bundle()
         qa = lambda qs: [QA.from_flashrag(q.to_flashrag()) for q in qs]
         # more test questions than the bundle's 300: drawn on from the same test world and seed (the first
         # 300 are the bundle's own)
@@ -306,12 +306,12 @@ def retrievers(cfg: TrainConfig) -> tuple:
     """(train and dev retriever, test retriever) of a run: the retrieval service over the user's corpus when
     the questions come from files, else `rollout.retriever` over the bundled world's train / test passages."""
     from nemo_sdsearch.retrieval import build_retriever
-    from nemo_sdsearch.world.generator import build_bundle
+    from nemo_sdsearch.world.assets import default_bundle
 
     if cfg.data.train_files:  # the user's data: the retrieval service holds its corpus
         service = build_retriever("http", [], url=cfg.cluster.retrieval_url)
         return service, service
-    bundle = build_bundle()
+    bundle = default_bundle()
     return (build_retriever(cfg.rollout.retriever, bundle.train_world.passages, url=cfg.cluster.retrieval_url),
             build_retriever(cfg.rollout.retriever, bundle.test_world.passages, url=cfg.cluster.retrieval_url))
 

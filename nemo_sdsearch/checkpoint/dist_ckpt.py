@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 
+from nemo_sdsearch.models.megatron.hf_mapping import MG_LAYERS, unstack_layers
+
 CONFIG_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
-LAYERS = "decoder.layers."
 
 
 def backend(path) -> dict:
@@ -126,14 +127,7 @@ def load_model_tensors(path, prefix: str, roots: tuple[str, ...] | None = None) 
         raise KeyError(f"{path}: no tensor under {prefix!r} (keys: {sorted(shapes)[:5]} ...)")
     out: dict[str, torch.Tensor] = {}
     for key in keys:  # one key at a time: only one stacked tensor is transient on top of the output
-        value = load_tensors(path, [key])[key]
-        name = key[len(prefix):]
-        rest = name[len(LAYERS):]
-        if name.startswith(LAYERS) and not rest.split(".")[0].isdigit():
-            for i in range(value.shape[0]):
-                out[f"{LAYERS}{i}.{rest}"] = value[i].clone()
-        else:
-            out[name] = value
+        out.update(unstack_layers(key[len(prefix):], load_tensors(path, [key])[key]))
     return out
 
 
@@ -216,10 +210,10 @@ def sharded_model_state(state: Mapping[str, torch.Tensor], prefix: str, num_laye
     extra: set[tuple[int, str]] = set()
     for name, tensor in state.items():
         t = tensor.detach().cpu().contiguous()
-        if name.startswith(LAYERS):
-            idx, rest = name[len(LAYERS):].split(".", 1)
+        if name.startswith(MG_LAYERS):
+            idx, rest = name[len(MG_LAYERS):].split(".", 1)
             i = int(idx)
-            out[prefix + name] = ShardedTensor.from_rank_offsets(prefix + LAYERS + rest, t, (0, i, num_layers),
+            out[prefix + name] = ShardedTensor.from_rank_offsets(prefix + MG_LAYERS + rest, t, (0, i, num_layers),
                                                                  replica_id=0, prepend_axis_num=1)
             module = rest.rsplit(".", 1)[0]
             if module.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")):
@@ -227,8 +221,9 @@ def sharded_model_state(state: Mapping[str, torch.Tensor], prefix: str, num_laye
         else:
             out[prefix + name] = ShardedTensor.from_rank_offsets(prefix + name, t, replica_id=0)
     for i, module in sorted(extra):
-        key = f"{prefix}{LAYERS}{module}._extra_state"
-        out[f"{prefix}{LAYERS}{i}.{module}._extra_state"] = ShardedObject(key, None, (num_layers,), (i,), replica_id=0)
+        key = f"{prefix}{MG_LAYERS}{module}._extra_state"
+        out[f"{prefix}{MG_LAYERS}{i}.{module}._extra_state"] = ShardedObject(key, None, (num_layers,), (i,),
+                                                                              replica_id=0)
     return out
 
 

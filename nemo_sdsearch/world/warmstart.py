@@ -148,7 +148,8 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from nemo_sdsearch.world.generator import build_bundle, build_world, make_questions
+    from nemo_sdsearch.world.assets import default_bundle
+    from nemo_sdsearch.world.generator import build_world, make_questions
     from nemo_sdsearch.world.model_config import qwen2_config
     from nemo_sdsearch.world.tokenizer import train_tokenizer
     from nemo_sdsearch.retrieval import BM25Retriever
@@ -158,7 +159,7 @@ def run_warmstart(cfg: WarmstartConfig, progress: bool = True) -> dict:
     rng = random.Random(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    bundle = build_bundle()
+    bundle = default_bundle()
     if cfg.init:
         from transformers import AutoTokenizer
 

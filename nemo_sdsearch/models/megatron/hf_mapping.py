@@ -57,6 +57,19 @@ HF_LM_HEAD = "lm_head.weight"
 MG_EMBED = "embedding.word_embeddings.weight"
 MG_NORM = "decoder.final_layernorm.weight"
 MG_OUTPUT = "output_layer.weight"
+MG_LAYERS = "decoder.layers."
+
+
+def unstack_layers(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of a Megatron distributed checkpoint as per-layer state-dict entries. Megatron checkpoints the
+    transformer layers stacked: one [num_layers, ...] tensor per weight, `decoder.layers.<rest>` (under TE-style
+    names, norms as linear_qkv/linear_fc1.layer_norm_weight, whatever the spec); such a tensor becomes
+    `decoder.layers.{i}.<rest>` for every layer i (copies: the stacked tensor can be freed). Any other name (one
+    layer's already, or outside the layers) comes back as it is."""
+    rest = name[len(MG_LAYERS):]
+    if name.startswith(MG_LAYERS) and not rest.split(".")[0].isdigit():
+        return {f"{MG_LAYERS}{i}.{rest}": value[i].clone() for i in range(value.shape[0])}
+    return {name: value}
 
 
 def _mg_layer_names(te: bool) -> dict[str, str]:

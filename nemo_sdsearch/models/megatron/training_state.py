@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nemo_sdsearch.models.megatron.builder import ModelLayout
-from nemo_sdsearch.models.megatron.hf_mapping import load_shard
+from nemo_sdsearch.models.megatron.hf_mapping import load_shard, unstack_layers
 from nemo_sdsearch.rng import host_rng_state, set_host_rng_state
 
 FORMAT = "nemo_sdsearch/megatron-qwen2"
@@ -179,17 +179,8 @@ def training_state_to_megatron(directory) -> tuple[object, list[dict], ModelLayo
         raise NotImplementedError("reading a pp > 1 training checkpoint without a model (layer renumbering)")
     plain = dist_checkpointing.load_plain_tensors(str(directory))
     state: dict[str, torch.Tensor] = {}
-    layers = "decoder.layers."
     for key, value in plain.items():
         if not key.startswith(MODEL_PREFIX) or not isinstance(value, torch.Tensor) or key.endswith("_extra_state"):
             continue
-        key = key[len(MODEL_PREFIX):]
-        rest = key[len(layers):]
-        if key.startswith(layers) and not rest.split(".")[0].isdigit():
-            # Megatron checkpoints the layers stacked: one [num_layers, ...] tensor per weight, under
-            # TE-style names (norms as linear_qkv/linear_fc1.layer_norm_weight) whatever the spec.
-            for i in range(value.shape[0]):
-                state[f"{layers}{i}.{rest}"] = value[i].clone()
-        else:
-            state[key] = value
+        state.update(unstack_layers(key[len(MODEL_PREFIX):], value))  # the layers are stored stacked
     return hf_config, [state], replace(layout, tp=1, pp=1)

@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="300 passages: the bench runs end to end (seconds)")
     args = ap.parse_args()
     if args.smoke:
-        args.passages = 300
+        args.passages, args.threads = 300, 1
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory()
     work = Path(args.workdir or tmp.name)

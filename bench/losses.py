@@ -230,7 +230,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="64 rows x 4,096 vocabulary, one repeat: the bench runs")
     args = ap.parse_args()
     if args.smoke:
-        args.rows, args.vocab, args.repeats = 64, 4096, 1
+        args.rows, args.vocab, args.repeats, args.threads = 64, 4096, 1, 1
     if args.worker:
         print(json.dumps(worker(args.worker, args.rows, args.vocab, args.repeats, args.threads, args.device,
                                 args.chunk_rows)))

@@ -187,7 +187,7 @@ def main():
                                                          "bench runs")
     args = ap.parse_args()
     if args.smoke:
-        args.questions, args.train_questions, args.max_new_tokens = 2, 1, 16
+        args.questions, args.train_questions, args.max_new_tokens, args.threads = 2, 1, 16, 1
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model or default_model_dir(), device="cpu")
     questions, corpus = default_datasets("test")

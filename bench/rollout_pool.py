@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="4 questions x 2 samples, pools unbounded and 2: the bench runs")
     args = ap.parse_args()
     if args.smoke:
-        args.questions, args.samples, args.pools, args.max_new_tokens = 4, 2, [0, 2], 16
+        args.questions, args.samples, args.pools, args.max_new_tokens, args.threads = 4, 2, [0, 2], 16, 1
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model or default_model_dir(), device="cpu")
     questions, corpus = default_datasets("test")

@@ -4,6 +4,7 @@ the full runs measure (their numbers are in the docs and the issue notes)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -35,10 +36,33 @@ def test_bench_every_script_has_a_smoke_test():
         assert "--smoke" in (BENCH / f"{name}.py").read_text(), name
 
 
+# the longest first: two at a time, the pair that finishes last should not start last
+ORDER = ["scaling", "learning", "retrieval", "rollout", "rollout_pool", "losses", "index_build"]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request):
+    """The smoke runs of the benches this session selected, two at a time, each on one thread (the two cores):
+    name -> CompletedProcess."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = {item.callspec.params["name"] for item in request.session.items
+              if getattr(item, "originalname", None) == "test_bench_smoke"}
+    names = [n for n in ORDER if n in wanted] + sorted(wanted - set(ORDER))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    run = lambda name: subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke"], capture_output=True,
+                                      text=True, timeout=900, env=env)
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(names, pool.map(run, names)))
+
+
+def test_bench_smoke_order_names_every_bench():
+    assert sorted(ORDER) == sorted(TARGETS)
+
+
 @pytest.mark.parametrize("name", sorted(TARGETS))
-def test_bench_smoke(name):
-    p = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke"], capture_output=True, text=True,
-                       timeout=900)
+def test_bench_smoke(name, smoke_runs):
+    p = smoke_runs[name]
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = re.findall(r"^TARGET (\S+) value=\S+ goal=(?:>=|<=)\S+ met=(?:yes|no)$", p.stdout, re.M)
     assert lines, p.stdout[-3000:]

@@ -38,15 +38,20 @@ E1 = {"algorithm": "search_e1", "search_e1.cycles": 1, "model.threads": 1, "trai
 POOL_BATCH = 8  # build_pool_sharded's batch_questions
 
 
-def _e1(out: Path, kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+def _e1_command(out: Path, kill: str | None = None, resume: bool = False) -> tuple[list[str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONWARNINGS": "ignore"}
     env.pop(KILL_ENV, None)
     if kill is not None:
         env[KILL_ENV] = kill
     args = [f"{k}={v}" for k, v in {**E1, "trainer.out_dir": str(out), "trainer.resume": resume}.items()]
-    return subprocess.run([sys.executable, "-m", "nemo_sdsearch.cli", "train", *args], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600, check=False)
+    return [sys.executable, "-m", "nemo_sdsearch.cli", "train", *args], env
+
+
+def _e1(out: Path, kill: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+    cmd, env = _e1_command(out, kill, resume)
+    return subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600,
+                          check=False)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -85,27 +90,37 @@ def _files(path: Path) -> dict[str, tuple[int, bytes]]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The uninterrupted run, started in the background (one thread: it runs beside the test's own starts, on the
+    other core); calling the fixture's value waits for it and gives (run dir, end state)."""
     from safetensors.torch import load_file
 
     out = tmp_path_factory.mktemp("e1_straight") / "run"
-    p = _e1(out)
-    assert p.returncode == 0, p.stdout[-4000:]
-    end = _end_state(out)
-    opsd = end["state"]["rounds"][-1]
-    assert end["mining"]["pairs"] > 0 and opsd["stage"] == "opsd" and opsd["best_step"] > 0, opsd
-    grpo_final = load_file(out / "cycle_0" / "grpo" / "final" / "model.safetensors")
-    assert any(not torch.equal(grpo_final[k], end["merged"][k]) for k in grpo_final)  # the OPSD round changed them
-    return out, end
+    log = out.parent / "straight.log"
+    cmd, env = _e1_command(out)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    def finished():
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+        end = _end_state(out)
+        opsd = end["state"]["rounds"][-1]
+        assert end["mining"]["pairs"] > 0 and opsd["stage"] == "opsd" and opsd["best_step"] > 0, opsd
+        grpo_final = load_file(out / "cycle_0" / "grpo" / "final" / "model.safetensors")
+        assert any(not torch.equal(grpo_final[k], end["merged"][k]) for k in grpo_final)  # the OPSD round changed them
+        return out, end
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.timeout(1200)
 def test_search_e1_killed_at_every_stage_resumes_to_the_end_of_an_uninterrupted_run(reference, tmp_path):
     """One run killed four times, at each stage in turn (each start but the first resumes the one before), then
     resumed to its end."""
-    ref_out, ref = reference
     out = tmp_path / "run"
     pool_file, opsd_dir = out / "cycle_0" / "pool" / "pool.jsonl", out / "cycle_0" / "opsd"
-    ref_pool_lines = (ref_out / "cycle_0" / "pool" / "pool.jsonl").read_text().splitlines(keepends=True)
     finished, before, outputs = [], [], []
     for i, stage in enumerate(["pool", "pairs", "opsd", "merge", None]):
         p = _e1(out, kill=stage, resume=i > 0)
@@ -120,12 +135,12 @@ def test_search_e1_killed_at_every_stage_resumes_to_the_end_of_an_uninterrupted_
         if stage == "pool":  # the first batch of the pool on disk, and half of the next line: the crash cut it
             lines = pool_file.read_text().splitlines(keepends=True)
             assert len(lines) == POOL_BATCH and not (out / "cycle_0" / "pool" / "mining.json").exists()
-            with open(pool_file, "a") as f:
-                f.write(ref_pool_lines[POOL_BATCH][:len(ref_pool_lines[POOL_BATCH]) // 2])
+            with open(pool_file, "a") as f:   # the next question's line, cut (its form: any line of the pool)
+                f.write(lines[0][:len(lines[0]) // 2])
             finished = [out / "cycle_0" / "grpo"]
         elif stage == "pairs":  # the pool completed from its whole lines, the cut one dropped (with a warning)
             assert pool_file.read_text().startswith("".join(lines)) and "cut by a crash" in p.stdout, p.stdout[-4000:]
-            assert len(pool_file.read_text().splitlines()) == len(ref_pool_lines)
+            assert len(pool_file.read_text().splitlines()) == E1["search_e1.pool_questions"]
             assert (out / "cycle_0" / "pool" / "mining.json").exists() and not opsd_dir.exists()
             finished = [out / "cycle_0" / "grpo", pool_file]
         elif stage == "opsd":
@@ -138,6 +153,7 @@ def test_search_e1_killed_at_every_stage_resumes_to_the_end_of_an_uninterrupted_
     # the run ends as the one that was never stopped: pool, pairs, OPSD losses and dev EMs (each step once), the
     # merged weights bit for bit, the state
     end = _end_state(out)
+    _, ref = reference()
     assert end["pool"] == ref["pool"]
     assert end["mining"] == ref["mining"]
     assert end["grpo_metrics"] == ref["grpo_metrics"]

@@ -37,32 +37,43 @@ def load_model_and_tokenizer(path: str | Path, device: str | None = None, dtype=
     return model, tokenizer
 
 
-SHARED_PREFIX_MIN = 16   # tokens: rows that share fewer run as they are
+SHARED_PREFIX_MIN = 16   # tokens: what sharing fewer would save does not pay for another forward
 
 
-def prefix_groups(ids, lengths, min_prefix: int = SHARED_PREFIX_MIN) -> list[tuple[list[int], int]]:
-    """(rows, prefix length) runs of consecutive rows whose first `prefix length` tokens are the same (at least
-    `min_prefix`; each row keeps one token of its own after it); rows sharing less stand alone (prefix 0)."""
-    groups: list[tuple[list[int], int]] = []
-    for i in range(ids.shape[0]):
-        if groups:
-            rows, p = groups[-1]
-            n = min(int(lengths[rows[0]]), int(lengths[i])) - 1    # both keep a token of their own
-            same = int((ids[rows[0], :n] == ids[i, :n]).long().cumprod(0).sum()) if n > 0 else 0
-            shared = min(same, p) if len(rows) > 1 else same
-            if shared >= min_prefix:
-                groups[-1] = (rows + [i], shared)
+def _lcp(ids, lengths, a: int, b: int) -> int:
+    """The common prefix of rows a and b, stopping one short of the shorter (each keeps a token of its own)."""
+    n = min(int(lengths[a]), int(lengths[b])) - 1
+    return int((ids[a, :n] == ids[b, :n]).long().cumprod(0).sum()) if n > 0 else 0
+
+
+def prefix_groups(ids, lengths, min_prefix: int = SHARED_PREFIX_MIN) -> tuple[int, list[tuple[list[int], int]]]:
+    """(common, runs): `common`, the prefix every row shares (0 when under `min_prefix`), and the runs of
+    consecutive rows that share at least `min_prefix` more tokens than that, each with its own prefix length
+    (SD-Search's teacher sequences: the instruction is common; a group's question and hindsight block make a
+    run). A row in no run stands alone as ([row], common)."""
+    B = ids.shape[0]
+    common = min((_lcp(ids, lengths, 0, i) for i in range(1, B)), default=0)
+    common = common if common >= min_prefix else 0
+    runs: list[tuple[list[int], int]] = []
+    for i in range(B):
+        if runs:
+            rows, p = runs[-1]
+            shared = min(_lcp(ids, lengths, rows[0], i), p if len(rows) > 1 else ids.shape[1])
+            if shared >= common + min_prefix:
+                runs[-1] = (rows + [i], shared)
                 continue
-        groups.append(([i], 0))
-    return groups
+        runs.append(([i], common))
+    return common, [(rows, p if len(rows) > 1 else common) for rows, p in runs]
 
 
 def shared_prefix_hidden(decoder, batch, min_prefix: int = SHARED_PREFIX_MIN):
     """The decoder's last hidden states of a right-padded batch, [B, T, d], as one forward of the batch would give
-    them (up to float rounding), with each `prefix_groups` run's common prefix encoded once: its keys and values
-    (a transformers cache) are repeated for the run's rows, which then encode only their suffixes. Padding
-    positions hold nothing meaningful (as in a forward of the batch). Without a shared prefix: one forward of the
-    batch."""
+    them (up to float rounding), each shared prefix encoded once (`prefix_groups`): the common prefix as one row,
+    whose keys and values (a transformers cache) every run then extends by its own prefix, again as one row; the
+    run's rows (and the rows in no run, together) encode only what is theirs after it. Padding positions hold
+    nothing meaningful (as in a forward of the batch). Without anything shared: one forward of the batch."""
+    import copy
+
     import torch
     from transformers import DynamicCache
 
@@ -70,34 +81,46 @@ def shared_prefix_hidden(decoder, batch, min_prefix: int = SHARED_PREFIX_MIN):
 
     ids, mask = batch.input_ids, batch.attention_mask
     lengths = mask.sum(1)
-    groups = prefix_groups(ids, lengths, min_prefix)
-    if all(p == 0 for _, p in groups):
+    common, runs = prefix_groups(ids, lengths, min_prefix)
+    if common == 0 and all(len(rows) == 1 for rows, _ in runs):
         return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     kw = _cache_kwarg(decoder)
     out = None
-    alone = [r for rows, p in groups if p == 0 for r in rows]
-    if alone:
-        idx = torch.tensor(alone, device=ids.device)
-        t = int(lengths[idx].max())
-        h = decoder(input_ids=ids[idx, :t], attention_mask=mask[idx, :t], use_cache=False).last_hidden_state
-        out = h.new_zeros(*ids.shape, h.shape[-1])
-        out[idx, :t] = h
-    for rows, p in groups:
-        if p == 0:
-            continue
+
+    def forward(rows: list[int], start: int, end: int, cache):
+        """Rows' tokens start..end (end None: each row's own end) after `cache` (their first `start` tokens)."""
+        nonlocal out
         idx = torch.tensor(rows, device=ids.device)
-        cache = DynamicCache()
-        prefix = decoder(input_ids=ids[rows[0]:rows[0] + 1, :p], use_cache=True, **{kw: cache}).last_hidden_state
-        cache.batch_repeat_interleave(len(rows))
-        t = int(lengths[idx].max())
-        suffix_mask = torch.cat([mask.new_ones(len(rows), p), mask[idx, p:t]], 1)
-        positions = torch.arange(p, t, device=ids.device).expand(len(rows), -1)
-        h = decoder(input_ids=ids[idx, p:t], attention_mask=suffix_mask, position_ids=positions, use_cache=True,
+        stop = int(lengths[idx].max()) if end is None else end
+        m = torch.cat([mask.new_ones(len(rows), start), mask[idx, start:stop]], 1)
+        pos = torch.arange(start, stop, device=ids.device).expand(len(rows), -1)
+        h = decoder(input_ids=ids[idx, start:stop], attention_mask=m, position_ids=pos, use_cache=True,
                     **{kw: cache}).last_hidden_state
         if out is None:
             out = h.new_zeros(*ids.shape, h.shape[-1])
-        out[idx, :p] = prefix.to(out.dtype)
-        out[idx, p:t] = h.to(out.dtype)
+        out[idx, start:stop] = h.to(out.dtype)
+
+    def cache_for(n: int, first: int, upto: int, base):
+        """A cache of the first `upto` tokens of row `first` (extending `base`, the common prefix's), for n rows."""
+        cache = copy.deepcopy(base) if base is not None else DynamicCache()
+        start = common if base is not None else 0
+        if upto > start:
+            forward([first], start, upto, cache)
+        cache.batch_repeat_interleave(n)
+        return cache
+
+    base = None
+    if common:
+        base = DynamicCache()
+        forward([0], 0, common, base)
+        out[:, :common] = out[0, :common]
+    alone = [rows[0] for rows, _ in runs if len(rows) == 1]
+    if alone:
+        forward(alone, common, None, cache_for(len(alone), alone[0], common, base))
+    for rows, p in runs:
+        if len(rows) > 1:
+            forward(rows, p, None, cache_for(len(rows), rows[0], p, base))
+            out[rows, common:p] = out[rows[0], common:p]
     return out
 
 

@@ -249,23 +249,14 @@ def _dev_history(scores: dict) -> dict:
 
 
 def _plot_opsd(history, path):
-    import matplotlib
+    from nemo_sdsearch.algorithms.report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h], marker=".")
-    a.set_title("OPSD loss (clipped forward KL)")
-    ev = [h for h in history if "dev_em" in h]
-    b.plot([h["step"] for h in ev], [h["dev_em"] for h in ev], marker="o")
-    b.set_title("dev EM (greedy)")
-    for ax in (a, b):
-        ax.set_xlabel("OPSD step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2, (10, 3.5), "OPSD step") as (a, b):
+        a.plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h], marker=".")
+        a.set_title("OPSD loss (clipped forward KL)")
+        ev = [h for h in history if "dev_em" in h]
+        b.plot([h["step"] for h in ev], [h["dev_em"] for h in ev], marker="o")
+        b.set_title("dev EM (greedy)")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ layouts that fit (`layout_options`, `layout_report`).
 
 Reported, not counted: the KV cache the replica's rollouts of one step would need all at max_context at
 once, and how many such rollouts the reserved cache holds. Not modelled: fragmentation (the headroom), the
-Search-E1 OPSD round (a LoRA adapter on the HF model, on one device today).
+Search-E1 OPSD round with adapter=lora (an adapter mode of the HF actor, one device: the base weights plus a
+small adapter and its AdamW state, less than a GRPO round holds; adapter=full is a GRPO-shaped round).
 """
 
 from __future__ import annotations
